@@ -1,0 +1,190 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TruncationDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRUNCATION_DIRECTION_RIGHT: _ClassVar[TruncationDirection]
+    TRUNCATION_DIRECTION_LEFT: _ClassVar[TruncationDirection]
+
+class LongDocuments(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LONG_DOCUMENTS_TRUNCATE: _ClassVar[LongDocuments]
+    LONG_DOCUMENTS_CHUNK: _ClassVar[LongDocuments]
+TRUNCATION_DIRECTION_RIGHT: TruncationDirection
+TRUNCATION_DIRECTION_LEFT: TruncationDirection
+LONG_DOCUMENTS_TRUNCATE: LongDocuments
+LONG_DOCUMENTS_CHUNK: LongDocuments
+
+class Document(_message.Message):
+    __slots__ = ("id", "text")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class RerankRequest(_message.Message):
+    __slots__ = ("query", "documents", "top_n", "raw_scores", "max_length", "truncation_direction", "long_documents", "max_chunks_per_doc", "chunk_overlap", "return_text")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    LONG_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKS_PER_DOC_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    documents: _containers.RepeatedCompositeFieldContainer[Document]
+    top_n: int
+    raw_scores: bool
+    max_length: int
+    truncation_direction: TruncationDirection
+    long_documents: LongDocuments
+    max_chunks_per_doc: int
+    chunk_overlap: int
+    return_text: bool
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_chunks_per_doc: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., return_text: _Optional[bool] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("index", "id", "score", "text")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    id: str
+    score: float
+    text: str
+    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("pairs", "chunks", "tokens", "batches", "queue_ns", "tokenization_ns", "inference_ns", "total_ns")
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZATION_NS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_NS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    pairs: int
+    chunks: int
+    tokens: int
+    batches: int
+    queue_ns: int
+    tokenization_ns: int
+    inference_ns: int
+    total_ns: int
+    def __init__(self, pairs: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ..., batches: _Optional[int] = ..., queue_ns: _Optional[int] = ..., tokenization_ns: _Optional[int] = ..., inference_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("results", "usage", "model_id")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Result]
+    usage: Usage
+    model_id: str
+    def __init__(self, results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class RerankStreamRequest(_message.Message):
+    __slots__ = ("query", "documents", "top_n", "raw_scores", "max_length", "truncation_direction", "long_documents", "max_chunks_per_doc", "chunk_overlap", "return_text")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    LONG_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKS_PER_DOC_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    documents: _containers.RepeatedCompositeFieldContainer[Document]
+    top_n: int
+    raw_scores: bool
+    max_length: int
+    truncation_direction: TruncationDirection
+    long_documents: LongDocuments
+    max_chunks_per_doc: int
+    chunk_overlap: int
+    return_text: bool
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_chunks_per_doc: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., return_text: _Optional[bool] = ...) -> None: ...
+
+class BatchScores(_message.Message):
+    __slots__ = ("batch", "results")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    results: _containers.RepeatedCompositeFieldContainer[Result]
+    def __init__(self, batch: _Optional[int] = ..., results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ...) -> None: ...
+
+class FinalRanking(_message.Message):
+    __slots__ = ("results", "usage", "model_id")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Result]
+    usage: Usage
+    model_id: str
+    def __init__(self, results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class RerankStreamResponse(_message.Message):
+    __slots__ = ("batch_scores", "final")
+    BATCH_SCORES_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    batch_scores: BatchScores
+    final: FinalRanking
+    def __init__(self, batch_scores: _Optional[_Union[BatchScores, _Mapping]] = ..., final: _Optional[_Union[FinalRanking, _Mapping]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BatchingLimits(_message.Message):
+    __slots__ = ("max_batch_tokens", "max_batch_pairs", "max_queued_pairs", "max_documents_per_request", "max_chunks_per_doc")
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOCUMENTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKS_PER_DOC_FIELD_NUMBER: _ClassVar[int]
+    max_batch_tokens: int
+    max_batch_pairs: int
+    max_queued_pairs: int
+    max_documents_per_request: int
+    max_chunks_per_doc: int
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_queued_pairs: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_chunks_per_doc: _Optional[int] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_NOTES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_revision: str
+    model_kind: str
+    engine: str
+    precision: str
+    device: str
+    max_length: int
+    num_labels: int
+    limits: BatchingLimits
+    server_version: str
+    engine_notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ...) -> None: ...

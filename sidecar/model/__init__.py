@@ -1,0 +1,1 @@
+"""Model layer: loading, tokenization and the engines that run forward passes."""

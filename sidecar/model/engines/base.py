@@ -1,0 +1,31 @@
+"""The one small interface every engine implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+from sidecar.model.batch import TokenBatch
+
+
+class Engine(ABC):
+    """Runs forward passes for one model. Called from the scheduler's single model thread only.
+
+    A cross-encoder engine returns float32 logits of shape [pairs, num_labels]; a bi-encoder
+    engine will return pooled embeddings of shape [texts, dims] through the same method.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, *, precision: str, device: str) -> None:
+        self.precision = precision
+        self.device = device
+
+    @abstractmethod
+    def forward(self, batch: TokenBatch) -> np.ndarray:
+        """Outputs for every row of the batch, as float32, in row order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
+        """Release what the engine holds (device memory, sessions)."""

@@ -1,0 +1,1 @@
+"""Scheduling layer: the bounded pair queue and the dynamic batcher in front of the engine."""

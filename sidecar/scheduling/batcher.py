@@ -1,0 +1,255 @@
+"""The dynamic batcher: every caller's pairs share one bounded queue and one model thread.
+
+Batches are packed under a token budget counted with padding (longest pair x pairs). The oldest
+waiting pair always goes into the next batch, so nothing starves; the rest of the batch is the
+window of pairs closest to it in length, so little of the batch is padding. A request's pairs may
+span several batches and one batch may mix many requests; each request owns a ``ScoringJob`` whose
+rows are filled in place, so a score can only land in its own job at its own position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sidecar.errors import DeadlineExpired, EngineFailure, NotReady, Overloaded, SidecarError
+from sidecar.model.batch import EncodedPair, TokenBatch, collate
+from sidecar.model.engines.base import Engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_batch_tokens: int
+    max_batch_pairs: int
+    max_queued_pairs: int
+
+
+@dataclass(eq=False)
+class ScoringJob:
+    """One request's pairs on their way through the queue, and the timings they collect."""
+
+    pairs: Sequence[EncodedPair]
+    deadline: float | None  # time.monotonic() seconds
+    future: asyncio.Future[np.ndarray]
+    outputs: np.ndarray | None = None
+    remaining: int = 0
+    enqueued_ns: int = field(default_factory=time.monotonic_ns)
+    first_batch_ns: int = 0
+    last_batch_done_ns: int = 0
+    batches: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.future.done()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    @property
+    def queue_ns(self) -> int:
+        return self.first_batch_ns - self.enqueued_ns if self.first_batch_ns else 0
+
+    @property
+    def inference_ns(self) -> int:
+        return self.last_batch_done_ns - self.first_batch_ns if self.first_batch_ns else 0
+
+
+@dataclass(frozen=True, slots=True)
+class _QueuedPair:
+    job: ScoringJob
+    row: int
+    length: int
+    sequence: int
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    pairs: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        limits: BatchLimits,
+        *,
+        pad_token_id: int,
+        with_token_type_ids: bool,
+    ) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.stats = BatcherStats()
+        self._pad_token_id = pad_token_id
+        self._with_token_type_ids = with_token_type_ids
+        self._queue: list[_QueuedPair] = []  # arrival order
+        self._queued_pairs = 0
+        self._sequence = itertools.count()
+        self._work_available = asyncio.Event()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queued_pairs(self) -> int:
+        return self._queued_pairs
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def close(self) -> None:
+        """Fail whatever still waits, stop the loop, and release the model thread."""
+        self._closed = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for queued in self._queue:
+            self._fail(queued.job, NotReady("the server is shutting down"))
+        self._queue.clear()
+        self._queued_pairs = 0
+        self._model_thread.shutdown(wait=True)
+
+    async def score(self, pairs: Sequence[EncodedPair], deadline: float | None) -> ScoringJob:
+        """Queue the pairs and wait for their outputs (in ``job.outputs``, row for row).
+
+        Raises Overloaded at once when the queue cannot take them. If the caller is cancelled
+        while waiting, its pairs still queued are dropped before they reach the model.
+        """
+        job = self.submit(pairs, deadline)
+        try:
+            await job.future
+        except asyncio.CancelledError:
+            if not job.future.done():
+                job.future.cancel()
+            raise
+        return job
+
+    def submit(self, pairs: Sequence[EncodedPair], deadline: float | None) -> ScoringJob:
+        if self._closed:
+            raise NotReady("the server is shutting down")
+        if not pairs:
+            raise ValueError("a scoring job needs at least one pair")
+        limit = self.limits.max_queued_pairs
+        if len(pairs) > limit:
+            raise Overloaded(
+                f"this request needs {len(pairs)} model pairs, more than the server queues at once "
+                f"({limit}, --max-queued-pairs); send fewer documents or chunks per request"
+            )
+        if self._queued_pairs + len(pairs) > limit:
+            raise Overloaded(
+                f"the server is at capacity: {self._queued_pairs} pairs are queued and this request adds "
+                f"{len(pairs)}, over the limit of {limit}; retry with backoff"
+            )
+        job = ScoringJob(pairs=pairs, deadline=deadline, future=asyncio.get_running_loop().create_future())
+        job.remaining = len(pairs)
+        for row, pair in enumerate(pairs):
+            self._queue.append(_QueuedPair(job, row, len(pair), next(self._sequence)))
+        self._queued_pairs += len(pairs)
+        self._work_available.set()
+        return job
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                self._work_available.clear()
+                await self._work_available.wait()
+                continue
+            pairs = [queued.job.pairs[queued.row] for queued in batch]
+            started = time.monotonic_ns()
+            for job in {queued.job for queued in batch}:
+                job.first_batch_ns = job.first_batch_ns or started
+            try:
+                outputs = await loop.run_in_executor(self._model_thread, self._forward, pairs)
+            except Exception as exc:  # the model failed: every job in this batch learns why
+                logger.exception("engine failed on a batch of %d pairs", len(batch))
+                failure = EngineFailure(
+                    f"the model failed on this request's batch: {type(exc).__name__}: {exc}"
+                )
+                for job in {queued.job for queued in batch}:
+                    self._fail(job, failure)
+                continue
+            self._deliver(batch, outputs, time.monotonic_ns())
+
+    def _forward(self, pairs: list[EncodedPair]) -> np.ndarray:
+        batch: TokenBatch = collate(pairs, self._pad_token_id, self._with_token_type_ids)
+        outputs = self.engine.forward(batch)
+        rows, columns = batch.shape
+        self.stats.batches += 1
+        self.stats.pairs += rows
+        self.stats.padded_tokens += rows * columns
+        self.stats.real_tokens += sum(len(pair) for pair in pairs)
+        return outputs
+
+    def _deliver(self, batch: list[_QueuedPair], outputs: np.ndarray, done_ns: int) -> None:
+        if outputs.shape[0] != len(batch):
+            raise AssertionError(f"engine returned {outputs.shape[0]} rows for {len(batch)} pairs")
+        touched: set[ScoringJob] = set()
+        for queued, row_output in zip(batch, outputs, strict=True):
+            job = queued.job
+            if job.finished:  # cancelled or failed while its batch ran
+                continue
+            if job.outputs is None:
+                job.outputs = np.empty((len(job.pairs), *row_output.shape), dtype=np.float32)
+            job.outputs[queued.row] = row_output
+            job.remaining -= 1
+            touched.add(job)
+        for job in touched:
+            job.batches += 1
+            job.last_batch_done_ns = done_ns
+            if job.remaining == 0:
+                job.future.set_result(job.outputs)
+
+    def _next_batch(self) -> list[_QueuedPair]:
+        """Drop dead work, then take the oldest pair and its nearest neighbours in length."""
+        self._drop_dead_work()
+        if not self._queue:
+            return []
+        anchor = self._queue[0]
+        by_length = sorted(self._queue, key=lambda queued: (queued.length, queued.sequence))
+        anchor_position = by_length.index(anchor)
+        best_count, best_end = 0, anchor_position
+        # Windows [end - count + 1, end] over the length-sorted queue that contain the anchor.
+        for end in range(anchor_position, len(by_length)):
+            longest = by_length[end].length
+            fits = max(1, min(self.limits.max_batch_pairs, self.limits.max_batch_tokens // longest))
+            count = min(fits, end + 1)
+            if end - count + 1 > anchor_position:
+                break  # longer pairs only shrink the window further
+            if count > best_count:
+                best_count, best_end = count, end
+        batch = by_length[best_end - best_count + 1 : best_end + 1]
+        taken = {id(queued) for queued in batch}
+        self._queue = [queued for queued in self._queue if id(queued) not in taken]
+        self._queued_pairs -= len(batch)
+        return batch
+
+    def _drop_dead_work(self) -> None:
+        now = time.monotonic()
+        alive: list[_QueuedPair] = []
+        for queued in self._queue:
+            job = queued.job
+            if not job.finished and job.expired(now):
+                self._fail(job, DeadlineExpired("the deadline passed while the request waited in the queue"))
+            if job.finished:
+                continue
+            alive.append(queued)
+        self._queued_pairs -= len(self._queue) - len(alive)
+        self._queue = alive
+
+    @staticmethod
+    def _fail(job: ScoringJob, error: SidecarError) -> None:
+        if not job.future.done():
+            job.future.set_exception(error)

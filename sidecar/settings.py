@@ -1,0 +1,127 @@
+"""Every server setting, defined once: the dataclass is the CLI, the environment and the README table.
+
+Each field names its flag (``--max-batch-tokens``) and environment variable (``RERANK_MAX_BATCH_TOKENS``);
+a flag beats the variable, which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.model.engines import ENGINE_CHOICES
+
+ENV_PREFIX = "RERANK_"
+
+
+def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    model: str = _setting(
+        "cross-encoder/ms-marco-MiniLM-L-6-v2",
+        "Cross-encoder to serve: a local directory saved with save_pretrained, or a Hugging Face id.",
+    )
+    revision: str = _setting("", "Hugging Face revision (branch, tag or commit) when --model is a hub id.")
+    host: str = _setting("0.0.0.0", "Address to listen on.")
+    port: int = _setting(50051, "gRPC port; 0 picks a free one.")
+    engine: str = _setting("auto", "Inference engine.", choices=ENGINE_CHOICES)
+    device: str = _setting("auto", "Device: auto (CUDA when present), cpu, cuda or cuda:N.")
+    threads: int = _setting(0, "Intra-op threads of the engine; 0 uses every core.")
+    max_length: int = _setting(0, "Cap on tokens per (query, document) pair; 0 uses the model's limit.")
+    max_batch_tokens: int = _setting(
+        8192, "Token budget of one model batch, counted with padding (longest pair x pairs)."
+    )
+    max_batch_pairs: int = _setting(32, "Most pairs in one model batch.")
+    max_queued_pairs: int = _setting(
+        4096, "Most pairs waiting for the model; past it requests fail at once with RESOURCE_EXHAUSTED."
+    )
+    max_documents_per_request: int = _setting(1000, "Most documents in one request (or one stream).")
+    max_chunks_per_doc: int = _setting(16, "Most chunks per document with long_documents=CHUNK.")
+    tokenizer_workers: int = _setting(2, "Threads that tokenize requests off the event loop.")
+    grace_period: float = _setting(
+        10.0, "Seconds in-flight calls get to finish after SIGTERM or SIGINT before they are cancelled."
+    )
+    log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting("json", "Log line format.", choices=("json", "text"))
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch_tokens", "max_batch_pairs", "max_queued_pairs")
+        positive += ("max_documents_per_request", "max_chunks_per_doc", "tokenizer_workers")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
+        for name in ("port", "threads", "max_length", "grace_period"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag_name(name)} must be zero or more, got {getattr(self, name)}")
+        if self.max_batch_pairs > self.max_queued_pairs:
+            raise ValueError("--max-batch-pairs must not exceed --max-queued-pairs")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rerank-sidecar",
+        description="gRPC reranking sidecar. Every flag can also be set by the environment variable shown.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for settings_field in dataclasses.fields(Settings):
+        env = env_name(settings_field.name)
+        default = settings_field.default
+        kind = type(default)
+        if env in environ:
+            try:
+                default = kind(environ[env])
+            except ValueError as exc:
+                parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
+                raise AssertionError from exc  # parser.error exits
+        parser.add_argument(
+            flag_name(settings_field.name),
+            dest=settings_field.name,
+            type=kind,
+            default=default,
+            choices=settings_field.metadata["choices"],
+            help=f"{settings_field.metadata['help']} [env {env}]",
+        )
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from flags, then environment variables, then defaults."""
+    parser = build_parser(os.environ if environ is None else environ)
+    namespace = parser.parse_args(argv)
+    try:
+        return Settings(**vars(namespace))
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise AssertionError from exc  # parser.error exits
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from the fields so the two cannot drift."""
+    rows = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
+    for settings_field in dataclasses.fields(Settings):
+        choices = settings_field.metadata["choices"]
+        meaning = settings_field.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
+        rows.append(
+            f"| `{flag_name(settings_field.name)}` | `{env_name(settings_field.name)}` "
+            f"| `{settings_field.default}` | {meaning} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""Transport layer: gRPC servicers, interceptors, health, reflection and the server lifecycle."""

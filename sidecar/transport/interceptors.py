@@ -1,0 +1,152 @@
+"""One interceptor maps errors to gRPC statuses and writes one structured log line per call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from sidecar.errors import SidecarError
+from sidecar.scheduling.reranker import Usage
+
+logger = logging.getLogger("sidecar.access")
+
+REQUEST_ID_KEY = "x-request-id"
+_OWN_SERVICES_PREFIX = "/rerank.v1."
+
+
+@dataclass
+class CallRecord:
+    """What a handler reports about its call, for the access log line."""
+
+    method: str
+    request_id: str
+    usage: Usage | None = None
+
+
+current_call: ContextVar[CallRecord] = ContextVar("current_call")
+
+
+def _request_id(details: grpc.HandlerCallDetails) -> str:
+    for key, value in details.invocation_metadata or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)
+    return uuid.uuid4().hex
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns SidecarError into its status, anything unexpected into INTERNAL, and logs every call.
+
+    Only this server's own services are wrapped; health and reflection pass through untouched.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or not method.startswith(_OWN_SERVICES_PREFIX):
+            return handler
+        request_id = _request_id(handler_call_details)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        raise TypeError(f"{method}: only unary and bidirectional-stream methods are wrapped")
+
+    def _wrap_unary(
+        self, behavior: Callable[..., Awaitable[Any]], method: str, request_id: str
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            record = CallRecord(method, request_id)
+            current_call.set(record)
+            started = time.monotonic_ns()
+            status = grpc.StatusCode.OK
+            try:
+                response = await behavior(request, context)
+                context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+                return response
+            except BaseException as exc:
+                status, message = _status_for(exc, record)
+                if message is None:
+                    raise
+                await context.abort(status, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
+            finally:
+                _log_call(record, status, started)
+
+        return unary
+
+    def _wrap_stream(
+        self, behavior: Callable[..., AsyncIterator[Any]], method: str, request_id: str
+    ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            record = CallRecord(method, request_id)
+            current_call.set(record)
+            started = time.monotonic_ns()
+            status = grpc.StatusCode.OK
+            try:
+                async for response in behavior(request_iterator, context):
+                    yield response
+                context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+            except BaseException as exc:
+                status, message = _status_for(exc, record)
+                if message is None:
+                    raise
+                await context.abort(status, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
+            finally:
+                _log_call(record, status, started)
+
+        return stream
+
+
+def _status_for(exc: BaseException, record: CallRecord) -> tuple[grpc.StatusCode, str | None]:
+    """The status an error ends the call with, and the message to abort with (None: do not abort)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, None  # the caller left or its deadline passed: nobody to answer
+    if isinstance(exc, SidecarError):
+        return exc.code, str(exc)
+    if isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN, None  # already aborted by the handler
+    logger.error("unexpected error in %s (request %s)", record.method, record.request_id, exc_info=exc)
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error; the server log has the details under request id {record.request_id}",
+    )
+
+
+def _log_call(record: CallRecord, status: grpc.StatusCode, started_ns: int) -> None:
+    fields: dict[str, Any] = {
+        "request_id": record.request_id,
+        "method": record.method,
+        "status": status.name,
+        "duration_ms": round((time.monotonic_ns() - started_ns) / 1e6, 3),
+    }
+    if record.usage is not None:
+        usage = record.usage
+        fields |= {
+            "pairs": usage.pairs,
+            "chunks": usage.chunks,
+            "tokens": usage.tokens,
+            "batches": usage.batches,
+            "queue_ms": round(usage.queue_ns / 1e6, 3),
+            "tokenization_ms": round(usage.tokenization_ns / 1e6, 3),
+            "inference_ms": round(usage.inference_ns / 1e6, 3),
+        }
+    logger.info("call %s %s", record.method, status.name, extra={"fields": fields})
