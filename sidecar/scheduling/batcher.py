@@ -213,24 +213,33 @@ class Batcher:
                 job.future.set_result(job.outputs)
 
     def _next_batch(self) -> list[_QueuedPair]:
-        """Drop dead work, then take the oldest pair and its nearest neighbours in length."""
+        """Drop dead work, then pack the batch around the oldest pair.
+
+        Over the queue sorted by length, every window that contains the oldest pair and fits the
+        budget is a candidate; the one carrying the most real (unpadded) tokens wins, ties going to
+        the least padding. So pairs of similar length travel together, and a short pair rides along
+        only where a slot would otherwise be empty.
+        """
         self._drop_dead_work()
         if not self._queue:
             return []
         anchor = self._queue[0]
         by_length = sorted(self._queue, key=lambda queued: (queued.length, queued.sequence))
-        anchor_position = by_length.index(anchor)
-        best_count, best_end = 0, anchor_position
-        # Windows [end - count + 1, end] over the length-sorted queue that contain the anchor.
+        anchor_position = next(i for i, queued in enumerate(by_length) if queued is anchor)
+        prefix = [0, *itertools.accumulate(queued.length for queued in by_length)]
+        best: tuple[int, int] = (-1, 0)  # (real tokens, -padded tokens)
+        best_window = (anchor_position, anchor_position)
         for end in range(anchor_position, len(by_length)):
             longest = by_length[end].length
             fits = max(1, min(self.limits.max_batch_pairs, self.limits.max_batch_tokens // longest))
-            count = min(fits, end + 1)
-            if end - count + 1 > anchor_position:
+            start = max(0, end - fits + 1)
+            if start > anchor_position:
                 break  # longer pairs only shrink the window further
-            if count > best_count:
-                best_count, best_end = count, end
-        batch = by_length[best_end - best_count + 1 : best_end + 1]
+            score = (prefix[end + 1] - prefix[start], -(end - start + 1) * longest)
+            if score > best:
+                best, best_window = score, (start, end)
+        start, end = best_window
+        batch = by_length[start : end + 1]
         taken = {id(queued) for queued in batch}
         self._queue = [queued for queued in self._queue if id(queued) not in taken]
         self._queued_pairs -= len(batch)

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar import __version__
 from sidecar.errors import ModelLoadError, NotReady
 from sidecar.runtime import Runtime, load_runtime

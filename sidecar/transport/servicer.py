@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
-from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar.errors import InvalidArgument
 from sidecar.model.tokenization import Truncation
 from sidecar.scheduling.reranker import (

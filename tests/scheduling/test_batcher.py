@@ -1,0 +1,175 @@
+"""The dynamic batcher with a fake engine: packing, fairness, routing and failure, in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from sidecar.errors import DeadlineExpired, EngineFailure, NotReady, Overloaded
+from sidecar.model.batch import EncodedPair, TokenBatch
+from sidecar.model.engines.base import Engine
+from sidecar.scheduling.batcher import Batcher, BatchLimits
+
+
+class SumEngine(Engine):
+    """Each row's output is the sum of its token ids, so every score says which pair it came from."""
+
+    name = "sum"
+
+    def __init__(self) -> None:
+        super().__init__(precision="fp32", device="cpu")
+        self.shapes: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_with: Exception | None = None
+
+    def forward(self, batch: TokenBatch) -> np.ndarray:
+        self.gate.wait(timeout=30)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.shapes.append(batch.shape)
+        return (batch.input_ids * batch.attention_mask).sum(axis=1, keepdims=True).astype(np.float32)
+
+
+def pair(*ids: int) -> EncodedPair:
+    return EncodedPair(list(ids), [0] * len(ids))
+
+
+def pairs_of_length(length: int, count: int, base: int = 1) -> list[EncodedPair]:
+    return [pair(*([base + i] * length)) for i in range(count)]
+
+
+@pytest.fixture
+async def engine_and_batcher():
+    engine = SumEngine()
+    batcher = Batcher(engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True)
+    batcher.start()
+    yield engine, batcher
+    engine.gate.set()
+    await batcher.close()
+
+
+async def test_outputs_come_back_row_for_row(engine_and_batcher):
+    _, batcher = engine_and_batcher
+    pairs = [pair(1, 2), pair(10), pair(3, 3, 3)]
+    job = await batcher.score(pairs, deadline=None)
+    assert job.outputs[:, 0].tolist() == [3, 10, 9]
+    assert job.batches == 1
+
+
+async def test_batches_respect_the_padded_token_budget_and_pair_limit(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    engine.gate.clear()
+    jobs = [
+        batcher.submit(pairs_of_length(4, 10), None),
+        batcher.submit(pairs_of_length(30, 3), None),
+        batcher.submit(pairs_of_length(12, 5), None),
+    ]
+    engine.gate.set()
+    await asyncio.gather(*(job.future for job in jobs))
+    for rows, columns in engine.shapes:
+        assert rows <= 8
+        assert rows * columns <= 64
+    assert sum(rows for rows, _ in engine.shapes) == 18
+
+
+async def test_similar_lengths_are_grouped_to_cut_padding(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    engine.gate.clear()
+    mixed = [pair(*([7] * (12 if i % 2 == 0 else 2))) for i in range(8)]  # alternating long and short
+    job = batcher.submit(mixed, None)
+    engine.gate.set()
+    await job.future
+    # The four long pairs run together (one short one fills the spare slot), then the short ones,
+    # instead of every short pair padded to the long length.
+    assert engine.shapes == [(5, 12), (3, 2)]
+
+
+async def test_the_oldest_pair_always_runs_next(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    engine.gate.clear()
+    blocker = batcher.submit([pair(1)], None)
+    await asyncio.sleep(0.05)  # the blocker is in the model now
+    old_long = batcher.submit([pair(*([5] * 60))], None)
+    young_short = batcher.submit(pairs_of_length(2, 8, base=100), None)
+    engine.gate.set()
+    await asyncio.gather(blocker.future, old_long.future, young_short.future)
+    assert engine.shapes[1] == (1, 60)  # not starved by the stream of short pairs
+
+
+async def test_many_jobs_share_batches_and_get_their_own_scores(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    engine.gate.clear()
+    jobs = [batcher.submit([pair(job_id, row) for row in range(3)], None) for job_id in range(1, 11)]
+    engine.gate.set()
+    await asyncio.gather(*(job.future for job in jobs))
+    for job_id, job in enumerate(jobs, start=1):
+        assert job.outputs[:, 0].tolist() == [job_id + row for row in range(3)]
+    assert len(engine.shapes) < len(jobs)
+
+
+async def test_overload_is_refused_without_queueing(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    engine.gate.clear()
+    queued = batcher.submit(pairs_of_length(1, 90), None)
+    with pytest.raises(Overloaded, match="at capacity"):
+        batcher.submit(pairs_of_length(1, 20), None)
+    with pytest.raises(Overloaded, match="more than the server queues at once"):
+        batcher.submit(pairs_of_length(1, 101), None)
+    assert batcher.queued_pairs == 90
+    engine.gate.set()
+    await queued.future
+
+
+async def test_expired_and_cancelled_work_is_dropped_before_the_model(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    engine.gate.clear()
+    blocker = batcher.submit([pair(1)], None)
+    await asyncio.sleep(0.05)
+    expired = batcher.submit([pair(99, 99)], deadline=time.monotonic() + 0.01)
+    cancelled_task = asyncio.create_task(batcher.score([pair(98, 98, 98)], None))
+    await asyncio.sleep(0.05)
+    cancelled_task.cancel()
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await blocker.future
+    with pytest.raises(DeadlineExpired):
+        await expired.future
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled_task
+    await (await batcher.score([pair(2)], None)).future
+    assert engine.shapes == [(1, 1), (1, 1)]
+    assert batcher.queued_pairs == 0
+
+
+async def test_an_engine_failure_reaches_every_job_in_the_batch(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    engine.gate.clear()
+    engine.fail_with = RuntimeError("boom")
+    jobs = [batcher.submit([pair(i)], None) for i in range(3)]
+    engine.gate.set()
+    for job in jobs:
+        with pytest.raises(EngineFailure, match="boom"):
+            await job.future
+    engine.fail_with = None
+    assert (await batcher.score([pair(4)], None)).outputs[0, 0] == 4
+
+
+async def test_close_fails_waiting_work():
+    engine = SumEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, BatchLimits(64, 1, 100), pad_token_id=0, with_token_type_ids=False)
+    batcher.start()
+    batcher.submit([pair(1)], None)
+    await asyncio.sleep(0.05)
+    waiting = batcher.submit([pair(2)], None)
+    engine.gate.set()
+    await batcher.close()
+    with pytest.raises(NotReady):
+        await waiting.future
+    with pytest.raises(NotReady):
+        batcher.submit([pair(3)], None)

@@ -1,0 +1,50 @@
+"""Settings: flags beat environment variables beat defaults, and the README documents every one."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sidecar.settings import Settings, env_name, flag_name, parse_settings, settings_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_defaults_environment_and_flags():
+    assert parse_settings([], {}).port == 50051
+    assert parse_settings([], {"RERANK_PORT": "6000"}).port == 6000
+    assert parse_settings(["--port", "7000"], {"RERANK_PORT": "6000"}).port == 7000
+    settings = parse_settings(
+        ["--grace-period", "2.5"], {"RERANK_MODEL": "/models/x", "RERANK_MAX_BATCH_PAIRS": "8"}
+    )
+    assert settings.model == "/models/x"
+    assert settings.max_batch_pairs == 8
+    assert settings.grace_period == 2.5
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ"),
+    [
+        (["--max-batch-pairs", "0"], {}),
+        (["--engine", "warp-drive"], {}),
+        ([], {"RERANK_PORT": "not-a-number"}),
+        (["--max-batch-pairs", "64", "--max-queued-pairs", "32"], {}),
+    ],
+)
+def test_invalid_settings_exit_with_a_usage_error(argv: list[str], environ: dict[str, str], capsys):
+    with pytest.raises(SystemExit) as raised:
+        parse_settings(argv, environ)
+    assert raised.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_readme_lists_every_setting():
+    readme = README.read_text()
+    assert settings_table() in readme, (
+        "README settings table is stale: paste sidecar.settings.settings_table()"
+    )
+    for field in dataclasses.fields(Settings):
+        assert flag_name(field.name) in readme
+        assert env_name(field.name) in readme

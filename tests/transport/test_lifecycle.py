@@ -1,0 +1,120 @@
+"""Health transitions, reflection, and graceful shutdown of a real `rerank-sidecar` process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from sidecar.settings import Settings
+from sidecar.transport.server import RERANKER_SERVICE, SidecarServer
+from tests.conftest import RunningSidecar, docs, running_sidecar
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health_of(channel: grpc.aio.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
+
+
+async def test_health_is_not_serving_until_loaded_and_again_while_draining(tiny_bert: Path):
+    async with running_sidecar(tiny_bert, load=False) as running:
+        for service in ("", RERANKER_SERVICE):
+            assert await health_of(running.channel, service) == NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await running.stub.Rerank(rerank_pb2.RerankRequest(query="q", documents=docs("a")), timeout=5)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "loading" in raised.value.details()
+
+        await running.server.load()
+        for service in ("", RERANKER_SERVICE):
+            assert await health_of(running.channel, service) == SERVING
+
+        watch = health_pb2_grpc.HealthStub(running.channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert (await watch.read()).status == SERVING
+        stopping = asyncio.create_task(running.server.stop(grace=1.0))
+        assert (await watch.read()).status == NOT_SERVING
+        await stopping
+
+
+async def test_reflection_lists_the_services(sidecar: RunningSidecar):
+    stub = reflection_pb2_grpc.ServerReflectionStub(sidecar.channel)
+
+    async def requests():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        yield reflection_pb2.ServerReflectionRequest(file_containing_symbol=RERANKER_SERVICE)
+
+    replies = [reply async for reply in stub.ServerReflectionInfo(requests(), timeout=10)]
+    names = {service.name for service in replies[0].list_services_response.service}
+    assert {RERANKER_SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert replies[1].file_descriptor_response.file_descriptor_proto
+
+
+async def test_a_model_that_cannot_load_fails_start_up_with_a_clear_error(tmp_path: Path):
+    settings = Settings(model=str(tmp_path / "no-such-model"), host="127.0.0.1", port=0)
+    server = SidecarServer(settings)
+    await server.start()
+    try:
+        with pytest.raises(Exception, match="--model DIR"):
+            await server.load()
+    finally:
+        await server.stop(grace=0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+async def test_sigterm_lets_the_call_in_flight_finish_and_exits_zero(tiny_bert: Path, tmp_path: Path):
+    port = free_port()
+    env = {**os.environ, "RERANK_MODEL": str(tiny_bert), "RERANK_PORT": str(port), "RERANK_HOST": "127.0.0.1"}
+    log_path = tmp_path / "sidecar.log"
+    with log_path.open("w") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "--grace-period", "30", env=env, stderr=log_file
+        )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(600):
+                try:
+                    if await health_of(channel, RERANKER_SERVICE) == SERVING:
+                        break
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"the sidecar never became SERVING:\n{log_path.read_text()}")
+            stub = rerank_pb2_grpc.RerankerStub(channel)
+            long_text = " ".join(["word"] * 500)
+            in_flight = stub.Rerank(
+                rerank_pb2.RerankRequest(query="q", documents=docs(*[long_text] * 400, ids=[""] * 400)),
+                timeout=120,
+            )
+            await asyncio.sleep(0.5)
+            assert not in_flight.done(), "the request finished before the signal; make it longer"
+            process.send_signal(signal.SIGTERM)
+            response = await in_flight
+            assert len(response.results) == 400
+        exit_code = await asyncio.wait_for(process.wait(), timeout=60)
+        log = log_path.read_text()
+        assert exit_code == 0, log
+        assert '"status": "OK"' in log
+        assert "draining" in log
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
