@@ -120,8 +120,11 @@ def settings_table() -> str:
     for settings_field in dataclasses.fields(Settings):
         choices = settings_field.metadata["choices"]
         meaning = settings_field.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
-        rows.append(
-            f"| `{flag_name(settings_field.name)}` | `{env_name(settings_field.name)}` "
-            f"| `{settings_field.default}` | {meaning} |"
-        )
+        default = f"`{settings_field.default}`" if settings_field.default != "" else "(empty)"
+        names = f"`{flag_name(settings_field.name)}` | `{env_name(settings_field.name)}`"
+        rows.append(f"| {names} | {default} | {meaning} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # `python -m sidecar.settings` prints the README's settings table
+    print(settings_table())

@@ -43,7 +43,7 @@ def test_invalid_settings_exit_with_a_usage_error(argv: list[str], environ: dict
 def test_readme_lists_every_setting():
     readme = README.read_text()
     assert settings_table() in readme, (
-        "README settings table is stale: paste sidecar.settings.settings_table()"
+        "README settings table is stale: paste the output of `python -m sidecar.settings`"
     )
     for field in dataclasses.fields(Settings):
         assert flag_name(field.name) in readme
