@@ -36,3 +36,54 @@ def save_tiny_bert(directory: Path, *, num_labels: int = 1, seed: int = 0, max_l
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_tiny_roberta(directory: Path, *, seed: int = 0) -> Path:
+    """A RoBERTa-family model (byte-level BPE, no token type ids, offset positions).
+
+    Its tokenizer is trained here on a few sentences, since no RoBERTa tokenizer ships offline.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    corpus = [
+        "what do cats eat",
+        "Cats are obligate carnivores and eat meat.",
+        "The stock market fell sharply on Tuesday.",
+        "Vaccines expose the immune system to an antigen.",
+    ] * 20
+    backend = ByteLevelBPETokenizer()
+    backend.train_from_iterator(corpus, vocab_size=400, min_frequency=1, special_tokens=specials)
+    backend.post_processor = RobertaProcessing(
+        ("</s>", backend.token_to_id("</s>")), ("<s>", backend.token_to_id("<s>"))
+    )
+    tokenizer = RobertaTokenizerFast(tokenizer_object=backend._tokenizer, model_max_length=512)
+    tokenizer.add_special_tokens(
+        {
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "sep_token": "</s>",
+            "cls_token": "<s>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+            "mask_token": "<mask>",
+        }
+    )
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=1,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    RobertaForSequenceClassification(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from rerank.v1 import rerank_pb2
-from tests.conftest import ReferenceScorer, RunningSidecar, docs, wait_until
+from tests.conftest import ReferenceScorer, RunningSidecar, docs, running_sidecar, wait_until
+from tests.models import save_tiny_roberta
 
 QUERY = "what do cats eat"
 TEXTS = (
@@ -216,3 +217,17 @@ async def test_info_describes_the_model_and_limits(sidecar: RunningSidecar):
     assert info.limits.max_batch_pairs == sidecar.server.settings.max_batch_pairs
     assert info.limits.max_documents_per_request == sidecar.server.settings.max_documents_per_request
     assert info.server_version
+
+
+async def test_roberta_family_model_without_token_type_ids(tmp_path):
+    model_dir = save_tiny_roberta(tmp_path / "tiny-roberta")
+    reference = ReferenceScorer(model_dir)
+    async with running_sidecar(model_dir) as running:
+        response = await running.stub.Rerank(
+            rerank_pb2.RerankRequest(query=QUERY, documents=docs(*TEXTS)), timeout=30
+        )
+        info = await running.stub.Info(rerank_pb2.InfoRequest(), timeout=10)
+        batch = running.engine.batches[-1]
+    np.testing.assert_allclose(by_index(response), reference.scores(QUERY, TEXTS), atol=1e-5, rtol=0)
+    assert batch.token_type_ids is None
+    assert info.max_length == 512  # 514 positions, two taken by the padding offset
