@@ -191,3 +191,81 @@ class Reranker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class EmbedderStub:
+    """Embeds texts with a bi-encoder (sentence-transformers layout), for query
+    vectors and for indexing. Served on the same engines and batcher as Reranker.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Embed = channel.unary_unary(
+                '/rerank.v1.Embedder/Embed',
+                request_serializer=rerank_dot_v1_dot_rerank__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=rerank_dot_v1_dot_rerank__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+
+
+class EmbedderServicer:
+    """Embeds texts with a bi-encoder (sentence-transformers layout), for query
+    vectors and for indexing. Served on the same engines and batcher as Reranker.
+    """
+
+    def Embed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EmbedderServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=rerank_dot_v1_dot_rerank__pb2.EmbedRequest.FromString,
+                    response_serializer=rerank_dot_v1_dot_rerank__pb2.EmbedResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rerank.v1.Embedder', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rerank.v1.Embedder', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Embedder:
+    """Embeds texts with a bi-encoder (sentence-transformers layout), for query
+    vectors and for indexing. Served on the same engines and batcher as Reranker.
+    """
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rerank.v1.Embedder/Embed',
+            rerank_dot_v1_dot_rerank__pb2.EmbedRequest.SerializeToString,
+            rerank_dot_v1_dot_rerank__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
