@@ -57,23 +57,36 @@ class PairTokenizer:
         return self.special_tokens_per_pair + 2
 
     def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedQuery:
+        """(query, document) pairs for a cross-encoder; a long document is truncated or chunked."""
         query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
         # A long query keeps at most half the budget, so documents always get the other half.
         query_budget = spec.max_length // 2
         if len(query_encoding.ids) > query_budget:
             query_encoding.truncate(query_budget, direction="right")
         document_budget = spec.max_length - self.special_tokens_per_pair - len(query_encoding.ids)
-        if spec.chunk and spec.chunk_overlap >= document_budget:
+        return self._encode_documents(documents, document_budget, spec, query_encoding)
+
+    def encode_texts(self, texts: Sequence[str], spec: PairSpec) -> EncodedQuery:
+        """Single texts for a bi-encoder, each truncated or chunked to ``spec.max_length``."""
+        budget = spec.max_length - self._tokenizer.num_special_tokens_to_add(is_pair=False)
+        return self._encode_documents(texts, budget, spec, query=None)
+
+    def _encode_documents(
+        self, documents: Sequence[str], budget: int, spec: PairSpec, query: Encoding | None
+    ) -> EncodedQuery:
+        if spec.chunk and spec.chunk_overlap >= budget:
             raise InvalidArgument(
                 f"chunk_overlap {spec.chunk_overlap} must be smaller than the chunk length: "
-                f"{document_budget} document tokens fit beside this query at max_length {spec.max_length}"
+                f"{budget} document tokens fit in max_length {spec.max_length}"
             )
-
         pairs: list[EncodedPair] = []
         document_of_pair: list[int] = []
         for index, document in enumerate(self._tokenizer.encode_batch(documents, add_special_tokens=False)):
-            for piece in self._pieces(document, document_budget, spec):
-                merged = self._tokenizer.post_process(query_encoding, piece, add_special_tokens=True)
+            for piece in self._pieces(document, budget, spec):
+                if query is None:
+                    merged = self._tokenizer.post_process(piece, add_special_tokens=True)
+                else:
+                    merged = self._tokenizer.post_process(query, piece, add_special_tokens=True)
                 pairs.append(EncodedPair(merged.ids, merged.type_ids))
                 document_of_pair.append(index)
         return EncodedQuery(pairs, document_of_pair)

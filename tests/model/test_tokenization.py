@@ -105,3 +105,12 @@ def test_concurrent_use_from_threads_is_safe(pair_tokenizer):
     with ThreadPoolExecutor(4) as pool:
         for _ in range(5):
             assert list(pool.map(run, specs)) == serial
+
+
+@pytest.mark.parametrize("max_length", [8, 256])
+def test_single_texts_match_the_transformers_tokenizer(hf_tokenizer, pair_tokenizer, max_length: int):
+    hf_tokenizer.truncation_side = "right"
+    encoded = pair_tokenizer.encode_texts(DOCUMENTS, PairSpec(max_length=max_length))
+    expected = hf_tokenizer(DOCUMENTS, truncation=True, max_length=max_length)
+    assert [pair.input_ids for pair in encoded.pairs] == expected["input_ids"]
+    assert encoded.document_of_pair == list(range(len(DOCUMENTS)))
