@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.model.engines import ENGINE_CHOICES
+from sidecar.model.engines import ENGINE_CHOICES, PRECISION_CHOICES
 
 ENV_PREFIX = "RERANK_"
 
@@ -31,7 +31,21 @@ class Settings:
     revision: str = _setting("", "Hugging Face revision (branch, tag or commit) when --model is a hub id.")
     host: str = _setting("0.0.0.0", "Address to listen on.")
     port: int = _setting(50051, "gRPC port; 0 picks a free one.")
-    engine: str = _setting("auto", "Inference engine.", choices=ENGINE_CHOICES)
+    engine: str = _setting(
+        "auto",
+        "Inference engine; auto tries tensorrt, onnxruntime, then torch, and serves one that passes the "
+        "parity gate against torch fp32. An explicit engine that cannot load is an error.",
+        choices=ENGINE_CHOICES,
+    )
+    precision: str = _setting(
+        "auto",
+        "Inference precision; auto serves the fastest that passes the parity gate on this device.",
+        choices=PRECISION_CHOICES,
+    )
+    cache_dir: str = _setting(
+        "~/.cache/rerank-sidecar",
+        "Directory for the ONNX export and compiled engines, reused across restarts (mount it as a volume).",
+    )
     device: str = _setting("auto", "Device: auto (CUDA when present), cpu, cuda or cuda:N.")
     threads: int = _setting(0, "Intra-op threads of the engine; 0 uses every core.")
     max_length: int = _setting(0, "Cap on tokens per (query, document) pair; 0 uses the model's limit.")

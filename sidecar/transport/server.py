@@ -18,6 +18,7 @@ from sidecar.errors import ModelLoadError, NotReady
 from sidecar.runtime import Runtime, load_runtime
 from sidecar.scheduling.batcher import Batcher, BatchLimits
 from sidecar.scheduling.reranker import Document, Limits, Reranker, RerankOptions
+from sidecar.scheduling.scoring import scorer_for
 from sidecar.settings import Settings
 from sidecar.transport.interceptors import ErrorMappingInterceptor
 from sidecar.transport.servicer import RerankerServicer
@@ -69,7 +70,7 @@ class SidecarServer:
         return rerank_pb2.InfoResponse(
             model_id=model.source.name,
             model_revision=model.revision,
-            model_kind=model.kind,
+            model_kind=model.kind.value,
             engine=engine.name,
             precision=engine.precision,
             device=engine.device,
@@ -83,6 +84,7 @@ class SidecarServer:
                 max_chunks_per_doc=reranker.limits.max_chunks_per_doc,
             ),
             server_version=__version__,
+            engine_notes=list(runtime.engine_notes),
         )
 
     async def start(self) -> None:
@@ -121,10 +123,8 @@ class SidecarServer:
         )
         batcher.start()
         reranker = Reranker(
-            model,
-            batcher,
+            scorer_for(model, batcher, self._tokenizer_pool),
             Limits(self.settings.max_documents_per_request, self.settings.max_chunks_per_doc),
-            self._tokenizer_pool,
         )
         # Warm up through the whole request path: one short pair and one batch of full-length pairs.
         full_batch = max(

@@ -1,20 +1,12 @@
-"""Engines behind one interface, each imported only when chosen."""
+"""Engines behind one interface, each imported only when chosen (see ``selection`` for the chain)."""
 
 from __future__ import annotations
 
 from sidecar.model.engines.base import Engine
-from sidecar.model.loading import ModelSource
 
-ENGINE_CHOICES = ("auto", "torch")
+# The fallback chain, best first; `auto` tries them in this order.
+ENGINE_CHAIN = ("tensorrt", "onnxruntime", "torch")
+ENGINE_CHOICES = ("auto", *ENGINE_CHAIN)
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8")
 
-
-def load_engine(engine: str, source: ModelSource, *, device: str, threads: int) -> Engine:
-    """Load the requested engine; ``auto`` picks the best one available."""
-    if engine not in ENGINE_CHOICES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_CHOICES)}")
-    from sidecar.model.engines.torch_engine import TorchEngine
-
-    return TorchEngine(source, device=device, threads=threads)
-
-
-__all__ = ["ENGINE_CHOICES", "Engine", "load_engine"]
+__all__ = ["ENGINE_CHAIN", "ENGINE_CHOICES", "PRECISION_CHOICES", "Engine"]

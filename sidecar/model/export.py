@@ -1,0 +1,89 @@
+"""ONNX export shared by ONNX Runtime and TensorRT, cached on disk by model content and library versions."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sidecar.errors import ModelLoadError
+from sidecar.model.cache import ArtifactCache
+from sidecar.model.network import BiEncoderNetwork, Network
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+OUTPUT_NAME = "outputs"
+# A small example shape: the axes are dynamic, and the traced graph does not depend on it.
+_EXAMPLE_ROWS, _EXAMPLE_COLUMNS = 2, 16
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """An ONNX file of a network and what the compiled engines need to know about it."""
+
+    path: Path
+    fingerprint: str
+    input_names: tuple[str, ...]
+    model_type: str
+    num_heads: int
+    hidden_size: int
+    is_bi_encoder: bool
+
+
+def library_versions() -> dict[str, str]:
+    import onnx
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__}
+
+
+def export_onnx(
+    network: Network, fingerprint: str, input_names: tuple[str, ...], cache: ArtifactCache
+) -> ExportedModel:
+    """The network as ONNX (fp32 outputs, dynamic batch and sequence axes), from the cache when valid."""
+    config = network.model.config
+    key = {"model": fingerprint, "inputs": ",".join(input_names), "opset": str(OPSET), **library_versions()}
+    path = cache.get_or_build("onnx", key, "model.onnx", lambda target: _export(network, input_names, target))
+    return ExportedModel(
+        path=path,
+        fingerprint=fingerprint,
+        input_names=input_names,
+        model_type=config.model_type,
+        num_heads=int(getattr(config, "num_attention_heads", 0)),
+        hidden_size=int(getattr(config, "hidden_size", 0)),
+        is_bi_encoder=isinstance(network, BiEncoderNetwork),
+    )
+
+
+def _export(network: Network, input_names: tuple[str, ...], target: Path) -> None:
+    logger.info("exporting the model to ONNX (opset %d) at %s", OPSET, target)
+    # ONNX Runtime's BERT fusion recognises the eager attention pattern, not the SDPA one, and only
+    # in graphs from the TorchScript exporter; the copy keeps the served network untouched.
+    exported = copy.deepcopy(network).float().cpu().eval()
+    exported.model.set_attn_implementation("eager")
+    example = tuple(
+        torch.ones(_EXAMPLE_ROWS, _EXAMPLE_COLUMNS, dtype=torch.int64)
+        if name != "token_type_ids"
+        else torch.zeros(_EXAMPLE_ROWS, _EXAMPLE_COLUMNS, dtype=torch.int64)
+        for name in input_names
+    )
+    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    dynamic_axes[OUTPUT_NAME] = {0: "batch"}
+    try:
+        with torch.inference_mode():
+            torch.onnx.export(
+                exported,
+                example,
+                str(target),
+                input_names=list(input_names),
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                dynamo=False,
+            )
+    except Exception as exc:  # the exporter raises many types for unsupported graphs
+        raise ModelLoadError(f"could not export the model to ONNX: {type(exc).__name__}: {exc}") from exc

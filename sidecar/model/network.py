@@ -1,0 +1,134 @@
+"""The PyTorch network an engine runs or exports: one forward signature for both model kinds.
+
+A cross-encoder maps a batch of (query, document) pairs to logits [pairs, num_labels]; a
+bi-encoder maps a batch of texts to pooled embeddings [texts, dims]. Both take
+``(input_ids, attention_mask[, token_type_ids])`` so the torch engine, the ONNX export and the
+compiled engines treat them alike.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sidecar.model.loading import ModelSource, load_failure
+
+
+class ModelKind(enum.Enum):
+    CROSS_ENCODER = "cross-encoder"
+    BI_ENCODER = "bi-encoder"
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How a bi-encoder turns token states into one vector (sentence-transformers' Pooling/Normalize)."""
+
+    mode: str = "mean"  # "mean", "cls" or "max"
+    normalize: bool = False
+
+
+class CrossEncoderNetwork(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+class BiEncoderNetwork(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, pooling: Pooling) -> None:
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        if self.pooling.mode == "cls":
+            pooled = states[:, 0]
+        elif self.pooling.mode == "max":
+            padding = (attention_mask == 0).unsqueeze(-1)
+            pooled = states.masked_fill(padding, torch.finfo(states.dtype).min).max(dim=1).values
+        else:
+            mask = attention_mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        if self.pooling.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+        return pooled
+
+
+def read_pooling(directory: Path) -> Pooling:
+    """The pooling a sentence-transformers model directory declares; mean without normalization if none."""
+    modules_file = directory / "modules.json"
+    if not modules_file.is_file():
+        return Pooling()
+    modules = json.loads(modules_file.read_text())
+    normalize = any(module.get("type", "").endswith(".Normalize") for module in modules)
+    mode = "mean"
+    for module in modules:
+        if module.get("type", "").endswith(".Pooling"):
+            config = json.loads((directory / module["path"] / "config.json").read_text())
+            if config.get("pooling_mode_cls_token"):
+                mode = "cls"
+            elif config.get("pooling_mode_max_tokens"):
+                mode = "max"
+    return Pooling(mode=mode, normalize=normalize)
+
+
+Network = CrossEncoderNetwork | BiEncoderNetwork
+
+
+def load_network(source: ModelSource, kind: ModelKind, *, attn_implementation: str | None = None) -> Network:
+    """The fp32 network on the CPU, in eval mode."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    options = source.from_pretrained_kwargs()
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    try:
+        if kind is ModelKind.CROSS_ENCODER:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source.name, dtype=torch.float32, **options
+            )
+            network: Network = CrossEncoderNetwork(model)
+        else:
+            model = AutoModel.from_pretrained(source.name, dtype=torch.float32, **options)
+            pooling = read_pooling(Path(source.name)) if source.is_local else Pooling()
+            network = BiEncoderNetwork(model, pooling)
+    except Exception as exc:  # transformers raises OSError, ValueError or hub errors
+        raise load_failure(source, "weights", exc) from exc
+    return network.eval()
+
+
+# Config entries that say where or how a model was loaded, not what it computes.
+_LOCATION_KEYS = ("_name_or_path", "_commit_hash", "transformers_version", "_attn_implementation_internal")
+
+
+def content_hash(network: Network) -> str:
+    """A digest of everything that determines the network's outputs: its kind, config and weights."""
+    digest = hashlib.sha256(type(network).__name__.encode())
+    config = {k: v for k, v in network.model.config.to_dict().items() if k not in _LOCATION_KEYS}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    if isinstance(network, BiEncoderNetwork):
+        digest.update(repr(network.pooling).encode())
+    for name, tensor in sorted(network.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,178 @@
+"""The parity gate: an engine serves only if its scores on a fixed probe set match torch fp32.
+
+Scores are compared after normalization, as callers see them: the sigmoid of a cross-encoder's
+log-odds, or the cosine similarity of a bi-encoder's query and document embeddings. Two measures
+are checked against per-precision tolerances: the largest absolute difference of any score, and
+the Spearman rank correlation over all probe pairs (what a reranker must keep: the order).
+
+Tolerances (normalized scores in [0, 1] or [-1, 1]):
+
+| precision | max abs diff | min Spearman | why |
+|---|---|---|---|
+| fp32 | 1e-4 | 0.999 | the same arithmetic in another order |
+| bf16, fp16 | 0.02 | 0.995 | measured 0.9996 on MiniLM-L6 weights; catches overflow and bad casts |
+| int8 | 0.05 | 0.985 | plain dynamic int8 measures 0.91-0.97 and reorders the top 10: it must fail |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidecar.model.batch import EncodedPair, TokenBatch, collate
+from sidecar.model.engines.base import Engine
+from sidecar.model.loading import CrossEncoderModel
+from sidecar.model.tokenization import PairSpec, PairTokenizer
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs_diff: float
+    min_spearman: float
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_abs_diff=1e-4, min_spearman=0.999),
+    "bf16": Tolerance(max_abs_diff=0.02, min_spearman=0.995),
+    "fp16": Tolerance(max_abs_diff=0.02, min_spearman=0.995),
+    "int8": Tolerance(max_abs_diff=0.05, min_spearman=0.985),
+}
+
+# Queries and passages of varied topic and length, so relevant and irrelevant pairs spread the scores.
+PROBE_QUERIES = (
+    "what causes the seasons on earth",
+    "how do vaccines train the immune system",
+    "best way to store fresh basil",
+    "python list comprehension syntax",
+    "symptoms of vitamin d deficiency",
+    "who painted the sistine chapel ceiling",
+    "how does a heat pump work in winter",
+    "effects of caffeine on sleep quality",
+)
+PROBE_DOCUMENTS = (
+    "Earth's axis is tilted about 23.4 degrees, so each hemisphere receives more direct sunlight for "
+    "part of the year and less for the rest; this tilt, not the distance to the sun, causes seasons.",
+    "Vaccines expose the immune system to a harmless piece or weakened form of a pathogen, prompting "
+    "B cells to make antibodies and leaving memory cells that respond quickly to a later infection.",
+    "Basil keeps best at room temperature with its stems in a glass of water, loosely covered; the "
+    "refrigerator turns the leaves black within a day or two.",
+    "A list comprehension builds a list in one expression: [f(x) for x in items if condition(x)].",
+    "Low vitamin D can cause fatigue, bone pain, muscle weakness and, over years, soft or brittle bones.",
+    "Michelangelo painted the ceiling of the Sistine Chapel between 1508 and 1512 for Pope Julius II.",
+    "A heat pump moves heat rather than making it: in winter its refrigerant absorbs heat from the "
+    "outdoor air, even when cold, and a compressor raises its temperature to warm the house.",
+    "Caffeine blocks adenosine receptors; taken within six hours of bedtime it shortens total sleep "
+    "time and reduces deep sleep, even when people do not notice any difference.",
+    "The stock market closed higher on Friday as technology shares rallied after strong earnings.",
+    "Preheat the oven to 220 degrees, toss the vegetables in olive oil and salt, and roast for forty "
+    "minutes, turning once, until the edges are brown and crisp.",
+    "The offside rule in football requires an attacker to have two opponents, usually the goalkeeper "
+    "and a defender, between them and the goal line when the ball is played forward.",
+    " ".join(
+        [
+            "Sleep is regulated by two processes: a circadian rhythm that tracks the time of day, and a "
+            "homeostatic pressure that builds the longer one stays awake."
+        ]
+        * 6
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Fixed model inputs and how to turn the engine's outputs for them into normalized scores."""
+
+    batches: tuple[TokenBatch, ...]
+    to_scores: Callable[[np.ndarray], np.ndarray]
+
+    def scores(self, engine: Engine) -> np.ndarray:
+        outputs = np.concatenate([engine.forward(batch) for batch in self.batches])
+        return self.to_scores(outputs.astype(np.float64))
+
+
+def _batches(
+    rows: Sequence[EncodedPair], pad_token_id: int, with_token_type_ids: bool, max_batch_pairs: int
+) -> tuple[TokenBatch, ...]:
+    return tuple(
+        collate(rows[start : start + max_batch_pairs], pad_token_id, with_token_type_ids)
+        for start in range(0, len(rows), max_batch_pairs)
+    )
+
+
+def cross_encoder_probe(model: CrossEncoderModel, max_batch_pairs: int) -> Probe:
+    """Every probe query against every probe document, as the reranker would send them."""
+    spec = PairSpec(max_length=model.max_length)
+    pairs = [
+        pair for query in PROBE_QUERIES for pair in model.tokenizer.encode(query, PROBE_DOCUMENTS, spec).pairs
+    ]
+
+    def to_scores(logits: np.ndarray) -> np.ndarray:
+        log_odds = logits[:, 0] if model.num_labels == 1 else logits[:, 1] - logits[:, 0]
+        return 1.0 / (1.0 + np.exp(-log_odds))
+
+    batches = _batches(pairs, model.pad_token_id, model.uses_token_type_ids, max_batch_pairs)
+    return Probe(batches, to_scores)
+
+
+def bi_encoder_probe(
+    tokenizer: PairTokenizer, *, max_length: int, pad_token_id: int, with_token_type_ids: bool, max_batch: int
+) -> Probe:
+    """Probe queries and documents embedded separately; scores are the cosine of every query-document pair."""
+    texts = [*PROBE_QUERIES, *PROBE_DOCUMENTS]
+    rows = tokenizer.encode_texts(texts, PairSpec(max_length=max_length)).pairs
+
+    def to_scores(embeddings: np.ndarray) -> np.ndarray:
+        unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        queries, documents = unit[: len(PROBE_QUERIES)], unit[len(PROBE_QUERIES) :]
+        return (queries @ documents.T).ravel()
+
+    return Probe(_batches(rows, pad_token_id, with_token_type_ids, max_batch), to_scores)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation, ties given their average rank; NaN when either side is constant."""
+    ranks_a, ranks_b = _average_ranks(a), _average_ranks(b)
+    if np.ptp(ranks_a) == 0 or np.ptp(ranks_b) == 0:
+        return float("nan")
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(len(values), dtype=np.float64)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    precision: str
+    max_abs_diff: float
+    spearman: float
+    tolerance: Tolerance
+
+    @property
+    def passed(self) -> bool:
+        # NaN fails both comparisons, so a constant or broken output never passes.
+        return bool(
+            self.max_abs_diff <= self.tolerance.max_abs_diff and self.spearman >= self.tolerance.min_spearman
+        )
+
+    def describe(self) -> str:
+        return (
+            f"max abs diff {self.max_abs_diff:.2e} (limit {self.tolerance.max_abs_diff:g}), "
+            f"Spearman {self.spearman:.4f} (limit {self.tolerance.min_spearman:g})"
+        )
+
+
+def compare(scores: np.ndarray, reference: np.ndarray, precision: str) -> ParityReport:
+    return ParityReport(
+        precision=precision,
+        max_abs_diff=float(np.max(np.abs(scores - reference))),
+        spearman=spearman(scores, reference),
+        tolerance=TOLERANCES[precision],
+    )
