@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar.model.batch import TokenBatch
 from sidecar.model.engines.base import Engine
+from sidecar.model.loading import ModelSource
 from sidecar.runtime import Runtime, load_runtime
 from sidecar.settings import Settings
 from sidecar.transport.server import SidecarServer
@@ -58,9 +59,9 @@ class RecordingEngine(Engine):
         return any(bool((batch.input_ids == token_id).any()) for batch in self.batches)
 
 
-def recording_runtime(settings: Settings) -> Runtime:
-    runtime = load_runtime(settings)
-    return Runtime(runtime.model, RecordingEngine(runtime.engine))
+def recording_runtime(settings: Settings, source: ModelSource) -> Runtime:
+    runtime = load_runtime(settings, source)
+    return Runtime(runtime.model, RecordingEngine(runtime.engine), runtime.engine_notes)
 
 
 class RunningSidecar:
@@ -82,10 +83,14 @@ async def running_sidecar(
     model: Path,
     *,
     load: bool = True,
-    runtime_factory: Callable[[Settings], Runtime] = recording_runtime,
+    runtime_factory: Callable[[Settings, ModelSource], Runtime] = recording_runtime,
     **overrides: object,
 ) -> AsyncIterator[RunningSidecar]:
-    settings = Settings(model=str(model), host="127.0.0.1", port=0, grace_period=2.0, **overrides)  # type: ignore[arg-type]
+    # torch fp32 unless a test asks otherwise: these tests compare scores with transformers to 1e-5,
+    # closer than the parity gate lets lower precisions (which --precision auto may pick) come.
+    # The torch fp32 engine and no embedder unless a test asks: exact parity with the reference, fast start.
+    options: dict[str, object] = {"engine": "torch", "precision": "fp32", "embed_model": "", **overrides}
+    settings = Settings(model=str(model), host="127.0.0.1", port=0, grace_period=2.0, **options)  # type: ignore[arg-type]
     server = SidecarServer(settings, runtime_factory=runtime_factory)
     await server.start()
     try:
