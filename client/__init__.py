@@ -1,0 +1,26 @@
+"""The thin client: hybrid retrieval (Elasticsearch or embedded) streamed into the reranking sidecar.
+
+Imports neither torch nor transformers; it needs only the ``client`` extra.
+"""
+
+from client.documents import Document
+from client.pipeline import NotReranked, SearchResponse, SearchResult, TwoStagePipeline
+from client.retrieval.base import Candidate, Retriever, SearchRequest
+from client.retrieval.elasticsearch import ElasticsearchRetriever
+from client.retrieval.embedded import EmbeddedRetriever
+from client.sidecar import AsyncRerankClient, RerankClient
+
+__all__ = [
+    "AsyncRerankClient",
+    "Candidate",
+    "Document",
+    "ElasticsearchRetriever",
+    "EmbeddedRetriever",
+    "NotReranked",
+    "RerankClient",
+    "Retriever",
+    "SearchRequest",
+    "SearchResponse",
+    "SearchResult",
+    "TwoStagePipeline",
+]

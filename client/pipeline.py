@@ -1,0 +1,267 @@
+"""The two-stage pipeline: stage-1 candidates stream into ``RerankStream`` while later pages are fetched."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+
+import grpc
+
+from client.retrieval.base import Candidate, FilterValue, Fusion, Mode, Retriever, SearchRequest
+from client.sidecar import AsyncRerankClient, Ranking, RerankOptions
+from rerank.v1 import rerank_pb2
+
+logger = logging.getLogger(__name__)
+
+
+class RerankFailed(RuntimeError):
+    """Strict mode only: the sidecar could not embed the query or rerank the candidates."""
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    candidates: int = 100  # stage-1 depth (N)
+    batch_size: int = 32  # candidates per RerankStream message, and per retrieval page
+    top_k: int = 10
+    mode: Mode = "hybrid"
+    fusion: Fusion = "client"
+    rank_constant: int = 60
+    bm25_weight: float = 1.0
+    vector_weight: float = 1.0
+    num_candidates: int = 0
+    # Deadlines: query embedding, and the whole rerank stream.
+    embed_timeout: float = 5.0
+    rerank_timeout: float = 10.0
+    # False: when the sidecar fails, return stage 1's order marked not reranked. True: raise RerankFailed.
+    strict: bool = False
+    rerank_options: RerankOptions = field(default_factory=RerankOptions)
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    embed_ms: float = 0.0
+    first_page_ms: float = 0.0  # until the first candidates could be sent to the sidecar
+    retrieval_ms: float = 0.0
+    rerank_ms: float = 0.0  # from the stream's opening to its final ranking (overlaps retrieval)
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    rank: int  # 1-based, final
+    candidate: Candidate  # stage 1: its rank and BM25, vector and fused scores
+    rerank_score: float | None  # stage 2; None when not reranked
+
+
+@dataclass(frozen=True)
+class NotReranked:
+    reason: str
+
+
+@dataclass(frozen=True)
+class SearchResponse:
+    query: str
+    results: list[SearchResult]
+    timings: StageTimings
+    candidates: int  # how many stage 1 returned
+    not_reranked: NotReranked | None = None  # set when stage 1's order is returned as is
+    notes: list[str] = field(default_factory=list)  # degradations that still gave a reranked answer
+    model_id: str = ""
+
+    @property
+    def reranked(self) -> bool:
+        return self.not_reranked is None
+
+
+class TwoStagePipeline:
+    """Retrieve the top N, rerank them in the sidecar as they arrive, and return the top k.
+
+    ``embedder`` embeds the query for the vector leg; it defaults to ``reranker`` (one sidecar serving both).
+    """
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        reranker: AsyncRerankClient,
+        embedder: AsyncRerankClient | None = None,
+        options: PipelineOptions | None = None,
+    ) -> None:
+        self.retriever = retriever
+        self.reranker = reranker
+        self.embedder = embedder or reranker
+        self.options = options or PipelineOptions()
+
+    async def search(
+        self, query: str, *, filters: Mapping[str, FilterValue] | None = None, top_k: int | None = None
+    ) -> SearchResponse:
+        options = self.options if top_k is None else replace(self.options, top_k=top_k)
+        started = time.perf_counter()
+        notes: list[str] = []
+        request, embed_ms = await self._search_request(query, filters or {}, options, notes)
+
+        retrieval = _Retrieval(self.retriever, request)
+        producer = asyncio.create_task(retrieval.run())
+        ranking, failure, rerank_ms = None, None, 0.0
+        try:
+            if await retrieval.has_candidates():
+                rerank_started = time.perf_counter()
+                ranking, failure = await self._rerank(query, retrieval, options)
+                rerank_ms = _ms_since(rerank_started)
+        finally:
+            if not producer.done():
+                await asyncio.wait([producer])  # collect every candidate, also when reranking failed
+        producer.result()  # a retrieval error is the caller's error: there is nothing to return
+
+        candidates = retrieval.candidates
+        timings = StageTimings(
+            embed_ms=embed_ms,
+            first_page_ms=retrieval.first_page_ms,
+            retrieval_ms=retrieval.total_ms,
+            rerank_ms=rerank_ms,
+            total_ms=_ms_since(started),
+        )
+        if ranking is not None:
+            results = [
+                SearchResult(rank, candidates[scored.index], scored.score)
+                for rank, scored in enumerate(ranking.results, start=1)
+            ]
+        else:
+            results = [SearchResult(c.rank, c, None) for c in candidates[: options.top_k]]
+        response = SearchResponse(
+            query=query,
+            results=results,
+            timings=timings,
+            candidates=len(candidates),
+            not_reranked=NotReranked(failure) if failure else None,
+            notes=notes,
+            model_id=ranking.model_id if ranking else "",
+        )
+        _log(response)
+        return response
+
+    async def _search_request(
+        self, query: str, filters: Mapping[str, FilterValue], options: PipelineOptions, notes: list[str]
+    ) -> tuple[SearchRequest, float]:
+        request = SearchRequest(
+            query=query,
+            mode="bm25",  # replaced below once the query vector is known
+            size=options.candidates,
+            page_size=options.batch_size,
+            filters=filters,
+            rank_constant=options.rank_constant,
+            bm25_weight=options.bm25_weight,
+            vector_weight=options.vector_weight,
+            num_candidates=options.num_candidates,
+        )
+        if options.mode == "bm25":
+            return request, 0.0
+        started = time.perf_counter()
+        try:
+            embeddings = await self.embedder.embed([query], timeout=options.embed_timeout)
+        except grpc.RpcError as exc:
+            reason = f"query embedding failed ({_describe(exc)})"
+            if options.strict or options.mode == "vector":
+                raise RerankFailed(reason) from exc
+            notes.append(f"{reason}: the vector leg was skipped, stage 1 is BM25 only")
+            return request, _ms_since(started)
+        vector = embeddings.vectors[0]
+        return replace(request, mode=options.mode, fusion=options.fusion, query_vector=vector), _ms_since(
+            started
+        )
+
+    async def _rerank(
+        self, query: str, retrieval: _Retrieval, options: PipelineOptions
+    ) -> tuple[Ranking | None, str | None]:
+        """The final ranking, or why there is none (fail-open), or RerankFailed (strict)."""
+        rerank_options = replace(options.rerank_options, top_n=options.top_k)
+        stream = self.reranker.rerank_stream(
+            query, retrieval.batches(), rerank_options, timeout=options.rerank_timeout
+        )
+        try:
+            async with aclosing(stream):
+                async for item in stream:
+                    if isinstance(item, Ranking):
+                        return item, None
+        except grpc.RpcError as exc:
+            if retrieval.error is not None:
+                raise retrieval.error from exc  # the stream broke because retrieval did
+            reason = f"reranking failed ({_describe(exc)})"
+            if options.strict:
+                raise RerankFailed(reason) from exc
+            return None, reason
+        raise RerankFailed("the sidecar closed the stream without a final ranking")
+
+
+class _Retrieval:
+    """Runs the retriever's page iterator on a worker thread and hands pages on as they arrive."""
+
+    def __init__(self, retriever: Retriever, request: SearchRequest) -> None:
+        self._retriever = retriever
+        self._request = request
+        self._pages: asyncio.Queue[list[Candidate] | None] = asyncio.Queue()
+        self._first: list[Candidate] | None = None
+        self.candidates: list[Candidate] = []
+        self.error: BaseException | None = None
+        self.first_page_ms = 0.0
+        self.total_ms = 0.0
+
+    async def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            pages: Iterator[list[Candidate]] = await asyncio.to_thread(
+                self._retriever.candidate_pages, self._request
+            )
+            while (page := await asyncio.to_thread(next, pages, None)) is not None:
+                if not self.candidates:
+                    self.first_page_ms = _ms_since(started)
+                self.candidates.extend(page)
+                if page:
+                    self._pages.put_nowait(page)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.total_ms = _ms_since(started)
+            self._pages.put_nowait(None)
+
+    async def has_candidates(self) -> bool:
+        """Waits for the first page: a stream must not open without documents."""
+        self._first = await self._pages.get()
+        return self._first is not None
+
+    async def batches(self) -> AsyncIterator[list[rerank_pb2.Document]]:
+        page = self._first
+        while page is not None:
+            yield [rerank_pb2.Document(id=c.id, text=c.document.passage) for c in page]
+            page = await self._pages.get()
+
+
+def _describe(exc: grpc.RpcError) -> str:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    return f"{code.name if code else 'error'}: {details}"
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _log(response: SearchResponse) -> None:
+    timings = response.timings
+    outcome = f"not reranked ({response.not_reranked.reason})" if response.not_reranked else "reranked"
+    logger.info(
+        "search: %d candidates, %s; embed %.1f ms, first page %.1f ms, retrieval %.1f ms, rerank %.1f ms, "
+        "total %.1f ms",
+        response.candidates,
+        outcome,
+        timings.embed_ms,
+        timings.first_page_ms,
+        timings.retrieval_ms,
+        timings.rerank_ms,
+        timings.total_ms,
+        extra={"fields": {"timings": vars(timings), "reranked": response.reranked}},
+    )

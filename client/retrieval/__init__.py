@@ -1,0 +1,1 @@
+"""Stage 1: retrievers behind one interface (``Retriever``), Elasticsearch or embedded."""

@@ -1,0 +1,227 @@
+"""Stage 1 in Elasticsearch, through the official client only: the mapping, bulk ingest, hybrid search."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from elasticsearch import Elasticsearch, helpers
+
+from client.documents import Document
+from client.fusion import LegHit, reciprocal_rank_fusion
+from client.retrieval.base import (
+    BM25_LEG,
+    VECTOR_LEG,
+    Candidate,
+    IndexOutcome,
+    SearchRequest,
+    filter_values,
+    fused_pages,
+)
+
+logger = logging.getLogger(__name__)
+
+VECTOR_FIELD = "embedding"
+DEFAULT_INDEX = "documents"
+
+
+def index_mapping(dims: int) -> dict[str, Any]:
+    """``text`` and ``title`` for BM25, every ``metadata.*`` value a keyword (filterable), and the vector,
+    int8-quantized HNSW under cosine similarity."""
+    return {
+        "dynamic_templates": [
+            {"metadata_as_keywords": {"path_match": "metadata.*", "mapping": {"type": "keyword"}}}
+        ],
+        "properties": {
+            "text": {"type": "text"},
+            "title": {"type": "text"},
+            "metadata": {"type": "object"},
+            VECTOR_FIELD: {
+                "type": "dense_vector",
+                "dims": dims,
+                "index": True,
+                "similarity": "cosine",
+                "index_options": {"type": "int8_hnsw"},
+            },
+        },
+    }
+
+
+def _filter_clauses(filters: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [{"terms": {f"metadata.{name}": filter_values(value)}} for name, value in filters.items()]
+
+
+def bm25_query(request: SearchRequest) -> dict[str, Any]:
+    return {
+        "bool": {"must": [{"match": {"text": request.query}}], "filter": _filter_clauses(request.filters)}
+    }
+
+
+def knn_clause(request: SearchRequest) -> dict[str, Any]:
+    assert request.query_vector is not None  # SearchRequest checks it for every mode with a vector leg
+    clause: dict[str, Any] = {
+        "field": VECTOR_FIELD,
+        "query_vector": [float(x) for x in request.query_vector],
+        "k": request.size,
+        "num_candidates": request.knn_num_candidates,
+    }
+    if request.filters:
+        clause["filter"] = _filter_clauses(request.filters)
+    return clause
+
+
+def rrf_retriever(request: SearchRequest) -> dict[str, Any]:
+    """Elasticsearch's own ``rrf`` retriever over the same two legs (an Enterprise-licence feature)."""
+    legs: list[dict[str, Any]] = [{"standard": {"query": bm25_query(request)}}, {"knn": knn_clause(request)}]
+    weights = (request.bm25_weight, request.vector_weight)
+    if weights != (1.0, 1.0):
+        # Weighted RRF exists from Elasticsearch 9.2; earlier versions reject the wrapped form.
+        legs = [{"retriever": leg, "weight": weight} for leg, weight in zip(legs, weights, strict=True)]
+    return {
+        "rrf": {"retrievers": legs, "rank_constant": request.rank_constant, "rank_window_size": request.size}
+    }
+
+
+def _document(doc_id: str, source: Mapping[str, Any]) -> Document:
+    return Document(
+        id=doc_id,
+        text=source.get("text", ""),
+        title=source.get("title") or "",
+        metadata=source.get("metadata") or {},
+    )
+
+
+def _error_reason(item: Mapping[str, Any]) -> str:
+    error = item.get("error")
+    if isinstance(error, Mapping):
+        return f"{error.get('type', 'error')}: {error.get('reason', '')}".strip()
+    return str(error or item)
+
+
+class ElasticsearchRetriever:
+    """Hybrid BM25 + kNN retrieval in one Elasticsearch index. Fusion runs in the client by default (every
+    licence tier), or in Elasticsearch with ``fusion="elasticsearch"``."""
+
+    def __init__(
+        self, client: Elasticsearch, index: str = DEFAULT_INDEX, *, bulk_chunk_size: int = 256
+    ) -> None:
+        self.client = client
+        self.index = index
+        self.bulk_chunk_size = bulk_chunk_size
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        index: str = DEFAULT_INDEX,
+        *,
+        api_key: str | None = None,
+        ca_certs: str | None = None,
+        request_timeout: float = 30.0,
+    ) -> ElasticsearchRetriever:
+        client = Elasticsearch(
+            url, api_key=api_key or None, ca_certs=ca_certs or None, request_timeout=request_timeout
+        )
+        return cls(client, index)
+
+    def create_index(self, dims: int) -> bool:
+        if self.client.indices.exists(index=self.index):
+            mapping = self.client.indices.get_mapping(index=self.index)[self.index]["mappings"]
+            existing = mapping.get("properties", {}).get(VECTOR_FIELD, {}).get("dims")
+            if existing != dims:
+                raise ValueError(f"index {self.index!r} holds {existing}-dimensional vectors, not {dims}")
+            return False
+        self.client.indices.create(index=self.index, mappings=index_mapping(dims))
+        return True
+
+    def index_documents(self, documents: Iterable[tuple[Document, np.ndarray]]) -> Iterator[IndexOutcome]:
+        actions = (
+            {
+                "_op_type": "index",  # replaces a document with the same id: reruns update, never duplicate
+                "_index": self.index,
+                "_id": document.id,
+                "_source": {
+                    "text": document.text,
+                    "title": document.title,
+                    "metadata": dict(document.metadata),
+                    VECTOR_FIELD: [float(x) for x in vector],
+                },
+            }
+            for document, vector in documents
+        )
+        for ok, item in helpers.streaming_bulk(
+            self.client,
+            actions,
+            chunk_size=self.bulk_chunk_size,
+            max_retries=3,  # 429s, with the helper's exponential backoff
+            raise_on_error=False,
+            raise_on_exception=False,  # a failed chunk reports each of its documents instead of stopping
+        ):
+            result = next(iter(item.values()))
+            yield IndexOutcome(str(result.get("_id")), None if ok else _error_reason(result))
+        self.client.indices.refresh(index=self.index)
+
+    def count(self) -> int:
+        return int(self.client.count(index=self.index)["count"])
+
+    def candidate_pages(self, request: SearchRequest) -> Iterator[list[Candidate]]:
+        if request.fusion == "elasticsearch":
+            return self._rrf_pages(request)
+        legs = self.leg_hits(request)
+        fused = reciprocal_rank_fusion(
+            legs, rank_constant=request.rank_constant, weights=request.weights, size=request.size
+        )
+        return fused_pages(fused, request.page_size, self._fetch, self._report_missing)
+
+    def leg_hits(self, request: SearchRequest) -> dict[str, list[LegHit]]:
+        """Each leg's ranked ids and scores (no sources), all legs in one ``msearch`` round trip."""
+        bodies = {
+            BM25_LEG: {"query": bm25_query(request)},
+            VECTOR_LEG: {"knn": knn_clause(request)} if request.mode != "bm25" else {},
+        }
+        searches: list[dict[str, Any]] = []
+        for leg in request.legs:
+            searches += [{"index": self.index}, {**bodies[leg], "size": request.size, "_source": False}]
+        responses = self.client.msearch(searches=searches)["responses"]
+        legs = {}
+        for leg, response in zip(request.legs, responses, strict=True):
+            if "error" in response:
+                raise RuntimeError(f"the {leg} leg failed: {response['error']}")
+            legs[leg] = [LegHit(hit["_id"], float(hit["_score"])) for hit in response["hits"]["hits"]]
+        return legs
+
+    def _fetch(self, ids: list[str]) -> dict[str, Document]:
+        if not ids:
+            return {}
+        response = self.client.mget(index=self.index, ids=ids, source_excludes=[VECTOR_FIELD])
+        return {
+            doc["_id"]: _document(doc["_id"], doc["_source"]) for doc in response["docs"] if doc.get("found")
+        }
+
+    def _report_missing(self, doc_id: str) -> None:
+        logger.warning("document %s was deleted between the search and the fetch; skipped", doc_id)
+
+    def _rrf_pages(self, request: SearchRequest) -> Iterator[list[Candidate]]:
+        """Pages of the ``rrf`` retriever's fused list (``from``/``size`` within its rank window)."""
+        retriever = rrf_retriever(request)
+        for start in range(0, request.size, request.page_size):
+            size = min(request.page_size, request.size - start)
+            response = self.client.search(
+                index=self.index, retriever=retriever, from_=start, size=size, source_excludes=[VECTOR_FIELD]
+            )
+            hits = response["hits"]["hits"]
+            yield [
+                Candidate(
+                    document=_document(hit["_id"], hit["_source"]),
+                    rank=rank,
+                    fused_score=float(hit["_score"]),
+                )
+                for rank, hit in enumerate(hits, start=start + 1)
+            ]
+            if len(hits) < size:
+                return
+
+    def close(self) -> None:
+        self.client.close()

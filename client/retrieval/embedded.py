@@ -1,0 +1,216 @@
+"""Stage 1 in-process: BM25 from bm25s and exact cosine search in numpy, persisted to a directory.
+
+The default when no Elasticsearch URL is given. It scores like Elasticsearch's defaults (Lucene BM25 with
+k1=1.2, b=0.75 over lowercased word tokens; cosine mapped to (1 + cos) / 2) and fuses the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import bm25s
+import numpy as np
+
+from client.documents import Document
+from client.fusion import LegHit, reciprocal_rank_fusion
+from client.retrieval.base import (
+    BM25_LEG,
+    VECTOR_LEG,
+    Candidate,
+    IndexOutcome,
+    SearchRequest,
+    filter_values,
+    fused_pages,
+)
+
+FORMAT_VERSION = 1
+# Elasticsearch's standard analyzer splits on Unicode word boundaries and lowercases; \w+ is close to it.
+_TOKEN = re.compile(r"\w+")
+BM25_K1 = 1.2
+BM25_B = 0.75
+
+
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def _keywords(value: Any) -> list[str] | None:
+    """A metadata value as the keywords a filter matches (None when it is not a scalar or a list of them)."""
+    scalars = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, str | int | float | bool) for item in scalars):
+        return None
+    return [str(item).lower() if isinstance(item, bool) else str(item) for item in scalars]
+
+
+class EmbeddedRetriever:
+    """Hybrid BM25 + exact-cosine retrieval over documents kept in memory and saved under ``directory``."""
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        self.dims: int | None = None
+        self._documents: dict[str, Document] = {}
+        self._vectors = np.zeros((0, 0), dtype=np.float32)
+        self._bm25: bm25s.BM25 | None = None
+        if (self.directory / "manifest.json").is_file():
+            self._load()
+
+    # ---- ingest -------------------------------------------------------------------------------------
+
+    def create_index(self, dims: int) -> bool:
+        if self.dims is not None:
+            if self.dims != dims:
+                raise ValueError(f"{self.directory} holds {self.dims}-dimensional vectors, not {dims}")
+            return False
+        self.dims = dims
+        self._vectors = np.zeros((0, dims), dtype=np.float32)
+        self._save()
+        return True
+
+    def index_documents(self, documents: Iterable[tuple[Document, np.ndarray]]) -> Iterator[IndexOutcome]:
+        if self.dims is None:
+            raise RuntimeError("create_index must run before documents are indexed")
+        rows = {doc_id: row for row, doc_id in enumerate(self._documents)}
+        vectors = list(self._vectors)
+        outcomes = []
+        for document, vector in documents:
+            error = self._validate(document, vector)
+            if error is None:
+                if document.id in rows:  # replace in place: a rerun updates rather than duplicates
+                    vectors[rows[document.id]] = _normalized(vector)
+                else:
+                    rows[document.id] = len(vectors)
+                    vectors.append(_normalized(vector))
+                self._documents[document.id] = document
+            outcomes.append(IndexOutcome(document.id, error))
+        self._vectors = np.stack(vectors) if vectors else np.zeros((0, self.dims), dtype=np.float32)
+        self._build_bm25()
+        self._save()
+        yield from outcomes
+
+    def _validate(self, document: Document, vector: np.ndarray) -> str | None:
+        if vector.shape != (self.dims,):
+            return f"vector has shape {vector.shape}, the index holds {self.dims} dimensions"
+        for name, value in document.metadata.items():
+            if _keywords(value) is None:
+                return f"metadata field {name!r} must be a string, number, boolean or a list of them"
+        return None
+
+    def count(self) -> int:
+        return len(self._documents)
+
+    # ---- search -------------------------------------------------------------------------------------
+
+    def candidate_pages(self, request: SearchRequest) -> Iterator[list[Candidate]]:
+        if request.fusion != "client":
+            raise ValueError("the embedded retriever fuses in the client only")
+        fused = reciprocal_rank_fusion(
+            self.leg_hits(request),
+            rank_constant=request.rank_constant,
+            weights=request.weights,
+            size=request.size,
+        )
+        return fused_pages(fused, request.page_size, self._fetch, _never_missing)
+
+    def leg_hits(self, request: SearchRequest) -> dict[str, list[LegHit]]:
+        allowed = self._filter_mask(request.filters)
+        legs = {}
+        if BM25_LEG in request.legs:
+            scores = self._bm25_scores(request.query)
+            # Like a match query: only documents sharing a term with the query are hits.
+            legs[BM25_LEG] = _top(scores, allowed & (scores > 0), request.size, list(self._documents))
+        if VECTOR_LEG in request.legs:
+            assert request.query_vector is not None  # SearchRequest checks it
+            cosine = self._vectors @ _normalized(request.query_vector)
+            legs[VECTOR_LEG] = _top((1.0 + cosine) / 2.0, allowed, request.size, list(self._documents))
+        return legs
+
+    def _bm25_scores(self, query: str) -> np.ndarray:
+        if self._bm25 is None:
+            return np.zeros(len(self._documents), dtype=np.float32)
+        known = [token for token in tokenize(query) if token in self._bm25.vocab_dict]
+        if not known:
+            return np.zeros(len(self._documents), dtype=np.float32)
+        return np.asarray(self._bm25.get_scores(known), dtype=np.float32)
+
+    def _filter_mask(self, filters: Mapping[str, Any]) -> np.ndarray:
+        mask = np.ones(len(self._documents), dtype=bool)
+        for name, value in filters.items():
+            wanted = set(filter_values(value))
+            for row, document in enumerate(self._documents.values()):
+                keywords = _keywords(document.metadata[name]) if name in document.metadata else None
+                mask[row] &= bool(keywords and wanted.intersection(keywords))
+        return mask
+
+    def _fetch(self, ids: list[str]) -> dict[str, Document]:
+        return {doc_id: self._documents[doc_id] for doc_id in ids}
+
+    def close(self) -> None:
+        """Nothing to release: every change is saved as it is made."""
+
+    # ---- persistence --------------------------------------------------------------------------------
+
+    def _build_bm25(self) -> None:
+        # The match leg reads `text` only, in both retrievers; titles reach the embedding and the reranker.
+        corpus = [tokenize(document.text) for document in self._documents.values()]
+        if not corpus:
+            self._bm25 = None
+            return
+        self._bm25 = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
+        self._bm25.index(corpus, show_progress=False)
+
+    def _save(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _replace(self.directory / "vectors.npy", lambda path: np.save(path, self._vectors))
+        _replace(
+            self.directory / "documents.jsonl",
+            lambda path: path.write_text(
+                "".join(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in self._documents.values()),
+                encoding="utf-8",
+            ),
+        )
+        # The manifest goes last: a directory with a manifest is complete.
+        manifest = {"format_version": FORMAT_VERSION, "dims": self.dims, "documents": len(self._documents)}
+        _replace(self.directory / "manifest.json", lambda path: path.write_text(json.dumps(manifest)))
+
+    def _load(self) -> None:
+        manifest = json.loads((self.directory / "manifest.json").read_text())
+        if manifest["format_version"] != FORMAT_VERSION:
+            raise ValueError(
+                f"{self.directory} has index format {manifest['format_version']}, not {FORMAT_VERSION}"
+            )
+        self.dims = int(manifest["dims"])
+        with (self.directory / "documents.jsonl").open(encoding="utf-8") as lines:
+            documents = [Document(**json.loads(line)) for line in lines]
+        self._documents = {document.id: document for document in documents}
+        self._vectors = np.load(self.directory / "vectors.npy")
+        self._build_bm25()  # rebuilding is cheaper to keep correct than a second on-disk format
+
+
+def _normalized(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+def _top(scores: np.ndarray, allowed: np.ndarray, size: int, ids: list[str]) -> list[LegHit]:
+    rows = np.flatnonzero(allowed)
+    # Stable sort on the negated score: equal scores keep index order, as Lucene breaks ties by doc id.
+    best = rows[np.argsort(-scores[rows], kind="stable")[:size]]
+    return [LegHit(ids[row], float(scores[row])) for row in best]
+
+
+def _never_missing(doc_id: str) -> None:
+    raise AssertionError(f"document {doc_id} vanished from memory")
+
+
+def _replace(path: Path, write: Any) -> None:
+    """Write to a temporary file, then rename over ``path``, so a crash never leaves half a file."""
+    temporary = path.with_name(path.name + ".tmp" + path.suffix)
+    write(temporary)
+    os.replace(temporary, path)

@@ -1,0 +1,172 @@
+"""Every client setting, defined once: each field is a flag of ``rerank-client`` and an environment variable.
+
+A flag beats its variable, which beats the default. ``python -m client.settings`` prints the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from client.retrieval.base import FilterValue
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _setting(default: Any, env: str, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "choices": choices})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientSettings:
+    es_url: str = _setting(
+        "", "ES_URL", "Elasticsearch URL; empty uses the embedded retriever in --index-dir."
+    )
+    es_index: str = _setting("documents", "ES_INDEX", "Elasticsearch index.")
+    es_api_key: str = _setting(
+        "", "ES_API_KEY", "Elasticsearch API key (encoded form), if the cluster needs one."
+    )
+    es_ca_certs: str = _setting("", "ES_CA_CERTS", "CA bundle (PEM) that signed the cluster's certificate.")
+    index_dir: str = _setting(
+        "rerank-index", "RERANK_CLIENT_INDEX_DIR", "Directory of the embedded retriever (no --es-url)."
+    )
+    target: str = _setting(
+        "localhost:50051",
+        "RERANK_TARGET",
+        "Sidecar address: host:port, a comma-separated list of ip:port (round_robin), or a dns: target.",
+    )
+    tls_root_certs: str = _setting(
+        "", "RERANK_CLIENT_TLS_ROOT_CERTS", "PEM roots to verify the sidecar with; set to use TLS."
+    )
+    tls_client_cert: str = _setting(
+        "", "RERANK_CLIENT_TLS_CLIENT_CERT", "PEM client certificate (mutual TLS)."
+    )
+    tls_client_key: str = _setting("", "RERANK_CLIENT_TLS_CLIENT_KEY", "PEM client key (mutual TLS).")
+    timeout: float = _setting(10.0, "RERANK_CLIENT_TIMEOUT", "Deadline of each sidecar call, in seconds.")
+    candidates: int = _setting(
+        100, "RERANK_CLIENT_CANDIDATES", "Stage-1 candidates (N) handed to the reranker."
+    )
+    batch_size: int = _setting(
+        32, "RERANK_CLIENT_BATCH_SIZE", "Candidates per retrieval page and per RerankStream message."
+    )
+    top_k: int = _setting(10, "RERANK_CLIENT_TOP_K", "Results returned after reranking.")
+    mode: str = _setting(
+        "hybrid", "RERANK_CLIENT_MODE", "Stage-1 legs.", choices=("hybrid", "bm25", "vector")
+    )
+    fusion: str = _setting(
+        "client",
+        "RERANK_CLIENT_FUSION",
+        "Where RRF runs: in the client (any licence), or Elasticsearch's rrf retriever.",
+        choices=("client", "elasticsearch"),
+    )
+    rank_constant: int = _setting(60, "RERANK_CLIENT_RANK_CONSTANT", "RRF rank constant.")
+    bm25_weight: float = _setting(1.0, "RERANK_CLIENT_BM25_WEIGHT", "RRF weight of the BM25 leg.")
+    vector_weight: float = _setting(1.0, "RERANK_CLIENT_VECTOR_WEIGHT", "RRF weight of the vector leg.")
+    num_candidates: int = _setting(
+        0, "RERANK_CLIENT_NUM_CANDIDATES", "kNN num_candidates per shard; 0 uses twice --candidates."
+    )
+    filters: str = _setting(
+        "",
+        "RERANK_CLIENT_FILTERS",
+        "Metadata filters on both legs: name=value[,name=value]; repeat a name for OR.",
+    )
+    strict: bool = _setting(
+        False,
+        "RERANK_CLIENT_STRICT",
+        "Fail when the sidecar fails, instead of returning stage 1 not reranked.",
+    )
+    embed_batch_size: int = _setting(
+        64, "RERANK_CLIENT_EMBED_BATCH_SIZE", "Texts per Embed call when ingesting."
+    )
+    log_level: str = _setting(
+        "WARNING", "RERANK_CLIENT_LOG_LEVEL", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("timeout", "candidates", "batch_size", "top_k", "rank_constant", "embed_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
+        for name in ("bm25_weight", "vector_weight", "num_candidates"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag_name(name)} must be zero or more, got {getattr(self, name)}")
+        parse_filters(self.filters)
+
+    @property
+    def filter_map(self) -> dict[str, FilterValue]:
+        return parse_filters(self.filters)
+
+
+def parse_filters(text: str) -> dict[str, FilterValue]:
+    """``"lang=en,lang=de,year=2020"`` -> ``{"lang": ["en", "de"], "year": "2020"}``."""
+    values: dict[str, list[str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"a filter is name=value, got {item!r}")
+        values.setdefault(name.strip(), []).append(value.strip())
+    return {name: found[0] if len(found) == 1 else found for name, found in values.items()}
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    raise ValueError(f"{text!r} is not a boolean")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    for settings_field in dataclasses.fields(ClientSettings):
+        env = settings_field.metadata["env"]
+        default = settings_field.default
+        kind = type(default)
+        if env in environ:
+            try:
+                default = _parse_bool(environ[env]) if kind is bool else kind(environ[env])
+            except ValueError as exc:
+                parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
+                raise AssertionError from exc  # parser.error exits
+        help_text = f"{settings_field.metadata['help']} [env {env}]"
+        if kind is bool:
+            parser.add_argument(
+                flag_name(settings_field.name),
+                dest=settings_field.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
+            continue
+        parser.add_argument(
+            flag_name(settings_field.name),
+            dest=settings_field.name,
+            type=kind,
+            default=default,
+            choices=settings_field.metadata["choices"],
+            help=help_text,
+        )
+
+
+def settings_from(namespace: argparse.Namespace) -> ClientSettings:
+    names = {settings_field.name for settings_field in dataclasses.fields(ClientSettings)}
+    return ClientSettings(**{name: value for name, value in vars(namespace).items() if name in names})
+
+
+def settings_table() -> str:
+    rows = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
+    for settings_field in dataclasses.fields(ClientSettings):
+        choices = settings_field.metadata["choices"]
+        meaning = settings_field.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
+        default = f"`{settings_field.default}`" if settings_field.default != "" else "(empty)"
+        names = f"`{flag_name(settings_field.name)}` | `{settings_field.metadata['env']}`"
+        rows.append(f"| {names} | {default} | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -1,0 +1,439 @@
+"""Stub wrappers for the sidecar: ``RerankClient`` (blocking) and ``AsyncRerankClient`` (asyncio).
+
+Both build the same requests and return the same plain objects. Every call carries a deadline; the
+channel retries UNAVAILABLE with backoff and spreads calls over every address the target resolves to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self, TypeVar
+
+import grpc
+import numpy as np
+
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_ATTEMPTS = 4
+
+Truncation = Literal["right", "left"]
+LongDocuments = Literal["truncate", "chunk"]
+DocumentLike = str | rerank_pb2.Document
+T = TypeVar("T")
+
+
+# ---- channel ----------------------------------------------------------------------------------------
+
+
+def channel_target(target: str) -> str:
+    """A gRPC target. A comma-separated list of ``ip:port`` becomes an ``ipv4:``/``ipv6:`` target, whose
+    addresses round_robin balances over; anything else (``host:port``, ``dns:///name:port``) is kept."""
+    addresses = [address.strip() for address in target.split(",") if address.strip()]
+    if len(addresses) < 2:
+        return target.strip()
+    families = {_address_family(address) for address in addresses}
+    if len(families) != 1 or None in families:
+        raise ValueError(
+            f"a list of sidecar addresses must all be IPv4 or all IPv6 literals with ports, got {target!r}; "
+            "use a dns: target for host names"
+        )
+    return f"{families.pop()}:{','.join(addresses)}"
+
+
+def _address_family(address: str) -> str | None:
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return "ipv4" if ip.version == 4 else "ipv6"
+
+
+def service_config(max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> str:
+    """round_robin over every resolved address; retries of UNAVAILABLE (a sidecar starting or draining)."""
+    services = [{"service": service.full_name} for service in rerank_pb2.DESCRIPTOR.services_by_name.values()]
+    config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": services,
+                "retryPolicy": {
+                    "maxAttempts": max_attempts,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+    return json.dumps(config)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server verification with ``root_certs`` (PEM); ``client_cert`` and ``client_key`` add mutual TLS."""
+
+    root_certs: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("a TLS client certificate needs its key, and a key its certificate")
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certs.read_bytes() if self.root_certs else None,
+            private_key=self.client_key.read_bytes() if self.client_key else None,
+            certificate_chain=self.client_cert.read_bytes() if self.client_cert else None,
+        )
+
+
+def channel_options(max_attempts: int) -> list[tuple[str, str | int]]:
+    return [
+        ("grpc.service_config", service_config(max_attempts)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+# ---- requests and results ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RerankOptions:
+    """The request options of ``Rerank`` and ``RerankStream``; see the README's table of fields."""
+
+    top_n: int = 0
+    raw_scores: bool = False
+    max_length: int = 0
+    truncation: Truncation = "right"
+    long_documents: LongDocuments = "truncate"
+    max_chunks_per_doc: int = 0
+    chunk_overlap: int = 0
+    return_text: bool = False
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "top_n": self.top_n,
+            "raw_scores": self.raw_scores,
+            "max_length": self.max_length,
+            "truncation_direction": _TRUNCATION[self.truncation],
+            "long_documents": _LONG_DOCUMENTS[self.long_documents],
+            "max_chunks_per_doc": self.max_chunks_per_doc,
+            "chunk_overlap": self.chunk_overlap,
+            "return_text": self.return_text,
+        }
+
+
+_TRUNCATION = {
+    "right": rerank_pb2.TRUNCATION_DIRECTION_RIGHT,
+    "left": rerank_pb2.TRUNCATION_DIRECTION_LEFT,
+}
+_LONG_DOCUMENTS = {
+    "truncate": rerank_pb2.LONG_DOCUMENTS_TRUNCATE,
+    "chunk": rerank_pb2.LONG_DOCUMENTS_CHUNK,
+}
+
+
+@dataclass(frozen=True)
+class ScoredDocument:
+    index: int  # position in the request (in a stream: across all batches)
+    id: str
+    score: float
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    pairs: int
+    chunks: int
+    tokens: int
+    batches: int
+    queue_ms: float
+    tokenization_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A whole ranking: the answer of ``Rerank``, and the last item of ``rerank_stream``."""
+
+    results: list[ScoredDocument]
+    usage: Usage
+    model_id: str
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """The scores of one streamed batch, in the order it was sent."""
+
+    batch: int
+    results: list[ScoredDocument]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: np.ndarray  # float32, one row per text, in request order
+    model_id: str
+    usage: Usage
+
+    @property
+    def dims(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+def _documents(documents: Sequence[DocumentLike]) -> list[rerank_pb2.Document]:
+    return [
+        document if isinstance(document, rerank_pb2.Document) else rerank_pb2.Document(text=document)
+        for document in documents
+    ]
+
+
+def rerank_request(
+    query: str, documents: Sequence[DocumentLike], options: RerankOptions
+) -> rerank_pb2.RerankRequest:
+    return rerank_pb2.RerankRequest(query=query, documents=_documents(documents), **options.fields())
+
+
+def stream_request(
+    query: str, batch: Sequence[DocumentLike], options: RerankOptions, *, first: bool
+) -> rerank_pb2.RerankStreamRequest:
+    """The first message carries the query and options; later ones only documents (the contract's rule)."""
+    if first:
+        return rerank_pb2.RerankStreamRequest(query=query, documents=_documents(batch), **options.fields())
+    return rerank_pb2.RerankStreamRequest(documents=_documents(batch))
+
+
+def embed_request(texts: Sequence[str], max_length: int, truncation: Truncation) -> rerank_pb2.EmbedRequest:
+    return rerank_pb2.EmbedRequest(
+        texts=texts, max_length=max_length, truncation_direction=_TRUNCATION[truncation]
+    )
+
+
+def _results(results: Iterable[rerank_pb2.Result]) -> list[ScoredDocument]:
+    return [ScoredDocument(r.index, r.id, r.score, r.text if r.HasField("text") else None) for r in results]
+
+
+def _usage(usage: rerank_pb2.Usage) -> Usage:
+    return Usage(
+        pairs=usage.pairs,
+        chunks=usage.chunks,
+        tokens=usage.tokens,
+        batches=usage.batches,
+        queue_ms=usage.queue_ns / 1e6,
+        tokenization_ms=usage.tokenization_ns / 1e6,
+        inference_ms=usage.inference_ns / 1e6,
+        total_ms=usage.total_ns / 1e6,
+    )
+
+
+def ranking_from(message: rerank_pb2.RerankResponse | rerank_pb2.FinalRanking) -> Ranking:
+    return Ranking(_results(message.results), _usage(message.usage), message.model_id)
+
+
+def stream_item(message: rerank_pb2.RerankStreamResponse) -> BatchScores | Ranking:
+    if message.WhichOneof("kind") == "batch_scores":
+        return BatchScores(message.batch_scores.batch, _results(message.batch_scores.results))
+    return ranking_from(message.final)
+
+
+def embeddings_from(message: rerank_pb2.EmbedResponse) -> Embeddings:
+    vectors = np.array([embedding.values for embedding in message.embeddings], dtype=np.float32)
+    vectors = vectors.reshape(len(message.embeddings), message.dims)
+    return Embeddings(vectors, message.model_id, _usage(message.usage))
+
+
+# ---- clients ----------------------------------------------------------------------------------------
+
+
+class _ClientBase:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        tls: TlsConfig | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self.target = channel_target(target)
+        self.timeout = timeout
+        self._tls = tls
+        self._options = channel_options(max_attempts)
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+
+class RerankClient(_ClientBase):
+    """Blocking client. ``with RerankClient("127.0.0.1:50051") as client: client.rerank(...)``."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        tls: TlsConfig | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        super().__init__(target, timeout=timeout, tls=tls, max_attempts=max_attempts)
+        if tls is None:
+            self._channel = grpc.insecure_channel(self.target, options=self._options)
+        else:
+            self._channel = grpc.secure_channel(self.target, tls.credentials(), options=self._options)
+        self._reranker = rerank_pb2_grpc.RerankerStub(self._channel)
+        self._embedder = rerank_pb2_grpc.EmbedderStub(self._channel)
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[DocumentLike],
+        options: RerankOptions = RerankOptions(),  # frozen, so sharing the default is safe
+        *,
+        timeout: float | None = None,
+    ) -> Ranking:
+        request = rerank_request(query, documents, options)
+        return ranking_from(self._reranker.Rerank(request, timeout=self._deadline(timeout)))
+
+    def rerank_stream(
+        self,
+        query: str,
+        batches: Iterable[Sequence[DocumentLike]],
+        options: RerankOptions = RerankOptions(),
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[BatchScores | Ranking]:
+        """Streams ``batches`` (consumed lazily, on gRPC's sending thread) and yields each batch's scores as
+        they come back, then the final ``Ranking`` last."""
+        requests = (
+            stream_request(query, batch, options, first=number == 0) for number, batch in enumerate(batches)
+        )
+        for message in self._reranker.RerankStream(requests, timeout=self._deadline(timeout)):
+            yield stream_item(message)
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int = 0,
+        truncation: Truncation = "right",
+        timeout: float | None = None,
+    ) -> Embeddings:
+        request = embed_request(texts, max_length, truncation)
+        return embeddings_from(self._embedder.Embed(request, timeout=self._deadline(timeout)))
+
+    def info(self, *, timeout: float | None = None) -> rerank_pb2.InfoResponse:
+        return self._reranker.Info(rerank_pb2.InfoRequest(), timeout=self._deadline(timeout))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncRerankClient(_ClientBase):
+    """asyncio client: ``async with AsyncRerankClient(target) as client: await client.rerank(...)``.
+
+    ``timeout`` is the gRPC deadline of the call in seconds, as in grpc-python's own stubs.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        tls: TlsConfig | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        super().__init__(target, timeout=timeout, tls=tls, max_attempts=max_attempts)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+        else:
+            self._channel = grpc.aio.secure_channel(self.target, tls.credentials(), options=self._options)
+        self._reranker = rerank_pb2_grpc.RerankerStub(self._channel)
+        self._embedder = rerank_pb2_grpc.EmbedderStub(self._channel)
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[DocumentLike],
+        options: RerankOptions = RerankOptions(),
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Ranking:
+        request = rerank_request(query, documents, options)
+        return ranking_from(await self._reranker.Rerank(request, timeout=self._deadline(timeout)))
+
+    async def rerank_stream(
+        self,
+        query: str,
+        batches: Iterable[Sequence[DocumentLike]] | AsyncIterable[Sequence[DocumentLike]],
+        options: RerankOptions = RerankOptions(),
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncIterator[BatchScores | Ranking]:
+        """Streams ``batches`` as they are produced and yields each batch's scores as they come back, then the
+        final ``Ranking`` last. Leaving the loop early cancels the call."""
+
+        async def requests() -> AsyncIterator[rerank_pb2.RerankStreamRequest]:
+            number = 0
+            async for batch in _aiter(batches):
+                yield stream_request(query, batch, options, first=number == 0)
+                number += 1
+
+        call = self._reranker.RerankStream(requests(), timeout=self._deadline(timeout))
+        try:
+            async for message in call:
+                yield stream_item(message)
+        finally:
+            call.cancel()  # a no-op once the call has finished
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int = 0,
+        truncation: Truncation = "right",
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Embeddings:
+        request = embed_request(texts, max_length, truncation)
+        return embeddings_from(await self._embedder.Embed(request, timeout=self._deadline(timeout)))
+
+    async def info(self, *, timeout: float | None = None) -> rerank_pb2.InfoResponse:  # noqa: ASYNC109
+        return await self._reranker.Info(rerank_pb2.InfoRequest(), timeout=self._deadline(timeout))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
