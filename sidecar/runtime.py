@@ -11,9 +11,9 @@ import torch
 from sidecar.model.engines import Engine
 from sidecar.model.engines.selection import EngineRequest, select_engine
 from sidecar.model.engines.torch_engine import resolve_device
-from sidecar.model.loading import CrossEncoderModel, ModelSource, load_cross_encoder
-from sidecar.model.network import ModelKind, load_network
-from sidecar.model.parity import cross_encoder_probe
+from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource, load_model
+from sidecar.model.network import load_network
+from sidecar.model.parity import bi_encoder_probe, cross_encoder_probe
 from sidecar.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Runtime:
-    model: CrossEncoderModel
+    model: CrossEncoderModel | BiEncoderModel
     engine: Engine
     # Why engines ahead of the serving one in the fallback chain were skipped.
     engine_notes: tuple[str, ...] = ()
@@ -40,27 +40,34 @@ def engine_request(settings: Settings, max_length: int) -> EngineRequest:
     )
 
 
-def load_runtime(settings: Settings) -> Runtime:
+def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     """Blocking: reads files and weights, exports and compiles. The server calls it on a worker thread."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    source = ModelSource(settings.model, settings.revision)
-    model = load_cross_encoder(source, settings.max_length)
-    network = load_network(source, ModelKind.CROSS_ENCODER)
+    model = load_model(source, settings.max_length)
+    network = load_network(source, model.kind)
     input_names = ("input_ids", "attention_mask", "token_type_ids")
     input_names = input_names if model.uses_token_type_ids else input_names[:2]
-    selection = select_engine(
-        engine_request(settings, model.max_length),
-        network,
-        input_names,
-        cross_encoder_probe(model, settings.max_batch_pairs),
-    )
+    if isinstance(model, CrossEncoderModel):
+        probe = cross_encoder_probe(model, settings.max_batch_pairs)
+        outputs = f"{model.num_labels} label(s)"
+    else:
+        probe = bi_encoder_probe(
+            model.tokenizer,
+            max_length=model.max_length,
+            pad_token_id=model.pad_token_id,
+            with_token_type_ids=model.uses_token_type_ids,
+            max_batch=settings.max_batch_pairs,
+        )
+        outputs = f"{model.dims} dims, {model.pooling.mode} pooling"
+    selection = select_engine(engine_request(settings, model.max_length), network, input_names, probe)
     engine = selection.engine
     logger.info(
-        "loaded %s (%s, %d label(s), max_length %d) on %s/%s/%s; parity %s",
-        source.name,
+        "loaded %s (%s %s, %s, max_length %d) on %s/%s/%s; parity %s",
+        source.model_id,
         model.model_type,
-        model.num_labels,
+        model.kind.value,
+        outputs,
         model.max_length,
         engine.name,
         engine.precision,

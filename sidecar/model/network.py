@@ -8,28 +8,12 @@ compiled engines treat them alike.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from sidecar.model.loading import ModelSource, load_failure
-
-
-class ModelKind(enum.Enum):
-    CROSS_ENCODER = "cross-encoder"
-    BI_ENCODER = "bi-encoder"
-
-
-@dataclass(frozen=True)
-class Pooling:
-    """How a bi-encoder turns token states into one vector (sentence-transformers' Pooling/Normalize)."""
-
-    mode: str = "mean"  # "mean", "cls" or "max"
-    normalize: bool = False
+from sidecar.model.loading import ModelKind, ModelSource, Pooling, load_failure, read_pooling
 
 
 class CrossEncoderNetwork(torch.nn.Module):
@@ -74,24 +58,6 @@ class BiEncoderNetwork(torch.nn.Module):
         return pooled
 
 
-def read_pooling(directory: Path) -> Pooling:
-    """The pooling a sentence-transformers model directory declares; mean without normalization if none."""
-    modules_file = directory / "modules.json"
-    if not modules_file.is_file():
-        return Pooling()
-    modules = json.loads(modules_file.read_text())
-    normalize = any(module.get("type", "").endswith(".Normalize") for module in modules)
-    mode = "mean"
-    for module in modules:
-        if module.get("type", "").endswith(".Pooling"):
-            config = json.loads((directory / module["path"] / "config.json").read_text())
-            if config.get("pooling_mode_cls_token"):
-                mode = "cls"
-            elif config.get("pooling_mode_max_tokens"):
-                mode = "max"
-    return Pooling(mode=mode, normalize=normalize)
-
-
 Network = CrossEncoderNetwork | BiEncoderNetwork
 
 
@@ -110,7 +76,7 @@ def load_network(source: ModelSource, kind: ModelKind, *, attn_implementation: s
             network: Network = CrossEncoderNetwork(model)
         else:
             model = AutoModel.from_pretrained(source.name, dtype=torch.float32, **options)
-            pooling = read_pooling(Path(source.name)) if source.is_local else Pooling()
+            pooling = read_pooling(source)
             network = BiEncoderNetwork(model, pooling)
     except Exception as exc:  # transformers raises OSError, ValueError or hub errors
         raise load_failure(source, "weights", exc) from exc

@@ -5,18 +5,15 @@ The transport converts protobuf to these types and back; tests can call this lay
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from sidecar.errors import InvalidArgument, NotReady
-from sidecar.model.loading import CrossEncoderModel
-from sidecar.model.tokenization import EncodedQuery, PairSpec, Truncation
-from sidecar.scheduling.batcher import Batcher
+from sidecar.model.tokenization import PairSpec, Truncation
+from sidecar.scheduling.scoring import Scorer
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,17 +83,11 @@ def rank(scored: Sequence[ScoredDocument], top_n: int) -> list[ScoredDocument]:
 
 
 class Reranker:
-    def __init__(
-        self,
-        model: CrossEncoderModel,
-        batcher: Batcher,
-        limits: Limits,
-        tokenizer_pool: ThreadPoolExecutor,
-    ) -> None:
-        self.model = model
-        self.batcher = batcher
+    def __init__(self, scorer: Scorer, limits: Limits) -> None:
+        self.scorer = scorer
+        self.model = scorer.model
+        self.batcher = scorer.batcher
         self.limits = limits
-        self._tokenizer_pool = tokenizer_pool
         self.accepting = True
 
     def check_query(self, query: str, options: RerankOptions) -> PairSpec:
@@ -180,16 +171,13 @@ class Reranker:
         if not self.accepting:
             raise NotReady("the server is not accepting requests (loading or shutting down)")
         started = time.monotonic_ns()
-        texts = [document.text for document in documents]
-        encoded: EncodedQuery = await asyncio.get_running_loop().run_in_executor(
-            self._tokenizer_pool, self.model.tokenizer.encode, query, texts, spec
+        chunks = await self.scorer.score_chunks(
+            query, [document.text for document in documents], spec, deadline
         )
-        tokenized = time.monotonic_ns()
-        job = await self.batcher.score(encoded.pairs, deadline)
-        assert job.outputs is not None
-        scores = self._document_scores(
-            job.outputs, encoded.document_of_pair, len(documents), options.raw_scores
-        )
+        # Max-pool chunks per document; normalizing is monotonic, so pooling before it is exact.
+        pooled = np.full(len(documents), -np.inf, dtype=np.float32)
+        np.maximum.at(pooled, np.asarray(chunks.document_of_pair), chunks.raw)
+        scores = pooled if options.raw_scores else self.scorer.normalize(pooled)
         results = [
             ScoredDocument(
                 index=offset + position,
@@ -199,30 +187,18 @@ class Reranker:
             )
             for position, (document, score) in enumerate(zip(documents, scores, strict=True))
         ]
+        job = chunks.job
         usage = Usage(
             pairs=len(documents),
-            chunks=len(encoded.pairs),
-            tokens=encoded.tokens,
+            chunks=len(chunks.document_of_pair),
+            tokens=chunks.tokens,
             batches=job.batches,
             queue_ns=job.queue_ns,
-            tokenization_ns=tokenized - started,
+            tokenization_ns=chunks.tokenization_ns,
             inference_ns=job.inference_ns,
             total_ns=time.monotonic_ns() - started,
         )
         return results, usage
-
-    def _document_scores(
-        self, logits: np.ndarray, document_of_pair: list[int], documents: int, raw: bool
-    ) -> np.ndarray:
-        logits = logits.astype(np.float32, copy=False)
-        # One log-odds per pair: the logit, or positive minus negative for two-label models.
-        log_odds = logits[:, 0] if self.model.num_labels == 1 else logits[:, 1] - logits[:, 0]
-        # Max-pool chunks per document; the sigmoid is monotonic, so pooling before it is exact.
-        pooled = np.full(documents, -np.inf, dtype=np.float32)
-        np.maximum.at(pooled, np.asarray(document_of_pair), log_odds)
-        if raw:
-            return pooled
-        return 1.0 / (1.0 + np.exp(-pooled, dtype=np.float64))
 
 
 @dataclass

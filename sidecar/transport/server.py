@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,37 +16,51 @@ from grpc_reflection.v1alpha import reflection
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar import __version__
 from sidecar.errors import ModelLoadError, NotReady
+from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource
+from sidecar.model.tokenization import Truncation
 from sidecar.runtime import Runtime, load_runtime
 from sidecar.scheduling.batcher import Batcher, BatchLimits
+from sidecar.scheduling.embedder import Embedder
 from sidecar.scheduling.reranker import Document, Limits, Reranker, RerankOptions
 from sidecar.scheduling.scoring import scorer_for
 from sidecar.settings import Settings
 from sidecar.transport.interceptors import ErrorMappingInterceptor
-from sidecar.transport.servicer import RerankerServicer
+from sidecar.transport.servicer import EmbedderServicer, RerankerServicer
 
 logger = logging.getLogger(__name__)
 
 RERANKER_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["Reranker"].full_name
+EMBEDDER_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _WARMUP_TEXT = "warm-up " * 512
 
 
-class SidecarServer:
-    """One gRPC server: the Reranker service, health and reflection.
+@dataclass(frozen=True)
+class ServedModel:
+    runtime: Runtime
+    batcher: Batcher
 
-    ``runtime_factory`` loads the model and engine; tests pass their own to wrap the engine.
+
+class SidecarServer:
+    """One gRPC server: the Reranker service, the Embedder when an embedding model is set, health and
+    reflection.
+
+    ``runtime_factory`` loads a model and its engine; tests pass their own to wrap the engine.
     """
 
     def __init__(
-        self, settings: Settings, runtime_factory: Callable[[Settings], Runtime] = load_runtime
+        self, settings: Settings, runtime_factory: Callable[[Settings, ModelSource], Runtime] = load_runtime
     ) -> None:
         self.settings = settings
         self._runtime_factory = runtime_factory
         self.health = health.aio.HealthServicer()
         self.runtime: Runtime | None = None
         self.reranker: Reranker | None = None
+        self.embedder: Embedder | None = None
+        self._served: list[ServedModel] = []
+        self._services = (RERANKER_SERVICE, EMBEDDER_SERVICE) if settings.embed_model else (RERANKER_SERVICE,)
         self._tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_workers, thread_name_prefix="tokenize")
         self._server = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor()],
@@ -62,20 +77,25 @@ class SidecarServer:
             raise NotReady("the server is not serving yet (the model is loading) or is shutting down")
         return self.reranker
 
+    def _require_embedder(self) -> Embedder:
+        if self.embedder is None or not self.embedder.accepting:
+            raise NotReady("the server is not serving yet (the model is loading) or is shutting down")
+        return self.embedder
+
     def info(self) -> rerank_pb2.InfoResponse:
         reranker = self._require_reranker()
         runtime = self.runtime
         assert runtime is not None
         model, engine = runtime.model, runtime.engine
-        return rerank_pb2.InfoResponse(
-            model_id=model.source.name,
+        response = rerank_pb2.InfoResponse(
+            model_id=model.source.model_id,
             model_revision=model.revision,
             model_kind=model.kind.value,
             engine=engine.name,
             precision=engine.precision,
             device=engine.device,
             max_length=model.max_length,
-            num_labels=model.num_labels,
+            num_labels=model.num_labels if isinstance(model, CrossEncoderModel) else 0,
             limits=rerank_pb2.BatchingLimits(
                 max_batch_tokens=self.settings.max_batch_tokens,
                 max_batch_pairs=self.settings.max_batch_pairs,
@@ -86,17 +106,36 @@ class SidecarServer:
             server_version=__version__,
             engine_notes=list(runtime.engine_notes),
         )
+        if self.embedder is not None:
+            embed_model, embed_engine = self.embedder.model, self.embedder.batcher.engine
+            response.embedding_model.CopyFrom(
+                rerank_pb2.EmbeddingModelInfo(
+                    model_id=embed_model.source.model_id,
+                    dims=embed_model.dims,
+                    pooling=embed_model.pooling.mode,
+                    normalized=embed_model.pooling.normalize,
+                    max_length=embed_model.max_length,
+                    engine=embed_engine.name,
+                    precision=embed_engine.precision,
+                    device=embed_engine.device,
+                )
+            )
+        return response
 
     async def start(self) -> None:
         """Listen, with every service NOT_SERVING until ``load`` completes."""
         rerank_pb2_grpc.add_RerankerServicer_to_server(
             RerankerServicer(self._require_reranker, self.info), self._server
         )
+        if EMBEDDER_SERVICE in self._services:
+            rerank_pb2_grpc.add_EmbedderServicer_to_server(
+                EmbedderServicer(self._require_embedder), self._server
+            )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (RERANKER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        for service in ("", RERANKER_SERVICE):
+        for service in ("", *self._services):
             await self.health.set(service, _NOT_SERVING)
         self.port = self._server.add_insecure_port(self.settings.address)
         if self.port == 0:
@@ -104,14 +143,16 @@ class SidecarServer:
         await self._server.start()
         logger.info("listening on %s:%d", self.settings.host, self.port)
 
-    async def load(self) -> None:
-        """Load the model and engine off the event loop, warm them up, then report SERVING."""
-        runtime = await asyncio.get_running_loop().run_in_executor(None, self._runtime_factory, self.settings)
+    async def _serve_model(self, source: ModelSource) -> ServedModel:
+        """Load a model and its engine off the event loop, and start its batcher."""
+        runtime = await asyncio.get_running_loop().run_in_executor(
+            None, self._runtime_factory, self.settings, source
+        )
         model = runtime.model
         if self.settings.max_batch_tokens < model.max_length:
             raise ModelLoadError(
-                f"--max-batch-tokens {self.settings.max_batch_tokens} is below the model's max length "
-                f"{model.max_length}: a single long pair would not fit a batch"
+                f"--max-batch-tokens {self.settings.max_batch_tokens} is below the max length "
+                f"{model.max_length} of {source.model_id}: a single long input would not fit a batch"
             )
         batcher = Batcher(
             runtime.engine,
@@ -122,20 +163,55 @@ class SidecarServer:
             with_token_type_ids=model.uses_token_type_ids,
         )
         batcher.start()
+        served = ServedModel(runtime, batcher)
+        self._served.append(served)
+        return served
+
+    def _full_batch(self, max_length: int) -> int:
+        return max(1, min(self.settings.max_batch_pairs, self.settings.max_batch_tokens // max_length))
+
+    async def load(self) -> None:
+        """Load the models and engines, warm them up, then report SERVING."""
+        rerank_source = ModelSource.resolve(self.settings.model, self.settings.revision)
+        ranking = await self._serve_model(rerank_source)
         reranker = Reranker(
-            scorer_for(model, batcher, self._tokenizer_pool),
+            scorer_for(ranking.runtime.model, ranking.batcher, self._tokenizer_pool),
             Limits(self.settings.max_documents_per_request, self.settings.max_chunks_per_doc),
         )
-        # Warm up through the whole request path: one short pair and one batch of full-length pairs.
-        full_batch = max(
-            1, min(self.settings.max_batch_pairs, self.settings.max_batch_tokens // model.max_length)
-        )
+        # Warm up through the whole request path: one short input and one batch of full-length ones.
         await reranker.rerank("warm-up", [Document("", "warm-up")], RerankOptions(), None)
-        await reranker.rerank("warm-up", [Document("", _WARMUP_TEXT)] * full_batch, RerankOptions(), None)
-        self.runtime, self.reranker = runtime, reranker
-        for service in ("", RERANKER_SERVICE):
+        full_batch = [Document("", _WARMUP_TEXT)] * self._full_batch(reranker.model.max_length)
+        await reranker.rerank("warm-up", full_batch, RerankOptions(), None)
+
+        embedder = None
+        if self.settings.embed_model:
+            embed_source = ModelSource.resolve(self.settings.embed_model)
+            same_model = embed_source == rerank_source and isinstance(ranking.runtime.model, BiEncoderModel)
+            embedding = ranking if same_model else await self._serve_model(embed_source)
+            if not isinstance(embedding.runtime.model, BiEncoderModel):
+                raise ModelLoadError(
+                    f"--embed-model {self.settings.embed_model} is not an embedding model: it needs the "
+                    "sentence-transformers layout (modules.json with a Pooling module)"
+                )
+            embedder = Embedder(
+                embedding.runtime.model,
+                embedding.batcher,
+                self._tokenizer_pool,
+                self.settings.max_documents_per_request,
+            )
+            texts = [_WARMUP_TEXT] * self._full_batch(embedder.model.max_length)
+            await embedder.embed(texts, 0, Truncation.RIGHT, None)
+
+        self.runtime, self.reranker, self.embedder = ranking.runtime, reranker, embedder
+        for service in ("", *self._services):
             await self.health.set(service, _SERVING)
-        logger.info("serving %s on port %d", model.source.name, self.port)
+        logger.info(
+            "serving %s (%s)%s on port %d",
+            rerank_source.model_id,
+            reranker.model.kind.value,
+            f" and embeddings from {embedder.model.source.model_id}" if embedder else "",
+            self.port,
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
@@ -145,11 +221,12 @@ class SidecarServer:
         logger.info("draining: in-flight calls get %.1f s", grace)
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
-        if self.reranker is not None:
-            self.reranker.accepting = False
-            await self.reranker.batcher.close()
-        if self.runtime is not None:
-            self.runtime.engine.close()
+        for front in (self.reranker, self.embedder):
+            if front is not None:
+                front.accepting = False
+        for served in self._served:
+            await served.batcher.close()
+            served.runtime.engine.close()
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
         logger.info("stopped")

@@ -12,6 +12,7 @@ import grpc
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar.errors import InvalidArgument
 from sidecar.model.tokenization import Truncation
+from sidecar.scheduling.embedder import Embedder
 from sidecar.scheduling.reranker import (
     Document,
     Ranking,
@@ -171,5 +172,26 @@ class RerankerServicer(rerank_pb2_grpc.RerankerServicer):
         return message_type(
             results=results_to_proto(ranking.results),
             usage=usage_to_proto(ranking.usage),
-            model_id=reranker.model.source.name,
+            model_id=reranker.model.source.model_id,
+        )
+
+
+class EmbedderServicer(rerank_pb2_grpc.EmbedderServicer):
+    def __init__(self, embedder: Callable[[], Embedder]) -> None:
+        self._embedder = embedder
+
+    async def Embed(
+        self, request: rerank_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> rerank_pb2.EmbedResponse:
+        embedder = self._embedder()
+        truncation = _enum_value(_TRUNCATION, request.truncation_direction, "truncation_direction")
+        embeddings = await embedder.embed(
+            list(request.texts), request.max_length, truncation, deadline_of(context)
+        )
+        current_call.get().usage = embeddings.usage
+        return rerank_pb2.EmbedResponse(
+            embeddings=[rerank_pb2.Embedding(values=vector) for vector in embeddings.vectors.tolist()],
+            dims=embeddings.vectors.shape[1],
+            model_id=embedder.model.source.model_id,
+            usage=usage_to_proto(embeddings.usage),
         )

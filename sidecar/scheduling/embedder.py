@@ -1,0 +1,76 @@
+"""Request logic for embeddings, free of gRPC: validate, tokenize, run through the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidecar.errors import InvalidArgument, NotReady
+from sidecar.model.loading import BiEncoderModel
+from sidecar.model.tokenization import EncodedQuery, PairSpec, Truncation
+from sidecar.scheduling.batcher import Batcher
+from sidecar.scheduling.reranker import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    vectors: np.ndarray  # float32 [texts, dims]
+    usage: Usage
+
+
+class Embedder:
+    def __init__(
+        self, model: BiEncoderModel, batcher: Batcher, tokenizer_pool: ThreadPoolExecutor, max_texts: int
+    ) -> None:
+        self.model = model
+        self.batcher = batcher
+        self.max_texts = max_texts
+        self._tokenizer_pool = tokenizer_pool
+        self.accepting = True
+
+    def _spec(self, texts: Sequence[str], max_length: int, truncation: Truncation) -> PairSpec:
+        if not texts:
+            raise InvalidArgument("texts is empty; send at least one text to embed")
+        if len(texts) > self.max_texts:
+            raise InvalidArgument(
+                f"too many texts: {len(texts)}, the limit per request is {self.max_texts} "
+                "(--max-documents-per-request)"
+            )
+        if max_length > self.model.max_length:
+            raise InvalidArgument(
+                f"max_length {max_length} exceeds the embedding model's limit of {self.model.max_length} "
+                "tokens; use a smaller value, or 0 for the limit"
+            )
+        if max_length and max_length < 2:
+            raise InvalidArgument(f"max_length {max_length} is too small: at least 2 tokens are needed")
+        return PairSpec(max_length=max_length or self.model.max_length, truncation=truncation)
+
+    async def embed(
+        self, texts: Sequence[str], max_length: int, truncation: Truncation, deadline: float | None
+    ) -> Embeddings:
+        spec = self._spec(texts, max_length, truncation)
+        if not self.accepting:
+            raise NotReady("the server is not accepting requests (loading or shutting down)")
+        started = time.monotonic_ns()
+        encoded: EncodedQuery = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_pool, self.model.tokenizer.encode_texts, texts, spec
+        )
+        tokenized = time.monotonic_ns()
+        job = await self.batcher.score(encoded.pairs, deadline)
+        assert job.outputs is not None
+        usage = Usage(
+            pairs=len(texts),
+            chunks=len(encoded.pairs),
+            tokens=encoded.tokens,
+            batches=job.batches,
+            queue_ns=job.queue_ns,
+            tokenization_ns=tokenized - started,
+            inference_ns=job.inference_ns,
+            total_ns=time.monotonic_ns() - started,
+        )
+        return Embeddings(job.outputs.astype(np.float32, copy=False), usage)

@@ -1,0 +1,108 @@
+"""How a model turns a query and documents into one raw score per chunk.
+
+A cross-encoder reads each (query, chunk) pair and gives its log-odds; a bi-encoder embeds the
+query and each chunk apart and gives their cosine. Both go through the same batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidecar.model.batch import EncodedPair
+from sidecar.model.loading import BiEncoderModel, CrossEncoderModel
+from sidecar.model.tokenization import EncodedQuery, PairSpec
+from sidecar.scheduling.batcher import Batcher, ScoringJob
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkScores:
+    raw: np.ndarray  # float32, one per chunk
+    document_of_pair: list[int]
+    tokens: int
+    tokenization_ns: int
+    job: ScoringJob
+
+
+class CrossEncoderScorer:
+    def __init__(
+        self, model: CrossEncoderModel, batcher: Batcher, tokenizer_pool: ThreadPoolExecutor
+    ) -> None:
+        self.model = model
+        self.batcher = batcher
+        self._tokenizer_pool = tokenizer_pool
+
+    async def score_chunks(
+        self, query: str, documents: Sequence[str], spec: PairSpec, deadline: float | None
+    ) -> ChunkScores:
+        started = time.monotonic_ns()
+        encoded: EncodedQuery = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_pool, self.model.tokenizer.encode, query, documents, spec
+        )
+        tokenized = time.monotonic_ns()
+        job = await self.batcher.score(encoded.pairs, deadline)
+        assert job.outputs is not None
+        logits = job.outputs.astype(np.float32, copy=False)
+        # One log-odds per pair: the logit, or positive minus negative for two-label models.
+        raw = logits[:, 0] if self.model.num_labels == 1 else logits[:, 1] - logits[:, 0]
+        return ChunkScores(raw, encoded.document_of_pair, encoded.tokens, tokenized - started, job)
+
+    @staticmethod
+    def normalize(raw: np.ndarray) -> np.ndarray:
+        """Sigmoid: the probability of relevance, in fp64 so large logits do not overflow."""
+        return 1.0 / (1.0 + np.exp(-raw.astype(np.float64)))
+
+
+class BiEncoderScorer:
+    def __init__(self, model: BiEncoderModel, batcher: Batcher, tokenizer_pool: ThreadPoolExecutor) -> None:
+        self.model = model
+        self.batcher = batcher
+        self._tokenizer_pool = tokenizer_pool
+
+    def _encode(
+        self, query: str, documents: Sequence[str], spec: PairSpec
+    ) -> tuple[EncodedPair, EncodedQuery]:
+        query_spec = PairSpec(max_length=spec.max_length)
+        (query_pair,) = self.model.tokenizer.encode_texts([query], query_spec).pairs
+        return query_pair, self.model.tokenizer.encode_texts(documents, spec)
+
+    async def score_chunks(
+        self, query: str, documents: Sequence[str], spec: PairSpec, deadline: float | None
+    ) -> ChunkScores:
+        started = time.monotonic_ns()
+        query_pair, encoded = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_pool, self._encode, query, documents, spec
+        )
+        tokenized = time.monotonic_ns()
+        job = await self.batcher.score([query_pair, *encoded.pairs], deadline)
+        assert job.outputs is not None
+        vectors = unit_vectors(job.outputs)
+        raw = vectors[1:] @ vectors[0]
+        tokens = len(query_pair) + encoded.tokens
+        return ChunkScores(raw.astype(np.float32), encoded.document_of_pair, tokens, tokenized - started, job)
+
+    @staticmethod
+    def normalize(raw: np.ndarray) -> np.ndarray:
+        """Cosine similarity mapped from [-1, 1] to [0, 1]."""
+        return (raw.astype(np.float64) + 1.0) / 2.0
+
+
+def unit_vectors(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+Scorer = CrossEncoderScorer | BiEncoderScorer
+
+
+def scorer_for(
+    model: CrossEncoderModel | BiEncoderModel, batcher: Batcher, tokenizer_pool: ThreadPoolExecutor
+) -> Scorer:
+    if isinstance(model, CrossEncoderModel):
+        return CrossEncoderScorer(model, batcher, tokenizer_pool)
+    return BiEncoderScorer(model, batcher, tokenizer_pool)
