@@ -43,7 +43,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 def make_retriever(settings: ClientSettings) -> Retriever:
     if settings.es_url:
         return ElasticsearchRetriever.from_url(
-            settings.es_url, settings.es_index, api_key=settings.es_api_key, ca_certs=settings.es_ca_certs
+            settings.es_url,
+            settings.es_index,
+            api_key=settings.es_api_key,
+            ca_certs=settings.es_ca_certs,
+            vector_index=settings.es_vector_index,
         )
     return EmbeddedRetriever(settings.index_dir)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.retrieval.base import FilterValue
+from client.retrieval.elasticsearch import VECTOR_INDEX_TYPES
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -31,6 +32,12 @@ class ClientSettings:
         "", "ES_API_KEY", "Elasticsearch API key (encoded form), if the cluster needs one."
     )
     es_ca_certs: str = _setting("", "ES_CA_CERTS", "CA bundle (PEM) that signed the cluster's certificate.")
+    es_vector_index: str = _setting(
+        "int8_hnsw",
+        "ES_VECTOR_INDEX",
+        "Vector index type of a new index (hnsw keeps float vectors: exact scores, 4x memory).",
+        choices=VECTOR_INDEX_TYPES,
+    )
     index_dir: str = _setting(
         "rerank-index", "RERANK_CLIENT_INDEX_DIR", "Directory of the embedded retriever (no --es-url)."
     )

@@ -27,9 +27,15 @@ VECTOR_FIELD = "embedding"
 DEFAULT_INDEX = "documents"
 
 
-def index_mapping(dims: int) -> dict[str, Any]:
-    """``text`` and ``title`` for BM25, every ``metadata.*`` value a keyword (filterable), and the vector,
-    int8-quantized HNSW under cosine similarity."""
+VECTOR_INDEX_TYPES = ("int8_hnsw", "hnsw", "int4_hnsw", "bbq_hnsw")
+
+
+def index_mapping(dims: int, vector_index: str = "int8_hnsw") -> dict[str, Any]:
+    """``text`` and ``title`` for BM25, every ``metadata.*`` value a keyword (filterable), and the vector
+    under cosine similarity in an HNSW graph, int8-quantized by default (``hnsw`` keeps floats: exact scores
+    at four times the memory)."""
+    if vector_index not in VECTOR_INDEX_TYPES:
+        raise ValueError(f"vector_index must be one of {', '.join(VECTOR_INDEX_TYPES)}, got {vector_index!r}")
     return {
         "dynamic_templates": [
             {"metadata_as_keywords": {"path_match": "metadata.*", "mapping": {"type": "keyword"}}}
@@ -43,7 +49,7 @@ def index_mapping(dims: int) -> dict[str, Any]:
                 "dims": dims,
                 "index": True,
                 "similarity": "cosine",
-                "index_options": {"type": "int8_hnsw"},
+                "index_options": {"type": vector_index},
             },
         },
     }
@@ -105,10 +111,16 @@ class ElasticsearchRetriever:
     licence tier), or in Elasticsearch with ``fusion="elasticsearch"``."""
 
     def __init__(
-        self, client: Elasticsearch, index: str = DEFAULT_INDEX, *, bulk_chunk_size: int = 256
+        self,
+        client: Elasticsearch,
+        index: str = DEFAULT_INDEX,
+        *,
+        vector_index: str = "int8_hnsw",
+        bulk_chunk_size: int = 256,
     ) -> None:
         self.client = client
         self.index = index
+        self.vector_index = vector_index
         self.bulk_chunk_size = bulk_chunk_size
 
     @classmethod
@@ -120,11 +132,12 @@ class ElasticsearchRetriever:
         api_key: str | None = None,
         ca_certs: str | None = None,
         request_timeout: float = 30.0,
+        vector_index: str = "int8_hnsw",
     ) -> ElasticsearchRetriever:
         client = Elasticsearch(
             url, api_key=api_key or None, ca_certs=ca_certs or None, request_timeout=request_timeout
         )
-        return cls(client, index)
+        return cls(client, index, vector_index=vector_index)
 
     def create_index(self, dims: int) -> bool:
         if self.client.indices.exists(index=self.index):
@@ -133,7 +146,7 @@ class ElasticsearchRetriever:
             if existing != dims:
                 raise ValueError(f"index {self.index!r} holds {existing}-dimensional vectors, not {dims}")
             return False
-        self.client.indices.create(index=self.index, mappings=index_mapping(dims))
+        self.client.indices.create(index=self.index, mappings=index_mapping(dims, self.vector_index))
         return True
 
     def index_documents(self, documents: Iterable[tuple[Document, np.ndarray]]) -> Iterator[IndexOutcome]:

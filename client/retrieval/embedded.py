@@ -136,7 +136,8 @@ class EmbeddedRetriever:
         known = [token for token in tokenize(query) if token in self._bm25.vocab_dict]
         if not known:
             return np.zeros(len(self._documents), dtype=np.float32)
-        return np.asarray(self._bm25.get_scores(known), dtype=np.float32)
+        # Elasticsearch keeps the classic (k1 + 1) factor that Lucene's BM25 dropped; bm25s follows Lucene.
+        return np.asarray(self._bm25.get_scores(known), dtype=np.float32) * (BM25_K1 + 1.0)
 
     def _filter_mask(self, filters: Mapping[str, Any]) -> np.ndarray:
         mask = np.ones(len(self._documents), dtype=bool)

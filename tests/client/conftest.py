@@ -174,7 +174,7 @@ def es_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(url, process)
+        _wait_for(port, process)
         yield url
     finally:
         process.terminate()
@@ -186,16 +186,16 @@ def es_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-def _wait_for(url: str, process: subprocess.Popen[bytes], within_s: float = 30.0) -> None:
-    client = Elasticsearch(url, request_timeout=2)
+def _wait_for(port: int, process: subprocess.Popen[bytes], within_s: float = 30.0) -> None:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"noida-db exited with status {process.returncode}")
-        if client.options(ignore_status=[404, 500, 503]).ping():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"noida-db did not answer on {url}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"noida-db did not listen on port {port}")
 
 
 @pytest.fixture(scope="session")
@@ -217,15 +217,27 @@ def es_retriever(es: Elasticsearch) -> Iterator[ElasticsearchRetriever]:
     es.options(ignore_status=404).indices.delete(index=retriever.index)
 
 
-@pytest.fixture(scope="session")
-def es_corpus_index(es: Elasticsearch, corpus: list[Document]) -> Iterator[ElasticsearchRetriever]:
-    """The synthetic corpus, indexed once for the read-only tests."""
-    retriever = ElasticsearchRetriever(es, new_index_name())
+def _indexed_corpus(
+    es: Elasticsearch, corpus: list[Document], vector_index: str
+) -> Iterator[ElasticsearchRetriever]:
+    retriever = ElasticsearchRetriever(es, new_index_name(), vector_index=vector_index)
     report = ingest(corpus, retriever, embed_fake)
     assert report.indexed == len(corpus)
     assert not report.rejected
     yield retriever
     es.options(ignore_status=404).indices.delete(index=retriever.index)
+
+
+@pytest.fixture(scope="session")
+def es_corpus_index(es: Elasticsearch, corpus: list[Document]) -> Iterator[ElasticsearchRetriever]:
+    """The synthetic corpus, indexed once (the default int8_hnsw mapping) for the read-only tests."""
+    yield from _indexed_corpus(es, corpus, "int8_hnsw")
+
+
+@pytest.fixture(scope="session")
+def es_exact_corpus_index(es: Elasticsearch, corpus: list[Document]) -> Iterator[ElasticsearchRetriever]:
+    """The same corpus with float vectors (hnsw): vector scores are exact, as in the embedded retriever."""
+    yield from _indexed_corpus(es, corpus, "hnsw")
 
 
 @pytest.fixture(scope="session")

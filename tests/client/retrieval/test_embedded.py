@@ -1,0 +1,101 @@
+"""The embedded retriever: the same answers as Elasticsearch on the same corpus, persisted to a directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.documents import Document
+from client.ingest import ingest
+from client.retrieval.base import Candidate, SearchRequest
+from client.retrieval.elasticsearch import ElasticsearchRetriever
+from client.retrieval.embedded import EmbeddedRetriever
+from tests.client.conftest import FAKE_DIMS, embed_fake, fake_vector
+
+QUERIES = ["brain neuron memory dopamine", "gene mutation expression", "cardiac artery blood pressure"]
+
+
+def top(
+    retriever: ElasticsearchRetriever | EmbeddedRetriever, request: SearchRequest, n: int = 10
+) -> list[Candidate]:
+    return [candidate for page in retriever.candidate_pages(request) for candidate in page][:n]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_embedded_gives_the_same_fused_top_10_as_elasticsearch(
+    query: str, es_exact_corpus_index: ElasticsearchRetriever, embedded_corpus_index: EmbeddedRetriever
+):
+    request = SearchRequest(query=query, query_vector=fake_vector(query), size=100)
+    embedded = top(embedded_corpus_index, request)
+    elastic = top(es_exact_corpus_index, request)
+
+    assert [c.id for c in embedded] == [c.id for c in elastic]
+    assert [c.fused_score for c in embedded] == pytest.approx([c.fused_score for c in elastic])
+    # BM25 as Elasticsearch scores it, and the cosine mapped to [0, 1] as Elasticsearch maps it.
+    for mine, theirs in zip(embedded, elastic, strict=True):
+        assert mine.bm25_score == pytest.approx(theirs.bm25_score, rel=1e-3)
+        assert mine.vector_score == pytest.approx(theirs.vector_score, abs=1e-5)
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_int8_quantization_moves_only_near_ties(
+    query: str, es_corpus_index: ElasticsearchRetriever, embedded_corpus_index: EmbeddedRetriever
+):
+    """The default int8_hnsw index scores vectors after quantizing them, so near-equal cosines can swap
+    places against exact search; the BM25 leg is unaffected and the fused top 10 barely moves."""
+    request = SearchRequest(query=query, query_vector=fake_vector(query), size=100)
+    embedded_legs = embedded_corpus_index.leg_hits(request)
+    elastic_legs = es_corpus_index.leg_hits(request)
+
+    assert [hit.id for hit in embedded_legs["bm25"]] == [hit.id for hit in elastic_legs["bm25"]]
+    overlap = {c.id for c in top(embedded_corpus_index, request)} & {
+        c.id for c in top(es_corpus_index, request)
+    }
+    assert len(overlap) >= 8
+
+
+def test_filters_and_single_legs_match_elasticsearch(
+    es_exact_corpus_index: ElasticsearchRetriever, embedded_corpus_index: EmbeddedRetriever
+):
+    query = QUERIES[0]
+    for fields in (
+        {"mode": "bm25"},
+        {"mode": "vector"},
+        {"filters": {"lang": "de"}},
+        {"filters": {"topic": ["genes", "brain"], "year": "2021"}},
+    ):
+        request = SearchRequest(query=query, query_vector=fake_vector(query), size=60, **fields)  # type: ignore[arg-type]
+        assert [c.id for c in top(embedded_corpus_index, request)] == [
+            c.id for c in top(es_exact_corpus_index, request)
+        ]
+
+
+def test_index_persists_and_reruns_update_in_place(tmp_path: Path, corpus: list[Document]):
+    retriever = EmbeddedRetriever(tmp_path / "index")
+    ingest(corpus[:30], retriever, embed_fake)
+    edited = [Document(d.id, d.text + " zebra", d.title, d.metadata) for d in corpus[:10]]
+    report = ingest(edited, retriever, embed_fake)
+
+    reopened = EmbeddedRetriever(tmp_path / "index")
+    assert (report.created_index, reopened.count(), reopened.dims) == (False, 30, FAKE_DIMS)
+    hits = top(reopened, SearchRequest(query="zebra", mode="bm25", size=50), n=50)
+    assert sorted(c.id for c in hits) == sorted(d.id for d in edited)
+
+
+def test_documents_it_cannot_filter_on_are_rejected_by_id(tmp_path: Path):
+    retriever = EmbeddedRetriever(tmp_path / "index")
+    retriever.create_index(FAKE_DIMS)
+    good = Document("good", "neuron", metadata={"tags": ["a", "b"], "year": 2020})
+    bad = Document("bad", "neuron", metadata={"tags": {"nested": 1}})
+    outcomes = list(retriever.index_documents([(good, fake_vector("neuron")), (bad, fake_vector("neuron"))]))
+
+    assert [(o.id, o.error is None) for o in outcomes] == [("good", True), ("bad", False)]
+    assert retriever.count() == 1
+    request = SearchRequest(query="neuron", mode="bm25", filters={"year": "2020", "tags": "b"})
+    assert [c.id for c in top(retriever, request)] == ["good"]
+    with pytest.raises(ValueError, match="dimensional"):
+        retriever.create_index(FAKE_DIMS * 2)
+    [outcome] = retriever.index_documents([(Document("short", "x"), np.ones(3))])
+    assert outcome.error
