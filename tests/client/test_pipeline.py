@@ -1,0 +1,153 @@
+"""The two-stage pipeline: candidates from Elasticsearch stream into the in-process sidecar."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.pipeline import PipelineOptions, RerankFailed, TwoStagePipeline
+from client.retrieval.base import Candidate, SearchRequest
+from client.retrieval.elasticsearch import ElasticsearchRetriever
+from client.sidecar import AsyncRerankClient
+from tests.client.conftest import RunningEmbedder, fake_vector
+from tests.conftest import RunningSidecar, running_sidecar
+
+QUERY = "brain neuron memory dopamine"
+
+
+def address(sidecar: RunningSidecar) -> str:
+    return f"127.0.0.1:{sidecar.server.port}"
+
+
+async def test_results_carry_both_stages_scores_and_timings(
+    sidecar: RunningSidecar, fake_embedder: RunningEmbedder, es_corpus_index: ElasticsearchRetriever
+):
+    options = PipelineOptions(candidates=50, batch_size=16, top_k=5, rerank_timeout=60)
+    async with (
+        AsyncRerankClient(address(sidecar)) as reranker,
+        AsyncRerankClient(fake_embedder.target) as embedder,
+    ):
+        response = await TwoStagePipeline(es_corpus_index, reranker, embedder, options).search(QUERY)
+
+    assert response.reranked
+    assert response.candidates == 50
+    assert [r.rank for r in response.results] == [1, 2, 3, 4, 5]
+    scores = [r.rerank_score for r in response.results]
+    assert scores == sorted(scores, reverse=True)  # type: ignore[type-var]
+    stage1_request = SearchRequest(query=QUERY, query_vector=fake_vector(QUERY), size=50)
+    stage1 = [c for page in es_corpus_index.candidate_pages(stage1_request) for c in page]
+    stage1_rank = {c.id: c.rank for c in stage1}
+    for result in response.results:
+        candidate = result.candidate
+        assert candidate.rank == stage1_rank[candidate.id]
+        assert candidate.fused_score > 0
+        assert candidate.bm25_score is not None or candidate.vector_score is not None
+    timings = response.timings
+    assert 0 < timings.first_page_ms <= timings.retrieval_ms <= timings.total_ms
+    assert 0 < timings.rerank_ms <= timings.total_ms
+    assert timings.embed_ms > 0
+
+
+class WaitsBeforeTheLastPage:
+    """Wraps a retriever: before fetching the last page it waits until the sidecar's model has run a batch of
+    this search. Without overlap the pipeline would send only after the last page, and the wait would fail."""
+
+    def __init__(self, inner: ElasticsearchRetriever, sidecar: RunningSidecar) -> None:
+        self.inner = inner
+        self.sidecar = sidecar
+        self.events: list[str] = []
+
+    def candidate_pages(self, request: SearchRequest) -> Iterator[list[Candidate]]:
+        batches_before = len(self.sidecar.engine.batches)
+        pages = self.inner.candidate_pages(request)
+        total = -(-request.size // request.page_size)
+        for number in range(total):
+            if number == total - 1:
+                seen = threading.Event()
+                for _ in range(500):
+                    if len(self.sidecar.engine.batches) > batches_before:
+                        seen.set()
+                        break
+                    seen.wait(0.02)
+                self.events.append("sidecar scored a batch" if seen.is_set() else "sidecar idle")
+            page = next(pages)
+            self.events.append(f"fetched page {number + 1}")
+            yield page
+
+
+async def test_scoring_starts_before_retrieval_ends(
+    sidecar: RunningSidecar, es_corpus_index: ElasticsearchRetriever
+):
+    retriever = WaitsBeforeTheLastPage(es_corpus_index, sidecar)
+    options = PipelineOptions(candidates=96, batch_size=32, mode="bm25", rerank_timeout=60)
+    async with AsyncRerankClient(address(sidecar)) as reranker:
+        # "the" is in nearly every document: enough BM25 hits for three full pages.
+        pipeline = TwoStagePipeline(retriever, reranker, options=options)  # type: ignore[arg-type]
+        response = await pipeline.search("the brain")
+
+    assert retriever.events == [
+        "fetched page 1",
+        "fetched page 2",
+        "sidecar scored a batch",
+        "fetched page 3",
+    ]
+    assert response.reranked
+    assert response.candidates == 96
+
+
+async def test_fails_open_when_the_sidecar_is_down(
+    tiny_bert: Path, fake_embedder: RunningEmbedder, es_corpus_index: ElasticsearchRetriever
+):
+    async with running_sidecar(tiny_bert, embed_model="") as stopped:
+        dead = address(stopped)
+    options = PipelineOptions(candidates=30, top_k=7, rerank_timeout=5)
+    async with (
+        AsyncRerankClient(dead, max_attempts=2) as reranker,
+        AsyncRerankClient(fake_embedder.target) as embedder,
+    ):
+        response = await TwoStagePipeline(es_corpus_index, reranker, embedder, options).search(QUERY)
+
+        assert not response.reranked
+        assert response.not_reranked is not None
+        assert "UNAVAILABLE" in response.not_reranked.reason
+        assert [r.candidate.rank for r in response.results] == list(range(1, 8))
+        assert all(r.rerank_score is None for r in response.results)
+
+        strict = PipelineOptions(candidates=30, rerank_timeout=5, strict=True)
+        with pytest.raises(RerankFailed, match="UNAVAILABLE"):
+            await TwoStagePipeline(es_corpus_index, reranker, embedder, strict).search(QUERY)
+
+
+async def test_without_query_vectors_it_falls_back_to_bm25_and_says_so(
+    tiny_bert: Path, sidecar: RunningSidecar, es_corpus_index: ElasticsearchRetriever
+):
+    async with running_sidecar(tiny_bert, embed_model="") as stopped:
+        dead = address(stopped)
+    async with (
+        AsyncRerankClient(address(sidecar)) as reranker,
+        AsyncRerankClient(dead, max_attempts=2) as embedder,
+    ):
+        response = await TwoStagePipeline(
+            es_corpus_index, reranker, embedder, PipelineOptions(candidates=20, rerank_timeout=60)
+        ).search(QUERY)
+    assert response.reranked
+    assert any("BM25 only" in note for note in response.notes)
+    assert all(r.candidate.vector_score is None for r in response.results)
+
+
+async def test_fails_open_when_the_deadline_passes(
+    sidecar: RunningSidecar, es_corpus_index: ElasticsearchRetriever
+):
+    options = PipelineOptions(candidates=20, mode="bm25", rerank_timeout=0.3)
+    sidecar.engine.open.clear()
+    try:
+        async with AsyncRerankClient(address(sidecar)) as reranker:
+            response = await TwoStagePipeline(es_corpus_index, reranker, options=options).search(QUERY)
+    finally:
+        sidecar.engine.open.set()
+    assert response.not_reranked is not None
+    assert "DEADLINE_EXCEEDED" in response.not_reranked.reason
+    assert len(response.results) == 10
