@@ -4,7 +4,14 @@ Imports neither torch nor transformers; it needs only the ``client`` extra.
 """
 
 from client.documents import Document
-from client.pipeline import NotReranked, SearchResponse, SearchResult, TwoStagePipeline
+from client.pipeline import (
+    NotReranked,
+    PipelineOptions,
+    RerankFailed,
+    SearchResponse,
+    SearchResult,
+    TwoStagePipeline,
+)
 from client.retrieval.base import Candidate, Retriever, SearchRequest
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.retrieval.embedded import EmbeddedRetriever
@@ -17,7 +24,9 @@ __all__ = [
     "ElasticsearchRetriever",
     "EmbeddedRetriever",
     "NotReranked",
+    "PipelineOptions",
     "RerankClient",
+    "RerankFailed",
     "Retriever",
     "SearchRequest",
     "SearchResponse",
