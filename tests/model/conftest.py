@@ -1,0 +1,46 @@
+"""Fixtures for the engine tests: the tiny cross-encoder loaded, probed and exported once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.model.cache import ArtifactCache
+from sidecar.model.engines.torch_engine import TorchEngine
+from sidecar.model.export import ExportedModel, export_onnx
+from sidecar.model.loading import CrossEncoderModel, ModelKind, ModelSource, load_cross_encoder
+from sidecar.model.network import Network, content_hash, load_network
+from sidecar.model.parity import Probe, cross_encoder_probe
+
+CROSS_ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@pytest.fixture(scope="session")
+def artifact_cache(tmp_path_factory: pytest.TempPathFactory) -> ArtifactCache:
+    return ArtifactCache(tmp_path_factory.mktemp("engine-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_bert: Path) -> CrossEncoderModel:
+    return load_cross_encoder(ModelSource(str(tiny_bert)))
+
+
+@pytest.fixture(scope="session")
+def tiny_network(tiny_bert: Path) -> Network:
+    return load_network(ModelSource(str(tiny_bert)), ModelKind.CROSS_ENCODER)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_network: Network) -> TorchEngine:
+    return TorchEngine(tiny_network, precision="fp32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_probe(tiny_model: CrossEncoderModel) -> Probe:
+    return cross_encoder_probe(tiny_model, max_batch_pairs=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tiny_network: Network, artifact_cache: ArtifactCache) -> ExportedModel:
+    return export_onnx(tiny_network, content_hash(tiny_network), CROSS_ENCODER_INPUTS, artifact_cache)

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from sidecar.model import export as export_module
+from sidecar.model.cache import ArtifactCache
+from sidecar.model.engines import onnxruntime_engine
+from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, optimized_model
+from sidecar.model.export import export_onnx
+from sidecar.model.loading import ModelKind, ModelSource
+from sidecar.model.network import content_hash, load_network
+from tests.model.conftest import CROSS_ENCODER_INPUTS
+from tests.models import save_tiny_bert
+
+KEY = {"model": "abc", "torch": "1"}
+
+
+def build_counter(content: bytes = b"artifact") -> tuple[list[Path], object]:
+    built: list[Path] = []
+
+    def build(target: Path) -> None:
+        built.append(target)
+        target.write_bytes(content)
+
+    return built, build
+
+
+def test_an_artifact_is_built_once_and_then_reused(tmp_path: Path):
+    cache = ArtifactCache(tmp_path)
+    built, build = build_counter()
+    first = cache.get_or_build("thing", KEY, "file.bin", build)
+    second = cache.get_or_build("thing", KEY, "file.bin", build)
+    assert first == second
+    assert first.read_bytes() == b"artifact"
+    assert len(built) == 1
+
+
+def test_a_different_key_gets_its_own_artifact(tmp_path: Path):
+    cache = ArtifactCache(tmp_path)
+    built, build = build_counter()
+    first = cache.get_or_build("thing", KEY, "file.bin", build)
+    second = cache.get_or_build("thing", {**KEY, "torch": "2"}, "file.bin", build)
+    assert first != second
+    assert len(built) == 2
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda entry: (entry / "file.bin").write_bytes(b"artifaXt"), id="corrupt-file"),
+        pytest.param(lambda entry: (entry / "file.bin").write_bytes(b"arti"), id="truncated-file"),
+        pytest.param(lambda entry: (entry / "file.bin").unlink(), id="missing-file"),
+        pytest.param(lambda entry: (entry / "manifest.json").write_text("{"), id="corrupt-manifest"),
+        pytest.param(
+            lambda entry: (entry / "manifest.json").write_text(
+                json.dumps({**json.loads((entry / "manifest.json").read_text()), "key": {"model": "old"}})
+            ),
+            id="stale-manifest",
+        ),
+    ],
+)
+def test_a_damaged_or_stale_entry_is_rebuilt_not_trusted(tmp_path: Path, damage):
+    cache = ArtifactCache(tmp_path)
+    built, build = build_counter()
+    path = cache.get_or_build("thing", KEY, "file.bin", build)
+    damage(path.parent)
+    rebuilt = cache.get_or_build("thing", KEY, "file.bin", build)
+    assert rebuilt.read_bytes() == b"artifact"
+    assert len(built) == 2
+
+
+def test_a_failed_build_leaves_no_entry_behind(tmp_path: Path):
+    cache = ArtifactCache(tmp_path)
+
+    def failing(target: Path) -> None:
+        target.write_bytes(b"half")
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_build("thing", KEY, "file.bin", failing)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_export_is_reused_on_a_second_start(tiny_network, tiny_exported, artifact_cache, monkeypatch):
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported again although the cache held a valid file")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    again = export_onnx(tiny_network, content_hash(tiny_network), CROSS_ENCODER_INPUTS, artifact_cache)
+    assert again.path == tiny_exported.path
+
+
+def test_the_compiled_onnxruntime_files_are_reused_on_a_second_start(
+    tiny_exported, artifact_cache, monkeypatch
+):
+    first = {
+        precision: optimized_model(tiny_exported, precision, "cpu", artifact_cache)
+        for precision in ("fp32", "int8")
+    }
+
+    def no_rebuild(*args: object) -> None:
+        raise AssertionError("rebuilt although the cache held a valid file")
+
+    monkeypatch.setattr(onnxruntime_engine, "_fuse", no_rebuild)
+    monkeypatch.setattr(onnxruntime_engine, "_quantize", no_rebuild)
+    for precision, path in first.items():
+        assert optimized_model(tiny_exported, precision, "cpu", artifact_cache) == path
+
+
+def test_a_changed_model_is_exported_and_compiled_again(tmp_path: Path, tiny_exported, artifact_cache):
+    source = ModelSource(str(save_tiny_bert(tmp_path / "retrained", seed=7)))
+    network = load_network(source, ModelKind.CROSS_ENCODER)
+    exported = export_onnx(network, content_hash(network), CROSS_ENCODER_INPUTS, artifact_cache)
+    assert exported.fingerprint != tiny_exported.fingerprint
+    assert exported.path != tiny_exported.path
+    assert optimized_model(exported, "fp32", "cpu", artifact_cache) != optimized_model(
+        tiny_exported, "fp32", "cpu", artifact_cache
+    )
+
+
+def test_a_corrupt_cached_export_is_rebuilt_and_loads(tmp_path: Path, tiny_network, monkeypatch):
+    cache = ArtifactCache(tmp_path)
+    fingerprint = content_hash(tiny_network)
+    exported = export_onnx(tiny_network, fingerprint, CROSS_ENCODER_INPUTS, cache)
+    exports = []
+    real_export = export_module._export
+    monkeypatch.setattr(export_module, "_export", lambda *args: exports.append(args) or real_export(*args))
+    with exported.path.open("r+b") as stream:  # flip bytes in the middle of the weights
+        stream.seek(exported.path.stat().st_size // 2)
+        stream.write(b"\x00" * 64)
+    again = export_onnx(tiny_network, fingerprint, CROSS_ENCODER_INPUTS, cache)
+    assert len(exports) == 1
+    onnx.checker.check_model(str(again.path))
+    OnnxRuntimeEngine(again, cache, precision="fp32", device="cpu", threads=1)

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from sidecar.errors import ModelLoadError
+from sidecar.model.batch import TokenBatch
+from sidecar.model.cache import ArtifactCache
+from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, optimized_model
+from sidecar.model.engines.torch_engine import TorchEngine
+from sidecar.model.export import export_onnx
+from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
+from sidecar.model.network import content_hash, load_network
+from sidecar.model.parity import TOLERANCES, compare, cross_encoder_probe
+from tests.models import save_tiny_roberta
+
+
+def padded_batch(rows: int, columns: int, seed: int) -> TokenBatch:
+    """Random tokens with ragged lengths, so padding and the attention mask matter."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, columns + 1, size=rows)
+    lengths[0] = columns
+    mask = (np.arange(columns)[None, :] < lengths[:, None]).astype(np.int64)
+    input_ids = rng.integers(1000, 20000, size=(rows, columns)) * mask
+    token_types = (np.arange(columns)[None, :] >= lengths[:, None] // 2).astype(np.int64) * mask
+    return TokenBatch(input_ids.astype(np.int64), mask, token_types)
+
+
+def test_fp32_matches_torch_to_1e_4(tiny_exported, artifact_cache, tiny_reference, tiny_probe):
+    engine = OnnxRuntimeEngine(tiny_exported, artifact_cache, precision="fp32", device="cpu", threads=1)
+    for batch in (*tiny_probe.batches, padded_batch(7, 300, seed=0), padded_batch(1, 5, seed=1)):
+        np.testing.assert_allclose(engine.forward(batch), tiny_reference.forward(batch), atol=1e-4, rtol=0)
+
+
+def test_fp32_runs_the_bert_fused_graph(tiny_exported, artifact_cache):
+    path = optimized_model(tiny_exported, "fp32", "cpu", artifact_cache)
+    operators = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"} <= operators
+
+
+def test_int8_stays_within_its_documented_tolerance(
+    tiny_exported, artifact_cache, tiny_reference, tiny_probe
+):
+    engine = OnnxRuntimeEngine(tiny_exported, artifact_cache, precision="int8", device="cpu", threads=1)
+    report = compare(tiny_probe.scores(engine), tiny_probe.scores(tiny_reference), "int8")
+    assert report.passed, report.describe()
+    operators = {
+        node.op_type
+        for node in onnx.load(str(optimized_model(tiny_exported, "int8", "cpu", artifact_cache))).graph.node
+    }
+    assert "DynamicQuantizeLinear" in operators or "MatMulInteger" in operators
+
+
+def test_a_model_without_token_type_ids_matches_torch(tmp_path: Path, artifact_cache: ArtifactCache):
+    source = ModelSource(str(save_tiny_roberta(tmp_path / "roberta")))
+    model = load_cross_encoder(source)
+    network = load_network(source, ModelKind.CROSS_ENCODER)
+    exported = export_onnx(network, content_hash(network), ("input_ids", "attention_mask"), artifact_cache)
+    engine = OnnxRuntimeEngine(exported, artifact_cache, precision="fp32", device="cpu", threads=1)
+    probe = cross_encoder_probe(model, max_batch_pairs=16)
+    reference = TorchEngine(network, precision="fp32", device="cpu")
+    for batch in probe.batches:
+        np.testing.assert_allclose(engine.forward(batch), reference.forward(batch), atol=1e-4, rtol=0)
+
+
+def test_precisions_it_does_not_run_are_refused(tiny_exported, artifact_cache):
+    with pytest.raises(ModelLoadError, match="does not run bf16"):
+        OnnxRuntimeEngine(tiny_exported, artifact_cache, precision="bf16", device="cpu", threads=1)
+
+
+def test_documented_tolerances_cover_every_precision():
+    assert set(TOLERANCES) == {"fp32", "bf16", "fp16", "int8"}

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rerank.v1 import rerank_pb2
+from sidecar.errors import ModelLoadError
+from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
+from sidecar.model.engines.selection import EngineRequest, plan_candidates, select_engine
+from tests.conftest import running_sidecar
+from tests.model.conftest import CROSS_ENCODER_INPUTS
+
+NO_TENSORRT = "TensorRT needs a CUDA device; the device is cpu"
+CPU_OFFERS = {"tensorrt": NO_TENSORRT, "onnxruntime": ("int8", "fp32"), "torch": ("bf16", "fp32")}
+GPU_OFFERS = {"tensorrt": ("fp16", "fp32"), "onnxruntime": ("fp32",), "torch": ("fp16", "bf16", "fp32")}
+
+
+def labels(candidates) -> list[str]:
+    return [str(candidate) for candidate in candidates]
+
+
+def test_auto_on_a_cpu_skips_tensorrt_and_says_why():
+    candidates, notes = plan_candidates("auto", "auto", CPU_OFFERS)
+    assert labels(candidates) == ["onnxruntime/int8", "onnxruntime/fp32", "torch/bf16", "torch/fp32"]
+    assert notes == [f"tensorrt: unavailable: {NO_TENSORRT}"]
+
+
+def test_auto_on_a_gpu_tries_tensorrt_first():
+    candidates, _ = plan_candidates("auto", "auto", GPU_OFFERS)
+    assert labels(candidates)[0] == "tensorrt/fp16"
+    candidates, notes = plan_candidates("auto", "fp16", GPU_OFFERS)
+    assert labels(candidates) == ["tensorrt/fp16", "torch/fp16"]
+    assert notes == ["onnxruntime: does not run fp16 here (it runs fp32)"]
+
+
+def test_a_fixed_precision_keeps_the_chain_order():
+    candidates, _ = plan_candidates("auto", "fp32", CPU_OFFERS)
+    assert labels(candidates) == ["onnxruntime/fp32", "torch/fp32"]
+
+
+def test_an_explicit_engine_that_cannot_run_is_an_error_not_a_fallback():
+    with pytest.raises(ModelLoadError, match=r"tensorrt engine cannot run.*CUDA device"):
+        plan_candidates("tensorrt", "auto", CPU_OFFERS)
+    with pytest.raises(ModelLoadError, match="torch engine cannot run precision int8"):
+        plan_candidates("torch", "int8", CPU_OFFERS)
+    with pytest.raises(ModelLoadError, match="any engine cannot run precision fp16"):
+        plan_candidates("auto", "fp16", CPU_OFFERS)
+
+
+def request(tmp_path: Path, engine: str = "auto", precision: str = "fp32") -> EngineRequest:
+    return EngineRequest(
+        engine=engine,
+        precision=precision,
+        device="cpu",
+        threads=1,
+        max_batch_pairs=8,
+        max_batch_tokens=1024,
+        max_length=128,
+        cache_dir=tmp_path,
+    )
+
+
+def fail_to_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self, *args: object, **kwargs: object) -> None:
+        raise ModelLoadError("onnxruntime is broken in this test")
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "__init__", broken)
+
+
+def test_without_tensorrt_auto_serves_onnxruntime(tmp_path, tiny_network, tiny_probe):
+    selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert (selection.engine.name, selection.engine.precision) == ("onnxruntime", "fp32")
+    assert selection.parity.passed
+    assert selection.notes == ["tensorrt: unavailable: TensorRT needs a CUDA device; the device is cpu"]
+
+
+def test_with_onnxruntime_failing_auto_serves_torch(tmp_path, tiny_network, tiny_probe, monkeypatch):
+    fail_to_load(monkeypatch)
+    selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert (selection.engine.name, selection.engine.precision) == ("torch", "fp32")
+    assert (
+        selection.notes[1]
+        == "onnxruntime/fp32: failed to load: ModelLoadError: onnxruntime is broken in this test"
+    )
+
+
+def test_an_engine_failing_the_parity_gate_is_skipped(tmp_path, tiny_network, tiny_probe, monkeypatch):
+    def wrong(self, batch) -> np.ndarray:
+        return np.random.default_rng(0).normal(size=(batch.shape[0], 1)).astype(np.float32)
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "forward", wrong)
+    selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert selection.engine.name == "torch"
+    assert selection.notes[1].startswith("onnxruntime/fp32: failed the parity gate: max abs diff")
+
+
+def test_an_explicit_engine_that_fails_is_an_error(tmp_path, tiny_network, tiny_probe, monkeypatch):
+    fail_to_load(monkeypatch)
+    with pytest.raises(ModelLoadError, match="requested engine onnxruntime/fp32 could not load"):
+        select_engine(request(tmp_path, engine="onnxruntime"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+
+
+def test_precision_auto_serves_a_passing_candidate_and_notes_the_slower_ones(
+    tmp_path, tiny_network, tiny_probe
+):
+    selection = select_engine(
+        request(tmp_path, precision="auto"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe
+    )
+    served = f"{selection.engine.name}/{selection.engine.precision}"
+    assert selection.parity.passed
+    slower = [note for note in selection.notes if "slower here" in note]
+    assert slower, selection.notes
+    assert all(f"for {served})" in note for note in slower)
+    assert not any(note.startswith(served) for note in selection.notes)
+
+
+async def test_info_reports_why_engines_were_skipped(tiny_bert: Path, tmp_path: Path, monkeypatch):
+    fail_to_load(monkeypatch)
+    async with running_sidecar(
+        tiny_bert, engine="auto", precision="fp32", cache_dir=str(tmp_path)
+    ) as sidecar:
+        info = await sidecar.stub.Info(rerank_pb2.InfoRequest())
+    assert (info.engine, info.precision, info.device) == ("torch", "fp32", "cpu")
+    assert list(info.engine_notes) == [
+        "tensorrt: unavailable: TensorRT needs a CUDA device; the device is cpu",
+        "onnxruntime/fp32: failed to load: ModelLoadError: onnxruntime is broken in this test",
+    ]
