@@ -64,9 +64,27 @@ class Settings:
     )
     max_documents_per_request: int = _setting(1000, "Most documents in one request (or one stream).")
     max_chunks_per_doc: int = _setting(16, "Most chunks per document with long_documents=CHUNK.")
+    max_request_tokens: int = _setting(
+        1_000_000, "Most tokens one request (or one stream message) may send to the model, chunks included."
+    )
+    max_message_bytes: int = _setting(16 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes.")
     tokenizer_workers: int = _setting(2, "Threads that tokenize requests off the event loop.")
     grace_period: float = _setting(
         10.0, "Seconds in-flight calls get to finish after SIGTERM or SIGINT before they are cancelled."
+    )
+    metrics_port: int = _setting(9400, "Port of the Prometheus metrics endpoint (on --host); 0 disables it.")
+    tls_cert_file: str = _setting("", "PEM certificate chain of the server; with --tls-key-file, serves TLS.")
+    tls_key_file: str = _setting("", "PEM private key of the server certificate.")
+    tls_client_ca_file: str = _setting(
+        "", "PEM CA bundle for mutual TLS: clients must present a certificate it signed."
+    )
+    auth_token: str = _setting(
+        "",
+        "Bearer token callers must send as `authorization: Bearer <token>` metadata; empty disables the "
+        "check. Prefer the environment variable, which other users cannot read from the process list.",
+    )
+    otel_endpoint: str = _setting(
+        "", "OTLP gRPC endpoint (e.g. http://collector:4317) for tracing every call; empty disables tracing."
     )
     log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting("json", "Log line format.", choices=("json", "text"))
@@ -74,14 +92,19 @@ class Settings:
     def __post_init__(self) -> None:
         positive = ("max_batch_tokens", "max_batch_pairs", "max_queued_pairs")
         positive += ("max_documents_per_request", "max_chunks_per_doc", "tokenizer_workers")
+        positive += ("max_request_tokens", "max_message_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
-        for name in ("port", "threads", "max_length", "grace_period"):
+        for name in ("port", "metrics_port", "threads", "max_length", "grace_period"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be zero or more, got {getattr(self, name)}")
         if self.max_batch_pairs > self.max_queued_pairs:
             raise ValueError("--max-batch-pairs must not exceed --max-queued-pairs")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("--tls-cert-file and --tls-key-file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and --tls-key-file")
 
     @property
     def address(self) -> str:

@@ -89,8 +89,17 @@ async def running_sidecar(
     # torch fp32 unless a test asks otherwise: these tests compare scores with transformers to 1e-5,
     # closer than the parity gate lets lower precisions (which --precision auto may pick) come.
     # The torch fp32 engine and no embedder unless a test asks: exact parity with the reference, fast start.
-    options: dict[str, object] = {"engine": "torch", "precision": "fp32", "embed_model": "", **overrides}
-    settings = Settings(model=str(model), host="127.0.0.1", port=0, grace_period=2.0, **options)  # type: ignore[arg-type]
+    options: dict[str, object] = {
+        "engine": "torch",
+        "precision": "fp32",
+        "embed_model": "",
+        "metrics_port": 0,
+        "host": "127.0.0.1",
+        "port": 0,
+        "grace_period": 2.0,
+        **overrides,
+    }
+    settings = Settings(model=str(model), **options)  # type: ignore[arg-type]
     server = SidecarServer(settings, runtime_factory=runtime_factory)
     await server.start()
     try:

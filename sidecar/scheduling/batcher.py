@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -71,14 +71,6 @@ class _QueuedPair:
     sequence: int
 
 
-@dataclass
-class BatcherStats:
-    batches: int = 0
-    pairs: int = 0
-    padded_tokens: int = 0
-    real_tokens: int = 0
-
-
 class Batcher:
     def __init__(
         self,
@@ -87,10 +79,11 @@ class Batcher:
         *,
         pad_token_id: int,
         with_token_type_ids: bool,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
         self.engine = engine
+        self._on_batch = on_batch  # (pairs, padded tokens) of each batch, for metrics
         self.limits = limits
-        self.stats = BatcherStats()
         self._pad_token_id = pad_token_id
         self._with_token_type_ids = with_token_type_ids
         self._queue: list[_QueuedPair] = []  # arrival order
@@ -186,11 +179,9 @@ class Batcher:
     def _forward(self, pairs: list[EncodedPair]) -> np.ndarray:
         batch: TokenBatch = collate(pairs, self._pad_token_id, self._with_token_type_ids)
         outputs = self.engine.forward(batch)
-        rows, columns = batch.shape
-        self.stats.batches += 1
-        self.stats.pairs += rows
-        self.stats.padded_tokens += rows * columns
-        self.stats.real_tokens += sum(len(pair) for pair in pairs)
+        if self._on_batch is not None:
+            rows, columns = batch.shape
+            self._on_batch(rows, rows * columns)
         return outputs
 
     def _deliver(self, batch: list[_QueuedPair], outputs: np.ndarray, done_ns: int) -> None:

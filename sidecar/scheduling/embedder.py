@@ -14,7 +14,7 @@ from sidecar.errors import InvalidArgument, NotReady
 from sidecar.model.loading import BiEncoderModel
 from sidecar.model.tokenization import EncodedQuery, PairSpec, Truncation
 from sidecar.scheduling.batcher import Batcher
-from sidecar.scheduling.reranker import Usage
+from sidecar.scheduling.reranker import Usage, check_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,11 +25,18 @@ class Embeddings:
 
 class Embedder:
     def __init__(
-        self, model: BiEncoderModel, batcher: Batcher, tokenizer_pool: ThreadPoolExecutor, max_texts: int
+        self,
+        model: BiEncoderModel,
+        batcher: Batcher,
+        tokenizer_pool: ThreadPoolExecutor,
+        *,
+        max_texts: int,
+        max_request_tokens: int,
     ) -> None:
         self.model = model
         self.batcher = batcher
         self.max_texts = max_texts
+        self.max_request_tokens = max_request_tokens
         self._tokenizer_pool = tokenizer_pool
         self.accepting = True
 
@@ -61,6 +68,7 @@ class Embedder:
             self._tokenizer_pool, self.model.tokenizer.encode_texts, texts, spec
         )
         tokenized = time.monotonic_ns()
+        check_tokens(encoded.tokens, self.max_request_tokens)
         job = await self.batcher.score(encoded.pairs, deadline)
         assert job.outputs is not None
         usage = Usage(

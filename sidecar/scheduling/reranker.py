@@ -74,6 +74,16 @@ class Ranking:
 class Limits:
     max_documents_per_request: int
     max_chunks_per_doc: int
+    max_request_tokens: int
+
+
+def check_tokens(tokens: int, limit: int) -> None:
+    """Refuse, before it is queued, a request whose tokens exceed the per-request limit."""
+    if tokens > limit:
+        raise InvalidArgument(
+            f"this request tokenizes to {tokens} tokens, over the limit of {limit} per request (or stream "
+            "message) (--max-request-tokens); send fewer or shorter documents, or fewer chunks"
+        )
 
 
 def rank(scored: Sequence[ScoredDocument], top_n: int) -> list[ScoredDocument]:
@@ -171,12 +181,12 @@ class Reranker:
         if not self.accepting:
             raise NotReady("the server is not accepting requests (loading or shutting down)")
         started = time.monotonic_ns()
-        chunks = await self.scorer.score_chunks(
-            query, [document.text for document in documents], spec, deadline
-        )
+        encoded = await self.scorer.encode(query, [document.text for document in documents], spec)
+        check_tokens(encoded.tokens, self.limits.max_request_tokens)
+        chunks = await self.scorer.score(encoded, deadline)
         # Max-pool chunks per document; normalizing is monotonic, so pooling before it is exact.
         pooled = np.full(len(documents), -np.inf, dtype=np.float32)
-        np.maximum.at(pooled, np.asarray(chunks.document_of_pair), chunks.raw)
+        np.maximum.at(pooled, np.asarray(encoded.document_of_pair), chunks.raw)
         scores = pooled if options.raw_scores else self.scorer.normalize(pooled)
         results = [
             ScoredDocument(
@@ -190,11 +200,11 @@ class Reranker:
         job = chunks.job
         usage = Usage(
             pairs=len(documents),
-            chunks=len(chunks.document_of_pair),
-            tokens=chunks.tokens,
+            chunks=len(encoded.document_of_pair),
+            tokens=encoded.tokens,
             batches=job.batches,
             queue_ns=job.queue_ns,
-            tokenization_ns=chunks.tokenization_ns,
+            tokenization_ns=encoded.tokenization_ns,
             inference_ns=job.inference_ns,
             total_ns=time.monotonic_ns() - started,
         )

@@ -21,11 +21,21 @@ from sidecar.scheduling.batcher import Batcher, ScoringJob
 
 
 @dataclass(frozen=True, slots=True)
+class EncodedRequest:
+    """Model inputs for one request: the pairs (cross-encoder) or texts (bi-encoder) to run."""
+
+    rows: list[EncodedPair]
+    document_of_pair: list[int]  # per chunk, not counting a bi-encoder's leading query row
+    tokenization_ns: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(row) for row in self.rows)
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkScores:
     raw: np.ndarray  # float32, one per chunk
-    document_of_pair: list[int]
-    tokens: int
-    tokenization_ns: int
     job: ScoringJob
 
 
@@ -37,20 +47,20 @@ class CrossEncoderScorer:
         self.batcher = batcher
         self._tokenizer_pool = tokenizer_pool
 
-    async def score_chunks(
-        self, query: str, documents: Sequence[str], spec: PairSpec, deadline: float | None
-    ) -> ChunkScores:
+    async def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedRequest:
         started = time.monotonic_ns()
         encoded: EncodedQuery = await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_pool, self.model.tokenizer.encode, query, documents, spec
         )
-        tokenized = time.monotonic_ns()
-        job = await self.batcher.score(encoded.pairs, deadline)
+        return EncodedRequest(encoded.pairs, encoded.document_of_pair, time.monotonic_ns() - started)
+
+    async def score(self, encoded: EncodedRequest, deadline: float | None) -> ChunkScores:
+        job = await self.batcher.score(encoded.rows, deadline)
         assert job.outputs is not None
         logits = job.outputs.astype(np.float32, copy=False)
         # One log-odds per pair: the logit, or positive minus negative for two-label models.
         raw = logits[:, 0] if self.model.num_labels == 1 else logits[:, 1] - logits[:, 0]
-        return ChunkScores(raw, encoded.document_of_pair, encoded.tokens, tokenized - started, job)
+        return ChunkScores(raw, job)
 
     @staticmethod
     def normalize(raw: np.ndarray) -> np.ndarray:
@@ -64,27 +74,24 @@ class BiEncoderScorer:
         self.batcher = batcher
         self._tokenizer_pool = tokenizer_pool
 
-    def _encode(
-        self, query: str, documents: Sequence[str], spec: PairSpec
-    ) -> tuple[EncodedPair, EncodedQuery]:
-        query_spec = PairSpec(max_length=spec.max_length)
-        (query_pair,) = self.model.tokenizer.encode_texts([query], query_spec).pairs
-        return query_pair, self.model.tokenizer.encode_texts(documents, spec)
+    def _encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedQuery:
+        (query_row,) = self.model.tokenizer.encode_texts([query], PairSpec(max_length=spec.max_length)).pairs
+        encoded = self.model.tokenizer.encode_texts(documents, spec)
+        return EncodedQuery([query_row, *encoded.pairs], encoded.document_of_pair)
 
-    async def score_chunks(
-        self, query: str, documents: Sequence[str], spec: PairSpec, deadline: float | None
-    ) -> ChunkScores:
+    async def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedRequest:
+        """The query's row first, then one row per document chunk."""
         started = time.monotonic_ns()
-        query_pair, encoded = await asyncio.get_running_loop().run_in_executor(
+        encoded = await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_pool, self._encode, query, documents, spec
         )
-        tokenized = time.monotonic_ns()
-        job = await self.batcher.score([query_pair, *encoded.pairs], deadline)
+        return EncodedRequest(encoded.pairs, encoded.document_of_pair, time.monotonic_ns() - started)
+
+    async def score(self, encoded: EncodedRequest, deadline: float | None) -> ChunkScores:
+        job = await self.batcher.score(encoded.rows, deadline)
         assert job.outputs is not None
         vectors = unit_vectors(job.outputs)
-        raw = vectors[1:] @ vectors[0]
-        tokens = len(query_pair) + encoded.tokens
-        return ChunkScores(raw.astype(np.float32), encoded.document_of_pair, tokens, tokenized - started, job)
+        return ChunkScores((vectors[1:] @ vectors[0]).astype(np.float32), job)
 
     @staticmethod
     def normalize(raw: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""One interceptor maps errors to gRPC statuses and writes one structured log line per call."""
+"""Interceptors: one maps errors to gRPC statuses, logs and measures every call; one checks a bearer token."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -15,11 +16,13 @@ import grpc
 
 from sidecar.errors import SidecarError
 from sidecar.scheduling.reranker import Usage
+from sidecar.transport.metrics import Metrics
 
 logger = logging.getLogger("sidecar.access")
 
 REQUEST_ID_KEY = "x-request-id"
 _OWN_SERVICES_PREFIX = "/rerank.v1."
+_OPEN_SERVICES_PREFIX = "/grpc.health.v1.Health/"
 
 
 @dataclass
@@ -41,11 +44,14 @@ def _request_id(details: grpc.HandlerCallDetails) -> str:
     return uuid.uuid4().hex
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns SidecarError into its status, anything unexpected into INTERNAL, and logs every call.
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Turns SidecarError into its status, anything unexpected into INTERNAL; logs and measures every call.
 
     Only this server's own services are wrapped; health and reflection pass through untouched.
     """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -89,7 +95,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await context.abort(status, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
             finally:
-                _log_call(record, status, started)
+                self._finish(record, status, started)
 
         return unary
 
@@ -111,9 +117,69 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await context.abort(status, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
             finally:
-                _log_call(record, status, started)
+                self._finish(record, status, started)
 
         return stream
+
+    def _finish(self, record: CallRecord, status: grpc.StatusCode, started_ns: int) -> None:
+        duration_s = (time.monotonic_ns() - started_ns) / 1e9
+        _log_call(record, status, duration_s)
+        self._metrics.record_call(record.method, status.name, record.usage, duration_s)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` metadata; health stays open for probes."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(_OPEN_SERVICES_PREFIX):
+            return handler
+        supplied = next(
+            (
+                value
+                for key, value in handler_call_details.invocation_metadata or ()
+                if key == "authorization"
+            ),
+            "",
+        )
+        supplied_bytes = supplied.encode() if isinstance(supplied, str) else bytes(supplied)
+        if hmac.compare_digest(supplied_bytes, self._expected):
+            return handler
+        message = (
+            "missing bearer token: send `authorization: Bearer <token>` metadata"
+            if not supplied
+            else "the bearer token in the authorization metadata is not valid"
+        )
+        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that ends every call with ``code``."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    if handler.unary_unary:
+        factory = grpc.unary_unary_rpc_method_handler
+    elif handler.unary_stream:
+        factory = grpc.unary_stream_rpc_method_handler
+    elif handler.stream_unary:
+        factory = grpc.stream_unary_rpc_method_handler
+    else:
+        factory = grpc.stream_stream_rpc_method_handler
+    return factory(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _status_for(exc: BaseException, record: CallRecord) -> tuple[grpc.StatusCode, str | None]:
@@ -131,12 +197,12 @@ def _status_for(exc: BaseException, record: CallRecord) -> tuple[grpc.StatusCode
     )
 
 
-def _log_call(record: CallRecord, status: grpc.StatusCode, started_ns: int) -> None:
+def _log_call(record: CallRecord, status: grpc.StatusCode, duration_s: float) -> None:
     fields: dict[str, Any] = {
         "request_id": record.request_id,
         "method": record.method,
         "status": status.name,
-        "duration_ms": round((time.monotonic_ns() - started_ns) / 1e6, 3),
+        "duration_ms": round(duration_s * 1e3, 3),
     }
     if record.usage is not None:
         usage = record.usage

@@ -8,24 +8,29 @@ import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar import __version__
 from sidecar.errors import ModelLoadError, NotReady
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource
-from sidecar.model.tokenization import Truncation
+from sidecar.model.tokenization import PairSpec
 from sidecar.runtime import Runtime, load_runtime
 from sidecar.scheduling.batcher import Batcher, BatchLimits
 from sidecar.scheduling.embedder import Embedder
-from sidecar.scheduling.reranker import Document, Limits, Reranker, RerankOptions
+from sidecar.scheduling.reranker import Limits, Reranker
 from sidecar.scheduling.scoring import scorer_for
 from sidecar.settings import Settings
-from sidecar.transport.interceptors import ErrorMappingInterceptor
+from sidecar.transport.interceptors import BearerTokenInterceptor, CallInterceptor
+from sidecar.transport.metrics import Metrics
 from sidecar.transport.servicer import EmbedderServicer, RerankerServicer
+from sidecar.transport.tracing import configure_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +38,18 @@ RERANKER_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["Reranker"].full_name
 EMBEDDER_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _WARMUP_TEXT = "warm-up " * 512
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (mutual TLS with a client CA), or None for plaintext."""
+    if not settings.tls_cert_file:
+        return None
+    key_and_chain = (Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [key_and_chain], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -62,14 +77,22 @@ class SidecarServer:
         self._served: list[ServedModel] = []
         self._services = (RERANKER_SERVICE, EMBEDDER_SERVICE) if settings.embed_model else (RERANKER_SERVICE,)
         self._tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_workers, thread_name_prefix="tokenize")
+        self.metrics = Metrics()
+        self._metrics_http: Any = None
+        if settings.otel_endpoint:
+            configure_tracing(settings.otel_endpoint, "rerank-sidecar")
+        interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(self.metrics)]
+        if settings.auth_token:
+            interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
         self._server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
             ],
         )
         self.port = 0
+        self.metrics_port = 0
         self._stopped = asyncio.Event()
 
     def _require_reranker(self) -> Reranker:
@@ -137,11 +160,30 @@ class SidecarServer:
         )
         for service in ("", *self._services):
             await self.health.set(service, _NOT_SERVING)
-        self.port = self._server.add_insecure_port(self.settings.address)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(self.settings.address)
+        else:
+            self.port = self._server.add_secure_port(self.settings.address, credentials)
         if self.port == 0:
             raise OSError(f"could not listen on {self.settings.address}")
         await self._server.start()
-        logger.info("listening on %s:%d", self.settings.host, self.port)
+        if self.settings.metrics_port:
+            self._metrics_http, _ = start_http_server(
+                self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+            )
+            self.metrics_port = self._metrics_http.server_port
+        logger.info(
+            "listening on %s:%d (%s)%s",
+            self.settings.host,
+            self.port,
+            "plaintext"
+            if credentials is None
+            else "mutual TLS"
+            if self.settings.tls_client_ca_file
+            else "TLS",
+            f", metrics on port {self.metrics_port}" if self.metrics_port else "",
+        )
 
     async def _serve_model(self, source: ModelSource) -> ServedModel:
         """Load a model and its engine off the event loop, and start its batcher."""
@@ -161,14 +203,32 @@ class SidecarServer:
             ),
             pad_token_id=model.pad_token_id,
             with_token_type_ids=model.uses_token_type_ids,
+            on_batch=self.metrics.batch_observer(source.model_id),
         )
         batcher.start()
+        self.metrics.watch_queue(source.model_id, lambda: batcher.queued_pairs)
+        engine = runtime.engine
+        self.metrics.describe_engine(
+            source.model_id, engine.name, engine.precision, engine.device, model.kind.value
+        )
         served = ServedModel(runtime, batcher)
         self._served.append(served)
+        await self._warm_up(served)
         return served
 
-    def _full_batch(self, max_length: int) -> int:
-        return max(1, min(self.settings.max_batch_pairs, self.settings.max_batch_tokens // max_length))
+    async def _warm_up(self, served: ServedModel) -> None:
+        """Run one short input, then a full batch of full-length inputs, through the model's batcher."""
+        model = served.runtime.model
+        spec = PairSpec(max_length=model.max_length)
+        full_batch = max(
+            1, min(self.settings.max_batch_pairs, self.settings.max_batch_tokens // model.max_length)
+        )
+        for texts in (["warm-up"], [_WARMUP_TEXT] * full_batch):
+            if isinstance(model, BiEncoderModel):
+                encoded = model.tokenizer.encode_texts(texts, spec)
+            else:
+                encoded = model.tokenizer.encode("warm-up", texts, spec)
+            await served.batcher.score(encoded.pairs, None)
 
     async def load(self) -> None:
         """Load the models and engines, warm them up, then report SERVING."""
@@ -176,12 +236,12 @@ class SidecarServer:
         ranking = await self._serve_model(rerank_source)
         reranker = Reranker(
             scorer_for(ranking.runtime.model, ranking.batcher, self._tokenizer_pool),
-            Limits(self.settings.max_documents_per_request, self.settings.max_chunks_per_doc),
+            Limits(
+                self.settings.max_documents_per_request,
+                self.settings.max_chunks_per_doc,
+                self.settings.max_request_tokens,
+            ),
         )
-        # Warm up through the whole request path: one short input and one batch of full-length ones.
-        await reranker.rerank("warm-up", [Document("", "warm-up")], RerankOptions(), None)
-        full_batch = [Document("", _WARMUP_TEXT)] * self._full_batch(reranker.model.max_length)
-        await reranker.rerank("warm-up", full_batch, RerankOptions(), None)
 
         embedder = None
         if self.settings.embed_model:
@@ -197,10 +257,9 @@ class SidecarServer:
                 embedding.runtime.model,
                 embedding.batcher,
                 self._tokenizer_pool,
-                self.settings.max_documents_per_request,
+                max_texts=self.settings.max_documents_per_request,
+                max_request_tokens=self.settings.max_request_tokens,
             )
-            texts = [_WARMUP_TEXT] * self._full_batch(embedder.model.max_length)
-            await embedder.embed(texts, 0, Truncation.RIGHT, None)
 
         self.runtime, self.reranker, self.embedder = ranking.runtime, reranker, embedder
         for service in ("", *self._services):
@@ -228,6 +287,9 @@ class SidecarServer:
             await served.batcher.close()
             served.runtime.engine.close()
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         self._stopped.set()
         logger.info("stopped")
 

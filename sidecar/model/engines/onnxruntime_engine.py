@@ -131,13 +131,13 @@ class OnnxRuntimeEngine(Engine):
         import onnxruntime
 
         super().__init__(precision=precision, device=device)
+        providers = _providers(device)  # before any compiling: a missing CUDA provider fails fast
         path = optimized_model(exported, precision, device, cache)
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads  # 0: one per core
         options.inter_op_num_threads = 1
-        providers = _providers(device)
         try:
             self._session = onnxruntime.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types

@@ -1,0 +1,83 @@
+"""Prometheus metrics, served on their own port: calls, queue depth, batch shapes and stage latencies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from sidecar.scheduling.reranker import Usage
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_PAIR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class Metrics:
+    """One registry per server, so several servers in one process (tests) do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "rerank_requests",
+            "Calls by method and gRPC status code.",
+            ("method", "code"),
+            registry=self.registry,
+        )
+        self.queued_pairs = Gauge(
+            "rerank_queued_pairs",
+            "Pairs (or texts) waiting for the model, by model.",
+            ("model",),
+            registry=self.registry,
+        )
+        self.batch_pairs = Histogram(
+            "rerank_batch_pairs",
+            "Pairs per model batch.",
+            ("model",),
+            buckets=_PAIR_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_tokens = Histogram(
+            "rerank_batch_tokens",
+            "Tokens per model batch, padding included.",
+            ("model",),
+            buckets=_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "rerank_stage_seconds",
+            "Seconds a call spent per stage: queue, tokenization, inference and total.",
+            ("method", "stage"),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.engine = Info(
+            "rerank_engine", "Engine and precision serving each model.", ("model",), registry=self.registry
+        )
+
+    def record_call(self, method: str, code: str, usage: Usage | None, duration_s: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.stage_seconds.labels(method, "total").observe(duration_s)
+        if usage is not None:
+            self.stage_seconds.labels(method, "queue").observe(usage.queue_ns / 1e9)
+            self.stage_seconds.labels(method, "tokenization").observe(usage.tokenization_ns / 1e9)
+            self.stage_seconds.labels(method, "inference").observe(usage.inference_ns / 1e9)
+
+    def batch_observer(self, model: str) -> Callable[[int, int], None]:
+        """A callback for the batcher: (pairs, padded tokens) of each batch it runs."""
+        pairs_histogram = self.batch_pairs.labels(model)
+        tokens_histogram = self.batch_tokens.labels(model)
+
+        def observe(pairs: int, padded_tokens: int) -> None:
+            pairs_histogram.observe(pairs)
+            tokens_histogram.observe(padded_tokens)
+
+        return observe
+
+    def watch_queue(self, model: str, queued_pairs: Callable[[], int]) -> None:
+        self.queued_pairs.labels(model).set_function(queued_pairs)
+
+    def describe_engine(self, model: str, engine: str, precision: str, device: str, kind: str) -> None:
+        self.engine.labels(model).info(
+            {"engine": engine, "precision": precision, "device": device, "kind": kind}
+        )

@@ -1,0 +1,88 @@
+"""Prometheus metrics, OpenTelemetry tracing, and the size limits' statuses."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from rerank.v1 import rerank_pb2
+from sidecar.transport import tracing
+from tests.conftest import docs, running_sidecar
+
+
+async def test_metrics_endpoint_reports_calls_queue_batches_stages_and_engine(tiny_bert: Path):
+    async with running_sidecar(tiny_bert, metrics_port=0) as running:
+        assert running.server.metrics_port == 0  # 0 disables the endpoint
+    async with running_sidecar(tiny_bert, metrics_port=_free_port()) as running:
+        await running.stub.Rerank(
+            rerank_pb2.RerankRequest(query="q", documents=docs("a", "b", "c")), timeout=10
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await running.stub.Rerank(rerank_pb2.RerankRequest(query="", documents=docs("a")), timeout=10)
+        url = f"http://127.0.0.1:{running.server.metrics_port}/metrics"
+        body = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: ASYNC210 - a local scrape
+    model = str(tiny_bert)
+    assert 'rerank_requests_total{code="OK",method="/rerank.v1.Reranker/Rerank"} 1.0' in body
+    assert 'rerank_requests_total{code="INVALID_ARGUMENT",method="/rerank.v1.Reranker/Rerank"} 1.0' in body
+    assert f'rerank_queued_pairs{{model="{model}"}} 0.0' in body
+    assert f'rerank_batch_pairs_count{{model="{model}"}}' in body
+    assert f'rerank_batch_tokens_bucket{{le="64.0",model="{model}"}}' in body
+    for stage in ("queue", "tokenization", "inference", "total"):
+        assert f'rerank_stage_seconds_count{{method="/rerank.v1.Reranker/Rerank",stage="{stage}"}}' in body
+    assert (
+        f'rerank_engine_info{{device="cpu",engine="torch",kind="cross-encoder",model="{model}",precision="fp32"}}'
+        in body
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_calls_are_traced_when_an_endpoint_is_set(tiny_bert: Path, monkeypatch):
+    exporter = InMemorySpanExporter()
+    monkeypatch.setattr(tracing, "_configured", False)
+    tracing.configure_tracing("http://collector.invalid:4317", "rerank-sidecar", exporter=exporter)
+    try:
+        async with running_sidecar(tiny_bert, otel_endpoint="http://collector.invalid:4317") as running:
+            await running.stub.Rerank(rerank_pb2.RerankRequest(query="q", documents=docs("a")), timeout=10)
+    finally:
+        from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
+
+        GrpcAioInstrumentorServer().uninstrument()
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert "/rerank.v1.Reranker/Rerank" in names
+
+
+async def test_token_limit_is_invalid_argument(tiny_bert: Path):
+    async with running_sidecar(tiny_bert, max_request_tokens=50) as running:
+        ok = await running.stub.Rerank(
+            rerank_pb2.RerankRequest(query="q", documents=docs("short")), timeout=10
+        )
+        assert len(ok.results) == 1
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await running.stub.Rerank(
+                rerank_pb2.RerankRequest(query="q", documents=docs(*["a longer passage of text"] * 10)),
+                timeout=10,
+            )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "over the limit of 50" in raised.value.details()
+    assert "--max-request-tokens" in raised.value.details()
+
+
+async def test_message_size_limit_is_resource_exhausted(tiny_bert: Path):
+    async with running_sidecar(tiny_bert, max_message_bytes=10_000) as running:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await running.stub.Rerank(
+                rerank_pb2.RerankRequest(query="q", documents=docs("x" * 20_000)), timeout=10
+            )
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in raised.value.details()
