@@ -57,7 +57,10 @@ def _address_family(address: str) -> str | None:
 
 
 def service_config(max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> str:
-    """round_robin over every resolved address; retries of UNAVAILABLE (a sidecar starting or draining)."""
+    """round_robin over every resolved address, and retries of the statuses a replica that is starting or
+    stopping answers: UNAVAILABLE while it loads or drains, and CANCELLED for a call that reaches it in
+    the instant its listener closes. Every sidecar method is idempotent, so a retry is always safe; a
+    call the caller itself cancels is never retried."""
     services = [{"service": service.full_name} for service in rerank_pb2.DESCRIPTOR.services_by_name.values()]
     config = {
         "loadBalancingConfig": [{"round_robin": {}}],
@@ -69,7 +72,7 @@ def service_config(max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> str:
                     "initialBackoff": "0.1s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ],

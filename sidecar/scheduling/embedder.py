@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sidecar.errors import InvalidArgument, NotReady
+from sidecar.errors import InvalidArgument
 from sidecar.model.loading import BiEncoderModel
 from sidecar.model.tokenization import EncodedQuery, PairSpec, Truncation
 from sidecar.scheduling.batcher import Batcher
@@ -38,7 +38,6 @@ class Embedder:
         self.max_texts = max_texts
         self.max_request_tokens = max_request_tokens
         self._tokenizer_pool = tokenizer_pool
-        self.accepting = True
 
     def _spec(self, texts: Sequence[str], max_length: int, truncation: Truncation) -> PairSpec:
         if not texts:
@@ -61,8 +60,6 @@ class Embedder:
         self, texts: Sequence[str], max_length: int, truncation: Truncation, deadline: float | None
     ) -> Embeddings:
         spec = self._spec(texts, max_length, truncation)
-        if not self.accepting:
-            raise NotReady("the server is not accepting requests (loading or shutting down)")
         started = time.monotonic_ns()
         encoded: EncodedQuery = await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_pool, self.model.tokenizer.encode_texts, texts, spec

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sidecar.errors import InvalidArgument, NotReady
+from sidecar.errors import InvalidArgument
 from sidecar.model.tokenization import PairSpec, Truncation
 from sidecar.scheduling.scoring import Scorer
 
@@ -98,7 +98,6 @@ class Reranker:
         self.model = scorer.model
         self.batcher = scorer.batcher
         self.limits = limits
-        self.accepting = True
 
     def check_query(self, query: str, options: RerankOptions) -> PairSpec:
         """Validate what a request (or a stream's first message) fixes; returns its tokenization spec."""
@@ -178,8 +177,6 @@ class Reranker:
         offset: int,
     ) -> tuple[list[ScoredDocument], Usage]:
         """Score documents (already validated) in their given order; indices start at ``offset``."""
-        if not self.accepting:
-            raise NotReady("the server is not accepting requests (loading or shutting down)")
         started = time.monotonic_ns()
         encoded = await self.scorer.encode(query, [document.text for document in documents], spec)
         check_tokens(encoded.tokens, self.limits.max_request_tokens)

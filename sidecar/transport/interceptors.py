@@ -52,6 +52,20 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no call of this server's own services is in flight."""
+        await self._idle.wait()
+
+    def _begin(self, method: str, request_id: str) -> CallRecord:
+        record = CallRecord(method, request_id)
+        current_call.set(record)
+        self.in_flight += 1
+        self._idle.clear()
+        return record
 
     async def intercept_service(
         self,
@@ -81,8 +95,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self, behavior: Callable[..., Awaitable[Any]], method: str, request_id: str
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            record = CallRecord(method, request_id)
-            current_call.set(record)
+            record = self._begin(method, request_id)
             started = time.monotonic_ns()
             status = grpc.StatusCode.OK
             try:
@@ -103,8 +116,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self, behavior: Callable[..., AsyncIterator[Any]], method: str, request_id: str
     ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
         async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            record = CallRecord(method, request_id)
-            current_call.set(record)
+            record = self._begin(method, request_id)
             started = time.monotonic_ns()
             status = grpc.StatusCode.OK
             try:
@@ -122,6 +134,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return stream
 
     def _finish(self, record: CallRecord, status: grpc.StatusCode, started_ns: int) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
         duration_s = (time.monotonic_ns() - started_ns) / 1e9
         _log_call(record, status, duration_s)
         self._metrics.record_call(record.method, status.name, record.usage, duration_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,7 +82,9 @@ class SidecarServer:
         self._metrics_http: Any = None
         if settings.otel_endpoint:
             configure_tracing(settings.otel_endpoint, "rerank-sidecar")
-        interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(self.metrics)]
+        self._calls = CallInterceptor(self.metrics)
+        self._draining = False
+        interceptors: list[grpc.aio.ServerInterceptor] = [self._calls]
         if settings.auth_token:
             interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
         self._server = grpc.aio.server(
@@ -95,14 +98,20 @@ class SidecarServer:
         self.metrics_port = 0
         self._stopped = asyncio.Event()
 
+    def _check_serving(self) -> None:
+        if self._draining:
+            raise NotReady("this server is shutting down; retry on another replica")
+
     def _require_reranker(self) -> Reranker:
-        if self.reranker is None or not self.reranker.accepting:
-            raise NotReady("the server is not serving yet (the model is loading) or is shutting down")
+        self._check_serving()
+        if self.reranker is None:
+            raise NotReady("the model is still loading; wait until the health service reports SERVING")
         return self.reranker
 
     def _require_embedder(self) -> Embedder:
-        if self.embedder is None or not self.embedder.accepting:
-            raise NotReady("the server is not serving yet (the model is loading) or is shutting down")
+        self._check_serving()
+        if self.embedder is None:
+            raise NotReady("the model is still loading; wait until the health service reports SERVING")
         return self.embedder
 
     def info(self) -> rerank_pb2.InfoResponse:
@@ -278,11 +287,18 @@ class SidecarServer:
             return
         grace = self.settings.grace_period if grace is None else grace
         logger.info("draining: in-flight calls get %.1f s", grace)
+        # New calls get UNAVAILABLE, which clients retry on another replica, while the calls in flight
+        # finish; only then does gRPC stop the listener (it cancels calls that arrive as it stops).
+        self._draining = True
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
-        for front in (self.reranker, self.embedder):
-            if front is not None:
-                front.accepting = False
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._calls.idle(), timeout=grace)
+        except TimeoutError:
+            logger.warning(
+                "%d call(s) still in flight after the grace period; cancelling them", self._calls.in_flight
+            )
+        await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         for served in self._served:
             await served.batcher.close()
             served.runtime.engine.close()

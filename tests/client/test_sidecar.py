@@ -46,7 +46,7 @@ def test_address_lists_become_round_robin_targets():
     config = json.loads(service_config(max_attempts=3))
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     policy = config["methodConfig"][0]["retryPolicy"]
-    assert (policy["maxAttempts"], policy["retryableStatusCodes"]) == (3, ["UNAVAILABLE"])
+    assert (policy["maxAttempts"], policy["retryableStatusCodes"]) == (3, ["UNAVAILABLE", "CANCELLED"])
     with pytest.raises(ValueError, match="key"):
         TlsConfig(client_cert=Path("cert.pem")).credentials()
 

@@ -81,7 +81,17 @@ def free_port() -> int:
 @pytest.mark.slow
 async def test_sigterm_lets_the_call_in_flight_finish_and_exits_zero(tiny_bert: Path, tmp_path: Path):
     port = free_port()
-    env = {**os.environ, "RERANK_MODEL": str(tiny_bert), "RERANK_PORT": str(port), "RERANK_HOST": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "RERANK_MODEL": str(tiny_bert),
+        "RERANK_PORT": str(port),
+        "RERANK_HOST": "127.0.0.1",
+        "RERANK_ENGINE": "torch",
+        "RERANK_PRECISION": "fp32",
+        "RERANK_EMBED_MODEL": "",
+        "RERANK_METRICS_PORT": "0",
+        "RERANK_CACHE_DIR": str(tmp_path / "cache"),
+    }
     log_path = tmp_path / "sidecar.log"
     with log_path.open("w") as log_file:
         process = await asyncio.create_subprocess_exec(
