@@ -1,0 +1,243 @@
+"""Closed-loop load on the sidecar over gRPC: throughput and latency per concurrency level, and a soak.
+
+Each caller sends one 100-candidate Rerank request (the engines benchmark's workload: about 230
+tokens a pair, max_length 256), waits for the answer, and sends the next, until the level's time
+is up. A RESOURCE_EXHAUSTED answer counts as refused and the caller backs off briefly. The model
+has MiniLM-L6 shape with real encoder weights (see benchmarks/engines.py); only speed is measured.
+
+    .venv/bin/python -m benchmarks.load [--levels 1 4 16 64] [--seconds 60] [--engine auto]
+    .venv/bin/python -m benchmarks.load --soak-seconds 300 --soak-callers 16
+
+The sidecar runs as a subprocess on 127.0.0.1 with its own settings (queue limit included), so the
+numbers include the transport, tokenization and batching. Writes benchmarks/out/load.json and, for
+the levels, benchmarks/out/load.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from benchmarks.engines import OUT, QUERY, REPO, build_model, candidates, free_port
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+
+_BACKOFF_S = 0.2
+
+
+@dataclass
+class Level:
+    callers: int
+    seconds: float
+    ok: int = 0
+    refused: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    pairs_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    refused_share: float = 0.0
+
+
+@dataclass
+class Sidecar:
+    process: subprocess.Popen[bytes]
+    port: int
+    engine: str
+
+    def rss_bytes(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        kilobytes = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(kilobytes) * 1024
+
+
+@contextmanager
+def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar]:
+    """The sidecar as a subprocess on a free 127.0.0.1 port, once it answers Info; stopped on exit."""
+    port = free_port()
+    flags = {
+        "model": str(model_dir),
+        "host": "127.0.0.1",
+        "port": str(port),
+        "cache-dir": str(OUT / "cache"),
+        "embed-model": "",
+        "metrics-port": "0",
+        "log-format": "text",
+        "log-level": "WARNING",
+        **settings,
+    }
+    command = [sys.executable, "-m", "sidecar", *(part for f, v in flags.items() for part in (f"--{f}", v))]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = rerank_pb2_grpc.RerankerStub(channel)
+            deadline = time.monotonic() + 900
+            while True:
+                try:
+                    info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline or process.poll() is not None:
+                        raise
+                    time.sleep(1)
+        yield Sidecar(process, port, f"{info.engine}/{info.precision}")
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+
+
+async def run_level(port: int, request: rerank_pb2.RerankRequest, callers: int, seconds: float) -> Level:
+    level = Level(callers, seconds)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rerank_pb2_grpc.RerankerStub(channel)
+        stop_at = time.monotonic() + seconds
+
+        async def caller() -> None:
+            while time.monotonic() < stop_at:
+                started = time.monotonic()
+                try:
+                    await stub.Rerank(request, timeout=600)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        level.refused += 1
+                        await asyncio.sleep(_BACKOFF_S)
+                    else:
+                        errors[error.code().name] += 1
+                    continue
+                # Count only answers that finish inside the window, so the rate is not inflated.
+                if time.monotonic() <= stop_at:
+                    level.ok += 1
+                    latencies.append(time.monotonic() - started)
+
+        await asyncio.gather(*(caller() for _ in range(callers)))
+    level.errors = dict(errors)
+    level.pairs_per_s = level.ok * len(request.documents) / seconds
+    if latencies:
+        p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1000
+        level.p50_ms, level.p95_ms, level.p99_ms = float(p50), float(p95), float(p99)
+    level.refused_share = level.refused / max(1, level.refused + level.ok)
+    return level
+
+
+async def soak(sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int, seconds: float) -> dict:
+    """Saturate the sidecar for ``seconds``, sampling its resident memory every 10 s."""
+    warm = await run_level(sidecar.port, request, callers, min(60.0, seconds / 5))
+    samples = [(0.0, sidecar.rss_bytes())]
+    started = time.monotonic()
+    levels = [warm]
+    while (elapsed := time.monotonic() - started) < seconds:
+        levels.append(await run_level(sidecar.port, request, callers, min(10.0, seconds - elapsed)))
+        samples.append((time.monotonic() - started, sidecar.rss_bytes()))
+    errors: Counter[str] = Counter()
+    for level in levels[1:]:
+        errors.update(level.errors)
+    first, last = samples[0][1], samples[-1][1]
+    return {
+        "callers": callers,
+        "seconds": seconds,
+        "rss_start_mib": first / 2**20,
+        "rss_end_mib": last / 2**20,
+        "rss_max_mib": max(rss for _, rss in samples) / 2**20,
+        "rss_growth_percent": 100 * (last - first) / first,
+        "ok": sum(level.ok for level in levels[1:]),
+        "refused": sum(level.refused for level in levels[1:]),
+        "errors": dict(errors),
+        "pairs_per_s_median": statistics.median(level.pairs_per_s for level in levels[1:]),
+        "rss_samples": samples,
+    }
+
+
+def plot(levels: list[Level], engine: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    callers = [str(level.callers) for level in levels]
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    throughput.bar(callers, [level.pairs_per_s for level in levels], color="#4c72b0")
+    throughput.axhline(levels[0].pairs_per_s * 0.95, color="#c44e52", linestyle="--", label="95% of 1 caller")
+    throughput.set(title=f"Throughput ({engine})", xlabel="concurrent callers", ylabel="pairs / s")
+    throughput.legend()
+    for name, key in (("p50", "p50_ms"), ("p95", "p95_ms"), ("p99", "p99_ms")):
+        latency.plot(callers, [getattr(level, key) / 1000 for level in levels], marker="o", label=name)
+    latency.set(title="Latency of a 100-candidate request", xlabel="concurrent callers", ylabel="seconds")
+    latency.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=float, default=60.0, help="duration of each level")
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--threads", default="2")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-queued-pairs", default="2048")
+    parser.add_argument("--soak-seconds", type=float, default=0.0, help="run a soak instead of the levels")
+    parser.add_argument("--soak-callers", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=OUT / "load.json")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model(OUT / "minilm-l6-cross-encoder")
+    texts = candidates(model_dir)
+    request = rerank_pb2.RerankRequest(
+        query=QUERY,
+        documents=[rerank_pb2.Document(id=str(i), text=text) for i, text in enumerate(texts)],
+        max_length=args.max_length,
+    )
+    settings = {
+        "engine": args.engine,
+        "precision": args.precision,
+        "threads": args.threads,
+        "max-queued-pairs": args.max_queued_pairs,
+    }
+    with start_sidecar(model_dir, settings) as sidecar:
+        asyncio.run(run_level(sidecar.port, request, 1, 5.0))  # warm-up, not reported
+        if args.soak_seconds:
+            result = asyncio.run(soak(sidecar, request, args.soak_callers, args.soak_seconds))
+            result["engine"] = sidecar.engine
+            print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}, indent=2))
+            args.out.with_name("soak.json").write_text(json.dumps(result, indent=2))
+            return
+        levels = [asyncio.run(run_level(sidecar.port, request, n, args.seconds)) for n in args.levels]
+    print(
+        f"sidecar {sidecar.engine}, queue limit {args.max_queued_pairs} pairs, {args.seconds:.0f} s per level"
+    )
+    columns = ("callers", "pairs/s", "vs 1 caller", "p50 (s)", "p95 (s)", "p99 (s)", "RESOURCE_EXHAUSTED")
+    print("| " + " | ".join((*columns, "other errors")) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for level in levels:
+        ratio = level.pairs_per_s / levels[0].pairs_per_s if levels[0].pairs_per_s else 0.0
+        print(
+            f"| {level.callers} | {level.pairs_per_s:.1f} | {ratio:.2f}x | {level.p50_ms / 1000:.2f} "
+            f"| {level.p95_ms / 1000:.2f} | {level.p99_ms / 1000:.2f} | {100 * level.refused_share:.0f}% "
+            f"| {sum(level.errors.values())} |"
+        )
+    args.out.write_text(
+        json.dumps({"engine": sidecar.engine, "levels": [asdict(x) for x in levels]}, indent=2)
+    )
+    plot(levels, sidecar.engine, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
