@@ -68,14 +68,12 @@ class Embedder:
         check_tokens(encoded.tokens, self.max_request_tokens)
         job = await self.batcher.score(encoded.pairs, deadline)
         assert job.outputs is not None
-        usage = Usage(
+        usage = Usage.of_job(
             pairs=len(texts),
             chunks=len(encoded.pairs),
             tokens=encoded.tokens,
-            batches=job.batches,
-            queue_ns=job.queue_ns,
             tokenization_ns=tokenized - started,
-            inference_ns=job.inference_ns,
-            total_ns=time.monotonic_ns() - started,
+            job=job,
+            started_ns=started,
         )
         return Embeddings(job.outputs.astype(np.float32, copy=False), usage)

@@ -13,6 +13,7 @@ import numpy as np
 
 from sidecar.errors import InvalidArgument
 from sidecar.model.tokenization import PairSpec, Truncation
+from sidecar.scheduling.batcher import ScoringJob
 from sidecar.scheduling.scoring import Scorer
 
 
@@ -52,6 +53,22 @@ class Usage:
     tokenization_ns: int = 0
     inference_ns: int = 0
     total_ns: int = 0
+
+    @classmethod
+    def of_job(
+        cls, *, pairs: int, chunks: int, tokens: int, tokenization_ns: int, job: ScoringJob, started_ns: int
+    ) -> Usage:
+        """The usage of one request whose rows ran as ``job``; total time runs from ``started_ns``."""
+        return cls(
+            pairs=pairs,
+            chunks=chunks,
+            tokens=tokens,
+            batches=job.batches,
+            queue_ns=job.queue_ns,
+            tokenization_ns=tokenization_ns,
+            inference_ns=job.inference_ns,
+            total_ns=time.monotonic_ns() - started_ns,
+        )
 
     def add(self, other: Usage) -> None:
         """Accumulate another batch's usage (a stream's totals); total_ns is the caller's to set."""
@@ -194,16 +211,13 @@ class Reranker:
             )
             for position, (document, score) in enumerate(zip(documents, scores, strict=True))
         ]
-        job = chunks.job
-        usage = Usage(
+        usage = Usage.of_job(
             pairs=len(documents),
             chunks=len(encoded.document_of_pair),
             tokens=encoded.tokens,
-            batches=job.batches,
-            queue_ns=job.queue_ns,
             tokenization_ns=encoded.tokenization_ns,
-            inference_ns=job.inference_ns,
-            total_ns=time.monotonic_ns() - started,
+            job=chunks.job,
+            started_ns=started,
         )
         return results, usage
 
