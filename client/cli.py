@@ -1,26 +1,52 @@
-"""The ``rerank-client`` console script: ``ingest`` a corpus, ``search`` with both stages."""
+"""The ``rerank-client`` console script: ``ingest`` a corpus, ``search`` with both stages, ``eval`` them on a
+BEIR dataset, or run the packaged ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from client.demo.walkthrough import run_demo
 from client.documents import count_records, read_documents
+from client.embedding_cache import EmbeddingCache
+from client.evaluation import (
+    EvalReport,
+    Evaluator,
+    QueryRun,
+    configuration_labels,
+    load_beir,
+    prepare_index,
+    report_table,
+    reranker_description,
+    summarize,
+    workspace_name,
+    write_plot,
+)
 from client.ingest import ingest
 from client.pipeline import PipelineOptions, RerankFailed, SearchResponse, TwoStagePipeline
 from client.retrieval.base import Retriever
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.retrieval.embedded import EmbeddedRetriever
-from client.settings import ClientSettings, add_settings_arguments, settings_from
+from client.settings import (
+    EVAL_IGNORES,
+    ClientSettings,
+    DemoSettings,
+    EvalSettings,
+    add_settings_arguments,
+    settings_from,
+)
 from client.sidecar import AsyncRerankClient, RerankClient, TlsConfig
 
 
@@ -37,6 +63,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     search_parser.add_argument("query")
     for command_parser in (ingest_parser, search_parser):
         add_settings_arguments(command_parser, environ)
+    eval_parser = commands.add_parser(
+        "eval",
+        help="Measure BM25, dense, hybrid and hybrid + rerank on a BEIR dataset: quality and latency.",
+    )
+    eval_parser.add_argument(
+        "dataset", type=Path, help="A BEIR directory: corpus.jsonl, queries.jsonl, qrels/."
+    )
+    add_settings_arguments(eval_parser, environ, exclude=EVAL_IGNORES)
+    add_settings_arguments(eval_parser, environ, EvalSettings)
+    demo_parser = commands.add_parser(
+        "demo", help="Answer questions about the packaged contract clauses with both stages, offline."
+    )
+    add_settings_arguments(demo_parser, environ, DemoSettings)
     return parser
 
 
@@ -60,10 +99,18 @@ def tls_config(settings: ClientSettings) -> TlsConfig | None:
     return TlsConfig(root_certs=root, client_cert=cert, client_key=key)
 
 
-def run_ingest(settings: ClientSettings, retriever: Retriever, source: Path, console: Console) -> int:
-    progress = Progress(
-        TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+def progress_bars(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
     )
+
+
+def run_ingest(settings: ClientSettings, retriever: Retriever, source: Path, console: Console) -> int:
+    progress = progress_bars(console)
     with (
         RerankClient(settings.target, timeout=settings.timeout, tls=tls_config(settings)) as client,
         progress,
@@ -87,8 +134,8 @@ def run_ingest(settings: ClientSettings, retriever: Retriever, source: Path, con
     return 1
 
 
-async def run_search(settings: ClientSettings, retriever: Retriever, query: str, console: Console) -> int:
-    options = PipelineOptions(
+def pipeline_options(settings: ClientSettings) -> PipelineOptions:
+    return PipelineOptions(
         candidates=settings.candidates,
         batch_size=settings.batch_size,
         top_k=settings.top_k,
@@ -102,10 +149,13 @@ async def run_search(settings: ClientSettings, retriever: Retriever, query: str,
         rerank_timeout=settings.timeout,
         strict=settings.strict,
     )
+
+
+async def run_search(settings: ClientSettings, retriever: Retriever, query: str, console: Console) -> int:
     async with AsyncRerankClient(
         settings.target, timeout=settings.timeout, tls=tls_config(settings)
     ) as client:
-        pipeline = TwoStagePipeline(retriever, client, options=options)
+        pipeline = TwoStagePipeline(retriever, client, options=pipeline_options(settings))
         try:
             response = await pipeline.search(query, filters=settings.filter_map)
         except RerankFailed as exc:
@@ -113,6 +163,83 @@ async def run_search(settings: ClientSettings, retriever: Retriever, query: str,
             return 1
     console.print(results_table(response))
     return 0
+
+
+def run_eval(settings: ClientSettings, eval_settings: EvalSettings, source: Path, console: Console) -> int:
+    dataset = load_beir(source, eval_settings.split)
+    queries = dict(itertools.islice(dataset.queries.items(), eval_settings.max_queries or None))
+    with RerankClient(settings.target, timeout=settings.timeout, tls=tls_config(settings)) as client:
+        info = client.info()
+        if not info.HasField("embedding_model"):
+            console.print("[red]The sidecar serves no embedding model: start it with --embed-model.[/red]")
+            return 1
+        embedding = info.embedding_model
+        workspace = Path(eval_settings.eval_dir) / workspace_name(dataset, embedding)
+        retriever = make_retriever(
+            replace(settings, index_dir=str(workspace / "index"), es_index=f"rerank-eval-{workspace.name}")
+        )
+        try:
+            with progress_bars(console) as progress:
+                documents = count_records(dataset.directory)
+                embedded = progress.add_task("embed", total=documents)
+                indexed = progress.add_task("index", total=documents)
+                ingested = prepare_index(
+                    dataset,
+                    retriever,
+                    lambda texts: client.embed(texts).vectors,
+                    EmbeddingCache(workspace / "embeddings"),
+                    dims=embedding.dims,
+                    batch_size=settings.embed_batch_size,
+                    on_embedded=lambda done: progress.advance(embedded, done),
+                    on_indexed=lambda done: progress.advance(indexed, done),
+                )
+                if ingested is None:
+                    progress.update(embedded, completed=documents, description="embed (saved)")
+                    progress.update(indexed, completed=documents, description="index (already built)")
+            if ingested is not None and ingested.rejected:
+                console.print(
+                    f"[yellow]{len(ingested.rejected)} documents rejected, first: "
+                    f"{ingested.rejected[0].id}: {ingested.rejected[0].reason}[/yellow]"
+                )
+            runs = asyncio.run(_run_queries(settings, retriever, queries, console))
+            reranker = reranker_description(info)
+            report = EvalReport(
+                dataset=dataset.name,
+                documents=retriever.count(),
+                queries=len(queries),
+                retriever=f"Elasticsearch index {retriever.index}"
+                if isinstance(retriever, ElasticsearchRetriever)
+                else "embedded retriever",
+                reranker=reranker,
+                engine=f"{info.engine} {info.precision} on {info.device}",
+                embedding_model=f"{embedding.model_id} ({embedding.engine} {embedding.precision})",
+                candidates=settings.candidates,
+                configurations=summarize(
+                    dataset.qrels, runs, configuration_labels(settings.candidates, info)
+                ),
+            )
+        finally:
+            retriever.close()
+    console.print(report_table(report))
+    if eval_settings.output:
+        Path(eval_settings.output).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        console.print(f"Report: {eval_settings.output}")
+    if eval_settings.plot:
+        write_plot(report, Path(eval_settings.plot))
+        console.print(f"Chart: {eval_settings.plot}")
+    return 0
+
+
+async def _run_queries(
+    settings: ClientSettings, retriever: Retriever, queries: Mapping[str, str], console: Console
+) -> dict[str, dict[str, QueryRun]]:
+    async with AsyncRerankClient(
+        settings.target, timeout=settings.timeout, tls=tls_config(settings)
+    ) as client:
+        evaluator = Evaluator(retriever, client, pipeline_options(settings))
+        with progress_bars(console) as progress:
+            task = progress.add_task("queries", total=len(queries))
+            return await evaluator.run_all(queries, lambda: progress.advance(task))
 
 
 def results_table(response: SearchResponse) -> Table:
@@ -153,11 +280,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(os.environ)
     args = parser.parse_args(argv)
     try:
+        # Each command's parser holds the flags of the settings it uses; the others keep their defaults.
         settings = settings_from(args)
+        eval_settings = settings_from(args, EvalSettings)
+        demo_settings = settings_from(args, DemoSettings)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bm25s").setLevel(settings.log_level)  # bm25s sets DEBUG on its logger at import
     console = Console()
+    if args.command == "demo":
+        run_demo(demo_settings, console)
+        return 0
+    if args.command == "eval":
+        return run_eval(settings, eval_settings, args.dataset, console)
     retriever = make_retriever(settings)
     try:
         if args.command == "ingest":

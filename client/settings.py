@@ -1,15 +1,15 @@
 """Every client setting, defined once: each field is a flag of ``rerank-client`` and an environment variable.
 
-A flag beats its variable, which beats the default. ``python -m client.settings`` prints the README table.
+A flag beats its variable, which beats the default. ``python -m client.settings`` prints the README tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from client.retrieval.base import FilterValue
 from client.retrieval.elasticsearch import VECTOR_INDEX_TYPES
@@ -107,6 +107,61 @@ class ClientSettings:
         return parse_filters(self.filters)
 
 
+# `eval` keeps its own index per dataset and embedding model, always fails on a sidecar error (a ranking
+# that was not reranked must not be scored as reranked), and runs every mode: these flags do not apply.
+EVAL_IGNORES = frozenset({"es_index", "index_dir", "mode", "top_k", "filters", "strict"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    """``rerank-client eval``: the settings beside the retriever and sidecar ones of ``ClientSettings``."""
+
+    split: str = _setting("test", "RERANK_EVAL_SPLIT", "Qrels file of the BEIR dataset: qrels/SPLIT.tsv.")
+    eval_dir: str = _setting(
+        "rerank-eval",
+        "RERANK_EVAL_DIR",
+        "Where eval keeps, per dataset and embedding model, the corpus embeddings (saved batch by batch, so "
+        "an interrupted run resumes) and its embedded index.",
+    )
+    output: str = _setting("rerank-eval.json", "RERANK_EVAL_OUTPUT", "JSON report; empty writes none.")
+    plot: str = _setting("", "RERANK_EVAL_PLOT", "PNG chart of quality and latency; empty draws none.")
+    max_queries: int = _setting(
+        0, "RERANK_EVAL_MAX_QUERIES", "Evaluate the first N queries with judgements only; 0: all."
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_queries < 0:
+            raise ValueError(f"--max-queries must be zero or more, got {self.max_queries}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSettings:
+    """``rerank-client demo``: the packaged contract clauses through both stages."""
+
+    target: str = _setting(
+        "",
+        "RERANK_TARGET",
+        "Sidecar to use (host:port); empty starts one on a free 127.0.0.1 port and stops it afterwards.",
+    )
+    model: str = _setting(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "RERANK_DEMO_MODEL",
+        "Reranking model of the sidecar the demo starts: the packaged embedding model (ranks by cosine), "
+        "or a cross-encoder directory.",
+    )
+    candidates: int = _setting(20, "RERANK_DEMO_CANDIDATES", "Stage-1 candidates handed to the reranker.")
+    top_k: int = _setting(3, "RERANK_DEMO_TOP_K", "Results shown per question.")
+    timeout: float = _setting(30.0, "RERANK_DEMO_TIMEOUT", "Deadline of each sidecar call, in seconds.")
+    startup_timeout: float = _setting(
+        180.0, "RERANK_DEMO_STARTUP_TIMEOUT", "Seconds the started sidecar gets to load its models."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("candidates", "top_k", "timeout", "startup_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
+
+
 def parse_filters(text: str) -> dict[str, FilterValue]:
     """``"lang=en,lang=de,year=2020"`` -> ``{"lang": ["en", "de"], "year": "2020"}``."""
     values: dict[str, list[str]] = {}
@@ -128,8 +183,19 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean")
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
-    for settings_field in dataclasses.fields(ClientSettings):
+Settings = TypeVar("Settings", ClientSettings, EvalSettings, DemoSettings)
+
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser,
+    environ: Mapping[str, str],
+    settings_type: type[Any] = ClientSettings,
+    exclude: Collection[str] = (),
+) -> None:
+    """A flag per field of ``settings_type`` (but those in ``exclude``), defaulting to its variable."""
+    for settings_field in dataclasses.fields(settings_type):
+        if settings_field.name in exclude:
+            continue
         env = settings_field.metadata["env"]
         default = settings_field.default
         kind = type(default)
@@ -159,14 +225,15 @@ def add_settings_arguments(parser: argparse.ArgumentParser, environ: Mapping[str
         )
 
 
-def settings_from(namespace: argparse.Namespace) -> ClientSettings:
-    names = {settings_field.name for settings_field in dataclasses.fields(ClientSettings)}
-    return ClientSettings(**{name: value for name, value in vars(namespace).items() if name in names})
+def settings_from(namespace: argparse.Namespace, settings_type: type[Settings] = ClientSettings) -> Settings:
+    """The ``settings_type`` fields parsed into ``namespace``; fields without a flag keep their default."""
+    names = {settings_field.name for settings_field in dataclasses.fields(settings_type)}
+    return settings_type(**{name: value for name, value in vars(namespace).items() if name in names})
 
 
-def settings_table() -> str:
+def settings_table(settings_type: type[Any] = ClientSettings) -> str:
     rows = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
-    for settings_field in dataclasses.fields(ClientSettings):
+    for settings_field in dataclasses.fields(settings_type):
         choices = settings_field.metadata["choices"]
         meaning = settings_field.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
         default = f"`{settings_field.default}`" if settings_field.default != "" else "(empty)"
@@ -176,4 +243,5 @@ def settings_table() -> str:
 
 
 if __name__ == "__main__":
-    print(settings_table())
+    for title, settings_type in (("Client", ClientSettings), ("eval", EvalSettings), ("demo", DemoSettings)):
+        print(f"{title} settings:\n\n{settings_table(settings_type)}\n")

