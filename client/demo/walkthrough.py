@@ -50,6 +50,7 @@ class Answer:
 @dataclass(frozen=True)
 class DemoReport:
     answers: list[Answer]
+    sidecar: str  # the target used (started by the demo unless given)
     reranker: str
     startup_ms: float
     ingest_ms: float
@@ -92,7 +93,7 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoReport:
         contracts = len({clause.metadata["contract"] for clause in clauses})
         console.print(f"Ingested {report.indexed} clauses of {contracts} contracts in {ingest_ms:.0f} ms.\n")
         answers = asyncio.run(_answer(target, retriever, questions, settings))
-    demo = DemoReport(answers, reranker, startup_ms, ingest_ms)
+    demo = DemoReport(answers, target, reranker, startup_ms, ingest_ms)
     for answer in answers:
         console.print(answer_table(answer, clauses_by_id={clause.id: clause for clause in clauses}))
     console.print(summary_table(demo, settings.top_k))

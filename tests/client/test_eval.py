@@ -1,0 +1,170 @@
+"""``rerank-client eval``: metrics against hand-computed values, resumable ingest, and both retrievers end to
+end on a small BEIR dataset (the real MiniLM embedder; the tiny random cross-encoder's quality means nothing,
+so only invariants of the rerank configuration are checked)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from elasticsearch import Elasticsearch
+
+from client.cli import main
+from client.documents import Document
+from client.embedding_cache import EmbeddingCache
+from client.evaluation import BM25, DENSE, HYBRID, RERANK, load_beir, prepare_index, quality
+from client.retrieval.embedded import EmbeddedRetriever
+from tests.client.conftest import TOPICS, embed_fake, synthetic_corpus
+from tests.conftest import RunningSidecar
+
+
+def write_beir(directory: Path, documents: Sequence[Document], *, queries_per_topic: int = 2) -> Path:
+    """A BEIR directory: the documents, queries of topic words, qrels naming some of the topic's documents."""
+    directory.mkdir(parents=True)
+    (directory / "qrels").mkdir()
+    (directory / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in documents)
+    )
+    queries, qrels = [], ["query-id\tcorpus-id\tscore"]
+    for topic, words in sorted(TOPICS.items()):
+        for number in range(queries_per_topic):
+            query_id = f"{topic}-{number}"
+            queries.append({"_id": query_id, "text": " ".join(words.split()[number * 2 : number * 2 + 3])})
+            relevant = [d.id for d in documents if d.metadata["topic"] == topic][number::4]
+            qrels += [f"{query_id}\t{doc_id}\t1" for doc_id in relevant]
+    queries.append({"_id": "unjudged", "text": "not in the qrels, so never evaluated"})
+    (directory / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (directory / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n")
+    return directory
+
+
+def test_quality_matches_hand_computed_values():
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1, "d3": 1}, "q3": {"d4": 1}}
+    rankings = {
+        "q1": ["z9", "d1"],  # relevant at rank 2: NDCG 1/log2(3), RR 1/2
+        "q2": ["d3", "a1", "a2"],  # one of two found at rank 1: NDCG 1/(1 + 1/log2(3)), recall 1/2
+        "q3": [],  # nothing retrieved still counts, as 0
+    }
+    measured = quality(qrels, rankings)
+    assert measured["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / (1 + 1 / math.log2(3))) / 3)
+    assert measured["mrr@10"] == pytest.approx((0.5 + 1.0) / 3)
+    assert measured["recall@100"] == pytest.approx((1.0 + 0.5) / 3)
+
+
+def test_quality_keeps_the_given_order_of_equal_looking_ids():
+    # trec_eval would reorder equal scores by id; the ranking handed in is what gets scored.
+    assert quality({"q": {"a": 1}}, {"q": ["b", "a"]})["mrr@10"] == pytest.approx(0.5)
+    assert quality({"q": {"b": 1}}, {"q": ["b", "a"]})["mrr@10"] == pytest.approx(1.0)
+
+
+def test_an_interrupted_ingest_resumes_without_re_embedding(tmp_path: Path):
+    dataset = load_beir(write_beir(tmp_path / "data", synthetic_corpus(50)))
+    cache_dir = tmp_path / "embeddings"
+    embedded: list[str] = []
+
+    def interrupted(texts: Sequence[str]) -> np.ndarray:
+        if len(embedded) >= 20:
+            raise KeyboardInterrupt  # the user presses Ctrl-C during the third batch
+        embedded.extend(texts)
+        return embed_fake(texts)
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare_index(
+            dataset,
+            EmbeddedRetriever(tmp_path / "index"),
+            interrupted,
+            EmbeddingCache(cache_dir),
+            dims=64,
+            batch_size=10,
+        )
+    assert len(embedded) == 20
+
+    resumed: list[str] = []
+
+    def counting(texts: Sequence[str]) -> np.ndarray:
+        resumed.extend(texts)
+        return embed_fake(texts)
+
+    retriever = EmbeddedRetriever(tmp_path / "index")
+    report = prepare_index(dataset, retriever, counting, EmbeddingCache(cache_dir), dims=64, batch_size=10)
+    assert report is not None
+    assert report.indexed == 50
+    assert len(resumed) == 30  # only what the first run had not embedded
+    assert not set(resumed) & set(embedded)
+    # Everything indexed: a third run neither embeds nor indexes.
+    again = prepare_index(
+        dataset,
+        EmbeddedRetriever(tmp_path / "index"),
+        counting,
+        EmbeddingCache(cache_dir),
+        dims=64,
+        batch_size=10,
+    )
+    assert again is None
+    assert len(resumed) == 30
+
+
+def test_load_beir_keeps_judged_queries_only(tmp_path: Path):
+    dataset = load_beir(write_beir(tmp_path / "data", synthetic_corpus(20)))
+    assert len(dataset.queries) == 2 * len(TOPICS)
+    assert "unjudged" not in dataset.queries
+    with pytest.raises(FileNotFoundError, match=r"qrels/dev\.tsv"):
+        load_beir(tmp_path / "data", split="dev")
+
+
+async def test_eval_on_the_embedded_retriever_and_elasticsearch(
+    embedding_sidecar: RunningSidecar,
+    es_url: str,
+    es: Elasticsearch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+):
+    data = write_beir(tmp_path / "data", synthetic_corpus(80))
+    common = [
+        "eval",
+        str(data),
+        "--target",
+        f"127.0.0.1:{embedding_sidecar.server.port}",
+        "--candidates",
+        "20",
+    ]
+    common += ["--eval-dir", str(tmp_path / "eval")]
+    embedded_json, es_json, plot = tmp_path / "embedded.json", tmp_path / "es.json", tmp_path / "chart.png"
+
+    assert await asyncio.to_thread(main, [*common, "--output", str(embedded_json), "--plot", str(plot)]) == 0
+    # Float vectors in Elasticsearch (hnsw): stage 1 must rank exactly as the embedded retriever does.
+    es_flags = ["--es-url", es_url, "--es-vector-index", "hnsw", "--output", str(es_json)]
+    assert await asyncio.to_thread(main, [*common, *es_flags]) == 0
+    output = capsys.readouterr().out
+
+    embedded, elastic = json.loads(embedded_json.read_text()), json.loads(es_json.read_text())
+    index = elastic["retriever"].removeprefix("Elasticsearch index ")
+    es.options(ignore_status=404).indices.delete(index=index)
+    assert index.startswith("rerank-eval-data-")
+    assert embedded["retriever"] == "embedded retriever"
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert "NDCG@10" in output
+    for report in (embedded, elastic):
+        assert (report["documents"], report["queries"], report["candidates"]) == (80, 10, 20)
+        configurations = {c["key"]: c for c in report["configurations"]}
+        assert list(configurations) == [BM25, DENSE, HYBRID, RERANK]
+        assert "cross-encoder" in configurations[RERANK]["label"]
+        assert set(configurations[RERANK]["latency_ms"]) == {"embed", "retrieval", "rerank", "total"}
+        assert set(configurations[BM25]["latency_ms"]) == {"retrieval", "total"}
+        # Reranking reorders the hybrid list's top 20 only, so the top 100 holds the same documents.
+        assert (
+            configurations[RERANK]["quality"]["recall@100"] == configurations[HYBRID]["quality"]["recall@100"]
+        )
+        for configuration in configurations.values():
+            assert all(0.0 <= value <= 1.0 for value in configuration["quality"].values())
+    for key in (BM25, DENSE, HYBRID):
+        by_retriever = [
+            next(c for c in report["configurations"] if c["key"] == key)["quality"]
+            for report in (embedded, elastic)
+        ]
+        assert by_retriever[0] == pytest.approx(by_retriever[1], abs=1e-9)
