@@ -224,6 +224,7 @@ def sidecar_run(
         "max-length": str(max_length),
         "cache-dir": str(OUT / "cache"),
         "embed-model": "",  # the reranker alone
+        "metrics-port": "0",  # two servers run at once
         "log-format": "text",
         "log-level": "WARNING",
     }

@@ -138,6 +138,9 @@ class OnnxRuntimeEngine(Engine):
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads  # 0: one per core
         options.inter_op_num_threads = 1
+        # Idle pool threads would spin for a while after each batch, taking the cores that
+        # tokenization, gRPC and any neighbour process need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = onnxruntime.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
