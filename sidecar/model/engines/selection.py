@@ -28,7 +28,7 @@ from sidecar.model.parity import ParityReport, Probe, compare
 
 logger = logging.getLogger(__name__)
 
-_TIMED_RUNS = 3
+_TIMED_RUNS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +230,7 @@ def _fastest(
 ) -> tuple[Candidate, Engine, ParityReport]:
     """The candidate with the highest measured throughput on a full batch of the longest pairs."""
     batch = _full_batch(request, probe)
-    speeds = [throughput(engine, batch) for _, engine, _ in passed]
+    speeds = throughputs([engine for _, engine, _ in passed], batch)
     best = int(np.argmax(speeds))
     for index, (candidate, _, _) in enumerate(passed):
         logger.info("%s: %.1f rows/s on a %dx%d batch", candidate, speeds[index], *batch.shape)
@@ -253,12 +253,18 @@ def _full_batch(request: EngineRequest, probe: Probe) -> TokenBatch:
     return TokenBatch(token_ids, np.ones((rows, columns), dtype=np.int64), token_types)
 
 
-def throughput(engine: Engine, batch: TokenBatch) -> float:
-    """Rows per second: the best of a few timed runs after a warm-up."""
-    engine.forward(batch)
-    best = float("inf")
-    for _ in range(_TIMED_RUNS):
-        started = time.perf_counter()
+def throughputs(engines: list[Engine], batch: TokenBatch) -> list[float]:
+    """Rows per second of each engine: the best of a few rounds after a warm-up.
+
+    Every round times each engine once, so load from other processes falls on all of them alike
+    instead of on whichever happened to be timed while the machine was busy.
+    """
+    for engine in engines:
         engine.forward(batch)
-        best = min(best, time.perf_counter() - started)
-    return batch.shape[0] / best
+    best = [float("inf")] * len(engines)
+    for _ in range(_TIMED_RUNS):
+        for index, engine in enumerate(engines):
+            started = time.perf_counter()
+            engine.forward(batch)
+            best[index] = min(best[index], time.perf_counter() - started)
+    return [batch.shape[0] / seconds for seconds in best]
