@@ -126,7 +126,7 @@ class EvalSettings:
     output: str = _setting("rerank-eval.json", "RERANK_EVAL_OUTPUT", "JSON report; empty writes none.")
     plot: str = _setting("", "RERANK_EVAL_PLOT", "PNG chart of quality and latency; empty draws none.")
     max_queries: int = _setting(
-        0, "RERANK_EVAL_MAX_QUERIES", "Evaluate the first N queries with judgements only; 0: all."
+        0, "RERANK_EVAL_MAX_QUERIES", "Evaluate only the first N judged queries; 0: all of them."
     )
 
     def __post_init__(self) -> None:
