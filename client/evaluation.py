@@ -331,17 +331,6 @@ def report_table(report: EvalReport) -> Table:
     return table
 
 
-def markdown_table(report: EvalReport) -> str:
-    """The same table for README and RESULTS files."""
-    header = "| Configuration | NDCG@10 | MRR@10 | Recall@100 | " + " | ".join(
-        f"{stage} p50 / p95 (ms)" for stage in STAGES
-    )
-    rows = [header + " |", "|---" * (4 + len(STAGES)) + "|"]
-    for result in report.configurations:
-        rows.append(f"| {result.label} | " + " | ".join(_cells(result)) + " |")
-    return "\n".join(rows)
-
-
 def _cells(result: ConfigurationResult) -> list[str]:
     cells = [f"{result.quality[name]:.3f}" for name in MEASURE_NAMES]
     for stage in STAGES:

@@ -141,7 +141,8 @@ class DemoSettings:
     target: str = _setting(
         "",
         "RERANK_TARGET",
-        "Sidecar to use (host:port); empty starts one on a free 127.0.0.1 port and stops it afterwards.",
+        "Sidecar to use (host:port), serving Embed too; empty starts one on a free 127.0.0.1 port and stops "
+        "it afterwards.",
     )
     model: str = _setting(
         "sentence-transformers/all-MiniLM-L6-v2",

@@ -6,13 +6,16 @@ from __future__ import annotations
 import io
 import re
 import socket
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from client.demo.walkthrough import load_clauses, load_golden, run_demo
 from client.retrieval.embedded import tokenize
-from client.settings import DemoSettings
+from client.settings import DemoSettings, settings_table
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 # Words too common to count as a shared keyword between a question and a clause.
 STOPWORDS = frozenset(
@@ -40,6 +43,11 @@ def test_the_packaged_corpus_covers_the_clause_types_and_the_golden_set_refers_t
             for clause_id in question.expected:
                 assert not words & set(tokenize(clauses[clause_id].text)), (question.question, clause_id)
     assert sum(question.no_keyword_overlap for question in golden) >= 3
+
+
+def test_readme_documents_every_demo_setting():
+    rows = "\n".join(settings_table(DemoSettings).splitlines()[2:])
+    assert rows in README.read_text(), "README's demo settings are stale: paste `python -m client.settings`"
 
 
 @pytest.mark.slow

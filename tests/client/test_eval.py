@@ -19,8 +19,11 @@ from client.documents import Document
 from client.embedding_cache import EmbeddingCache
 from client.evaluation import BM25, DENSE, HYBRID, RERANK, load_beir, prepare_index, quality
 from client.retrieval.embedded import EmbeddedRetriever
+from client.settings import EvalSettings, settings_table
 from tests.client.conftest import TOPICS, embed_fake, synthetic_corpus
 from tests.conftest import RunningSidecar
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def write_beir(directory: Path, documents: Sequence[Document], *, queries_per_topic: int = 2) -> Path:
@@ -168,3 +171,8 @@ async def test_eval_on_the_embedded_retriever_and_elasticsearch(
             for report in (embedded, elastic)
         ]
         assert by_retriever[0] == pytest.approx(by_retriever[1], abs=1e-9)
+
+
+def test_readme_documents_every_eval_setting():
+    rows = "\n".join(settings_table(EvalSettings).splitlines()[2:])
+    assert rows in README.read_text(), "README's eval settings are stale: paste `python -m client.settings`"
