@@ -65,6 +65,8 @@ def load_beir(directory: Path, split: str = "test") -> BeirDataset:
     with qrels_path.open(encoding="utf-8", newline="") as rows:
         for row in csv.DictReader(rows, delimiter="\t"):
             qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    if not qrels:
+        raise ValueError(f"{qrels_path} judges no query")
     queries = {}
     for record in read_jsonl(queries_path):
         if isinstance(record, Rejected):
