@@ -128,22 +128,30 @@ class Batcher:
             raise
         return job
 
-    def submit(self, pairs: Sequence[EncodedPair], deadline: float | None) -> ScoringJob:
+    def admit(self, pairs: int) -> None:
+        """Raise Overloaded unless the queue has room for ``pairs`` more.
+
+        Callers check before tokenizing too (with the document count, a lower bound of the pairs),
+        so a refusal under overload costs next to nothing and leaves the CPU to the model.
+        """
         if self._closed:
             raise NotReady("the server is shutting down")
-        if not pairs:
-            raise ValueError("a scoring job needs at least one pair")
         limit = self.limits.max_queued_pairs
-        if len(pairs) > limit:
+        if pairs > limit:
             raise Overloaded(
-                f"this request needs {len(pairs)} model pairs, more than the server queues at once "
+                f"this request needs {pairs} model pairs, more than the server queues at once "
                 f"({limit}, --max-queued-pairs); send fewer documents or chunks per request"
             )
-        if self._queued_pairs + len(pairs) > limit:
+        if self._queued_pairs + pairs > limit:
             raise Overloaded(
                 f"the server is at capacity: {self._queued_pairs} pairs are queued and this request adds "
-                f"{len(pairs)}, over the limit of {limit}; retry with backoff"
+                f"{pairs}, over the limit of {limit}; retry with backoff"
             )
+
+    def submit(self, pairs: Sequence[EncodedPair], deadline: float | None) -> ScoringJob:
+        if not pairs:
+            raise ValueError("a scoring job needs at least one pair")
+        self.admit(len(pairs))
         job = ScoringJob(pairs=pairs, deadline=deadline, future=asyncio.get_running_loop().create_future())
         job.remaining = len(pairs)
         for row, pair in enumerate(pairs):

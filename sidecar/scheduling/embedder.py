@@ -61,6 +61,7 @@ class Embedder:
     ) -> Embeddings:
         spec = self._spec(texts, max_length, truncation)
         started = time.monotonic_ns()
+        self.batcher.admit(len(texts))
         encoded: EncodedQuery = await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_pool, self.model.tokenizer.encode_texts, texts, spec
         )

@@ -195,6 +195,7 @@ class Reranker:
     ) -> tuple[list[ScoredDocument], Usage]:
         """Score documents (already validated) in their given order; indices start at ``offset``."""
         started = time.monotonic_ns()
+        self.batcher.admit(len(documents))
         encoded = await self.scorer.encode(query, [document.text for document in documents], spec)
         check_tokens(encoded.tokens, self.limits.max_request_tokens)
         chunks = await self.scorer.score(encoded, deadline)

@@ -69,8 +69,17 @@ async def small_queue(tiny_bert: Path):
         yield running
 
 
-async def test_overload_fails_at_once_with_resource_exhausted(small_queue: RunningSidecar):
+async def test_overload_fails_at_once_with_resource_exhausted(small_queue: RunningSidecar, monkeypatch):
     engine = small_queue.engine
+    scorer = small_queue.server.reranker.scorer  # type: ignore[union-attr]
+    encoded: list[str] = []
+    encode = scorer.encode
+
+    async def counting_encode(query, documents, spec):
+        encoded.append(query)
+        return await encode(query, documents, spec)
+
+    monkeypatch.setattr(scorer, "encode", counting_encode)
     engine.open.clear()
     engine.entered.clear()
     first = small_queue.stub.Rerank(
@@ -86,6 +95,7 @@ async def test_overload_fails_at_once_with_resource_exhausted(small_queue: Runni
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "at capacity" in raised.value.details()
         assert not first.done()  # refused while the model was still held: it did not wait for room
+        assert len(encoded) == 1  # refused before tokenizing: overload costs the model no CPU
         with pytest.raises(grpc.aio.AioRpcError) as too_big:
             await small_queue.stub.Rerank(
                 rerank_pb2.RerankRequest(query="q", documents=docs(*[f"big {i}" for i in range(9)])),
