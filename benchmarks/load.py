@@ -2,11 +2,12 @@
 
 Each caller sends one 100-candidate Rerank request (the engines benchmark's workload: about 230
 tokens a pair, max_length 256), waits for the answer, and sends the next, until the level's time
-is up. A RESOURCE_EXHAUSTED answer counts as refused and the caller backs off briefly. The model
+is up. A RESOURCE_EXHAUSTED answer counts as refused and the caller backs off (exponentially, with
+jitter, from 0.1 s to 3.2 s). The model
 has MiniLM-L6 shape with real encoder weights (see benchmarks/engines.py); only speed is measured.
 
     .venv/bin/python -m benchmarks.load [--levels 1 4 16 64] [--seconds 60] [--engine auto]
-    .venv/bin/python -m benchmarks.load --soak-seconds 300 --soak-callers 16
+    .venv/bin/python -m benchmarks.load --soak-seconds 300 --soak-callers 16   # memory sampled every 10 s
 
 The sidecar runs as a subprocess on 127.0.0.1 with its own settings (queue limit included), so the
 numbers include the transport, tokenization and batching. Writes benchmarks/out/load.json and, for
@@ -19,7 +20,7 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
+import random
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ import numpy as np
 from benchmarks.engines import OUT, QUERY, REPO, build_model, candidates, free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-_BACKOFF_S = 0.2
+# A refused caller backs off exponentially with jitter, as the README tells clients to.
+_FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.1, 3.2
 
 
 @dataclass
@@ -108,6 +110,7 @@ async def run_level(port: int, request: rerank_pb2.RerankRequest, callers: int, 
         stop_at = time.monotonic() + seconds
 
         async def caller() -> None:
+            backoff = _FIRST_BACKOFF_S
             while time.monotonic() < stop_at:
                 started = time.monotonic()
                 try:
@@ -115,10 +118,12 @@ async def run_level(port: int, request: rerank_pb2.RerankRequest, callers: int, 
                 except grpc.aio.AioRpcError as error:
                     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         level.refused += 1
-                        await asyncio.sleep(_BACKOFF_S)
+                        await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                        backoff = min(2 * backoff, _MAX_BACKOFF_S)
                     else:
                         errors[error.code().name] += 1
                     continue
+                backoff = _FIRST_BACKOFF_S
                 # Count only answers that finish inside the window, so the rate is not inflated.
                 if time.monotonic() <= stop_at:
                     level.ok += 1
@@ -135,17 +140,23 @@ async def run_level(port: int, request: rerank_pb2.RerankRequest, callers: int, 
 
 
 async def soak(sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int, seconds: float) -> dict:
-    """Saturate the sidecar for ``seconds``, sampling its resident memory every 10 s."""
-    warm = await run_level(sidecar.port, request, callers, min(60.0, seconds / 5))
-    samples = [(0.0, sidecar.rss_bytes())]
+    """Saturate the sidecar for ``seconds`` in one closed loop, sampling its resident memory every 10 s.
+
+    Memory is compared from the first sample, taken after a warm-up minute at the same load.
+    """
+    await run_level(sidecar.port, request, callers, min(60.0, seconds / 5))
+    samples: list[tuple[float, int]] = []
     started = time.monotonic()
-    levels = [warm]
-    while (elapsed := time.monotonic() - started) < seconds:
-        levels.append(await run_level(sidecar.port, request, callers, min(10.0, seconds - elapsed)))
-        samples.append((time.monotonic() - started, sidecar.rss_bytes()))
-    errors: Counter[str] = Counter()
-    for level in levels[1:]:
-        errors.update(level.errors)
+
+    async def sample() -> None:
+        while True:
+            samples.append((time.monotonic() - started, sidecar.rss_bytes()))
+            await asyncio.sleep(10.0)
+
+    sampler = asyncio.create_task(sample())
+    level = await run_level(sidecar.port, request, callers, seconds)
+    sampler.cancel()
+    samples.append((time.monotonic() - started, sidecar.rss_bytes()))
     first, last = samples[0][1], samples[-1][1]
     return {
         "callers": callers,
@@ -154,10 +165,11 @@ async def soak(sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int
         "rss_end_mib": last / 2**20,
         "rss_max_mib": max(rss for _, rss in samples) / 2**20,
         "rss_growth_percent": 100 * (last - first) / first,
-        "ok": sum(level.ok for level in levels[1:]),
-        "refused": sum(level.refused for level in levels[1:]),
-        "errors": dict(errors),
-        "pairs_per_s_median": statistics.median(level.pairs_per_s for level in levels[1:]),
+        "ok": level.ok,
+        "refused": level.refused,
+        "errors": level.errors,
+        "pairs_per_s": level.pairs_per_s,
+        "p99_s": level.p99_ms / 1000,
         "rss_samples": samples,
     }
 
