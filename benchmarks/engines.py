@@ -30,8 +30,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
+
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out"
@@ -204,66 +207,83 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@dataclass
+class Sidecar:
+    process: subprocess.Popen[bytes]
+    port: int
+    engine: str
+
+    def rss_bytes(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        kilobytes = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(kilobytes) * 1024
+
+
 @contextmanager
-def sidecar_run(
-    model_dir: Path, texts: list[str], max_length: int, threads: int, engine: str, precision: str
-) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """Start the sidecar as a subprocess; yields its label and a Rerank call of all 100 candidates."""
-    import grpc
-
-    from rerank.v1 import rerank_pb2, rerank_pb2_grpc
-
+def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar]:
+    """The sidecar as a subprocess on a free 127.0.0.1 port, once it answers Info; stopped on exit."""
     port = free_port()
     flags = {
         "model": str(model_dir),
         "host": "127.0.0.1",
         "port": str(port),
-        "engine": engine,
-        "precision": precision,
-        "threads": str(threads),
-        "max-length": str(max_length),
         "cache-dir": str(OUT / "cache"),
-        "embed-model": "",  # the reranker alone
-        "metrics-port": "0",  # two servers run at once
+        "embed-model": "",
+        "metrics-port": "0",
         "log-format": "text",
         "log-level": "WARNING",
+        **settings,
     }
-    command = [
-        sys.executable,
-        "-m",
-        "sidecar",
-        *(part for flag, value in flags.items() for part in (f"--{flag}", value)),
-    ]
-    server = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    command = [sys.executable, "-m", "sidecar", *(part for f, v in flags.items() for part in (f"--{f}", v))]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = rerank_pb2_grpc.RerankerStub(channel)
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + 900
             while True:
                 try:
                     info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
                     break
                 except grpc.RpcError:
-                    if time.monotonic() > deadline or server.poll() is not None:
+                    if time.monotonic() > deadline or process.poll() is not None:
                         raise
                     time.sleep(1)
-            request = rerank_pb2.RerankRequest(
-                query=QUERY,
-                documents=[rerank_pb2.Document(id=str(i), text=t) for i, t in enumerate(texts)],
-                raw_scores=True,
-            )
-
-            def run() -> np.ndarray:
-                response = stub.Rerank(request, timeout=600)
-                scores = np.empty(len(texts), dtype=np.float32)
-                for result in response.results:
-                    scores[result.index] = result.score
-                return scores
-
-            yield f"sidecar gRPC {engine}/{precision} -> {info.engine} {info.precision}", run
+        yield Sidecar(process, port, f"{info.engine}/{info.precision}")
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        process.terminate()
+        process.wait(timeout=120)
+
+
+@contextmanager
+def sidecar_run(
+    model_dir: Path, texts: list[str], max_length: int, threads: int, engine: str, precision: str
+) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """Start the sidecar as a subprocess; yields its label and a Rerank call of all 100 candidates."""
+    settings = {
+        "engine": engine,
+        "precision": precision,
+        "threads": str(threads),
+        "max-length": str(max_length),
+    }
+    with (
+        start_sidecar(model_dir, settings) as sidecar,
+        grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel,
+    ):
+        stub = rerank_pb2_grpc.RerankerStub(channel)
+        request = rerank_pb2.RerankRequest(
+            query=QUERY,
+            documents=[rerank_pb2.Document(id=str(i), text=t) for i, t in enumerate(texts)],
+            raw_scores=True,
+        )
+
+        def run() -> np.ndarray:
+            response = stub.Rerank(request, timeout=600)
+            scores = np.empty(len(texts), dtype=np.float32)
+            for result in response.results:
+                scores[result.index] = result.score
+            return scores
+
+        yield f"sidecar gRPC {engine}/{precision} -> {sidecar.engine}", run
 
 
 def main() -> None:

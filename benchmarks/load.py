@@ -19,21 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from benchmarks.engines import OUT, QUERY, REPO, build_model, candidates, free_port
+from benchmarks.engines import OUT, QUERY, Sidecar, build_model, candidates, start_sidecar
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 # A refused caller backs off exponentially with jitter, as the README tells clients to.
@@ -52,53 +47,6 @@ class Level:
     p95_ms: float = 0.0
     p99_ms: float = 0.0
     refused_share: float = 0.0
-
-
-@dataclass
-class Sidecar:
-    process: subprocess.Popen[bytes]
-    port: int
-    engine: str
-
-    def rss_bytes(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        kilobytes = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
-        return int(kilobytes) * 1024
-
-
-@contextmanager
-def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar]:
-    """The sidecar as a subprocess on a free 127.0.0.1 port, once it answers Info; stopped on exit."""
-    port = free_port()
-    flags = {
-        "model": str(model_dir),
-        "host": "127.0.0.1",
-        "port": str(port),
-        "cache-dir": str(OUT / "cache"),
-        "embed-model": "",
-        "metrics-port": "0",
-        "log-format": "text",
-        "log-level": "WARNING",
-        **settings,
-    }
-    command = [sys.executable, "-m", "sidecar", *(part for f, v in flags.items() for part in (f"--{f}", v))]
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = rerank_pb2_grpc.RerankerStub(channel)
-            deadline = time.monotonic() + 900
-            while True:
-                try:
-                    info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
-                    break
-                except grpc.RpcError:
-                    if time.monotonic() > deadline or process.poll() is not None:
-                        raise
-                    time.sleep(1)
-        yield Sidecar(process, port, f"{info.engine}/{info.precision}")
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
 
 
 async def run_level(port: int, request: rerank_pb2.RerankRequest, callers: int, seconds: float) -> Level:
