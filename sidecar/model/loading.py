@@ -68,7 +68,7 @@ class ModelKind(enum.Enum):
 class Pooling:
     """How a bi-encoder turns token states into one vector (sentence-transformers' Pooling and Normalize)."""
 
-    mode: str = "mean"  # "mean" or "cls"
+    mode: str = "mean"  # "mean", "cls" or "max"
     normalize: bool = False
 
 
@@ -182,6 +182,8 @@ def read_pooling(source: ModelSource) -> Pooling:
 def _pooling_mode(source: ModelSource, pooling_config: dict[str, Any]) -> str:
     if pooling_config.get("pooling_mode_cls_token"):
         return "cls"
+    if pooling_config.get("pooling_mode_max_tokens"):
+        return "max"
     if pooling_config.get("pooling_mode_mean_tokens", True):
         return "mean"
     raise ModelLoadError(

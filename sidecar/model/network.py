@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import torch
 
 from sidecar.model.loading import ModelKind, ModelSource, Pooling, load_failure, read_pooling
+
+
+def _run(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
+) -> Any:
+    extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+    return model(input_ids=input_ids, attention_mask=attention_mask, **extra)
 
 
 class CrossEncoderNetwork(torch.nn.Module):
@@ -27,8 +38,7 @@ class CrossEncoderNetwork(torch.nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+        return _run(self.model, input_ids, attention_mask, token_type_ids).logits
 
 
 class BiEncoderNetwork(torch.nn.Module):
@@ -43,8 +53,7 @@ class BiEncoderNetwork(torch.nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        states = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        states = _run(self.model, input_ids, attention_mask, token_type_ids).last_hidden_state
         if self.pooling.mode == "cls":
             pooled = states[:, 0]
         elif self.pooling.mode == "max":
