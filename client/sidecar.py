@@ -12,7 +12,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Se
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import grpc
 import numpy as np
@@ -259,6 +259,9 @@ def embeddings_from(message: rerank_pb2.EmbedResponse) -> Embeddings:
 
 
 class _ClientBase:
+    # ``grpc`` for the blocking client, ``grpc.aio`` for the asyncio one: the same channel factories.
+    _grpc: ClassVar[Any]
+
     def __init__(
         self,
         target: str,
@@ -273,6 +276,12 @@ class _ClientBase:
         self.timeout = timeout
         self._tls = tls
         self._options = channel_options(max_attempts)
+        if tls is None:
+            self._channel = self._grpc.insecure_channel(self.target, options=self._options)
+        else:
+            self._channel = self._grpc.secure_channel(self.target, tls.credentials(), options=self._options)
+        self._reranker = rerank_pb2_grpc.RerankerStub(self._channel)
+        self._embedder = rerank_pb2_grpc.EmbedderStub(self._channel)
 
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
@@ -281,21 +290,7 @@ class _ClientBase:
 class RerankClient(_ClientBase):
     """Blocking client. ``with RerankClient("127.0.0.1:50051") as client: client.rerank(...)``."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        tls: TlsConfig | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    ) -> None:
-        super().__init__(target, timeout=timeout, tls=tls, max_attempts=max_attempts)
-        if tls is None:
-            self._channel = grpc.insecure_channel(self.target, options=self._options)
-        else:
-            self._channel = grpc.secure_channel(self.target, tls.credentials(), options=self._options)
-        self._reranker = rerank_pb2_grpc.RerankerStub(self._channel)
-        self._embedder = rerank_pb2_grpc.EmbedderStub(self._channel)
+    _grpc = grpc
 
     def rerank(
         self,
@@ -356,21 +351,7 @@ class AsyncRerankClient(_ClientBase):
     ``timeout`` is the gRPC deadline of the call in seconds, as in grpc-python's own stubs.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        tls: TlsConfig | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    ) -> None:
-        super().__init__(target, timeout=timeout, tls=tls, max_attempts=max_attempts)
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
-        else:
-            self._channel = grpc.aio.secure_channel(self.target, tls.credentials(), options=self._options)
-        self._reranker = rerank_pb2_grpc.RerankerStub(self._channel)
-        self._embedder = rerank_pb2_grpc.EmbedderStub(self._channel)
+    _grpc = grpc.aio
 
     async def rerank(
         self,
