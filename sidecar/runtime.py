@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def engine_request(settings: Settings, max_length: int) -> EngineRequest:
         max_batch_tokens=settings.max_batch_tokens,
         max_length=max_length,
         cache_dir=Path(settings.cache_dir).expanduser(),
+        torch_compile=settings.torch_compile,
     )
 
 
@@ -44,6 +46,10 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     """Blocking: reads files and weights, exports and compiles. The server calls it on a worker thread."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    # TorchInductor's compiled kernels go beside the other compiled artifacts, on the mounted volume.
+    # Inductor reads the variable once per process, so it is set before anything compiles or exports;
+    # an operator's own setting wins.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir).expanduser() / "inductor"))
     model = load_model(source, settings.max_length)
     network = load_network(source, model.kind)
     input_names = ("input_ids", "attention_mask", "token_type_ids")

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.model.engines import ENGINE_CHOICES, PRECISION_CHOICES
+from sidecar.model.engines import ENGINE_CHOICES, PRECISION_CHOICES, TORCH_COMPILE_CHOICES
 
 ENV_PREFIX = "RERANK_"
 
@@ -47,6 +47,13 @@ class Settings:
         "auto",
         "Inference precision; auto serves the fastest that passes the parity gate on this device.",
         choices=PRECISION_CHOICES,
+    )
+    torch_compile: str = _setting(
+        "auto",
+        "Compile the torch engine with TorchInductor (frozen weights, fused kernels, one graph for every "
+        "batch shape); auto compiles on the CPU and falls back to uncompiled if compiling fails. Costs "
+        "seconds at start, cached in --cache-dir.",
+        choices=TORCH_COMPILE_CHOICES,
     )
     cache_dir: str = _setting(
         "~/.cache/rerank-sidecar",

@@ -88,10 +88,12 @@ async def running_sidecar(
 ) -> AsyncIterator[RunningSidecar]:
     # torch fp32 unless a test asks otherwise: these tests compare scores with transformers to 1e-5,
     # closer than the parity gate lets lower precisions (which --precision auto may pick) come.
-    # The torch fp32 engine and no embedder unless a test asks: exact parity with the reference, fast start.
+    # The torch fp32 engine, uncompiled, and no embedder unless a test asks: exact parity with the
+    # reference and a fast start.
     options: dict[str, object] = {
         "engine": "torch",
         "precision": "fp32",
+        "torch_compile": "off",
         "embed_model": "",
         "metrics_port": 0,
         "host": "127.0.0.1",

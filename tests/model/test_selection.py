@@ -4,11 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from rerank.v1 import rerank_pb2
 from sidecar.errors import ModelLoadError
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
 from sidecar.model.engines.selection import EngineRequest, plan_candidates, select_engine
+from sidecar.model.engines.torch_engine import TorchEngine
 from tests.conftest import running_sidecar
 from tests.model.conftest import CROSS_ENCODER_INPUTS
 
@@ -49,7 +51,9 @@ def test_an_explicit_engine_that_cannot_run_is_an_error_not_a_fallback():
         plan_candidates("auto", "fp16", CPU_OFFERS)
 
 
-def request(tmp_path: Path, engine: str = "auto", precision: str = "fp32") -> EngineRequest:
+def request(
+    tmp_path: Path, engine: str = "auto", precision: str = "fp32", torch_compile: str = "off"
+) -> EngineRequest:
     return EngineRequest(
         engine=engine,
         precision=precision,
@@ -59,6 +63,7 @@ def request(tmp_path: Path, engine: str = "auto", precision: str = "fp32") -> En
         max_batch_tokens=1024,
         max_length=128,
         cache_dir=tmp_path,
+        torch_compile=torch_compile,
     )
 
 
@@ -127,3 +132,44 @@ async def test_info_reports_why_engines_were_skipped(tiny_bert: Path, tmp_path: 
         "tensorrt: unavailable: TensorRT needs a CUDA device; the device is cpu",
         "onnxruntime/fp32: failed to load: ModelLoadError: onnxruntime is broken in this test",
     ]
+
+
+def test_torch_compile_compiles_the_winner_and_gates_it_again(tmp_path, tiny_network, tiny_probe):
+    selection = select_engine(
+        request(tmp_path, engine="torch", torch_compile="on"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe
+    )
+    assert isinstance(selection.engine, TorchEngine)
+    assert selection.engine.compiled
+    assert selection.parity.passed
+    assert selection.parity.max_abs_diff < 1e-4
+
+
+def break_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no C++ compiler in this test")
+
+    monkeypatch.setattr(torch, "compile", broken)
+
+
+def test_a_failed_compile_under_auto_serves_uncompiled_and_says_why(
+    tmp_path, tiny_network, tiny_probe, monkeypatch
+):
+    break_compile(monkeypatch)
+    wanted = request(tmp_path, engine="torch", torch_compile="auto")
+    selection = select_engine(wanted, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert isinstance(selection.engine, TorchEngine)
+    assert not selection.engine.compiled
+    assert selection.notes == [
+        "torch/fp32 compiled: RuntimeError: no C++ compiler in this test; it runs uncompiled"
+    ]
+
+
+def test_a_failed_compile_when_asked_for_is_an_error(tmp_path, tiny_network, tiny_probe, monkeypatch):
+    break_compile(monkeypatch)
+    with pytest.raises(ModelLoadError, match="--torch-compile on: compiling torch/fp32 failed"):
+        select_engine(
+            request(tmp_path, engine="torch", torch_compile="on"),
+            tiny_network,
+            CROSS_ENCODER_INPUTS,
+            tiny_probe,
+        )

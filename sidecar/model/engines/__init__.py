@@ -8,5 +8,6 @@ from sidecar.model.engines.base import Engine
 ENGINE_CHAIN = ("tensorrt", "onnxruntime", "torch")
 ENGINE_CHOICES = ("auto", *ENGINE_CHAIN)
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8")
+TORCH_COMPILE_CHOICES = ("auto", "on", "off")
 
-__all__ = ["ENGINE_CHAIN", "ENGINE_CHOICES", "PRECISION_CHOICES", "Engine"]
+__all__ = ["ENGINE_CHAIN", "ENGINE_CHOICES", "PRECISION_CHOICES", "TORCH_COMPILE_CHOICES", "Engine"]

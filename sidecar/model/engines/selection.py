@@ -4,7 +4,8 @@
 tried. Every candidate that loads must pass the parity gate against torch fp32 before it may serve.
 With a fixed precision the first candidate that passes serves. With ``--precision auto`` every
 candidate the device offers is loaded and gated, and the fastest that passes, measured here on a
-full batch, serves. The reason each candidate was skipped is kept as a note for ``Info``.
+full batch, serves. When torch serves and ``--torch-compile`` asks, the winner is then compiled
+and gated again. The reason each candidate was skipped is kept as a note for ``Info``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines import ENGINE_CHAIN, ENGINE_CHOICES, PRECISION_CHOICES
 from sidecar.model.engines.base import Engine
+from sidecar.model.engines.torch_engine import TorchEngine, compile_wanted
 from sidecar.model.export import ExportedModel, export_onnx
 from sidecar.model.network import Network, content_hash
 from sidecar.model.parity import ParityReport, Probe, compare
@@ -52,6 +54,7 @@ class EngineRequest:
     max_batch_tokens: int
     max_length: int
     cache_dir: Path
+    torch_compile: str
 
 
 @dataclass
@@ -116,12 +119,18 @@ class _Builder:
     """Loads one candidate engine; the ONNX export is made once, when the first compiled engine needs it."""
 
     def __init__(
-        self, request: EngineRequest, network: Network, input_names: tuple[str, ...], reference: Engine
+        self,
+        request: EngineRequest,
+        network: Network,
+        input_names: tuple[str, ...],
+        reference: Engine,
+        probe: Probe,
     ) -> None:
-        self._request = request
+        self.request = request
         self._network = network
         self._input_names = input_names
         self._reference = reference
+        self._probe = probe
         self._cache = ArtifactCache(request.cache_dir)
         self._exported: ExportedModel | None = None
 
@@ -133,13 +142,9 @@ class _Builder:
         return self._exported
 
     def build(self, candidate: Candidate) -> Engine:
-        request = self._request
+        request = self.request
         if candidate.engine == "torch":
-            if candidate.precision == "fp32" and request.device == "cpu":
-                return self._reference
-            from sidecar.model.engines.torch_engine import TorchEngine
-
-            return TorchEngine(self._network, precision=candidate.precision, device=request.device)
+            return self._torch(candidate)
         if candidate.engine == "onnxruntime":
             from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
 
@@ -160,6 +165,20 @@ class _Builder:
             profiles=shape_profiles(request.max_batch_pairs, request.max_batch_tokens, request.max_length),
         )
 
+    def _torch(self, candidate: Candidate) -> Engine:
+        if candidate.precision == "fp32" and self.request.device == "cpu":
+            return self._reference
+        return TorchEngine(self._network, precision=candidate.precision, device=self.request.device)
+
+    def compiled_torch(self, candidate: Candidate) -> Engine:
+        """The torch engine at the candidate's precision, compiled by TorchInductor."""
+        return TorchEngine(
+            self._network,
+            precision=candidate.precision,
+            device=self.request.device,
+            compile_sample=_full_batch(self.request, self._probe),
+        )
+
 
 def select_engine(
     request: EngineRequest,
@@ -169,8 +188,6 @@ def select_engine(
     offers: Callable[[str, str], tuple[str, ...] | str] = offered_precisions,
 ) -> Selection:
     """Load, gate and (for precision auto) time the candidates; returns the one that serves."""
-    from sidecar.model.engines.torch_engine import TorchEngine
-
     candidates, notes = plan_candidates(
         request.engine, request.precision, {name: offers(name, request.device) for name in ENGINE_CHAIN}
     )
@@ -178,7 +195,7 @@ def select_engine(
         logger.warning("engine skipped: %s", note)
     reference = TorchEngine(network, precision="fp32", device="cpu")
     reference_scores = probe.scores(reference)
-    builder = _Builder(request, network, input_names, reference)
+    builder = _Builder(request, network, input_names, reference, probe)
     explicit = request.engine != "auto" and request.precision != "auto"
     passed: list[tuple[Candidate, Engine, ParityReport]] = []
     for candidate in candidates:
@@ -213,8 +230,46 @@ def select_engine(
     for _, other, _ in passed:
         if other is not engine and other is not reference:
             other.close()
+    if candidate.engine == "torch" and compile_wanted(request.torch_compile, request.device):
+        engine, report = _compiled(builder, candidate, engine, report, probe, reference_scores, notes)
     logger.info("serving with %s", candidate)
     return Selection(engine, report, notes)
+
+
+def _compiled(
+    builder: _Builder,
+    candidate: Candidate,
+    engine: Engine,
+    report: ParityReport,
+    probe: Probe,
+    reference_scores: np.ndarray,
+    notes: list[str],
+) -> tuple[Engine, ParityReport]:
+    """The chosen torch engine compiled, once it passes the parity gate itself; the candidates were
+    timed uncompiled, since compiling each would multiply the start-up time.
+
+    With ``--torch-compile on`` a failure is an error; under auto the uncompiled engine serves.
+    """
+    required = builder.request.torch_compile == "on"
+    try:
+        compiled = builder.compiled_torch(candidate)
+    except Exception as exc:  # Inductor raises many kinds: C++ compiler, lowering, backend errors
+        if required:
+            raise ModelLoadError(f"--torch-compile on: compiling {candidate} failed: {exc}") from exc
+        _skip(notes, f"{candidate} compiled: {type(exc).__name__}: {exc}; it runs uncompiled", exc)
+        return engine, report
+    compiled_report = compare(probe.scores(compiled), reference_scores, candidate.precision)
+    if not compiled_report.passed:
+        if required:
+            raise ModelLoadError(
+                f"--torch-compile on: {candidate} compiled failed the parity gate: "
+                f"{compiled_report.describe()}"
+            )
+        failure = compiled_report.describe()
+        _skip(notes, f"{candidate} compiled: failed the parity gate: {failure}; it runs uncompiled")
+        return engine, report
+    logger.info("%s compiled passed the parity gate: %s", candidate, compiled_report.describe())
+    return compiled, compiled_report
 
 
 def _skip(notes: list[str], note: str, exc: Exception | None = None) -> None:

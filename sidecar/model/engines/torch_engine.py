@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 import numpy as np
 import torch
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
+from sidecar.model.engines import TORCH_COMPILE_CHOICES
 from sidecar.model.engines.base import Engine
 from sidecar.model.network import Network
 
@@ -38,14 +40,36 @@ def torch_precisions(device: str) -> tuple[str, ...]:
     return ("bf16", "fp32") if cpu_supports_bf16() else ("fp32",)
 
 
+def compile_wanted(setting: str, device: str) -> bool:
+    """Whether ``--torch-compile`` asks for TorchInductor on ``device``: auto compiles on the CPU only,
+    since GPUs are served by TensorRT and a CUDA compile adds minutes to the start."""
+    if setting not in TORCH_COMPILE_CHOICES:
+        raise ModelLoadError(
+            f"unknown --torch-compile {setting!r}; choose one of {', '.join(TORCH_COMPILE_CHOICES)}"
+        )
+    return setting == "on" or (setting == "auto" and device == "cpu")
+
+
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(self, network: Network, *, precision: str = "fp32", device: str = "cpu") -> None:
+    def __init__(
+        self,
+        network: Network,
+        *,
+        precision: str = "fp32",
+        device: str = "cpu",
+        compile_sample: TokenBatch | None = None,
+    ) -> None:
         """Serve ``network`` (fp32, on the CPU) at ``precision`` on ``device``.
 
-        fp32 on the CPU runs the given network itself; other precisions and devices run a copy,
-        so the caller's network stays the fp32 reference.
+        fp32 on the CPU runs the given network itself; other precisions and devices, and compiled
+        engines, run a copy, so the caller's network stays the fp32 reference.
+
+        With ``compile_sample`` the network is compiled by TorchInductor with frozen weights (the
+        linear layers become packed oneDNN kernels with their bias and GELU fused in) and dynamic
+        shapes, then run once on the sample, whose shape guides the kernel choices: give it the
+        batcher's full batch.
         """
         if precision not in torch_precisions(device):
             raise ModelLoadError(
@@ -54,16 +78,54 @@ class TorchEngine(Engine):
             )
         super().__init__(precision=precision, device=device)
         dtype = _DTYPES[precision]
-        if dtype == torch.float32 and device == "cpu":
+        if dtype == torch.float32 and device == "cpu" and compile_sample is None:
             self._network = network
         else:
             # Whole-model low-precision weights, not autocast: measured about 10% faster on CPU.
             self._network = copy.deepcopy(network).to(device=device, dtype=dtype)
         self._network.eval()
-        logger.info("torch engine ready: %s on %s, %d threads", precision, device, torch.get_num_threads())
+        self.compiled = compile_sample is not None
+        self._module: torch.nn.Module = self._network
+        if compile_sample is not None:
+            self._module = torch.compile(self._network, dynamic=True)  # type: ignore[assignment]
+            started = time.perf_counter()
+            self.forward(compile_sample)
+            logger.info(
+                "torch engine compiled by TorchInductor in %.1f s (warm-up batch %dx%d)",
+                time.perf_counter() - started,
+                *compile_sample.shape,
+            )
+        logger.info(
+            "torch engine ready: %s on %s%s, %d threads",
+            precision,
+            device,
+            ", compiled" if self.compiled else "",
+            torch.get_num_threads(),
+        )
 
     def forward(self, batch: TokenBatch) -> np.ndarray:
-        inputs = [torch.from_numpy(array).to(self.device) for array in batch.as_dict().values()]
-        with torch.inference_mode():
-            outputs = self._network(*inputs)
-        return outputs.float().cpu().numpy()
+        arrays = list(batch.as_dict().values())
+        rows = len(arrays[0])
+        if self.compiled:
+            arrays = _at_least_two_by_two(arrays)
+        inputs = [torch.from_numpy(array).to(self.device) for array in arrays]
+        # Freezing is read from Inductor's global config when a graph compiles (the per-call
+        # ``options`` of torch.compile do not reach it), so it is set around every call that could.
+        with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
+            outputs = self._module(*inputs)
+        return outputs[:rows].float().cpu().numpy()
+
+
+def _at_least_two_by_two(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Pad a batch of one row or one column to two.
+
+    Dynamic shapes specialize sizes 0 and 1, so without this a single pair would compile a second
+    graph (seconds of latency on the first such request). The row is repeated and its output
+    dropped; the extra column is zeros, attention mask included, so no position attends to it.
+    """
+    rows, columns = arrays[0].shape
+    if rows < 2:
+        arrays = [np.pad(array, ((0, 2 - rows), (0, 0)), mode="edge") for array in arrays]
+    if columns < 2:
+        arrays = [np.pad(array, ((0, 0), (0, 2 - columns))) for array in arrays]
+    return arrays
