@@ -171,9 +171,17 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
     exported = export_onnx(
         network, content_hash(network), ("input_ids", "attention_mask", "token_type_ids"), cache
     )
+    # Compiled engines warm up on a full batch, as the sidecar's do (see select_engine).
+    full_batch = batches[0][1]
     engines = {"torch fp32": TorchEngine(network, precision="fp32", device="cpu")}
+    engines["torch fp32 compiled"] = TorchEngine(
+        network, precision="fp32", device="cpu", compile_sample=full_batch
+    )
     if cpu_supports_bf16():
         engines["torch bf16"] = TorchEngine(network, precision="bf16", device="cpu")
+        engines["torch bf16 compiled"] = TorchEngine(
+            network, precision="bf16", device="cpu", compile_sample=full_batch
+        )
     engines["onnxruntime fp32"] = OnnxRuntimeEngine(
         exported, cache, precision="fp32", device="cpu", threads=threads
     )
@@ -248,6 +256,7 @@ def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar
                     if time.monotonic() > deadline or process.poll() is not None:
                         raise
                     time.sleep(1)
+        print(f"sidecar {info.engine}/{info.precision} ready; notes: {list(info.engine_notes)}", flush=True)
         yield Sidecar(process, port, f"{info.engine}/{info.precision}")
     finally:
         process.terminate()
@@ -256,12 +265,19 @@ def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar
 
 @contextmanager
 def sidecar_run(
-    model_dir: Path, texts: list[str], max_length: int, threads: int, engine: str, precision: str
+    model_dir: Path,
+    texts: list[str],
+    max_length: int,
+    threads: int,
+    engine: str,
+    precision: str,
+    torch_compile: str,
 ) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """Start the sidecar as a subprocess; yields its label and a Rerank call of all 100 candidates."""
     settings = {
         "engine": engine,
         "precision": precision,
+        "torch-compile": torch_compile,
         "threads": str(threads),
         "max-length": str(max_length),
     }
@@ -283,7 +299,8 @@ def sidecar_run(
                 scores[result.index] = result.score
             return scores
 
-        yield f"sidecar gRPC {engine}/{precision} -> {sidecar.engine}", run
+        label = f"sidecar gRPC {engine}/{precision} compile {torch_compile} -> {sidecar.engine}"
+        yield label, run
 
 
 def main() -> None:
@@ -305,9 +322,11 @@ def main() -> None:
         per_pair = flops_per_pair(measured["config"], measured["tokens"])
         runs = dict(measured["runs"])
         with ExitStack() as servers:
-            for engine, precision in (("auto", "auto"), ("torch", "fp32")):
+            # The defaults, and torch fp32 uncompiled: the like of the in-process "torch fp32" row,
+            # so the two differ by the transport and the batcher alone.
+            for engine, precision, torch_compile in (("auto", "auto", "auto"), ("torch", "fp32", "off")):
                 name, run = servers.enter_context(
-                    sidecar_run(model_dir, texts, max_length, args.threads, engine, precision)
+                    sidecar_run(model_dir, texts, max_length, args.threads, engine, precision, torch_compile)
                 )
                 runs[name] = run
             results = interleaved(runs, args.repeats)
