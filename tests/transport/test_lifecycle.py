@@ -128,3 +128,15 @@ async def test_sigterm_lets_the_call_in_flight_finish_and_exits_zero(tiny_bert: 
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_the_rust_tokenizer_pool_is_off_unless_the_operator_set_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    settings = Settings(model=str(tmp_path), host="127.0.0.1", port=0)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    await SidecarServer(settings).stop(grace=0)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    await SidecarServer(settings).stop(grace=0)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
