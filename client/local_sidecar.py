@@ -49,8 +49,10 @@ def local_sidecar(
     command = [
         *(sys.executable, "-m", "sidecar", "--model", model, "--embed-model", embed_model),
         *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
-        # torch fp32 starts in seconds (no ONNX export or parity gate) and scores exactly.
-        *("--engine", "torch", "--precision", "fp32", "--log-format", "text", "--log-level", "WARNING"),
+        # torch fp32, uncompiled, starts in seconds (no ONNX export, parity gate or compile) and
+        # scores exactly; a few dozen documents do not repay a compile.
+        *("--engine", "torch", "--precision", "fp32", "--torch-compile", "off"),
+        *("--log-format", "text", "--log-level", "WARNING"),
     ]
     # Flags configure the child entirely: sidecar variables meant for another server must not leak in.
     environment = {name: value for name, value in os.environ.items() if not name.startswith("RERANK_")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -67,8 +68,8 @@ class TorchEngine(Engine):
         engines, run a copy, so the caller's network stays the fp32 reference.
 
         With ``compile_sample`` the network is compiled by TorchInductor with frozen weights (the
-        linear layers become packed oneDNN kernels with their bias and GELU fused in) and dynamic
-        shapes, then run once on the sample, whose shape guides the kernel choices: give it the
+        linear layers become prepacked oneDNN or MKL kernels, bias and activation fused in) and
+        dynamic shapes, then run once on the sample, whose shape guides the kernel choices: give it the
         batcher's full batch.
         """
         if precision not in torch_precisions(device):
@@ -111,7 +112,8 @@ class TorchEngine(Engine):
         inputs = [torch.from_numpy(array).to(self.device) for array in arrays]
         # Freezing is read from Inductor's global config when a graph compiles (the per-call
         # ``options`` of torch.compile do not reach it), so it is set around every call that could.
-        with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
+        frozen = torch._inductor.config.patch(freezing=True) if self.compiled else contextlib.nullcontext()
+        with torch.inference_mode(), frozen:
             outputs = self._module(*inputs)
         return outputs[:rows].float().cpu().numpy()
 
