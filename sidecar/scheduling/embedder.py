@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from sidecar.errors import InvalidArgument
 from sidecar.model.loading import BiEncoderModel
-from sidecar.model.tokenization import EncodedQuery, PairSpec, Truncation
+from sidecar.model.tokenization import PairSpec, Truncation
 from sidecar.scheduling.batcher import Batcher
 from sidecar.scheduling.reranker import Usage, check_tokens
+from sidecar.scheduling.tokenizer_pool import TokenizerPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +28,7 @@ class Embedder:
         self,
         model: BiEncoderModel,
         batcher: Batcher,
-        tokenizer_pool: ThreadPoolExecutor,
+        tokenizer_pool: TokenizerPool,
         *,
         max_texts: int,
         max_request_tokens: int,
@@ -62,9 +62,8 @@ class Embedder:
         spec = self._spec(texts, max_length, truncation)
         started = time.monotonic_ns()
         self.batcher.admit(len(texts))
-        encoded: EncodedQuery = await asyncio.get_running_loop().run_in_executor(
-            self._tokenizer_pool, self.model.tokenizer.encode_texts, texts, spec
-        )
+        encode_texts = partial(self.model.tokenizer.encode_texts, spec=spec)
+        encoded = await self._tokenizer_pool.encode(encode_texts, texts)
         tokenized = time.monotonic_ns()
         check_tokens(encoded.tokens, self.max_request_tokens)
         job = await self.batcher.score(encoded.pairs, deadline)

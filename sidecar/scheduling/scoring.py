@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from sidecar.model.batch import EncodedPair
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel
-from sidecar.model.tokenization import EncodedQuery, PairSpec
+from sidecar.model.tokenization import PairSpec
 from sidecar.scheduling.batcher import Batcher, ScoringJob
+from sidecar.scheduling.tokenizer_pool import TokenizerPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,18 +41,15 @@ class ChunkScores:
 
 
 class CrossEncoderScorer:
-    def __init__(
-        self, model: CrossEncoderModel, batcher: Batcher, tokenizer_pool: ThreadPoolExecutor
-    ) -> None:
+    def __init__(self, model: CrossEncoderModel, batcher: Batcher, tokenizer_pool: TokenizerPool) -> None:
         self.model = model
         self.batcher = batcher
         self._tokenizer_pool = tokenizer_pool
 
     async def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedRequest:
         started = time.monotonic_ns()
-        encoded: EncodedQuery = await asyncio.get_running_loop().run_in_executor(
-            self._tokenizer_pool, self.model.tokenizer.encode, query, documents, spec
-        )
+        encode_pairs = partial(self.model.tokenizer.encode, query, spec=spec)
+        encoded = await self._tokenizer_pool.encode(encode_pairs, documents)
         return EncodedRequest(encoded.pairs, encoded.document_of_pair, time.monotonic_ns() - started)
 
     async def score(self, encoded: EncodedRequest, deadline: float | None) -> ChunkScores:
@@ -69,23 +67,22 @@ class CrossEncoderScorer:
 
 
 class BiEncoderScorer:
-    def __init__(self, model: BiEncoderModel, batcher: Batcher, tokenizer_pool: ThreadPoolExecutor) -> None:
+    def __init__(self, model: BiEncoderModel, batcher: Batcher, tokenizer_pool: TokenizerPool) -> None:
         self.model = model
         self.batcher = batcher
         self._tokenizer_pool = tokenizer_pool
 
-    def _encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedQuery:
-        (query_row,) = self.model.tokenizer.encode_texts([query], PairSpec(max_length=spec.max_length)).pairs
-        encoded = self.model.tokenizer.encode_texts(documents, spec)
-        return EncodedQuery([query_row, *encoded.pairs], encoded.document_of_pair)
-
     async def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedRequest:
         """The query's row first, then one row per document chunk."""
         started = time.monotonic_ns()
-        encoded = await asyncio.get_running_loop().run_in_executor(
-            self._tokenizer_pool, self._encode, query, documents, spec
+        encode_texts = self.model.tokenizer.encode_texts
+        query_spec = PairSpec(max_length=spec.max_length)  # the query is never chunked: one row
+        encoded_query, encoded = await asyncio.gather(
+            self._tokenizer_pool.encode(partial(encode_texts, spec=query_spec), [query]),
+            self._tokenizer_pool.encode(partial(encode_texts, spec=spec), documents),
         )
-        return EncodedRequest(encoded.pairs, encoded.document_of_pair, time.monotonic_ns() - started)
+        rows = [*encoded_query.pairs, *encoded.pairs]
+        return EncodedRequest(rows, encoded.document_of_pair, time.monotonic_ns() - started)
 
     async def score(self, encoded: EncodedRequest, deadline: float | None) -> ChunkScores:
         job = await self.batcher.score(encoded.rows, deadline)
@@ -108,7 +105,7 @@ Scorer = CrossEncoderScorer | BiEncoderScorer
 
 
 def scorer_for(
-    model: CrossEncoderModel | BiEncoderModel, batcher: Batcher, tokenizer_pool: ThreadPoolExecutor
+    model: CrossEncoderModel | BiEncoderModel, batcher: Batcher, tokenizer_pool: TokenizerPool
 ) -> Scorer:
     if isinstance(model, CrossEncoderModel):
         return CrossEncoderScorer(model, batcher, tokenizer_pool)

@@ -1,0 +1,46 @@
+"""Threads that tokenize requests off the event loop, splitting a large request across them."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from sidecar.model.tokenization import EncodedQuery
+
+# Below this many documents a slice costs more in thread hand-offs than it saves.
+_MIN_DOCUMENTS_PER_SLICE = 16
+
+
+class TokenizerPool:
+    """``workers`` threads; the Rust tokenizer releases the GIL, so slices of one request tokenize in
+    parallel. This replaces the tokenizer's own thread pool, which the server turns off: that pool
+    took every core for each request, while this one is bounded by ``--tokenizer-workers``.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
+
+    async def encode(
+        self, encode: Callable[[Sequence[str]], EncodedQuery], documents: Sequence[str]
+    ) -> EncodedQuery:
+        """``encode(documents)``, run as up to ``workers`` slices in parallel and merged in order."""
+        slices = min(self._workers, max(1, len(documents) // _MIN_DOCUMENTS_PER_SLICE))
+        bounds = [len(documents) * index // slices for index in range(slices + 1)]
+        loop = asyncio.get_running_loop()
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._executor, encode, documents[start:end])
+                for start, end in itertools.pairwise(bounds)
+            )
+        )
+        merged = EncodedQuery([], [])
+        for start, part in zip(bounds, parts, strict=False):
+            merged.pairs.extend(part.pairs)
+            merged.document_of_pair.extend(start + document for document in part.document_of_pair)
+        return merged
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from sidecar.model.loading import ModelSource, load_cross_encoder
+from sidecar.model.tokenization import PairSpec
+from sidecar.scheduling.tokenizer_pool import TokenizerPool
+
+
+async def test_a_large_request_split_across_threads_encodes_as_one_call(tiny_bert: Path):
+    model = load_cross_encoder(ModelSource(str(tiny_bert)))
+    # Varied lengths, several of them chunked into more than one pair.
+    documents = [" ".join(f"word{i}" for i in range(index % 7 * 15 + 1)) for index in range(53)]
+    pool = TokenizerPool(workers=3)
+    try:
+        chunked = PairSpec(max_length=32, chunk=True, max_chunks_per_doc=4, chunk_overlap=4)
+        for spec in (PairSpec(max_length=32), chunked):
+            whole = model.tokenizer.encode("a query", documents, spec)
+            split = await pool.encode(partial(model.tokenizer.encode, "a query", spec=spec), documents)
+            assert split.document_of_pair == whole.document_of_pair
+            assert split.pairs == whole.pairs
+        assert max(whole.document_of_pair) == len(documents) - 1
+        assert len(whole.pairs) > len(documents)  # the chunked case really chunked
+    finally:
+        pool.shutdown()
