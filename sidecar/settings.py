@@ -75,7 +75,12 @@ class Settings:
         1_000_000, "Most tokens one request (or one stream message) may send to the model, chunks included."
     )
     max_message_bytes: int = _setting(16 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes.")
-    tokenizer_workers: int = _setting(2, "Threads that tokenize requests off the event loop.")
+    tokenizer_workers: int = _setting(
+        2,
+        "Threads that tokenize requests off the event loop; a large request is split across them, at "
+        "least 16 documents each. They replace the tokenizer's own thread pool "
+        "(TOKENIZERS_PARALLELISM=false unless set).",
+    )
     grace_period: float = _setting(
         10.0, "Seconds in-flight calls get to finish after SIGTERM or SIGINT before they are cancelled."
     )
