@@ -1,14 +1,18 @@
 """Tiny models with random weights, saved with save_pretrained so the real loading code runs.
 
 Their scores are meaningless as relevance; tests use them only to check plumbing and arithmetic.
+Also random token batches to feed them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from sidecar.model.batch import TokenBatch
 
 
 def bert_tokenizer_dir() -> Path:
@@ -87,3 +91,14 @@ def save_tiny_roberta(directory: Path, *, seed: int = 0) -> Path:
     RobertaForSequenceClassification(config).eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def padded_batch(rows: int, columns: int, seed: int, *, min_length: int = 3) -> TokenBatch:
+    """Random tokens with ragged lengths, so padding and the attention mask matter."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min(min_length, columns), columns + 1, size=rows)
+    lengths[0] = columns
+    mask = (np.arange(columns)[None, :] < lengths[:, None]).astype(np.int64)
+    input_ids = rng.integers(1000, 20000, size=(rows, columns)) * mask
+    token_types = (np.arange(columns)[None, :] >= lengths[:, None] // 2).astype(np.int64) * mask
+    return TokenBatch(input_ids.astype(np.int64), mask, token_types)

@@ -7,7 +7,6 @@ import onnx
 import pytest
 
 from sidecar.errors import ModelLoadError
-from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, optimized_model
 from sidecar.model.engines.torch_engine import TorchEngine
@@ -15,18 +14,7 @@ from sidecar.model.export import export_onnx
 from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
 from sidecar.model.network import content_hash, load_network
 from sidecar.model.parity import TOLERANCES, compare, cross_encoder_probe
-from tests.models import save_tiny_roberta
-
-
-def padded_batch(rows: int, columns: int, seed: int) -> TokenBatch:
-    """Random tokens with ragged lengths, so padding and the attention mask matter."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(3, columns + 1, size=rows)
-    lengths[0] = columns
-    mask = (np.arange(columns)[None, :] < lengths[:, None]).astype(np.int64)
-    input_ids = rng.integers(1000, 20000, size=(rows, columns)) * mask
-    token_types = (np.arange(columns)[None, :] >= lengths[:, None] // 2).astype(np.int64) * mask
-    return TokenBatch(input_ids.astype(np.int64), mask, token_types)
+from tests.models import padded_batch, save_tiny_roberta
 
 
 def test_fp32_matches_torch_to_1e_4(tiny_exported, artifact_cache, tiny_reference, tiny_probe):

@@ -5,9 +5,9 @@ import pytest
 import torch._dynamo.utils
 
 from sidecar.errors import ModelLoadError
-from sidecar.model.batch import TokenBatch
 from sidecar.model.engines.torch_engine import TorchEngine, compile_wanted, cpu_supports_bf16
 from sidecar.model.parity import compare
+from tests.models import padded_batch
 
 
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
@@ -34,21 +34,12 @@ def test_compile_auto_means_the_cpu_only():
         compile_wanted("yes", "cpu")
 
 
-def token_batch(rows: int, columns: int, seed: int) -> TokenBatch:
-    generator = np.random.default_rng(seed)
-    lengths = generator.integers(1, columns + 1, size=rows)
-    lengths[0] = columns
-    mask = (np.arange(columns)[None, :] < lengths[:, None]).astype(np.int64)
-    ids = generator.integers(5, 90, size=(rows, columns)) * mask
-    return TokenBatch(ids, mask, np.zeros_like(ids))
-
-
 def test_one_compiled_graph_serves_every_batch_shape_with_the_model_s_scores(tiny_network, tiny_reference):
-    engine = TorchEngine(tiny_network, precision="fp32", device="cpu", compile_sample=token_batch(8, 64, 0))
+    engine = TorchEngine(tiny_network, precision="fp32", device="cpu", compile_sample=padded_batch(8, 64, 0))
     compiled_frames = torch._dynamo.utils.counters["frames"]["ok"]
     # A single row or column would specialize a second graph if the engine did not pad it.
     for seed, (rows, columns) in enumerate([(8, 64), (3, 17), (1, 9), (5, 1), (1, 1), (16, 128), (2, 2)]):
-        batch = token_batch(rows, columns, seed)
+        batch = padded_batch(rows, columns, seed, min_length=1)
         outputs = engine.forward(batch)
         assert outputs.shape == (rows, 1)
         np.testing.assert_allclose(outputs, tiny_reference.forward(batch), atol=1e-4)
