@@ -63,7 +63,10 @@ class Settings:
     threads: int = _setting(0, "Intra-op threads of the engine; 0 uses every core.")
     max_length: int = _setting(0, "Cap on tokens per (query, document) pair; 0 uses the model's limit.")
     max_batch_tokens: int = _setting(
-        8192, "Token budget of one model batch, counted with padding (longest pair x pairs)."
+        0,
+        "Token budget of one model batch, counted with padding (longest pair x pairs); 0 picks it for "
+        "the device: 4096 on the CPU, where smaller batches stay in cache and run faster per pair, 8192 "
+        "on CUDA, and never below the model's max length.",
     )
     max_batch_pairs: int = _setting(32, "Most pairs in one model batch.")
     max_queued_pairs: int = _setting(
@@ -102,13 +105,13 @@ class Settings:
     log_format: str = _setting("json", "Log line format.", choices=("json", "text"))
 
     def __post_init__(self) -> None:
-        positive = ("max_batch_tokens", "max_batch_pairs", "max_queued_pairs")
+        positive = ("max_batch_pairs", "max_queued_pairs")
         positive += ("max_documents_per_request", "max_chunks_per_doc", "tokenizer_workers")
         positive += ("max_request_tokens", "max_message_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
-        for name in ("port", "metrics_port", "threads", "max_length", "grace_period"):
+        for name in ("port", "metrics_port", "threads", "max_length", "max_batch_tokens", "grace_period"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be zero or more, got {getattr(self, name)}")
         if self.max_batch_pairs > self.max_queued_pairs:

@@ -61,7 +61,9 @@ class RecordingEngine(Engine):
 
 def recording_runtime(settings: Settings, source: ModelSource) -> Runtime:
     runtime = load_runtime(settings, source)
-    return Runtime(runtime.model, RecordingEngine(runtime.engine), runtime.engine_notes)
+    return Runtime(
+        runtime.model, RecordingEngine(runtime.engine), runtime.max_batch_tokens, runtime.engine_notes
+    )
 
 
 class RunningSidecar:

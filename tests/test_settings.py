@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.runtime import batch_token_budget
 from sidecar.settings import Settings, env_name, flag_name, parse_settings, settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -28,6 +29,7 @@ def test_defaults_environment_and_flags():
     ("argv", "environ"),
     [
         (["--max-batch-pairs", "0"], {}),
+        (["--max-batch-tokens", "-1"], {}),
         (["--engine", "warp-drive"], {}),
         ([], {"RERANK_PORT": "not-a-number"}),
         (["--max-batch-pairs", "64", "--max-queued-pairs", "32"], {}),
@@ -38,6 +40,15 @@ def test_invalid_settings_exit_with_a_usage_error(argv: list[str], environ: dict
         parse_settings(argv, environ)
     assert raised.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_batch_token_budget_defaults_by_device_and_fits_one_full_input():
+    assert parse_settings([], {}).max_batch_tokens == 0  # picked for the device at load
+    assert batch_token_budget(0, "cpu", 512) == 4096
+    assert batch_token_budget(0, "cuda", 512) == 8192
+    assert batch_token_budget(0, "cuda:1", 512) == 8192
+    assert batch_token_budget(0, "cpu", 8192) == 8192  # a long-context model still fits one input
+    assert batch_token_budget(2048, "cpu", 512) == 2048  # an operator's value is kept as given
 
 
 def test_readme_lists_every_setting():

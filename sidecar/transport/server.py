@@ -134,7 +134,7 @@ class SidecarServer:
             max_length=model.max_length,
             num_labels=model.num_labels if isinstance(model, CrossEncoderModel) else 0,
             limits=rerank_pb2.BatchingLimits(
-                max_batch_tokens=self.settings.max_batch_tokens,
+                max_batch_tokens=runtime.max_batch_tokens,
                 max_batch_pairs=self.settings.max_batch_pairs,
                 max_queued_pairs=self.settings.max_queued_pairs,
                 max_documents_per_request=reranker.limits.max_documents_per_request,
@@ -205,15 +205,15 @@ class SidecarServer:
             None, self._runtime_factory, self.settings, source
         )
         model = runtime.model
-        if self.settings.max_batch_tokens < model.max_length:
+        if runtime.max_batch_tokens < model.max_length:
             raise ModelLoadError(
-                f"--max-batch-tokens {self.settings.max_batch_tokens} is below the max length "
+                f"--max-batch-tokens {runtime.max_batch_tokens} is below the max length "
                 f"{model.max_length} of {source.model_id}: a single long input would not fit a batch"
             )
         batcher = Batcher(
             runtime.engine,
             BatchLimits(
-                self.settings.max_batch_tokens, self.settings.max_batch_pairs, self.settings.max_queued_pairs
+                runtime.max_batch_tokens, self.settings.max_batch_pairs, self.settings.max_queued_pairs
             ),
             pad_token_id=model.pad_token_id,
             with_token_type_ids=model.uses_token_type_ids,
@@ -235,7 +235,7 @@ class SidecarServer:
         model = served.runtime.model
         spec = PairSpec(max_length=model.max_length)
         full_batch = max(
-            1, min(self.settings.max_batch_pairs, self.settings.max_batch_tokens // model.max_length)
+            1, min(self.settings.max_batch_pairs, served.runtime.max_batch_tokens // model.max_length)
         )
         for texts in (["warm-up"], [_WARMUP_TEXT] * full_batch):
             if isinstance(model, BiEncoderModel):

@@ -215,6 +215,7 @@ async def test_info_describes_the_model_and_limits(sidecar: RunningSidecar):
     assert info.max_length == 512
     assert info.num_labels == 1
     assert info.limits.max_batch_pairs == sidecar.server.settings.max_batch_pairs
+    assert info.limits.max_batch_tokens == 4096  # the CPU's default budget, since none was set
     assert info.limits.max_documents_per_request == sidecar.server.settings.max_documents_per_request
     assert info.server_version
 
