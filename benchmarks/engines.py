@@ -6,13 +6,16 @@ has MiniLM-L6 shape with real weights: the all-MiniLM-L6-v2 encoder (gt-all-mini
 fresh, seeded one-logit head, so scores spread enough for rank fidelity to mean something. Its
 relevance is not meaningful; only speed and agreement with fp32 are measured here.
 
-Rows: the baseline in process; each engine in process (the sidecar's tokenizer, length-sorted
-batches of 32, ``Engine.forward``); and the full sidecar over gRPC on 127.0.0.1 (subprocesses with
-``--engine auto --precision auto``, and pinned to torch fp32). Variants run round-robin, one call
-each per round, so load from other processes falls on all alike; each figure is the median of
-``--repeats`` rounds after a warm-up, and ratios are against the baseline of the same run.
+Rows: the baseline in process (its default batch of 32, and the engines' batch size); each engine in
+process (the sidecar's tokenizer, length-sorted batches under the sidecar's CPU token budget,
+``Engine.forward``); and the full sidecar over gRPC on 127.0.0.1 (subprocesses with ``--engine auto
+--precision auto``, and pinned to torch fp32), called by one caller at a time, and the auto one also
+by ``--callers`` callers at once. Variants run round-robin, one call each per round, so load from
+other processes falls on all alike; each figure is the median of ``--repeats`` rounds after a
+warm-up, and ratios are against the baseline of the same run.
 
-    .venv/bin/python benchmarks/engines.py [--repeats 5] [--threads 2] [--out benchmarks/out/engines.json]
+    .venv/bin/python benchmarks/engines.py [--repeats 7] [--threads 2] [--callers 4] \
+        [--out benchmarks/out/engines.json]
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out"
 QUERY = "Vitamin D supplementation reduces the risk of respiratory infections in adults."
-CANDIDATES, TARGET_TOKENS, BATCH = 100, 230, 32
+CANDIDATES, TARGET_TOKENS, BASELINE_BATCH = 100, 230, 32
+
+
+@dataclass(frozen=True)
+class Run:
+    """One variant: a call that scores ``pairs`` pairs, and returns the scores of the 100 candidates."""
+
+    pairs: int
+    call: Callable[[], np.ndarray]
 
 
 @dataclass
@@ -94,17 +105,15 @@ def candidates(model_dir: Path) -> list[str]:
     return [texts[index] for index in sorted(closest)]
 
 
-def interleaved(
-    runs: dict[str, Callable[[], np.ndarray]], repeats: int
-) -> dict[str, tuple[float, np.ndarray]]:
+def interleaved(runs: dict[str, Run], repeats: int) -> dict[str, tuple[float, np.ndarray]]:
     """Median seconds per variant and its last scores; every round runs each variant once, so load
     from other processes on the machine falls on all of them alike."""
-    scores = {name: run() for name, run in runs.items()}  # warm-up
+    scores = {name: run.call() for name, run in runs.items()}  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             started = time.perf_counter()
-            scores[name] = run()
+            scores[name] = run.call()
             seconds[name].append(time.perf_counter() - started)
     return {name: (statistics.median(seconds[name]), scores[name]) for name in runs}
 
@@ -156,15 +165,17 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
     from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
     from sidecar.model.network import content_hash, load_network
     from sidecar.model.tokenization import PairSpec
+    from sidecar.runtime import batch_token_budget
 
     torch.set_num_threads(threads)
     source = ModelSource(str(model_dir))
     model = load_cross_encoder(source, max_length)
     pairs = model.tokenizer.encode(QUERY, texts, PairSpec(max_length=max_length)).pairs
     order = np.argsort([len(pair) for pair in pairs], kind="stable")
+    rows = batch_token_budget(0, "cpu", max_length) // max(len(pair) for pair in pairs)
     batches = [
         (chunk, collate([pairs[i] for i in chunk], model.pad_token_id, model.uses_token_type_ids))
-        for chunk in np.array_split(order, range(BATCH, len(order), BATCH))
+        for chunk in np.array_split(order, range(rows, len(order), rows))
     ]
     network = load_network(source, ModelKind.CROSS_ENCODER)
     cache = ArtifactCache(OUT / "cache")
@@ -200,11 +211,17 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
 
     cross_encoder = CrossEncoder(str(model_dir), device="cpu", max_length=max_length)
     runs = {
-        "baseline CrossEncoder.predict": lambda: cross_encoder.predict(
-            [(QUERY, t) for t in texts], batch_size=BATCH
+        "baseline CrossEncoder.predict": Run(
+            CANDIDATES,
+            lambda: cross_encoder.predict([(QUERY, t) for t in texts], batch_size=BASELINE_BATCH),
         )
     }
-    runs.update({name: scorer(engine) for name, engine in engines.items()})
+    # The baseline at the engines' batch size too: smaller batches speed it up as well, and the ratios
+    # against this row show what the engines add beyond the batch size.
+    runs[f"CrossEncoder.predict, batch {rows}"] = Run(
+        CANDIDATES, lambda: cross_encoder.predict([(QUERY, t) for t in texts], batch_size=rows)
+    )
+    runs.update({name: Run(CANDIDATES, scorer(engine)) for name, engine in engines.items()})
     tokens = float(np.mean([len(pair) for pair in pairs]))
     return {"runs": runs, "tokens": tokens, "config": network.model.config}
 
@@ -272,8 +289,11 @@ def sidecar_run(
     engine: str,
     precision: str,
     torch_compile: str,
-) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """Start the sidecar as a subprocess; yields its label and a Rerank call of all 100 candidates."""
+    callers: int,
+) -> Iterator[dict[str, Run]]:
+    """Start the sidecar as a subprocess; yields its rows: one caller sending a Rerank call of all 100
+    candidates, and unless ``callers`` is 0, that many callers sending it at once (the round ends when
+    the last answers)."""
     settings = {
         "engine": engine,
         "precision": precision,
@@ -292,24 +312,35 @@ def sidecar_run(
             raw_scores=True,
         )
 
-        def run() -> np.ndarray:
-            response = stub.Rerank(request, timeout=600)
+        def scores_of(response: rerank_pb2.RerankResponse) -> np.ndarray:
             scores = np.empty(len(texts), dtype=np.float32)
             for result in response.results:
                 scores[result.index] = result.score
             return scores
 
+        def one_caller() -> np.ndarray:
+            return scores_of(stub.Rerank(request, timeout=600))
+
+        def concurrent_callers() -> np.ndarray:
+            calls = [stub.Rerank.future(request, timeout=600) for _ in range(callers)]
+            scores = [scores_of(call.result()) for call in calls]
+            return scores[0]
+
         label = f"sidecar gRPC {engine}/{precision} compile {torch_compile} -> {sidecar.engine}"
-        yield label, run
+        rows = {label: Run(CANDIDATES, one_caller)}
+        if callers:
+            rows[f"{label}, {callers} callers"] = Run(callers * CANDIDATES, concurrent_callers)
+        yield rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-lengths", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--callers", type=int, default=4, help="callers at once in the concurrent rows")
     parser.add_argument("--out", type=Path, default=OUT / "engines.json")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -322,18 +353,19 @@ def main() -> None:
         per_pair = flops_per_pair(measured["config"], measured["tokens"])
         runs = dict(measured["runs"])
         with ExitStack() as servers:
-            # The defaults, and torch fp32 uncompiled: the like of the in-process "torch fp32" row,
-            # so the two differ by the transport and the batcher alone.
-            for engine, precision, torch_compile in (("auto", "auto", "auto"), ("torch", "fp32", "off")):
-                name, run = servers.enter_context(
-                    sidecar_run(model_dir, texts, max_length, args.threads, engine, precision, torch_compile)
+            # The defaults, alone and under concurrent callers; and torch fp32 uncompiled, the like of
+            # the in-process "torch fp32" row, so the two differ by the transport and the batcher alone.
+            sidecars = (("auto", "auto", "auto", args.callers), ("torch", "fp32", "off", 0))
+            for engine, precision, torch_compile, callers in sidecars:
+                sidecar = sidecar_run(
+                    model_dir, texts, max_length, args.threads, engine, precision, torch_compile, callers
                 )
-                runs[name] = run
+                runs.update(servers.enter_context(sidecar))
             results = interleaved(runs, args.repeats)
         reference = results["torch fp32"][1]
         baseline = CANDIDATES / results["baseline CrossEncoder.predict"][0]
         for name, (seconds, scores) in results.items():
-            rate = CANDIDATES / seconds
+            rate = runs[name].pairs / seconds
             precision = next((p for p in ("int8", "bf16") if p in name), "fp32")
             rho, top10 = spearman_top10(np.asarray(scores, dtype=np.float64), reference.astype(np.float64))
             rows.append(
@@ -354,7 +386,8 @@ def main() -> None:
         f"matmul peaks (GFLOP/s or GOP/s, {args.threads} threads): "
         + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
     )
-    header = ("max_length", "variant", "pairs/s", "latency of 100 (ms)", "vs baseline", "% of peak")
+    # Latency: one call of 100 candidates; in the rows with several callers, until the last answers.
+    header = ("max_length", "variant", "pairs/s", "latency (ms)", "vs baseline", "% of peak")
     print("| " + " | ".join((*header, "Spearman vs fp32", "top-10 kept")) + " |")
     print("|---" * (len(header) + 2) + "|")
     for row in rows:
