@@ -26,6 +26,7 @@ from client.evaluation import (
     Evaluator,
     QueryRun,
     configuration_labels,
+    engine_description,
     load_beir,
     prepare_index,
     report_table,
@@ -211,7 +212,7 @@ def run_eval(settings: ClientSettings, eval_settings: EvalSettings, source: Path
                 if isinstance(retriever, ElasticsearchRetriever)
                 else "embedded retriever",
                 reranker=reranker,
-                engine=f"{info.engine} {info.precision} on {info.device}",
+                engine=engine_description(info),
                 embedding_model=f"{embedding.model_id} ({embedding.engine} {embedding.precision})",
                 candidates=settings.candidates,
                 configurations=summarize(

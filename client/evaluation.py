@@ -256,6 +256,12 @@ def reranker_description(info: rerank_pb2.InfoResponse) -> str:
     return f"{info.model_id}, bi-encoder (cosine)"
 
 
+def engine_description(info: rerank_pb2.InfoResponse) -> str:
+    """The serving engine in a few words, e.g. "torch bf16 on cpu, compiled"."""
+    compiled = ", compiled" if info.compiled else ""
+    return f"{info.engine} {info.precision} on {info.device}{compiled}"
+
+
 def configuration_labels(candidates: int, info: rerank_pb2.InfoResponse) -> dict[str, str]:
     same_model = info.HasField("embedding_model") and info.embedding_model.model_id == info.model_id
     reranker = "the embedding model" if same_model else info.model_kind

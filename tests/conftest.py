@@ -42,6 +42,7 @@ class RecordingEngine(Engine):
     def __init__(self, inner: Engine) -> None:
         super().__init__(precision=inner.precision, device=inner.device)
         self.name = inner.name  # type: ignore[misc]  # Info reports the engine underneath
+        self.compiled = inner.compiled
         self.inner = inner
         self.batches: list[TokenBatch] = []
         self.open = threading.Event()

@@ -142,6 +142,7 @@ class SidecarServer:
             ),
             server_version=__version__,
             engine_notes=list(runtime.engine_notes),
+            compiled=engine.compiled,
         )
         if self.embedder is not None:
             embed_model, embed_engine = self.embedder.model, self.embedder.batcher.engine
@@ -155,6 +156,7 @@ class SidecarServer:
                     engine=embed_engine.name,
                     precision=embed_engine.precision,
                     device=embed_engine.device,
+                    compiled=embed_engine.compiled,
                 )
             )
         return response

@@ -77,6 +77,7 @@ def fail_to_load(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_without_tensorrt_auto_serves_onnxruntime(tmp_path, tiny_network, tiny_probe):
     selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert (selection.engine.name, selection.engine.precision) == ("onnxruntime", "fp32")
+    assert selection.engine.compiled
     assert selection.parity.passed
     assert selection.notes == ["tensorrt: unavailable: TensorRT needs a CUDA device; the device is cpu"]
 
@@ -128,10 +129,20 @@ async def test_info_reports_why_engines_were_skipped(tiny_bert: Path, tmp_path: 
     ) as sidecar:
         info = await sidecar.stub.Info(rerank_pb2.InfoRequest())
     assert (info.engine, info.precision, info.device) == ("torch", "fp32", "cpu")
+    assert not info.compiled  # the test sidecar runs --torch-compile off
     assert list(info.engine_notes) == [
         "tensorrt: unavailable: TensorRT needs a CUDA device; the device is cpu",
         "onnxruntime/fp32: failed to load: ModelLoadError: onnxruntime is broken in this test",
     ]
+
+
+async def test_info_says_the_serving_engine_is_compiled(tiny_bert: Path, tmp_path: Path):
+    async with running_sidecar(
+        tiny_bert, engine="auto", precision="fp32", cache_dir=str(tmp_path)
+    ) as sidecar:
+        info = await sidecar.stub.Info(rerank_pb2.InfoRequest())
+    assert (info.engine, info.precision) == ("onnxruntime", "fp32")
+    assert info.compiled
 
 
 def test_torch_compile_compiles_the_winner_and_gates_it_again(tmp_path, tiny_network, tiny_probe):

@@ -212,6 +212,7 @@ async def test_info_describes_the_model_and_limits(sidecar: RunningSidecar):
     assert info.engine == "torch"
     assert info.precision == "fp32"
     assert info.device == "cpu"
+    assert not info.compiled  # torch, with --torch-compile off in the test sidecar
     assert info.max_length == 512
     assert info.num_labels == 1
     assert info.limits.max_batch_pairs == sidecar.server.settings.max_batch_pairs

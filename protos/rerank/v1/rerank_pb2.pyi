@@ -192,7 +192,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_queued_pairs: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_chunks_per_doc: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model")
+    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class InfoResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_NOTES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_revision: str
     model_kind: str
@@ -217,10 +218,11 @@ class InfoResponse(_message.Message):
     server_version: str
     engine_notes: _containers.RepeatedScalarFieldContainer[str]
     embedding_model: EmbeddingModelInfo
-    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ...) -> None: ...
+    compiled: bool
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ...) -> None: ...
 
 class EmbeddingModelInfo(_message.Message):
-    __slots__ = ("model_id", "dims", "pooling", "normalized", "max_length", "engine", "precision", "device")
+    __slots__ = ("model_id", "dims", "pooling", "normalized", "max_length", "engine", "precision", "device", "compiled")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +231,7 @@ class EmbeddingModelInfo(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     dims: int
     pooling: str
@@ -237,4 +240,5 @@ class EmbeddingModelInfo(_message.Message):
     engine: str
     precision: str
     device: str
-    def __init__(self, model_id: _Optional[str] = ..., dims: _Optional[int] = ..., pooling: _Optional[str] = ..., normalized: _Optional[bool] = ..., max_length: _Optional[int] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    compiled: bool
+    def __init__(self, model_id: _Optional[str] = ..., dims: _Optional[int] = ..., pooling: _Optional[str] = ..., normalized: _Optional[bool] = ..., max_length: _Optional[int] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., compiled: _Optional[bool] = ...) -> None: ...

@@ -18,6 +18,9 @@ class Engine(ABC):
     """
 
     name: ClassVar[str]
+    # Whether forward runs a graph compiled for this machine (an engine file, an optimized session,
+    # TorchInductor), as Info reports it.
+    compiled: bool = False
 
     def __init__(self, *, precision: str, device: str) -> None:
         self.precision = precision

@@ -119,6 +119,7 @@ def _quantize(fused: Path, target: Path) -> None:
 
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
+    compiled = True
 
     def __init__(
         self, exported: ExportedModel, cache: ArtifactCache, *, precision: str, device: str, threads: int

@@ -199,6 +199,7 @@ def _progress_monitor(trt: ModuleType) -> Any:
 
 class TensorRTEngine(Engine):
     name = "tensorrt"
+    compiled = True
 
     def __init__(
         self,
