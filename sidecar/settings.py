@@ -60,7 +60,13 @@ class Settings:
         "Directory for the ONNX export and compiled engines, reused across restarts (mount it as a volume).",
     )
     device: str = _setting("auto", "Device: auto (CUDA when present), cpu, cuda or cuda:N.")
-    threads: int = _setting(0, "Intra-op threads of the engine; 0 uses every core.")
+    threads: int = _setting(0, "Threads of the engine, shared among its batch workers; 0 uses every core.")
+    batch_workers: int = _setting(
+        0,
+        "Batches the engine runs at once, each on its own model thread with its share of --threads; 0 "
+        "picks for the device: 2 on a CPU with at least 2 threads (single-threaded batches never wait "
+        "at each other's thread barriers), 1 on CUDA. TensorRT runs one at a time.",
+    )
     max_length: int = _setting(0, "Cap on tokens per (query, document) pair; 0 uses the model's limit.")
     max_batch_tokens: int = _setting(
         0,
@@ -111,7 +117,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
-        for name in ("port", "metrics_port", "threads", "max_length", "max_batch_tokens", "grace_period"):
+        non_negative = ("port", "metrics_port", "threads", "batch_workers", "max_length", "max_batch_tokens")
+        for name in (*non_negative, "grace_period"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be zero or more, got {getattr(self, name)}")
         if self.max_batch_pairs > self.max_queued_pairs:

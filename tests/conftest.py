@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -62,9 +63,7 @@ class RecordingEngine(Engine):
 
 def recording_runtime(settings: Settings, source: ModelSource) -> Runtime:
     runtime = load_runtime(settings, source)
-    return Runtime(
-        runtime.model, RecordingEngine(runtime.engine), runtime.max_batch_tokens, runtime.engine_notes
-    )
+    return dataclasses.replace(runtime, engine=RecordingEngine(runtime.engine))
 
 
 class RunningSidecar:
@@ -92,11 +91,12 @@ async def running_sidecar(
     # torch fp32 unless a test asks otherwise: these tests compare scores with transformers to 1e-5,
     # closer than the parity gate lets lower precisions (which --precision auto may pick) come.
     # The torch fp32 engine, uncompiled, and no embedder unless a test asks: exact parity with the
-    # reference and a fast start.
+    # reference and a fast start. One batch worker, so a test that holds the engine holds every batch.
     options: dict[str, object] = {
         "engine": "torch",
         "precision": "fp32",
         "torch_compile": "off",
+        "batch_workers": 1,
         "embed_model": "",
         "metrics_port": 0,
         "host": "127.0.0.1",

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.runtime import batch_token_budget
+from sidecar.errors import ModelLoadError
+from sidecar.model.engines.base import Engine
+from sidecar.runtime import batch_token_budget, batch_workers, serving_workers
 from sidecar.settings import Settings, env_name, flag_name, parse_settings, settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -30,6 +32,7 @@ def test_defaults_environment_and_flags():
     [
         (["--max-batch-pairs", "0"], {}),
         (["--max-batch-tokens", "-1"], {}),
+        (["--batch-workers", "-1"], {}),
         (["--engine", "warp-drive"], {}),
         ([], {"RERANK_PORT": "not-a-number"}),
         (["--max-batch-pairs", "64", "--max-queued-pairs", "32"], {}),
@@ -49,6 +52,26 @@ def test_batch_token_budget_defaults_by_device_and_fits_one_full_input():
     assert batch_token_budget(0, "cuda:1", 512) == 8192
     assert batch_token_budget(0, "cpu", 8192) == 8192  # a long-context model still fits one input
     assert batch_token_budget(2048, "cpu", 512) == 2048  # an operator's value is kept as given
+
+
+def test_batch_workers_default_by_device_and_engine():
+    assert parse_settings([], {}).batch_workers == 0  # picked for the device at load
+    assert batch_workers(0, "cpu", 2) == 2
+    assert batch_workers(0, "cpu", 1) == 1
+    assert batch_workers(0, "cuda", 16) == 1
+    assert batch_workers(3, "cpu", 2) == 3
+
+    class OneAtATime(Engine):
+        name = "tensorrt"
+        concurrent_forward = False
+
+        def forward(self, batch):  # never called
+            raise NotImplementedError
+
+    engine = OneAtATime(precision="fp16", device="cuda")
+    assert serving_workers(0, 2, engine) == 1
+    with pytest.raises(ModelLoadError, match="--batch-workers 2: the tensorrt engine runs one batch at a"):
+        serving_workers(2, 2, engine)
 
 
 def test_readme_lists_every_setting():

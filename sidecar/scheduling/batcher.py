@@ -1,10 +1,14 @@
-"""The dynamic batcher: every caller's pairs share one bounded queue and one model thread.
+"""The dynamic batcher: every caller's pairs share one bounded queue and a few model threads.
 
 Batches are packed under a token budget counted with padding (longest pair x pairs). The oldest
 waiting pair always goes into the next batch, so nothing starves; the rest of the batch is the
 window of pairs closest to it in length, so little of the batch is padding. A request's pairs may
 span several batches and one batch may mix many requests; each request owns a ``ScoringJob`` whose
 rows are filled in place, so a score can only land in its own job at its own position.
+
+With several workers, that many batches run at once, each on its own model thread; when fewer pairs
+wait than fill the idle workers, they are shared out among them, so a small request still uses
+every worker instead of queueing as one batch on one thread.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,9 +84,13 @@ class Batcher:
         *,
         pad_token_id: int,
         with_token_type_ids: bool,
+        workers: int = 1,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
+        if workers > 1 and not engine.concurrent_forward:
+            raise ValueError(f"the {engine.name} engine runs one batch at a time, not {workers}")
         self.engine = engine
+        self.workers = workers
         self._on_batch = on_batch  # (pairs, padded tokens) of each batch, for metrics
         self.limits = limits
         self._pad_token_id = pad_token_id
@@ -90,7 +99,8 @@ class Batcher:
         self._queued_pairs = 0
         self._sequence = itertools.count()
         self._work_available = asyncio.Event()
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._model_threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model")
+        self._running: set[asyncio.Task[None]] = set()  # batches on the model threads
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -102,16 +112,19 @@ class Batcher:
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def close(self) -> None:
-        """Fail whatever still waits, stop the loop, and release the model thread."""
+        """Fail whatever still waits, stop the loop, and release the model threads."""
         self._closed = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in (self._loop_task, *self._running):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(task for task in (self._loop_task, *self._running) if task), return_exceptions=True
+        )
         for queued in self._queue:
             self._fail(queued.job, NotReady("the server is shutting down"))
         self._queue.clear()
         self._queued_pairs = 0
-        self._model_thread.shutdown(wait=True)
+        self._model_threads.shutdown(wait=True)
 
     async def score(self, pairs: Sequence[EncodedPair], deadline: float | None) -> ScoringJob:
         """Queue the pairs and wait for their outputs (in ``job.outputs``, row for row).
@@ -161,28 +174,36 @@ class Batcher:
         return job
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Start a batch whenever a worker is idle and pairs wait."""
+        idle_workers = asyncio.Semaphore(self.workers)
         while True:
-            batch = self._next_batch()
+            await idle_workers.acquire()
+            batch = self._next_batch(idle_workers=self.workers - len(self._running))
             if not batch:
+                idle_workers.release()
                 self._work_available.clear()
                 await self._work_available.wait()
                 continue
-            pairs = [queued.job.pairs[queued.row] for queued in batch]
-            started = time.monotonic_ns()
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            task.add_done_callback(lambda _: idle_workers.release())
+
+    async def _run_batch(self, batch: list[_QueuedPair]) -> None:
+        pairs = [queued.job.pairs[queued.row] for queued in batch]
+        started = time.monotonic_ns()
+        for job in {queued.job for queued in batch}:
+            job.first_batch_ns = job.first_batch_ns or started
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self._model_threads, self._forward, pairs)
+        except Exception as exc:  # the model failed: every job in this batch learns why
+            logger.exception("engine failed on a batch of %d pairs", len(batch))
+            failure = EngineFailure(f"the model failed on this request's batch: {type(exc).__name__}: {exc}")
             for job in {queued.job for queued in batch}:
-                job.first_batch_ns = job.first_batch_ns or started
-            try:
-                outputs = await loop.run_in_executor(self._model_thread, self._forward, pairs)
-            except Exception as exc:  # the model failed: every job in this batch learns why
-                logger.exception("engine failed on a batch of %d pairs", len(batch))
-                failure = EngineFailure(
-                    f"the model failed on this request's batch: {type(exc).__name__}: {exc}"
-                )
-                for job in {queued.job for queued in batch}:
-                    self._fail(job, failure)
-                continue
-            self._deliver(batch, outputs, time.monotonic_ns())
+                self._fail(job, failure)
+            return
+        self._deliver(batch, outputs, time.monotonic_ns())
 
     def _forward(self, pairs: list[EncodedPair]) -> np.ndarray:
         batch: TokenBatch = collate(pairs, self._pad_token_id, self._with_token_type_ids)
@@ -211,17 +232,19 @@ class Batcher:
             if job.remaining == 0:
                 job.future.set_result(job.outputs)
 
-    def _next_batch(self) -> list[_QueuedPair]:
+    def _next_batch(self, idle_workers: int = 1) -> list[_QueuedPair]:
         """Drop dead work, then pack the batch around the oldest pair.
 
         Over the queue sorted by length, every window that contains the oldest pair and fits the
         budget is a candidate; the one carrying the most real (unpadded) tokens wins, ties going to
         the least padding. So pairs of similar length travel together, and a short pair rides along
-        only where a slot would otherwise be empty.
+        only where a slot would otherwise be empty. A batch takes at most its share of the queue
+        among the ``idle_workers``, so they all get work.
         """
         self._drop_dead_work()
         if not self._queue:
             return []
+        share = math.ceil(len(self._queue) / max(1, idle_workers))
         anchor = self._queue[0]
         by_length = sorted(self._queue, key=lambda queued: (queued.length, queued.sequence))
         anchor_position = next(i for i, queued in enumerate(by_length) if queued is anchor)
@@ -230,7 +253,7 @@ class Batcher:
         best_window = (anchor_position, anchor_position)
         for end in range(anchor_position, len(by_length)):
             longest = by_length[end].length
-            fits = max(1, min(self.limits.max_batch_pairs, self.limits.max_batch_tokens // longest))
+            fits = max(1, min(share, self.limits.max_batch_pairs, self.limits.max_batch_tokens // longest))
             start = max(0, end - fits + 1)
             if start > anchor_position:
                 break  # longer pairs only shrink the window further

@@ -135,6 +135,7 @@ class SidecarServer:
             num_labels=model.num_labels if isinstance(model, CrossEncoderModel) else 0,
             limits=rerank_pb2.BatchingLimits(
                 max_batch_tokens=runtime.max_batch_tokens,
+                batch_workers=runtime.batch_workers,
                 max_batch_pairs=self.settings.max_batch_pairs,
                 max_queued_pairs=self.settings.max_queued_pairs,
                 max_documents_per_request=reranker.limits.max_documents_per_request,
@@ -219,6 +220,7 @@ class SidecarServer:
             ),
             pad_token_id=model.pad_token_id,
             with_token_type_ids=model.uses_token_type_ids,
+            workers=runtime.batch_workers,
             on_batch=self.metrics.batch_observer(source.model_id),
         )
         batcher.start()

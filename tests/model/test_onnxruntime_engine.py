@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,15 @@ def test_fp32_matches_torch_to_1e_4(tiny_exported, artifact_cache, tiny_referenc
     engine = OnnxRuntimeEngine(tiny_exported, artifact_cache, precision="fp32", device="cpu", threads=1)
     for batch in (*tiny_probe.batches, padded_batch(7, 300, seed=0), padded_batch(1, 5, seed=1)):
         np.testing.assert_allclose(engine.forward(batch), tiny_reference.forward(batch), atol=1e-4, rtol=0)
+
+
+def test_batch_workers_share_one_session(tiny_exported, artifact_cache, tiny_reference):
+    engine = OnnxRuntimeEngine(tiny_exported, artifact_cache, precision="fp32", device="cpu", threads=1)
+    batches = [padded_batch(rows, 40 + seed, seed) for seed, rows in enumerate([8, 3, 5, 2] * 4)]
+    with ThreadPoolExecutor(2) as workers:  # as the batcher's model threads call it
+        outputs = list(workers.map(engine.forward, batches))
+    for batch, output in zip(batches, outputs, strict=True):
+        np.testing.assert_allclose(output, tiny_reference.forward(batch), atol=1e-4, rtol=0)
 
 
 def test_fp32_runs_the_bert_fused_graph(tiny_exported, artifact_cache):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch._dynamo.utils
@@ -44,6 +46,16 @@ def test_one_compiled_graph_serves_every_batch_shape_with_the_model_s_scores(tin
         assert outputs.shape == (rows, 1)
         np.testing.assert_allclose(outputs, tiny_reference.forward(batch), atol=1e-4)
     assert torch._dynamo.utils.counters["frames"]["ok"] == compiled_frames
+
+
+def test_a_compiled_engine_serves_batch_workers_side_by_side(tiny_network, tiny_reference):
+    engine = TorchEngine(tiny_network, precision="fp32", device="cpu", compile_sample=padded_batch(8, 64, 0))
+    shapes = [(8, 64), (3, 17), (5, 40), (2, 9)] * 4
+    batches = [padded_batch(rows, columns, seed) for seed, (rows, columns) in enumerate(shapes)]
+    with ThreadPoolExecutor(2) as workers:  # as the batcher's model threads call it
+        outputs = list(workers.map(engine.forward, batches))
+    for batch, output in zip(batches, outputs, strict=True):
+        np.testing.assert_allclose(output, tiny_reference.forward(batch), atol=1e-4)
 
 
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")

@@ -26,9 +26,12 @@ class SumEngine(Engine):
         self.gate = threading.Event()
         self.gate.set()
         self.fail_with: Exception | None = None
+        self.side_by_side: threading.Barrier | None = None  # when set, batches must run in pairs
 
     def forward(self, batch: TokenBatch) -> np.ndarray:
         self.gate.wait(timeout=30)
+        if self.side_by_side is not None:
+            self.side_by_side.wait(timeout=10)  # raises BrokenBarrierError unless a second batch runs
         if self.fail_with is not None:
             raise self.fail_with
         self.shapes.append(batch.shape)
@@ -173,3 +176,39 @@ async def test_close_fails_waiting_work():
         await waiting.future
     with pytest.raises(NotReady):
         batcher.submit([pair(3)], None)
+
+
+@pytest.fixture
+async def two_worker_batcher():
+    engine = SumEngine()
+    engine.side_by_side = threading.Barrier(2)
+    batcher = Batcher(engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True, workers=2)
+    batcher.start()
+    yield engine, batcher
+    engine.side_by_side.abort()
+    await batcher.close()
+
+
+async def test_two_workers_run_two_batches_at_once(two_worker_batcher):
+    engine, batcher = two_worker_batcher
+    first, second = pairs_of_length(4, 8, base=1), pairs_of_length(4, 8, base=100)
+    jobs = await asyncio.gather(batcher.score(first, None), batcher.score(second, None))
+    assert jobs[0].outputs[:, 0].tolist() == [4 * (1 + i) for i in range(8)]
+    assert jobs[1].outputs[:, 0].tolist() == [4 * (100 + i) for i in range(8)]
+    assert sorted(engine.shapes) == [(8, 4), (8, 4)]
+
+
+async def test_a_small_request_is_shared_out_among_idle_workers(two_worker_batcher):
+    engine, batcher = two_worker_batcher
+    job = await batcher.score([pair(1), pair(2, 2), pair(3), pair(4, 4), pair(5), pair(6)], None)
+    assert job.outputs[:, 0].tolist() == [1, 4, 3, 8, 5, 6]
+    assert job.batches == 2
+    assert sorted(rows for rows, _ in engine.shapes) == [3, 3]
+
+
+async def test_an_engine_that_runs_one_batch_at_a_time_gets_one_worker():
+    class OneAtATime(SumEngine):
+        concurrent_forward = False
+
+    with pytest.raises(ValueError, match="runs one batch at a time"):
+        Batcher(OneAtATime(), BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True, workers=2)

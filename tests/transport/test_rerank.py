@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,22 @@ async def test_scores_equal_a_direct_transformers_forward(
 ):
     response = await rerank(sidecar)
     np.testing.assert_allclose(by_index(response), reference.scores(QUERY, TEXTS), atol=1e-5, rtol=0)
+
+
+async def test_batch_workers_side_by_side_score_like_one(tiny_bert: Path, reference: ReferenceScorer):
+    texts = [f"{text} (copy {copy})" for copy in range(6) for text in TEXTS]
+    request = rerank_pb2.RerankRequest(query=QUERY, documents=docs(*texts), max_length=24)
+    async with running_sidecar(tiny_bert, batch_workers=2, max_batch_pairs=4) as sidecar:
+        info = await sidecar.stub.Info(rerank_pb2.InfoRequest(), timeout=10)
+        responses = await asyncio.gather(*(sidecar.stub.Rerank(request, timeout=30) for _ in range(3)))
+    assert info.limits.batch_workers == 2
+    expected = reference.scores(QUERY, texts, max_length=24)
+    for response in responses:
+        assert response.usage.batches >= 9  # 36 pairs, at most 4 a batch
+        scores = np.full(len(texts), np.nan)
+        for result in response.results:
+            scores[result.index] = result.score
+        np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0)
 
 
 async def test_raw_scores_are_the_logits(sidecar: RunningSidecar, reference: ReferenceScorer):
@@ -217,6 +234,7 @@ async def test_info_describes_the_model_and_limits(sidecar: RunningSidecar):
     assert info.num_labels == 1
     assert info.limits.max_batch_pairs == sidecar.server.settings.max_batch_pairs
     assert info.limits.max_batch_tokens == 4096  # the CPU's default budget, since none was set
+    assert info.limits.batch_workers == 1  # as the test sidecar asks
     assert info.limits.max_documents_per_request == sidecar.server.settings.max_documents_per_request
     assert info.server_version
 

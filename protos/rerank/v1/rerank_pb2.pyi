@@ -178,18 +178,20 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BatchingLimits(_message.Message):
-    __slots__ = ("max_batch_tokens", "max_batch_pairs", "max_queued_pairs", "max_documents_per_request", "max_chunks_per_doc")
+    __slots__ = ("max_batch_tokens", "max_batch_pairs", "max_queued_pairs", "max_documents_per_request", "max_chunks_per_doc", "batch_workers")
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_PAIRS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_PAIRS_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_PER_DOC_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WORKERS_FIELD_NUMBER: _ClassVar[int]
     max_batch_tokens: int
     max_batch_pairs: int
     max_queued_pairs: int
     max_documents_per_request: int
     max_chunks_per_doc: int
-    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_queued_pairs: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_chunks_per_doc: _Optional[int] = ...) -> None: ...
+    batch_workers: int
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_queued_pairs: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_chunks_per_doc: _Optional[int] = ..., batch_workers: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled")

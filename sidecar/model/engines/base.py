@@ -11,7 +11,8 @@ from sidecar.model.batch import TokenBatch
 
 
 class Engine(ABC):
-    """Runs forward passes for one model. Called from the scheduler's single model thread only.
+    """Runs forward passes for one model, called from the scheduler's model threads: from several at
+    once when the batcher has several workers, unless ``concurrent_forward`` is False.
 
     A cross-encoder engine returns float32 logits of shape [pairs, num_labels]; a bi-encoder
     engine will return pooled embeddings of shape [texts, dims] through the same method.
@@ -21,6 +22,8 @@ class Engine(ABC):
     # Whether forward runs a graph compiled for this machine (an engine file, an optimized session,
     # TorchInductor), as Info reports it.
     compiled: bool = False
+    # Whether forward may run from several threads at once (the batcher's workers).
+    concurrent_forward: ClassVar[bool] = True
 
     def __init__(self, *, precision: str, device: str) -> None:
         self.precision = precision

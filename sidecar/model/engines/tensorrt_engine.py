@@ -200,6 +200,9 @@ def _progress_monitor(trt: ModuleType) -> Any:
 class TensorRTEngine(Engine):
     name = "tensorrt"
     compiled = True
+    # One execution context per profile, whose shapes and addresses every call sets: a second
+    # thread would overwrite them mid-launch.
+    concurrent_forward = False
 
     def __init__(
         self,
