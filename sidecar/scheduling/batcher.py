@@ -197,6 +197,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             outputs = await loop.run_in_executor(self._model_threads, self._forward, pairs)
+        except asyncio.CancelledError:  # the batcher is closing under this batch
+            for job in {queued.job for queued in batch}:
+                self._fail(job, NotReady("the server is shutting down"))
+            raise
         except Exception as exc:  # the model failed: every job in this batch learns why
             logger.exception("engine failed on a batch of %d pairs", len(batch))
             failure = EngineFailure(f"the model failed on this request's batch: {type(exc).__name__}: {exc}")
@@ -208,14 +212,14 @@ class Batcher:
     def _forward(self, pairs: list[EncodedPair]) -> np.ndarray:
         batch: TokenBatch = collate(pairs, self._pad_token_id, self._with_token_type_ids)
         outputs = self.engine.forward(batch)
+        if outputs.shape[0] != len(pairs):
+            raise RuntimeError(f"the engine returned {outputs.shape[0]} rows for {len(pairs)} pairs")
         if self._on_batch is not None:
             rows, columns = batch.shape
             self._on_batch(rows, rows * columns)
         return outputs
 
     def _deliver(self, batch: list[_QueuedPair], outputs: np.ndarray, done_ns: int) -> None:
-        if outputs.shape[0] != len(batch):
-            raise AssertionError(f"engine returned {outputs.shape[0]} rows for {len(batch)} pairs")
         touched: set[ScoringJob] = set()
         for queued, row_output in zip(batch, outputs, strict=True):
             job = queued.job

@@ -167,13 +167,14 @@ async def test_close_fails_waiting_work():
     engine.gate.clear()
     batcher = Batcher(engine, BatchLimits(64, 1, 100), pad_token_id=0, with_token_type_ids=False)
     batcher.start()
-    batcher.submit([pair(1)], None)
+    in_flight = batcher.submit([pair(1)], None)
     await asyncio.sleep(0.05)
     waiting = batcher.submit([pair(2)], None)
-    engine.gate.set()
+    threading.Timer(0.2, engine.gate.set).start()  # close waits for the model thread to come back
     await batcher.close()
-    with pytest.raises(NotReady):
-        await waiting.future
+    for job in (in_flight, waiting):
+        with pytest.raises(NotReady):
+            await job.future
     with pytest.raises(NotReady):
         batcher.submit([pair(3)], None)
 
