@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
@@ -46,14 +48,28 @@ def pairs_of_length(length: int, count: int, base: int = 1) -> list[EncodedPair]
     return [pair(*([base + i] * length)) for i in range(count)]
 
 
+@asynccontextmanager
+async def running_batcher(workers: int) -> AsyncIterator[tuple[SumEngine, Batcher]]:
+    """A started batcher over a SumEngine; with several workers, the engine requires them side by side."""
+    engine = SumEngine()
+    if workers > 1:
+        engine.side_by_side = threading.Barrier(workers)
+    limits = BatchLimits(64, 8, 100)
+    batcher = Batcher(engine, limits, pad_token_id=0, with_token_type_ids=True, workers=workers)
+    batcher.start()
+    try:
+        yield engine, batcher
+    finally:
+        engine.gate.set()
+        if engine.side_by_side is not None:
+            engine.side_by_side.abort()
+        await batcher.close()
+
+
 @pytest.fixture
 async def engine_and_batcher():
-    engine = SumEngine()
-    batcher = Batcher(engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True)
-    batcher.start()
-    yield engine, batcher
-    engine.gate.set()
-    await batcher.close()
+    async with running_batcher(workers=1) as running:
+        yield running
 
 
 async def test_outputs_come_back_row_for_row(engine_and_batcher):
@@ -181,13 +197,8 @@ async def test_close_fails_waiting_work():
 
 @pytest.fixture
 async def two_worker_batcher():
-    engine = SumEngine()
-    engine.side_by_side = threading.Barrier(2)
-    batcher = Batcher(engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True, workers=2)
-    batcher.start()
-    yield engine, batcher
-    engine.side_by_side.abort()
-    await batcher.close()
+    async with running_batcher(workers=2) as running:
+        yield running
 
 
 async def test_two_workers_run_two_batches_at_once(two_worker_batcher):
