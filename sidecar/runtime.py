@@ -34,7 +34,7 @@ class Runtime:
 
 
 # Measured with MiniLM-L6 on 2 cores (benchmarks/RESULTS.md): batches of about 4096 tokens ran
-# 7-9% faster per pair than batches of 8192, which spill out of cache.
+# about 8% faster per pair than batches of 8192, which spill out of cache.
 _CPU_BATCH_TOKENS = 4096
 _CUDA_BATCH_TOKENS = 8192
 # Torch's own default (one per core, or OMP_NUM_THREADS), read before the server changes it.
@@ -51,7 +51,7 @@ def batch_token_budget(configured: int, device: str, max_length: int) -> int:
 
 def batch_workers(configured: int, device: str, threads: int) -> int:
     """``--batch-workers``, or when it is 0 the device's default: 2 on a CPU with 2 threads or more,
-    where single-threaded batches never wait at each other's thread barriers (measured 6% more
+    where single-threaded batches never wait at each other's thread barriers (measured 3-6% more
     throughput on 2 cores, benchmarks/RESULTS.md), and 1 on CUDA, whose kernels one stream serializes.
     """
     if configured:
