@@ -71,13 +71,13 @@ def serving_workers(configured: int, wanted: int, engine: Engine) -> int:
     return wanted
 
 
-def engine_request(settings: Settings, max_length: int, threads_per_worker: int) -> EngineRequest:
-    device = resolve_device(settings.device)
+def engine_request(settings: Settings, device: str, max_length: int, threads: int) -> EngineRequest:
+    """What the settings ask of the engine chain; ``threads`` is one batch worker's share."""
     return EngineRequest(
         engine=settings.engine,
         precision=settings.precision,
         device=device,
-        threads=threads_per_worker,
+        threads=threads,
         max_batch_pairs=settings.max_batch_pairs,
         max_batch_tokens=batch_token_budget(settings.max_batch_tokens, device, max_length),
         max_length=max_length,
@@ -88,10 +88,12 @@ def engine_request(settings: Settings, max_length: int, threads_per_worker: int)
 
 def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     """Blocking: reads files and weights, exports and compiles. The server calls it on a worker thread."""
+    device = resolve_device(settings.device)
     threads = settings.threads or _DEFAULT_THREADS
-    workers = batch_workers(settings.batch_workers, resolve_device(settings.device), threads)
+    workers = batch_workers(settings.batch_workers, device, threads)
+    threads_per_worker = max(1, threads // workers)
     # Process-wide, and read when TorchInductor generates kernels: set before anything compiles.
-    torch.set_num_threads(max(1, threads // workers))
+    torch.set_num_threads(threads_per_worker)
     # TorchInductor's compiled kernels go beside the other compiled artifacts, on the mounted volume.
     # Inductor reads the variable once per process, so it is set before anything compiles or exports;
     # an operator's own setting wins.
@@ -112,7 +114,7 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
             max_batch=settings.max_batch_pairs,
         )
         outputs = f"{model.dims} dims, {model.pooling.mode} pooling"
-    request = engine_request(settings, model.max_length, torch.get_num_threads())
+    request = engine_request(settings, device, model.max_length, threads_per_worker)
     selection = select_engine(request, network, input_names, probe)
     engine = selection.engine
     workers = serving_workers(settings.batch_workers, workers, engine)

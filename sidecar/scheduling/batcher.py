@@ -114,12 +114,10 @@ class Batcher:
     async def close(self) -> None:
         """Fail whatever still waits, stop the loop, and release the model threads."""
         self._closed = True
-        for task in (self._loop_task, *self._running):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(
-            *(task for task in (self._loop_task, *self._running) if task), return_exceptions=True
-        )
+        tasks = [task for task in (self._loop_task, *self._running) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for queued in self._queue:
             self._fail(queued.job, NotReady("the server is shutting down"))
         self._queue.clear()
