@@ -11,11 +11,13 @@ import torch
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.engines import Engine
-from sidecar.model.engines.selection import EngineRequest, select_engine
+from sidecar.model.engines.selection import EngineRequest, Selection, select_engine
 from sidecar.model.engines.torch_engine import resolve_device
+from sidecar.model.hardware import describe_device
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource, load_model
 from sidecar.model.network import load_network
 from sidecar.model.parity import bi_encoder_probe, cross_encoder_probe
+from sidecar.model.phases import PhaseTimer
 from sidecar.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -24,13 +26,20 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Runtime:
     model: CrossEncoderModel | BiEncoderModel
+    # The engine chosen at start; with --torch-compile auto a compiled one may take over later
+    # (``selection.upgrade``), so the batcher holds the one serving now.
     engine: Engine
     # The batcher's token budget: the configured one, or the device's default (see batch_token_budget).
     max_batch_tokens: int
     # Batches the engine runs at once (see batch_workers), each with its share of the threads.
     batch_workers: int
-    # Why engines ahead of the serving one in the fallback chain were skipped.
-    engine_notes: tuple[str, ...] = ()
+    # How the engine was chosen; its notes say why engines ahead of the serving one were skipped.
+    selection: Selection
+    # Seconds of each loading phase so far; the server adds the warm-up.
+    phases: PhaseTimer
+    # The hardware the engine runs on, as Info and the logs name it.
+    hardware: str
+    lossy_margin: float
 
 
 # Measured with MiniLM-L6 on 2 cores (benchmarks/RESULTS.md): batches of about 4096 tokens ran
@@ -71,8 +80,10 @@ def serving_workers(configured: int, wanted: int, engine: Engine) -> int:
     return wanted
 
 
-def engine_request(settings: Settings, device: str, max_length: int, threads: int) -> EngineRequest:
-    """What the settings ask of the engine chain; ``threads`` is one batch worker's share."""
+def engine_request(
+    settings: Settings, device: str, max_length: int, threads: int, workers: int
+) -> EngineRequest:
+    """What the settings ask of the engine chain; ``threads`` is each of the ``workers``' share."""
     return EngineRequest(
         engine=settings.engine,
         precision=settings.precision,
@@ -83,6 +94,9 @@ def engine_request(settings: Settings, device: str, max_length: int, threads: in
         max_length=max_length,
         cache_dir=Path(settings.cache_dir).expanduser(),
         torch_compile=settings.torch_compile,
+        workers=workers,
+        lossy_margin=settings.lossy_margin,
+        reselect=settings.reselect,
     )
 
 
@@ -98,8 +112,10 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     # Inductor reads the variable once per process, so it is set before anything compiles or exports;
     # an operator's own setting wins.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir).expanduser() / "inductor"))
-    model = load_model(source, settings.max_length)
-    network = load_network(source, model.kind)
+    phases = PhaseTimer()
+    with phases.timed("load"):
+        model = load_model(source, settings.max_length)
+        network = load_network(source, model.kind)
     input_names = ("input_ids", "attention_mask", "token_type_ids")
     input_names = input_names if model.uses_token_type_ids else input_names[:2]
     if isinstance(model, CrossEncoderModel):
@@ -114,13 +130,14 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
             max_batch=settings.max_batch_pairs,
         )
         outputs = f"{model.dims} dims, {model.pooling.mode} pooling"
-    request = engine_request(settings, device, model.max_length, threads_per_worker)
-    selection = select_engine(request, network, input_names, probe)
+    request = engine_request(settings, device, model.max_length, threads_per_worker, workers)
+    selection = select_engine(request, network, input_names, probe, phases)
     engine = selection.engine
     workers = serving_workers(settings.batch_workers, workers, engine)
+    hardware = describe_device(device)
     logger.info(
-        "loaded %s (%s %s, %s, max_length %d) on %s/%s/%s, batches of up to %d tokens on %d worker(s) "
-        "of %d thread(s); parity %s",
+        "loaded %s (%s %s, %s, max_length %d) on %s/%s/%s (%s%s), batches of up to %d tokens on %d "
+        "worker(s) of %d thread(s); parity %s",
         source.model_id,
         model.model_type,
         model.kind.value,
@@ -129,9 +146,20 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
         engine.name,
         engine.precision,
         engine.device,
+        hardware,
+        ", remembered choice" if selection.from_cache else "",
         request.max_batch_tokens,
         workers,
         request.threads,
         selection.parity.describe(),
     )
-    return Runtime(model, engine, request.max_batch_tokens, workers, tuple(selection.notes))
+    return Runtime(
+        model,
+        engine,
+        request.max_batch_tokens,
+        workers,
+        selection,
+        phases,
+        hardware,
+        settings.lossy_margin,
+    )

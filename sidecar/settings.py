@@ -48,11 +48,22 @@ class Settings:
         "Inference precision; auto serves the fastest that passes the parity gate on this device.",
         choices=PRECISION_CHOICES,
     )
+    lossy_margin: float = _setting(
+        0.15,
+        "Under --precision auto, a lossy precision (int8; bf16 and fp16 on a CPU) serves only when it is at "
+        "least this fraction faster than the fastest lossless candidate that passed the parity gate.",
+    )
+    reselect: bool = _setting(
+        False,
+        "Select the engine afresh (load, gate and time every candidate) even when the choice for this "
+        "model, hardware, libraries and settings is remembered in --cache-dir.",
+    )
     torch_compile: str = _setting(
         "auto",
         "Compile the torch engine with TorchInductor (frozen weights, fused kernels, one graph for every "
-        "batch shape); auto compiles on the CPU and falls back to uncompiled if compiling fails. Costs "
-        "seconds at start, cached in --cache-dir.",
+        "batch shape): auto compiles on the CPU in the background once the server is SERVING, and the "
+        "compiled graph takes over when it passes the parity gate (a failed compile keeps the uncompiled "
+        "engine and says why in Info); on compiles before serving and fails the start if compiling fails.",
         choices=TORCH_COMPILE_CHOICES,
     )
     cache_dir: str = _setting(
@@ -118,7 +129,7 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("port", "metrics_port", "threads", "batch_workers", "max_length", "max_batch_tokens")
-        for name in (*non_negative, "grace_period"):
+        for name in (*non_negative, "grace_period", "lossy_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be zero or more, got {getattr(self, name)}")
         if self.max_batch_pairs > self.max_queued_pairs:
@@ -153,19 +164,40 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         kind = type(default)
         if env in environ:
             try:
-                default = kind(environ[env])
+                default = _parse_bool(environ[env]) if kind is bool else kind(environ[env])
             except ValueError as exc:
                 parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
                 raise AssertionError from exc  # parser.error exits
+        help_text = f"{settings_field.metadata['help']} [env {env}]"
+        if kind is bool:  # --reselect / --no-reselect
+            parser.add_argument(
+                flag_name(settings_field.name),
+                dest=settings_field.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
+            continue
         parser.add_argument(
             flag_name(settings_field.name),
             dest=settings_field.name,
             type=kind,
             default=default,
             choices=settings_field.metadata["choices"],
-            help=f"{settings_field.metadata['help']} [env {env}]",
+            help=help_text,
         )
     return parser
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _parse_bool(value: str) -> bool:
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise ValueError(value)
 
 
 def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

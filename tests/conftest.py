@@ -74,8 +74,8 @@ class RunningSidecar:
 
     @property
     def engine(self) -> RecordingEngine:
-        assert self.server.runtime is not None
-        engine = self.server.runtime.engine
+        assert self.server.ranking is not None
+        engine = self.server.ranking.engine
         assert isinstance(engine, RecordingEngine)
         return engine
 

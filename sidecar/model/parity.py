@@ -16,6 +16,7 @@ Tolerances (normalized scores in [0, 1] or [-1, 1]):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -82,23 +83,50 @@ PROBE_DOCUMENTS = (
 
 @dataclass(frozen=True)
 class Probe:
-    """Fixed model inputs and how to turn the engine's outputs for them into normalized scores."""
+    """Fixed model inputs and how to turn the engine's outputs for them into normalized scores.
+
+    The rows are batched in order of length, as the batcher would, so the gate pays for little padding;
+    ``order`` maps each batched row back to its place in the probe.
+    """
 
     batches: tuple[TokenBatch, ...]
+    order: np.ndarray
     to_scores: Callable[[np.ndarray], np.ndarray]
 
     def scores(self, engine: Engine) -> np.ndarray:
-        outputs = np.concatenate([engine.forward(batch) for batch in self.batches])
+        batched = np.concatenate([engine.forward(batch) for batch in self.batches])
+        outputs = np.empty_like(batched)
+        outputs[self.order] = batched
         return self.to_scores(outputs.astype(np.float64))
 
+    def digest(self) -> str:
+        """A digest of the probe's tokens, so a remembered reference is used only for the same probe."""
+        digest = hashlib.sha256()
+        for batch in self.batches:
+            for array in batch.as_dict().values():
+                digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:16]
 
-def _batches(
-    rows: Sequence[EncodedPair], pad_token_id: int, with_token_type_ids: bool, max_batch_pairs: int
-) -> tuple[TokenBatch, ...]:
-    return tuple(
-        collate(rows[start : start + max_batch_pairs], pad_token_id, with_token_type_ids)
-        for start in range(0, len(rows), max_batch_pairs)
+    def longest_row(self) -> np.ndarray:
+        """The real tokens of the probe's longest row."""
+        last = self.batches[-1]
+        return last.input_ids[-1][last.attention_mask[-1] == 1]
+
+
+def _probe(
+    rows: Sequence[EncodedPair],
+    pad_token_id: int,
+    with_token_type_ids: bool,
+    max_batch_pairs: int,
+    to_scores: Callable[[np.ndarray], np.ndarray],
+) -> Probe:
+    order = np.argsort([len(row.input_ids) for row in rows], kind="stable")
+    ordered = [rows[index] for index in order]
+    batches = tuple(
+        collate(ordered[start : start + max_batch_pairs], pad_token_id, with_token_type_ids)
+        for start in range(0, len(ordered), max_batch_pairs)
     )
+    return Probe(batches, order, to_scores)
 
 
 def cross_encoder_probe(model: CrossEncoderModel, max_batch_pairs: int) -> Probe:
@@ -112,8 +140,7 @@ def cross_encoder_probe(model: CrossEncoderModel, max_batch_pairs: int) -> Probe
         log_odds = logits[:, 0] if model.num_labels == 1 else logits[:, 1] - logits[:, 0]
         return 1.0 / (1.0 + np.exp(-log_odds))
 
-    batches = _batches(pairs, model.pad_token_id, model.uses_token_type_ids, max_batch_pairs)
-    return Probe(batches, to_scores)
+    return _probe(pairs, model.pad_token_id, model.uses_token_type_ids, max_batch_pairs, to_scores)
 
 
 def bi_encoder_probe(
@@ -128,7 +155,7 @@ def bi_encoder_probe(
         queries, documents = unit[: len(PROBE_QUERIES)], unit[len(PROBE_QUERIES) :]
         return (queries @ documents.T).ravel()
 
-    return Probe(_batches(rows, pad_token_id, with_token_type_ids, max_batch), to_scores)
+    return _probe(rows, pad_token_id, with_token_type_ids, max_batch, to_scores)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from prometheus_client import start_http_server
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar import __version__
 from sidecar.errors import ModelLoadError, NotReady
+from sidecar.model.engines import Engine
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource
 from sidecar.model.tokenization import PairSpec
 from sidecar.runtime import Runtime, load_runtime
@@ -59,6 +61,25 @@ class ServedModel:
     runtime: Runtime
     batcher: Batcher
 
+    @property
+    def engine(self) -> Engine:
+        """The engine serving now: the one chosen at start, or the compiled one that took over."""
+        return self.batcher.engine
+
+
+def selection_info(runtime: Runtime) -> rerank_pb2.EngineSelection:
+    selection = runtime.selection
+    return rerank_pb2.EngineSelection(
+        from_cache=selection.from_cache,
+        lossy_margin=runtime.lossy_margin,
+        speedup_over_lossless=selection.speedup_over_lossless,
+        timings=[
+            rerank_pb2.CandidateTiming(candidate=candidate, rows_per_second=speed)
+            for candidate, speed in selection.timings.items()
+        ],
+        hardware=runtime.hardware,
+    )
+
 
 class SidecarServer:
     """One gRPC server: the Reranker service, the Embedder when an embedding model is set, health and
@@ -73,7 +94,8 @@ class SidecarServer:
         self.settings = settings
         self._runtime_factory = runtime_factory
         self.health = health.aio.HealthServicer()
-        self.runtime: Runtime | None = None
+        self.ranking: ServedModel | None = None
+        self.embedding: ServedModel | None = None
         self.reranker: Reranker | None = None
         self.embedder: Embedder | None = None
         self._served: list[ServedModel] = []
@@ -102,6 +124,7 @@ class SidecarServer:
         self.port = 0
         self.metrics_port = 0
         self._stopped = asyncio.Event()
+        self._created = time.monotonic()
 
     def _check_serving(self) -> None:
         if self._draining:
@@ -121,9 +144,10 @@ class SidecarServer:
 
     def info(self) -> rerank_pb2.InfoResponse:
         reranker = self._require_reranker()
-        runtime = self.runtime
-        assert runtime is not None
-        model, engine = runtime.model, runtime.engine
+        ranking = self.ranking
+        assert ranking is not None
+        runtime = ranking.runtime
+        model, engine = runtime.model, ranking.engine
         response = rerank_pb2.InfoResponse(
             model_id=model.source.model_id,
             model_revision=model.revision,
@@ -142,11 +166,13 @@ class SidecarServer:
                 max_chunks_per_doc=reranker.limits.max_chunks_per_doc,
             ),
             server_version=__version__,
-            engine_notes=list(runtime.engine_notes),
+            engine_notes=list(runtime.selection.notes),
             compiled=engine.compiled,
+            selection=selection_info(runtime),
         )
-        if self.embedder is not None:
-            embed_model, embed_engine = self.embedder.model, self.embedder.batcher.engine
+        if self.embedder is not None and self.embedding is not None:
+            embedding = self.embedding
+            embed_model, embed_engine = self.embedder.model, embedding.engine
             response.embedding_model.CopyFrom(
                 rerank_pb2.EmbeddingModelInfo(
                     model_id=embed_model.source.model_id,
@@ -158,6 +184,7 @@ class SidecarServer:
                     precision=embed_engine.precision,
                     device=embed_engine.device,
                     compiled=embed_engine.compiled,
+                    selection=selection_info(embedding.runtime),
                 )
             )
         return response
@@ -231,8 +258,47 @@ class SidecarServer:
         )
         served = ServedModel(runtime, batcher)
         self._served.append(served)
-        await self._warm_up(served)
+        with runtime.phases.timed("warm-up"):
+            await self._warm_up(served)
+        logger.info(
+            "%s ready on %s/%s in %.1f s: %s",
+            source.model_id,
+            engine.name,
+            engine.precision,
+            sum(runtime.phases.seconds.values()),
+            runtime.phases.describe(),
+        )
         return served
+
+    def _upgrade_in_background(self, served: ServedModel) -> None:
+        """Compile the serving engine off the event loop (--torch-compile auto) and let the compiled one
+        take over once it passes the gate. A daemon thread: a stop never waits for a compile."""
+        upgrade = served.runtime.selection.upgrade
+        if upgrade is None:
+            return
+
+        model_id = served.runtime.model.source.model_id
+
+        def compile_and_swap() -> None:
+            started = time.perf_counter()
+            try:
+                upgraded = upgrade()
+            except Exception:  # a failed upgrade must never take down the engine already serving
+                logger.exception("compiling %s in the background failed", model_id)
+                return
+            if upgraded is None or self._draining:
+                return
+            engine, _ = upgraded
+            served.batcher.engine = engine  # batches already running finish on the uncompiled engine
+            logger.info(
+                "%s now serves compiled (%s/%s), %.1f s after it started compiling",
+                model_id,
+                engine.name,
+                engine.precision,
+                time.perf_counter() - started,
+            )
+
+        threading.Thread(target=compile_and_swap, name="compile", daemon=True).start()
 
     async def _warm_up(self, served: ServedModel) -> None:
         """Run one short input, then a full batch of full-length inputs, through the model's batcher."""
@@ -261,7 +327,7 @@ class SidecarServer:
             ),
         )
 
-        embedder = None
+        embedder, embedding = None, None
         if self.settings.embed_model:
             embed_source = ModelSource.resolve(self.settings.embed_model)
             same_model = embed_source == rerank_source and isinstance(ranking.runtime.model, BiEncoderModel)
@@ -279,15 +345,18 @@ class SidecarServer:
                 max_request_tokens=self.settings.max_request_tokens,
             )
 
-        self.runtime, self.reranker, self.embedder = ranking.runtime, reranker, embedder
+        self.ranking, self.reranker, self.embedding, self.embedder = ranking, reranker, embedding, embedder
         for service in ("", *self._services):
             await self.health.set(service, _SERVING)
+        for served in self._served:
+            self._upgrade_in_background(served)
         logger.info(
-            "serving %s (%s)%s on port %d",
+            "serving %s (%s)%s on port %d, %.1f s after the server started",
             rerank_source.model_id,
             reranker.model.kind.value,
             f" and embeddings from {embedder.model.source.model_id}" if embedder else "",
             self.port,
+            time.monotonic() - self._created,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -310,7 +379,9 @@ class SidecarServer:
         await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         for served in self._served:
             await served.batcher.close()
-            served.runtime.engine.close()
+            served.engine.close()
+            if served.runtime.engine is not served.engine:
+                served.runtime.engine.close()
         self._tokenizer_pool.shutdown()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

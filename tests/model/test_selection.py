@@ -170,6 +170,8 @@ def test_a_failed_compile_under_auto_serves_uncompiled_and_says_why(
     selection = select_engine(wanted, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert isinstance(selection.engine, TorchEngine)
     assert not selection.engine.compiled
+    assert selection.upgrade is not None  # auto compiles after the server serves
+    assert selection.upgrade() is None
     assert selection.notes == [
         "torch/fp32 compiled: RuntimeError: no C++ compiler in this test; it runs uncompiled"
     ]

@@ -194,7 +194,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_queued_pairs: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_chunks_per_doc: _Optional[int] = ..., batch_workers: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled")
+    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled", "selection")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,7 @@ class InfoResponse(_message.Message):
     ENGINE_NOTES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     COMPILED_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_revision: str
     model_kind: str
@@ -221,10 +222,33 @@ class InfoResponse(_message.Message):
     engine_notes: _containers.RepeatedScalarFieldContainer[str]
     embedding_model: EmbeddingModelInfo
     compiled: bool
-    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ...) -> None: ...
+    selection: EngineSelection
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ...) -> None: ...
+
+class EngineSelection(_message.Message):
+    __slots__ = ("from_cache", "lossy_margin", "speedup_over_lossless", "timings", "hardware")
+    FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
+    LOSSY_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    SPEEDUP_OVER_LOSSLESS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_FIELD_NUMBER: _ClassVar[int]
+    from_cache: bool
+    lossy_margin: float
+    speedup_over_lossless: float
+    timings: _containers.RepeatedCompositeFieldContainer[CandidateTiming]
+    hardware: str
+    def __init__(self, from_cache: _Optional[bool] = ..., lossy_margin: _Optional[float] = ..., speedup_over_lossless: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[CandidateTiming, _Mapping]]] = ..., hardware: _Optional[str] = ...) -> None: ...
+
+class CandidateTiming(_message.Message):
+    __slots__ = ("candidate", "rows_per_second")
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    candidate: str
+    rows_per_second: float
+    def __init__(self, candidate: _Optional[str] = ..., rows_per_second: _Optional[float] = ...) -> None: ...
 
 class EmbeddingModelInfo(_message.Message):
-    __slots__ = ("model_id", "dims", "pooling", "normalized", "max_length", "engine", "precision", "device", "compiled")
+    __slots__ = ("model_id", "dims", "pooling", "normalized", "max_length", "engine", "precision", "device", "compiled", "selection")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +258,7 @@ class EmbeddingModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     COMPILED_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     dims: int
     pooling: str
@@ -243,4 +268,5 @@ class EmbeddingModelInfo(_message.Message):
     precision: str
     device: str
     compiled: bool
-    def __init__(self, model_id: _Optional[str] = ..., dims: _Optional[int] = ..., pooling: _Optional[str] = ..., normalized: _Optional[bool] = ..., max_length: _Optional[int] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., compiled: _Optional[bool] = ...) -> None: ...
+    selection: EngineSelection
+    def __init__(self, model_id: _Optional[str] = ..., dims: _Optional[int] = ..., pooling: _Optional[str] = ..., normalized: _Optional[bool] = ..., max_length: _Optional[int] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ...) -> None: ...

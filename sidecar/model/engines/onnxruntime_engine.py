@@ -17,6 +17,7 @@ from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine
 from sidecar.model.export import OUTPUT_NAME, ExportedModel
+from sidecar.model.hardware import cpu_info
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,18 @@ _LAYER_INDEX = re.compile(r"/layer\.(\d+)/")
 
 def onnxruntime_precisions(device: str) -> tuple[str, ...]:
     """Precisions this engine offers on the device, fastest first."""
-    return ("fp32",) if device.startswith("cuda") else ("int8", "fp32")
+    return ("fp32",) if device.startswith("cuda") or int8_withheld_reason(device) else ("int8", "fp32")
+
+
+def int8_withheld_reason(device: str) -> str | None:
+    """Why int8 is not offered on this CPU, or None where it is."""
+    cpu = cpu_info()
+    if device == "cpu" and not cpu.has_int8_dot:
+        return (
+            f"this CPU ({cpu.describe()}) has no int8 dot-product instructions (VNNI), where ONNX "
+            "Runtime's int8 kernels can saturate and move scores"
+        )
+    return None
 
 
 def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:

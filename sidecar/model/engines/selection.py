@@ -3,13 +3,17 @@
 ``--engine auto`` tries TensorRT, then ONNX Runtime, then torch; an explicit engine is the only one
 tried. Every candidate that loads must pass the parity gate against torch fp32 before it may serve.
 With a fixed precision the first candidate that passes serves. With ``--precision auto`` every
-candidate the device offers is loaded and gated, and the fastest that passes, measured here on a
-full batch, serves. When torch serves and ``--torch-compile`` asks, the winner is then compiled
-and gated again. The reason each candidate was skipped is kept as a note for ``Info``.
+candidate the device offers is loaded and gated, then timed on a batch shaped like the batcher's; the
+fastest serves, except that a lossy precision must beat the fastest lossless one by ``--lossy-margin``.
+The verdict is remembered in the cache (``verdict``): a restart on the same model, hardware, libraries
+and settings loads and gates only the chosen engine. When torch serves and ``--torch-compile`` asks,
+the winner is compiled and gated again: before serving with ``on``, in the background with ``auto``.
+The reason each candidate was skipped is kept as a note for ``Info``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -24,13 +28,20 @@ from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines import ENGINE_CHAIN, ENGINE_CHOICES, PRECISION_CHOICES
 from sidecar.model.engines.base import Engine
 from sidecar.model.engines.torch_engine import TorchEngine, compile_wanted
-from sidecar.model.export import ExportedModel, export_onnx
+from sidecar.model.engines.verdict import Verdict, VerdictStore
+from sidecar.model.export import ExportedModel, export_onnx, library_versions
+from sidecar.model.hardware import device_fingerprint
 from sidecar.model.network import Network, content_hash
 from sidecar.model.parity import ParityReport, Probe, compare
+from sidecar.model.phases import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
-_TIMED_RUNS = 5
+# Timing rounds after a warm-up; a candidate clearly behind the leader stops being timed early.
+_TIMED_ROUNDS = 4
+_CLEARLY_BEHIND = 1.25
+# The pair length candidates are timed at: a query and a passage, the batcher's common case.
+_TYPICAL_PAIR_TOKENS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +66,16 @@ class EngineRequest:
     max_length: int
     cache_dir: Path
     torch_compile: str
+    # Batch workers that will run the engine at once, each on ``threads`` threads.
+    workers: int = 1
+    lossy_margin: float = 0.15
+    # Select afresh even when a verdict is remembered.
+    reselect: bool = False
+
+
+# What compiles the serving engine later and gates it: the compiled engine, or None when it did not
+# pass (the reason is then in the selection's notes).
+Upgrade = Callable[[], tuple[Engine, ParityReport] | None]
 
 
 @dataclass
@@ -62,6 +83,18 @@ class Selection:
     engine: Engine
     parity: ParityReport
     notes: list[str] = field(default_factory=list)
+    from_cache: bool = False
+    # Rows per second of each candidate timed ("engine/precision"), when the choice was made.
+    timings: dict[str, float] = field(default_factory=dict)
+    speedup_over_lossless: float = 0.0
+    # Set when --torch-compile auto leaves the compile for after the server is SERVING.
+    upgrade: Upgrade | None = None
+
+
+def is_lossy(precision: str, device: str) -> bool:
+    """int8 anywhere, and half precision on a CPU, where it trades accuracy for speed; on a GPU fp16 is
+    the native precision (TensorRT's, with its norms pinned to fp32)."""
+    return precision == "int8" or (device == "cpu" and precision != "fp32")
 
 
 def offered_precisions(engine: str, device: str) -> tuple[str, ...] | str:
@@ -83,14 +116,29 @@ def offered_precisions(engine: str, device: str) -> tuple[str, ...] | str:
     return torch_precisions(device)
 
 
+def withheld_precisions(engine: str, device: str) -> dict[str, str]:
+    """Precisions ``engine`` leaves out on ``device`` although it has them, with the reason."""
+    if engine == "onnxruntime" and device == "cpu":
+        from sidecar.model.engines.onnxruntime_engine import int8_withheld_reason
+
+        reason = int8_withheld_reason(device)
+        return {"int8": reason} if reason else {}
+    return {}
+
+
 def plan_candidates(
-    engine: str, precision: str, offers: Mapping[str, tuple[str, ...] | str]
+    engine: str,
+    precision: str,
+    offers: Mapping[str, tuple[str, ...] | str],
+    withheld: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[list[Candidate], list[str]]:
     """Candidates in the order to try them, and notes on engines ruled out before loading anything.
 
     ``offers`` maps each engine to its precisions on the device (fastest first) or to why it
-    cannot run. An explicitly requested engine or precision that cannot run is a ModelLoadError.
+    cannot run; ``withheld`` maps an engine to the precisions it leaves out on this device and why.
+    An explicitly requested engine or precision that cannot run is a ModelLoadError.
     """
+    withheld = withheld or {}
     if engine not in ENGINE_CHOICES:
         raise ModelLoadError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_CHOICES)}")
     if precision not in PRECISION_CHOICES:
@@ -103,10 +151,14 @@ def plan_candidates(
         if isinstance(offer, str):
             notes.append(f"{name}: unavailable: {offer}")
             continue
+        left_out = withheld.get(name, {})
         if precision == "auto":
             candidates.extend(Candidate(name, offered) for offered in offer)
+            notes.extend(f"{name}/{held}: not offered here: {reason}" for held, reason in left_out.items())
         elif precision in offer:
             candidates.append(Candidate(name, precision))
+        elif precision in left_out:
+            notes.append(f"{name}: does not run {precision} here: {left_out[precision]}")
         else:
             notes.append(f"{name}: does not run {precision} here (it runs {', '.join(offer)})")
     if not candidates:
@@ -122,23 +174,26 @@ class _Builder:
         self,
         request: EngineRequest,
         network: Network,
+        model_hash: str,
         input_names: tuple[str, ...],
         reference: Engine,
         probe: Probe,
+        phases: PhaseTimer,
     ) -> None:
         self.request = request
         self._network = network
+        self._model_hash = model_hash
         self._input_names = input_names
-        self._reference = reference
-        self._probe = probe
+        self.reference = reference
+        self.probe = probe
+        self._phases = phases
         self._cache = ArtifactCache(request.cache_dir)
         self._exported: ExportedModel | None = None
 
     def exported(self) -> ExportedModel:
         if self._exported is None:
-            self._exported = export_onnx(
-                self._network, content_hash(self._network), self._input_names, self._cache
-            )
+            with self._phases.timed("export"):
+                self._exported = export_onnx(self._network, self._model_hash, self._input_names, self._cache)
         return self._exported
 
     def build(self, candidate: Candidate) -> Engine:
@@ -167,7 +222,7 @@ class _Builder:
 
     def _torch(self, candidate: Candidate) -> Engine:
         if candidate.precision == "fp32" and self.request.device == "cpu":
-            return self._reference
+            return self.reference
         return TorchEngine(self._network, precision=candidate.precision, device=self.request.device)
 
     def compiled_torch(self, candidate: Candidate) -> Engine:
@@ -176,7 +231,7 @@ class _Builder:
             self._network,
             precision=candidate.precision,
             device=self.request.device,
-            compile_sample=_full_batch(self.request, self._probe),
+            compile_sample=typical_batch(self.request, self.probe),
         )
 
 
@@ -185,30 +240,152 @@ def select_engine(
     network: Network,
     input_names: tuple[str, ...],
     probe: Probe,
+    phases: PhaseTimer | None = None,
     offers: Callable[[str, str], tuple[str, ...] | str] = offered_precisions,
 ) -> Selection:
-    """Load, gate and (for precision auto) time the candidates; returns the one that serves."""
+    """The engine that serves: the remembered choice when it still holds, else a fresh selection."""
+    phases = phases or PhaseTimer()
     candidates, notes = plan_candidates(
-        request.engine, request.precision, {name: offers(name, request.device) for name in ENGINE_CHAIN}
+        request.engine,
+        request.precision,
+        {name: offers(name, request.device) for name in ENGINE_CHAIN},
+        {name: withheld_precisions(name, request.device) for name in ENGINE_CHAIN},
     )
     for note in notes:
         logger.warning("engine skipped: %s", note)
+    model_hash = content_hash(network)
+    key = verdict_key(request, model_hash, probe)
+    store = VerdictStore(request.cache_dir)
     reference = TorchEngine(network, precision="fp32", device="cpu")
-    reference_scores = probe.scores(reference)
-    builder = _Builder(request, network, input_names, reference, probe)
+    builder = _Builder(request, network, model_hash, input_names, reference, probe, phases)
+    selection = None
+    if request.reselect:
+        logger.info("selecting an engine afresh: --reselect")
+    else:
+        remembered, why_not = store.recall(model_hash, request.device, key)
+        if remembered is not None:
+            selection, why_not = _remembered(remembered, builder, probe, phases)
+        if selection is None:
+            logger.info("selecting an engine afresh: %s", why_not)
+    if selection is None:
+        with phases.timed("gate"):
+            reference_scores = probe.scores(reference)
+        selection = _select(candidates, notes, builder, reference_scores, phases)
+        store.remember(
+            model_hash,
+            request.device,
+            key,
+            Verdict(
+                engine=selection.engine.name,
+                precision=selection.engine.precision,
+                timings=selection.timings,
+                speedup_over_lossless=selection.speedup_over_lossless,
+                notes=tuple(selection.notes),
+                reference_scores=tuple(float(score) for score in reference_scores),
+            ),
+        )
+    else:
+        reference_scores = np.asarray(remembered.reference_scores)
+    candidate = Candidate(selection.engine.name, selection.engine.precision)
+    if candidate.engine == "torch" and compile_wanted(request.torch_compile, request.device):
+        compile_step = _compile_step(builder, candidate, selection, probe, reference_scores)
+        if request.torch_compile == "on":
+            with phases.timed("compile"):
+                upgraded = compile_step()
+            assert upgraded is not None  # with --torch-compile on a failure raises
+            selection.engine, selection.parity = upgraded
+        else:
+            selection.upgrade = compile_step
+    logger.info("serving with %s%s", candidate, " (remembered)" if selection.from_cache else "")
+    return selection
+
+
+def engine_library_versions() -> dict[str, str]:
+    """The versions of every library whose kernels an engine runs, installed or not."""
+    versions = library_versions()
+    for package in ("onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+def verdict_key(request: EngineRequest, model_hash: str, probe: Probe) -> dict[str, str]:
+    """Everything a selection's outcome depends on."""
+    settings = {
+        "engine": request.engine,
+        "precision": request.precision,
+        "device": request.device,
+        "threads": request.threads,
+        "workers": request.workers,
+        "max_batch_pairs": request.max_batch_pairs,
+        "max_batch_tokens": request.max_batch_tokens,
+        "max_length": request.max_length,
+        "lossy_margin": request.lossy_margin,
+    }
+    return {
+        "model": model_hash,
+        "probe": probe.digest(),
+        **device_fingerprint(request.device),
+        **engine_library_versions(),
+        **{name: str(value) for name, value in settings.items()},
+    }
+
+
+def _remembered(
+    verdict: Verdict, builder: _Builder, probe: Probe, phases: PhaseTimer
+) -> tuple[Selection | None, str]:
+    """The remembered candidate, loaded and gated once; or None and why it no longer serves."""
+    candidate = Candidate(verdict.engine, verdict.precision)
+    try:
+        with phases.timed("build"):
+            engine = builder.build(candidate)
+    except Exception as exc:  # any failure to load sends the start through the full selection
+        return None, f"the remembered {candidate} could not load: {type(exc).__name__}: {exc}"
+    with phases.timed("gate"):
+        report = compare(probe.scores(engine), np.asarray(verdict.reference_scores), candidate.precision)
+    if not report.passed:
+        engine.close()
+        return None, f"the remembered {candidate} failed the parity gate: {report.describe()}"
+    logger.info("%s (remembered) passed the parity gate: %s", candidate, report.describe())
+    selection = Selection(
+        engine,
+        report,
+        notes=list(verdict.notes),
+        from_cache=True,
+        timings=dict(verdict.timings),
+        speedup_over_lossless=verdict.speedup_over_lossless,
+    )
+    return selection, ""
+
+
+def _select(
+    candidates: list[Candidate],
+    notes: list[str],
+    builder: _Builder,
+    reference_scores: np.ndarray,
+    phases: PhaseTimer,
+) -> Selection:
+    """Load and gate the candidates in order; the first that passes, or under precision auto the one
+    ``_choose`` picks among all that pass."""
+    request = builder.request
+    probe = builder.probe
     explicit = request.engine != "auto" and request.precision != "auto"
     passed: list[tuple[Candidate, Engine, ParityReport]] = []
     for candidate in candidates:
         try:
-            engine = builder.build(candidate)
+            with phases.timed("build"):
+                engine = builder.build(candidate)
         except Exception as exc:  # any failure to export, build or load moves down the chain
             if explicit:
                 raise ModelLoadError(f"the requested engine {candidate} could not load: {exc}") from exc
             _skip(notes, f"{candidate}: failed to load: {type(exc).__name__}: {exc}", exc)
             continue
-        report = compare(probe.scores(engine), reference_scores, candidate.precision)
+        with phases.timed("gate"):
+            report = compare(probe.scores(engine), reference_scores, candidate.precision)
         if not report.passed:
-            if engine is not reference:
+            if engine is not builder.reference:
                 engine.close()
             if explicit:
                 raise ModelLoadError(
@@ -223,53 +400,94 @@ def select_engine(
             break
     if not passed:
         raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
-    chosen = passed[0]
-    if len(passed) > 1:
-        chosen = _fastest(passed, request, probe, notes)
-    candidate, engine, report = chosen
+    if len(passed) == 1:
+        _, engine, report = passed[0]
+        return Selection(engine, report, notes)
+    with phases.timed("timing"):
+        speeds = throughputs(
+            [engine for _, engine, _ in passed],
+            typical_batch(request, probe),
+            groups=[is_lossy(candidate.precision, request.device) for candidate, _, _ in passed],
+        )
+    best, speedup = _choose([candidate for candidate, _, _ in passed], speeds, request, notes)
+    _, engine, report = passed[best]
     for _, other, _ in passed:
-        if other is not engine and other is not reference:
+        if other is not engine and other is not builder.reference:
             other.close()
-    if candidate.engine == "torch" and compile_wanted(request.torch_compile, request.device):
-        engine, report = _compiled(builder, candidate, engine, report, probe, reference_scores, notes)
-    logger.info("serving with %s", candidate)
-    return Selection(engine, report, notes)
+    timings = {str(candidate): speed for (candidate, _, _), speed in zip(passed, speeds, strict=True)}
+    return Selection(engine, report, notes, timings=timings, speedup_over_lossless=speedup)
 
 
-def _compiled(
-    builder: _Builder,
-    candidate: Candidate,
-    engine: Engine,
-    report: ParityReport,
-    probe: Probe,
-    reference_scores: np.ndarray,
-    notes: list[str],
-) -> tuple[Engine, ParityReport]:
-    """The chosen torch engine compiled, once it passes the parity gate itself; the candidates were
-    timed uncompiled, since compiling each would multiply the start-up time.
+def _choose(
+    candidates: list[Candidate], speeds: list[float], request: EngineRequest, notes: list[str]
+) -> tuple[int, float]:
+    """The index of the candidate that serves, and its speed over the fastest lossless candidate.
 
-    With ``--torch-compile on`` a failure is an error; under auto the uncompiled engine serves.
+    The fastest serves, unless it is lossy and not ``lossy_margin`` faster than the fastest lossless
+    candidate: a lossy precision costs fidelity, and a score that shifts with its batch companions,
+    so it must buy a clear speed-up.
+    """
+    lossy = [is_lossy(candidate.precision, request.device) for candidate in candidates]
+    fastest = max(range(len(candidates)), key=speeds.__getitem__)
+    lossless = [index for index in range(len(candidates)) if not lossy[index]]
+    best = fastest
+    speedup = 0.0
+    if lossless:
+        best_lossless = max(lossless, key=speeds.__getitem__)
+        speedup = speeds[fastest] / speeds[best_lossless]
+        if lossy[fastest] and speedup < 1.0 + request.lossy_margin:
+            best, speedup = best_lossless, 1.0
+    for index, candidate in enumerate(candidates):
+        logger.info("%s: %.1f rows/s", candidate, speeds[index])
+        if index == best:
+            continue
+        if index == fastest:
+            notes.append(
+                f"{candidate}: passed the parity gate and is faster ({speeds[index]:.1f} rows/s against "
+                f"{speeds[best]:.1f} for {candidates[best]}), but a lossy precision serves only when "
+                f"{request.lossy_margin:.0%} faster than lossless (--lossy-margin)"
+            )
+        else:
+            notes.append(
+                f"{candidate}: passed the parity gate but is slower here "
+                f"({speeds[index]:.1f} rows/s against {speeds[best]:.1f} for {candidates[best]})"
+            )
+    return best, speedup
+
+
+def _compile_step(
+    builder: _Builder, candidate: Candidate, selection: Selection, probe: Probe, reference_scores: np.ndarray
+) -> Upgrade:
+    """Compiles the serving torch engine and gates it; the candidates were timed uncompiled, since
+    compiling each would multiply the start-up time.
+
+    With ``--torch-compile on`` a failure is an error; under auto it leaves a note and the uncompiled
+    engine serves on.
     """
     required = builder.request.torch_compile == "on"
-    try:
-        compiled = builder.compiled_torch(candidate)
-    except Exception as exc:  # Inductor raises many kinds: C++ compiler, lowering, backend errors
-        if required:
-            raise ModelLoadError(f"--torch-compile on: compiling {candidate} failed: {exc}") from exc
-        _skip(notes, f"{candidate} compiled: {type(exc).__name__}: {exc}; it runs uncompiled", exc)
-        return engine, report
-    compiled_report = compare(probe.scores(compiled), reference_scores, candidate.precision)
-    if not compiled_report.passed:
-        if required:
-            raise ModelLoadError(
-                f"--torch-compile on: {candidate} compiled failed the parity gate: "
-                f"{compiled_report.describe()}"
-            )
-        failure = compiled_report.describe()
-        _skip(notes, f"{candidate} compiled: failed the parity gate: {failure}; it runs uncompiled")
-        return engine, report
-    logger.info("%s compiled passed the parity gate: %s", candidate, compiled_report.describe())
-    return compiled, compiled_report
+    notes = selection.notes
+
+    def compile_and_gate() -> tuple[Engine, ParityReport] | None:
+        try:
+            compiled = builder.compiled_torch(candidate)
+        except Exception as exc:  # Inductor raises many kinds: C++ compiler, lowering, backend errors
+            if required:
+                raise ModelLoadError(f"--torch-compile on: compiling {candidate} failed: {exc}") from exc
+            _skip(notes, f"{candidate} compiled: {type(exc).__name__}: {exc}; it runs uncompiled", exc)
+            return None
+        report = compare(probe.scores(compiled), reference_scores, candidate.precision)
+        if not report.passed:
+            if required:
+                raise ModelLoadError(
+                    f"--torch-compile on: {candidate} compiled failed the parity gate: {report.describe()}"
+                )
+            failure = report.describe()
+            _skip(notes, f"{candidate} compiled: failed the parity gate: {failure}; it runs uncompiled")
+            return None
+        logger.info("%s compiled passed the parity gate: %s", candidate, report.describe())
+        return compiled, report
+
+    return compile_and_gate
 
 
 def _skip(notes: list[str], note: str, exc: Exception | None = None) -> None:
@@ -277,49 +495,39 @@ def _skip(notes: list[str], note: str, exc: Exception | None = None) -> None:
     notes.append(note)
 
 
-def _fastest(
-    passed: list[tuple[Candidate, Engine, ParityReport]],
-    request: EngineRequest,
-    probe: Probe,
-    notes: list[str],
-) -> tuple[Candidate, Engine, ParityReport]:
-    """The candidate with the highest measured throughput on a full batch of the longest pairs."""
-    batch = _full_batch(request, probe)
-    speeds = throughputs([engine for _, engine, _ in passed], batch)
-    best = int(np.argmax(speeds))
-    for index, (candidate, _, _) in enumerate(passed):
-        logger.info("%s: %.1f rows/s on a %dx%d batch", candidate, speeds[index], *batch.shape)
-        if index != best:
-            notes.append(
-                f"{candidate}: passed the parity gate but is slower here "
-                f"({speeds[index]:.1f} rows/s against {speeds[best]:.1f} for {passed[best][0]})"
-            )
-    return passed[best]
-
-
-def _full_batch(request: EngineRequest, probe: Probe) -> TokenBatch:
-    """The largest batch the batcher forms at the longest length, made of real probe tokens."""
-    columns = min(request.max_length, request.max_batch_tokens)
+def typical_batch(request: EngineRequest, probe: Probe) -> TokenBatch:
+    """A full batch of the batcher's common case, pairs of a query and a passage, of real probe tokens:
+    what candidates are timed on and what the compiler tunes its kernels for."""
+    columns = min(request.max_length, _TYPICAL_PAIR_TOKENS, request.max_batch_tokens)
     rows = max(1, min(request.max_batch_pairs, request.max_batch_tokens // columns))
-    sample = probe.batches[0]
-    tokens = sample.input_ids[0][sample.attention_mask[0] == 1]
+    tokens = probe.longest_row()
     token_ids = np.tile(np.resize(tokens, columns), (rows, 1))
-    token_types = None if sample.token_type_ids is None else np.zeros((rows, columns), dtype=np.int64)
+    with_token_types = probe.batches[0].token_type_ids is not None
+    token_types = np.zeros((rows, columns), dtype=np.int64) if with_token_types else None
     return TokenBatch(token_ids, np.ones((rows, columns), dtype=np.int64), token_types)
 
 
-def throughputs(engines: list[Engine], batch: TokenBatch) -> list[float]:
+def throughputs(engines: list[Engine], batch: TokenBatch, groups: list[bool] | None = None) -> list[float]:
     """Rows per second of each engine: the best of a few rounds after a warm-up.
 
-    Every round times each engine once, so load from other processes falls on all of them alike
-    instead of on whichever happened to be timed while the machine was busy.
+    Every round times each engine still in the race once, so load from other processes falls on all of
+    them alike. After the first round an engine more than ``_CLEARLY_BEHIND`` slower than the leader
+    stops being timed, unless it leads its group (``groups``: lossy or not), whose best the choice
+    compares.
     """
+    groups = groups or [False] * len(engines)
     for engine in engines:
         engine.forward(batch)
     best = [float("inf")] * len(engines)
-    for _ in range(_TIMED_RUNS):
-        for index, engine in enumerate(engines):
+    racing = list(range(len(engines)))
+    for _ in range(_TIMED_ROUNDS):
+        for index in racing:
             started = time.perf_counter()
-            engine.forward(batch)
+            engines[index].forward(batch)
             best[index] = min(best[index], time.perf_counter() - started)
+        leaders = {
+            min((i for i in racing if groups[i] == group), key=best.__getitem__) for group in set(groups)
+        }
+        leader = min(best)
+        racing = [i for i in racing if i in leaders or best[i] <= _CLEARLY_BEHIND * leader]
     return [batch.shape[0] / seconds for seconds in best]

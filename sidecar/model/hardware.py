@@ -1,0 +1,119 @@
+"""What the engine choice depends on in the machine: the CPU's model and the ISA features that decide
+speed, or the GPU. The remembered engine choice is keyed by it, and int8 is offered only where the CPU
+has int8 dot-product instructions.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+# The x86 features that change which engine and precision is fastest, or whether it is exact.
+SPEED_FEATURES = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+# int8 dot products without saturation: VNNI on x86, the dot-product extension on Arm.
+_INT8_DOT_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    architecture: str
+    features: frozenset[str]
+
+    @property
+    def isa_class(self) -> str:
+        """One name per class of CPU this project is measured on, as benchmarks and Info print it."""
+        has = self.features.__contains__
+        if has("amx_tile"):
+            return "amx"
+        if has("avx512f"):
+            extras = [name for name, flag in (("vnni", "avx512_vnni"), ("bf16", "avx512_bf16")) if has(flag)]
+            return "-".join(["avx512", *extras])
+        if has("avx2"):
+            return "avx2"
+        return self.architecture
+
+    @property
+    def has_int8_dot(self) -> bool:
+        """Whether int8 GEMMs have dot-product instructions; without them ONNX Runtime's u8s8 x86
+        kernels can saturate their 16-bit intermediate sums, which moves scores (its quantization guide)."""
+        return bool(self.features & _INT8_DOT_FEATURES)
+
+    def describe(self) -> str:
+        return f"{self.model} ({self.isa_class})"
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    return parse_cpuinfo(_read_cpuinfo(), platform.machine())
+
+
+def _read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def parse_cpuinfo(text: str, architecture: str) -> CpuInfo:
+    """The model name and the feature flags of the first processor listed in ``/proc/cpuinfo``."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    model = fields.get("model name") or fields.get("Model") or platform.processor() or architecture
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return CpuInfo(model=model, architecture=architecture, features=frozenset(flags))
+
+
+def device_fingerprint(device: str) -> dict[str, str]:
+    """What identifies the hardware an engine choice was measured on: the CPU model and its speed
+    features, plus the GPU's name, compute capability and driver on CUDA."""
+    cpu = cpu_info()
+    fingerprint = {
+        "cpu": cpu.model,
+        "cpu_features": ",".join(name for name in SPEED_FEATURES if name in cpu.features),
+    }
+    if device.startswith("cuda"):
+        import torch
+
+        index = torch.device(device).index or 0
+        properties = torch.cuda.get_device_properties(index)
+        fingerprint |= {
+            "gpu": properties.name,
+            "compute_capability": f"{properties.major}.{properties.minor}",
+            "cuda": str(torch.version.cuda),
+            "driver": _nvidia_driver_version(),
+        }
+    return fingerprint
+
+
+def _nvidia_driver_version() -> str:
+    try:
+        first_line = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown"
+    return first_line.split("Kernel Module")[-1].split()[0] if "Kernel Module" in first_line else first_line
+
+
+def describe_device(device: str) -> str:
+    """A line naming the hardware, for logs and benchmark records."""
+    if device.startswith("cuda"):
+        fingerprint = device_fingerprint(device)
+        return f"{fingerprint['gpu']} (compute capability {fingerprint['compute_capability']})"
+    return cpu_info().describe()

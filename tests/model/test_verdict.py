@@ -1,0 +1,149 @@
+"""The remembered engine choice: a restart loads and gates only the chosen engine, and selects again
+when anything the choice depends on changed or the remembered engine no longer passes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rerank.v1 import rerank_pb2
+from sidecar.model.engines import selection as selection_module
+from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
+from sidecar.model.engines.selection import EngineRequest, select_engine
+from sidecar.model.engines.verdict import Verdict, VerdictStore
+from sidecar.model.phases import PhaseTimer
+from tests.conftest import running_sidecar
+from tests.model.conftest import CROSS_ENCODER_INPUTS
+
+
+def request(tmp_path: Path, **overrides: object) -> EngineRequest:
+    options: dict[str, object] = {
+        "engine": "auto",
+        "precision": "auto",
+        "device": "cpu",
+        "threads": 1,
+        "max_batch_pairs": 8,
+        "max_batch_tokens": 1024,
+        "max_length": 128,
+        "cache_dir": tmp_path,
+        "torch_compile": "off",
+        "workers": 1,
+    }
+    return EngineRequest(**{**options, **overrides})  # type: ignore[arg-type]
+
+
+def count_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    built: list[str] = []
+    original = selection_module._Builder.build
+
+    def build(self, candidate):
+        built.append(str(candidate))
+        return original(self, candidate)
+
+    monkeypatch.setattr(selection_module._Builder, "build", build)
+    return built
+
+
+def test_a_restart_loads_and_gates_only_the_remembered_engine(
+    tmp_path, tiny_network, tiny_probe, monkeypatch
+):
+    first = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert not first.from_cache
+    assert len(first.timings) >= 2  # every candidate that passed was timed
+    built = count_builds(monkeypatch)
+    phases = PhaseTimer()
+    second = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe, phases)
+    assert second.from_cache
+    served = f"{second.engine.name}/{second.engine.precision}"
+    assert served == f"{first.engine.name}/{first.engine.precision}"
+    assert built == [served]
+    assert second.parity.passed
+    assert second.notes == first.notes
+    assert second.timings == pytest.approx(first.timings)
+    assert "timing" not in phases.seconds  # nothing was timed again
+
+
+def test_changed_settings_select_again_and_say_which(tmp_path, tiny_network, tiny_probe, caplog):
+    select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    with caplog.at_level(logging.INFO, logger="sidecar.model.engines.selection"):
+        again = select_engine(request(tmp_path, threads=2), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert not again.from_cache
+    assert "threads '1' -> '2'" in caplog.text
+
+
+def test_reselect_ignores_the_remembered_choice(tmp_path, tiny_network, tiny_probe, monkeypatch):
+    select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    built = count_builds(monkeypatch)
+    again = select_engine(request(tmp_path, reselect=True), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert not again.from_cache
+    assert len(built) >= 2
+
+
+def test_a_remembered_engine_that_fails_the_gate_sends_the_start_through_selection(
+    tmp_path, tiny_network, tiny_probe, monkeypatch, caplog
+):
+    pinned = request(tmp_path, engine="onnxruntime", precision="fp32")
+    assert select_engine(pinned, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe).engine.name == "onnxruntime"
+
+    def wrong(self, batch) -> np.ndarray:
+        return np.zeros((batch.shape[0], 1), dtype=np.float32)
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "forward", wrong)
+    # The full selection then fails too, as the engine named explicitly would serve wrong scores.
+    with caplog.at_level(logging.INFO), pytest.raises(Exception, match="failed the parity gate"):
+        select_engine(pinned, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert "the remembered onnxruntime/fp32 failed the parity gate" in caplog.text
+
+
+def test_a_corrupt_verdict_file_is_reported_and_replaced(tmp_path, tiny_network, tiny_probe, caplog):
+    select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    (path,) = (tmp_path / "verdicts").glob("*.json")
+    path.write_text("{not json")
+    with caplog.at_level(logging.INFO, logger="sidecar.model.engines.selection"):
+        again = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert not again.from_cache
+    assert "is unreadable" in caplog.text
+    assert json.loads(path.read_text())["verdict"]["engine"] == again.engine.name
+
+
+def test_the_key_names_the_hardware_and_libraries(tmp_path, tiny_network, tiny_probe):
+    select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    (path,) = (tmp_path / "verdicts").glob("*.json")
+    key = json.loads(path.read_text())["key"]
+    assert {"model", "probe", "cpu", "cpu_features", "torch", "onnxruntime", "threads", "workers"} <= set(key)
+    assert {"max_length", "max_batch_tokens", "max_batch_pairs", "lossy_margin"} <= set(key)
+
+
+def test_recall_names_each_changed_field(tmp_path):
+    store = VerdictStore(tmp_path)
+    timings = {"torch/bf16": 20.0, "torch/fp32": 10.0}
+    verdict = Verdict("torch", "bf16", timings, 2.0, ("a note",), (0.25, 0.75))
+    absent = (None, "no choice is remembered for this model and device")
+    assert store.recall("abc", "cpu", {"cpu": "A"}) == absent
+    store.remember("abc", "cpu", {"cpu": "A", "threads": "1"}, verdict)
+    assert store.recall("abc", "cpu", {"cpu": "A", "threads": "1"}) == (verdict, "")
+    recalled, why = store.recall("abc", "cpu", {"cpu": "B", "threads": "1"})
+    assert recalled is None
+    assert why == "the remembered choice was made for other conditions: cpu 'A' -> 'B'"
+    assert store.recall("abc", "cuda:0", {"cpu": "A", "threads": "1"})[0] is None  # one file per device
+
+
+async def test_info_says_when_the_choice_was_remembered(tiny_bert: Path, tmp_path: Path):
+    options = {"engine": "auto", "precision": "auto", "cache_dir": str(tmp_path), "lossy_margin": 0.25}
+    async with running_sidecar(tiny_bert, **options) as sidecar:
+        first = await sidecar.stub.Info(rerank_pb2.InfoRequest())
+    async with running_sidecar(tiny_bert, **options) as sidecar:
+        second = await sidecar.stub.Info(rerank_pb2.InfoRequest())
+    assert not first.selection.from_cache
+    assert second.selection.from_cache
+    assert (second.engine, second.precision) == (first.engine, first.precision)
+    assert second.selection.lossy_margin == pytest.approx(0.25)
+    assert {timing.candidate for timing in second.selection.timings} == {
+        timing.candidate for timing in first.selection.timings
+    }
+    assert len(first.selection.timings) >= 2
+    assert "(" in first.selection.hardware  # "<CPU model> (<ISA class>)"
