@@ -106,8 +106,10 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     threads = settings.threads or _DEFAULT_THREADS
     workers = batch_workers(settings.batch_workers, device, threads)
     threads_per_worker = max(1, threads // workers)
-    # Process-wide, and read when TorchInductor generates kernels: set before anything compiles.
-    torch.set_num_threads(threads_per_worker)
+    # Loading and the parity gates use every thread; the selection times candidates and compiles on one
+    # worker's share, which serving then keeps (process-wide, and read when TorchInductor generates
+    # kernels, so it is set before anything compiles in the background).
+    torch.set_num_threads(threads)
     # TorchInductor's compiled kernels go beside the other compiled artifacts, on the mounted volume.
     # Inductor reads the variable once per process, so it is set before anything compiles or exports;
     # an operator's own setting wins.
@@ -132,6 +134,7 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
         outputs = f"{model.dims} dims, {model.pooling.mode} pooling"
     request = engine_request(settings, device, model.max_length, threads_per_worker, workers)
     selection = select_engine(request, network, input_names, probe, phases)
+    torch.set_num_threads(threads_per_worker)
     engine = selection.engine
     workers = serving_workers(settings.batch_workers, workers, engine)
     hardware = describe_device(device)

@@ -270,33 +270,36 @@ class SidecarServer:
         )
         return served
 
-    def _upgrade_in_background(self, served: ServedModel) -> None:
-        """Compile the serving engine off the event loop (--torch-compile auto) and let the compiled one
-        take over once it passes the gate. A daemon thread: a stop never waits for a compile."""
-        upgrade = served.runtime.selection.upgrade
-        if upgrade is None:
+    def _upgrade_in_background(self) -> None:
+        """Compile the serving engines off the event loop (--torch-compile auto), one model after the
+        other, and let each compiled engine take over once it passes the gate. A daemon thread: a stop
+        never waits for a compile."""
+        upgrades = [(served, served.runtime.selection.upgrade) for served in self._served]
+        pending = [(served, upgrade) for served, upgrade in upgrades if upgrade is not None]
+        if not pending:
             return
 
-        model_id = served.runtime.model.source.model_id
-
         def compile_and_swap() -> None:
-            started = time.perf_counter()
-            try:
-                upgraded = upgrade()
-            except Exception:  # a failed upgrade must never take down the engine already serving
-                logger.exception("compiling %s in the background failed", model_id)
-                return
-            if upgraded is None or self._draining:
-                return
-            engine, _ = upgraded
-            served.batcher.engine = engine  # batches already running finish on the uncompiled engine
-            logger.info(
-                "%s now serves compiled (%s/%s), %.1f s after it started compiling",
-                model_id,
-                engine.name,
-                engine.precision,
-                time.perf_counter() - started,
-            )
+            for served, upgrade in pending:
+                model_id = served.runtime.model.source.model_id
+                started = time.perf_counter()
+                try:
+                    upgraded = upgrade()
+                except Exception:  # a failed upgrade must never take down the engine already serving
+                    logger.exception("compiling %s in the background failed", model_id)
+                    continue
+                if self._draining:
+                    return
+                if upgraded is None:
+                    continue
+                served.batcher.engine = upgraded[0]  # batches already running finish uncompiled
+                logger.info(
+                    "%s now serves compiled (%s/%s), after %.1f s of compiling in the background",
+                    model_id,
+                    upgraded[0].name,
+                    upgraded[0].precision,
+                    time.perf_counter() - started,
+                )
 
         threading.Thread(target=compile_and_swap, name="compile", daemon=True).start()
 
@@ -348,8 +351,7 @@ class SidecarServer:
         self.ranking, self.reranker, self.embedding, self.embedder = ranking, reranker, embedding, embedder
         for service in ("", *self._services):
             await self.health.set(service, _SERVING)
-        for served in self._served:
-            self._upgrade_in_background(served)
+        self._upgrade_in_background()
         logger.info(
             "serving %s (%s)%s on port %d, %.1f s after the server started",
             rerank_source.model_id,

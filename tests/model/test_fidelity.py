@@ -19,7 +19,7 @@ import pytest
 from sidecar.model.batch import collate
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine
-from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
+from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, onnxruntime_precisions
 from sidecar.model.engines.torch_engine import TorchEngine, cpu_supports_bf16
 from sidecar.model.export import export_onnx
 from sidecar.model.loading import BiEncoderModel, ModelKind, ModelSource, load_bi_encoder
@@ -118,9 +118,12 @@ def test_every_cpu_engine_keeps_scifact_ndcg_within_1_percent_of_fp32(sample, tm
         model.pad_token_id,
         model.uses_token_type_ids,
     )
+    # Every engine and precision this CPU offers.
     engines: dict[str, Engine] = {
-        "onnxruntime/fp32": OnnxRuntimeEngine(exported, cache, precision="fp32", device="cpu", threads=0),
-        "onnxruntime/int8": OnnxRuntimeEngine(exported, cache, precision="int8", device="cpu", threads=0),
+        f"onnxruntime/{precision}": OnnxRuntimeEngine(
+            exported, cache, precision=precision, device="cpu", threads=0
+        )
+        for precision in onnxruntime_precisions("cpu")
     }
     engines["torch/fp32 compiled"] = TorchEngine(
         network, precision="fp32", device="cpu", compile_sample=full_batch

@@ -15,6 +15,7 @@ from sidecar.model.export import export_onnx
 from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
 from sidecar.model.network import content_hash, load_network
 from sidecar.model.parity import TOLERANCES, compare, cross_encoder_probe
+from tests.conditions import needs_int8_dot_products
 from tests.models import padded_batch, save_tiny_roberta
 
 
@@ -39,6 +40,7 @@ def test_fp32_runs_the_bert_fused_graph(tiny_exported, artifact_cache):
     assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"} <= operators
 
 
+@needs_int8_dot_products
 def test_int8_stays_within_its_documented_tolerance(
     tiny_exported, artifact_cache, tiny_reference, tiny_probe
 ):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,11 +10,20 @@ import torch
 
 from rerank.v1 import rerank_pb2
 from sidecar.errors import ModelLoadError
+from sidecar.model.engines.base import Engine
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
-from sidecar.model.engines.selection import EngineRequest, plan_candidates, select_engine
+from sidecar.model.engines.selection import (
+    Candidate,
+    EngineRequest,
+    choose,
+    plan_candidates,
+    select_engine,
+    throughputs,
+)
 from sidecar.model.engines.torch_engine import TorchEngine
 from tests.conftest import running_sidecar
 from tests.model.conftest import CROSS_ENCODER_INPUTS
+from tests.models import padded_batch
 
 NO_TENSORRT = "TensorRT needs a CUDA device; the device is cpu"
 CPU_OFFERS = {"tensorrt": NO_TENSORRT, "onnxruntime": ("int8", "fp32"), "torch": ("bf16", "fp32")}
@@ -186,3 +197,76 @@ def test_a_failed_compile_when_asked_for_is_an_error(tmp_path, tiny_network, tin
             CROSS_ENCODER_INPUTS,
             tiny_probe,
         )
+
+
+def candidates_of(*labels: str) -> list[Candidate]:
+    return [Candidate(*label.split("/")) for label in labels]
+
+
+def test_a_lossy_precision_serves_only_past_the_margin(tmp_path):
+    wanted = request(tmp_path, precision="auto")  # --lossy-margin 0.15 by default
+    ranked = candidates_of("onnxruntime/int8", "onnxruntime/fp32", "torch/bf16", "torch/fp32")
+    notes: list[str] = []
+    best, speedup = choose(ranked, [11.0, 10.0, 10.5, 9.0], wanted, notes)
+    assert (str(ranked[best]), speedup) == ("onnxruntime/fp32", 1.0)
+    assert notes[0].startswith("onnxruntime/int8: passed the parity gate and is faster (11.0 rows/s against")
+    assert "15% faster than lossless (--lossy-margin)" in notes[0]
+    best, speedup = choose(ranked, [12.0, 10.0, 10.5, 9.0], wanted, [])
+    assert (str(ranked[best]), speedup) == ("onnxruntime/int8", pytest.approx(1.2))
+
+
+def test_with_no_lossless_candidate_the_fastest_lossy_serves(tmp_path):
+    ranked = candidates_of("onnxruntime/int8", "torch/bf16")
+    best, speedup = choose(ranked, [10.0, 12.0], request(tmp_path, precision="auto"), [])
+    assert (str(ranked[best]), speedup) == ("torch/bf16", 0.0)
+
+
+class SleepingEngine(Engine):
+    name = "sleeping"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(precision="fp32", device="cpu")
+        self.seconds = seconds
+        self.calls = 0
+
+    def forward(self, batch) -> np.ndarray:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return np.zeros((batch.shape[0], 1), dtype=np.float32)
+
+
+def test_timing_stops_for_a_candidate_clearly_behind_unless_it_leads_its_group():
+    fast, slow, slow_lossy_leader = SleepingEngine(0.01), SleepingEngine(0.03), SleepingEngine(0.04)
+    batch = padded_batch(2, 8, seed=0)
+    speeds = throughputs([fast, slow, slow_lossy_leader], batch, groups=[False, False, True])
+    assert fast.calls == slow_lossy_leader.calls == 4  # a warm-up and three rounds
+    assert slow.calls == 2  # the warm-up and the first round
+    assert speeds[0] > speeds[1] > speeds[2]
+
+
+async def test_torch_compile_auto_serves_at_once_then_the_compiled_engine_takes_over(
+    tiny_bert: Path, tmp_path: Path
+):
+    request = rerank_pb2.RerankRequest(
+        query="what do cats eat",
+        documents=[
+            rerank_pb2.Document(id="a", text="Cats are obligate carnivores."),
+            rerank_pb2.Document(id="b", text="The stock market fell on Tuesday."),
+            rerank_pb2.Document(id="c", text="Kittens drink their mother's milk, then eat meat."),
+        ],
+    )
+    options = {"engine": "torch", "precision": "fp32", "torch_compile": "auto", "cache_dir": str(tmp_path)}
+    async with running_sidecar(tiny_bert, **options) as sidecar:
+        assert not (await sidecar.stub.Info(rerank_pb2.InfoRequest())).compiled  # serving before compiling
+        before = await sidecar.stub.Rerank(request)
+        deadline = time.monotonic() + 240
+        while not (info := await sidecar.stub.Info(rerank_pb2.InfoRequest())).compiled:
+            assert time.monotonic() < deadline, "the compiled engine never took over"
+            await asyncio.sleep(0.5)
+        after = await sidecar.stub.Rerank(request)
+    assert (info.engine, info.precision) == ("torch", "fp32")
+    assert list(info.engine_notes) == []  # the compile passed its gate
+    assert [result.id for result in after.results] == [result.id for result in before.results]
+    np.testing.assert_allclose(
+        [result.score for result in after.results], [result.score for result in before.results], atol=1e-5
+    )

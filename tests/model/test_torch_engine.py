@@ -7,12 +7,13 @@ import pytest
 import torch._dynamo.utils
 
 from sidecar.errors import ModelLoadError
-from sidecar.model.engines.torch_engine import TorchEngine, compile_wanted, cpu_supports_bf16
+from sidecar.model.engines.torch_engine import TorchEngine, compile_wanted
 from sidecar.model.parity import compare
+from tests.conditions import needs_native_bf16
 from tests.models import padded_batch
 
 
-@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+@needs_native_bf16
 def test_bf16_passes_the_parity_gate_and_leaves_the_reference_fp32(tiny_network, tiny_reference, tiny_probe):
     engine = TorchEngine(tiny_network, precision="bf16", device="cpu")
     report = compare(tiny_probe.scores(engine), tiny_probe.scores(tiny_reference), "bf16")
@@ -58,7 +59,7 @@ def test_a_compiled_engine_serves_batch_workers_side_by_side(tiny_network, tiny_
         np.testing.assert_allclose(output, tiny_reference.forward(batch), atol=1e-4)
 
 
-@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+@needs_native_bf16
 def test_the_compiled_engine_freezes_weights_into_packed_linear_kernels(tiny_network):
     # Without freezing, Inductor leaves each linear layer as addmm plus a bias copy (about 25% slower
     # on the real model); torch.compile's own `options` do not turn freezing on.

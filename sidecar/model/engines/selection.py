@@ -16,11 +16,13 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
@@ -38,7 +40,7 @@ from sidecar.model.phases import PhaseTimer
 logger = logging.getLogger(__name__)
 
 # Timing rounds after a warm-up; a candidate clearly behind the leader stops being timed early.
-_TIMED_ROUNDS = 4
+_TIMED_ROUNDS = 3
 _CLEARLY_BEHIND = 1.25
 # The pair length candidates are timed at: a query and a passage, the batcher's common case.
 _TYPICAL_PAIR_TOKENS = 256
@@ -290,7 +292,7 @@ def select_engine(
     if candidate.engine == "torch" and compile_wanted(request.torch_compile, request.device):
         compile_step = _compile_step(builder, candidate, selection, probe, reference_scores)
         if request.torch_compile == "on":
-            with phases.timed("compile"):
+            with phases.timed("compile"), worker_threads(request.threads):
                 upgraded = compile_step()
             assert upgraded is not None  # with --torch-compile on a failure raises
             selection.engine, selection.parity = upgraded
@@ -298,6 +300,18 @@ def select_engine(
             selection.upgrade = compile_step
     logger.info("serving with %s%s", candidate, " (remembered)" if selection.from_cache else "")
     return selection
+
+
+@contextmanager
+def worker_threads(threads: int) -> Iterator[None]:
+    """Torch's threads set to one batch worker's share: what candidates are timed and kernels generated
+    with, while loading and gating use every thread. Process-wide, so only for use while loading."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def engine_library_versions() -> dict[str, str]:
@@ -368,7 +382,7 @@ def _select(
     phases: PhaseTimer,
 ) -> Selection:
     """Load and gate the candidates in order; the first that passes, or under precision auto the one
-    ``_choose`` picks among all that pass."""
+    ``choose`` picks among all that pass."""
     request = builder.request
     probe = builder.probe
     explicit = request.engine != "auto" and request.precision != "auto"
@@ -383,7 +397,8 @@ def _select(
             _skip(notes, f"{candidate}: failed to load: {type(exc).__name__}: {exc}", exc)
             continue
         with phases.timed("gate"):
-            report = compare(probe.scores(engine), reference_scores, candidate.precision)
+            scores = reference_scores if engine is builder.reference else probe.scores(engine)
+            report = compare(scores, reference_scores, candidate.precision)
         if not report.passed:
             if engine is not builder.reference:
                 engine.close()
@@ -403,13 +418,13 @@ def _select(
     if len(passed) == 1:
         _, engine, report = passed[0]
         return Selection(engine, report, notes)
-    with phases.timed("timing"):
+    with phases.timed("timing"), worker_threads(request.threads):
         speeds = throughputs(
             [engine for _, engine, _ in passed],
             typical_batch(request, probe),
             groups=[is_lossy(candidate.precision, request.device) for candidate, _, _ in passed],
         )
-    best, speedup = _choose([candidate for candidate, _, _ in passed], speeds, request, notes)
+    best, speedup = choose([candidate for candidate, _, _ in passed], speeds, request, notes)
     _, engine, report = passed[best]
     for _, other, _ in passed:
         if other is not engine and other is not builder.reference:
@@ -418,7 +433,7 @@ def _select(
     return Selection(engine, report, notes, timings=timings, speedup_over_lossless=speedup)
 
 
-def _choose(
+def choose(
     candidates: list[Candidate], speeds: list[float], request: EngineRequest, notes: list[str]
 ) -> tuple[int, float]:
     """The index of the candidate that serves, and its speed over the fastest lossless candidate.
