@@ -159,7 +159,7 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
 
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
-    from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, onnxruntime_precisions
     from sidecar.model.engines.torch_engine import TorchEngine, cpu_supports_bf16
     from sidecar.model.export import export_onnx
     from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
@@ -193,12 +193,10 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
         engines["torch bf16 compiled"] = TorchEngine(
             network, precision="bf16", device="cpu", compile_sample=full_batch
         )
-    engines["onnxruntime fp32"] = OnnxRuntimeEngine(
-        exported, cache, precision="fp32", device="cpu", threads=threads
-    )
-    engines["onnxruntime int8"] = OnnxRuntimeEngine(
-        exported, cache, precision="int8", device="cpu", threads=threads
-    )
+    for precision in onnxruntime_precisions("cpu"):
+        engines[f"onnxruntime {precision}"] = OnnxRuntimeEngine(
+            exported, cache, precision=precision, device="cpu", threads=threads
+        )
 
     def scorer(engine: object) -> Callable[[], np.ndarray]:
         def run() -> np.ndarray:

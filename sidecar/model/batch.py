@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,3 +52,12 @@ def collate(pairs: Sequence[EncodedPair], pad_token_id: int, with_token_type_ids
         if token_type_ids is not None:
             token_type_ids[row, :length] = pair.token_type_ids
     return TokenBatch(input_ids, attention_mask, token_type_ids)
+
+
+def batches_digest(batches: Sequence[TokenBatch]) -> str:
+    """A short digest of the batches' tokens: a cache key part for what was computed from them."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for array in batch.as_dict().values():
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]

@@ -16,13 +16,12 @@ Tolerances (normalized scores in [0, 1] or [-1, 1]):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from sidecar.model.batch import EncodedPair, TokenBatch, collate
+from sidecar.model.batch import EncodedPair, TokenBatch, batches_digest, collate
 from sidecar.model.engines.base import Engine
 from sidecar.model.loading import CrossEncoderModel
 from sidecar.model.tokenization import PairSpec, PairTokenizer
@@ -101,11 +100,7 @@ class Probe:
 
     def digest(self) -> str:
         """A digest of the probe's tokens, so a remembered reference is used only for the same probe."""
-        digest = hashlib.sha256()
-        for batch in self.batches:
-            for array in batch.as_dict().values():
-                digest.update(np.ascontiguousarray(array).tobytes())
-        return digest.hexdigest()[:16]
+        return batches_digest(self.batches)
 
     def longest_row(self) -> np.ndarray:
         """The real tokens of the probe's longest row."""

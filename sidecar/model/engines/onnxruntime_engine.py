@@ -1,7 +1,8 @@
 """ONNX Runtime: the compiled path on the CPU (and on CUDA where onnxruntime-gpu is installed).
 
 fp32 runs the exported graph after ``onnxruntime.transformers`` fuses BERT-family attention,
-LayerNorm and GELU; int8 quantizes that fused graph's weights dynamically (VNNI kernels).
+LayerNorm and GELU; int8 gives that fused graph's weight MatMuls per-channel int8 weights while the
+activations stay fp32, so a pair's score never depends on what shares its batch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 # Model types whose encoder the BERT fusion of onnxruntime.transformers recognises.
 BERT_FAMILY = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet"})
 # Bumped whenever the int8 recipe below changes, so cached quantized files are rebuilt.
-_INT8_RECIPE = "per-channel-matmul-v1"
+_INT8_RECIPE = "weight-only-per-channel-matmul-v2"
 _LAYER_INDEX = re.compile(r"/layer\.(\d+)/")
 
 
@@ -59,7 +60,7 @@ def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
 
 
 def optimized_model(exported: ExportedModel, precision: str, device: str, cache: ArtifactCache) -> Path:
-    """The ONNX file this engine runs: fused for BERT-family models, then quantized for int8."""
+    """The ONNX file this engine runs: fused for BERT-family models, then for int8 with int8 weights."""
     import onnxruntime
 
     use_gpu = device.startswith("cuda")
@@ -99,34 +100,62 @@ def _fuse(exported: ExportedModel, use_gpu: bool, target: Path) -> None:
 
 
 def _quantize(fused: Path, target: Path) -> None:
-    """Dynamic int8 of the encoder's weight MatMuls, keeping what ranking is most sensitive to in fp32.
+    """int8 weights for the encoder's weight MatMuls, keeping what ranking is most sensitive to in fp32.
 
-    Per-channel weight scales; attention (activation x activation) stays fp32; so do the last
-    encoder layer and the head after it. Measured on MiniLM-L6 weights, this keeps the top 10
-    where plain ``quantize_dynamic`` reorders it.
+    Per-output-channel symmetric scales, stored as int8 initializers behind DequantizeLinear, which
+    ONNX Runtime fuses with the MatMul into an 8-bit weight kernel. Activations stay fp32: dynamic
+    quantization measured their scale per batch, so a pair's score moved with its batch companions
+    (benchmarks/RESULTS.md, "int8"). Attention (activation x activation) stays fp32; so do the last
+    encoder layer and the head after it.
     """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnx import helper, numpy_helper
 
-    graph = onnx.load(str(fused)).graph
-    matmuls = [node.name for node in graph.node if node.op_type == "MatMul"]
-    layers = {int(match.group(1)) for name in matmuls if (match := _LAYER_INDEX.search(name))}
+    model = onnx.load(str(fused))
+    graph = model.graph
+    weights = {initializer.name: initializer for initializer in graph.initializer}
+    matmuls = [node for node in graph.node if node.op_type == "MatMul"]
+    layers = {int(match.group(1)) for node in matmuls if (match := _LAYER_INDEX.search(node.name))}
     last_layer = f"/layer.{max(layers)}/" if layers else None
-    keep_fp32 = [
-        name
-        for name in matmuls
-        if not _LAYER_INDEX.search(name) or (last_layer is not None and last_layer in name)
-    ]
-    logger.info("quantizing to int8, keeping %d of %d MatMuls in fp32", len(keep_fp32), len(matmuls))
-    quantize_dynamic(
-        fused,
-        target,
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=keep_fp32,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    quantized: dict[str, str] = {}
+    dequantize_nodes = []
+    for node in matmuls:
+        in_encoder = _LAYER_INDEX.search(node.name) and (last_layer is None or last_layer not in node.name)
+        weight = weights.get(node.input[1])
+        if not in_encoder or weight is None or len(weight.dims) != 2:
+            continue
+        if weight.name not in quantized:
+            values = numpy_helper.to_array(weight).astype(np.float32)
+            scale = np.maximum(np.abs(values).max(axis=0), np.finfo(np.float32).tiny) / 127.0
+            codes = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
+            names = [f"{weight.name}.int8", f"{weight.name}.scale", f"{weight.name}.zero_point"]
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(codes, names[0]),
+                    numpy_helper.from_array(scale.astype(np.float32), names[1]),
+                    numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), names[2]),
+                ]
+            )
+            quantized[weight.name] = f"{weight.name}.dequantized"
+            dequantize_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    names,
+                    [quantized[weight.name]],
+                    name=f"{weight.name}/dequantize",
+                    axis=1,
+                )
+            )
+        node.input[1] = quantized[weight.name]
+    still_used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name not in quantized or init.name in still_used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    # Their inputs are all initializers, so they can run first.
+    for position, node in enumerate(dequantize_nodes):
+        graph.node.insert(position, node)
+    logger.info("int8 weights for %d of %d MatMuls; the rest stay fp32", len(quantized), len(matmuls))
+    onnx.save(model, str(target))
 
 
 class OnnxRuntimeEngine(Engine):
@@ -134,7 +163,13 @@ class OnnxRuntimeEngine(Engine):
     compiled = True
 
     def __init__(
-        self, exported: ExportedModel, cache: ArtifactCache, *, precision: str, device: str, threads: int
+        self,
+        exported: ExportedModel,
+        cache: ArtifactCache,
+        *,
+        precision: str,
+        device: str,
+        threads: int,
     ) -> None:
         if precision not in onnxruntime_precisions(device):
             raise ModelLoadError(

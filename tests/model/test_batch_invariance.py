@@ -1,0 +1,77 @@
+"""A pair's score must not depend on what shares its batch, nor on the order pairs arrive in: another
+caller's traffic must never move it. Checked for every engine and precision this machine runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from sidecar.model.batch import collate
+from sidecar.model.engines.base import Engine
+from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
+from sidecar.model.engines.torch_engine import TorchEngine
+from sidecar.model.tokenization import PairSpec
+from tests.conditions import needs_int8_dot_products, needs_native_bf16
+
+QUERY = "what do cats eat"
+TARGET = "Cats are obligate carnivores: they eat meat, and kittens drink their mother's milk."
+COMPANIONS = [
+    f"Companion document {index} on markets, rates and growth. " * (1 + index % 7) for index in range(30)
+]
+# Normalized scores. fp32 is the same arithmetic in another order; int8 has int8 weights but fp32
+# activations, whose scale never depends on the batch. bf16 rounds every GEMM output, and oneDNN picks
+# its kernels by the batch's shape:
+# a pair padded to another length moves by up to 3e-3 with real MiniLM weights (benchmarks/RESULTS.md,
+# "Batch invariance"), under its parity tolerance of 0.02 but not at 1e-3.
+TOLERANCE = {"fp32": 1e-5, "int8": 1e-3, "bf16": 5e-3}
+
+
+def torch_engine(precision: str, compiled: bool = False) -> Callable[..., Engine]:
+    def build(network, exported, cache, probe, sample) -> Engine:
+        return TorchEngine(network, precision=precision, compile_sample=sample if compiled else None)
+
+    return build
+
+
+def onnxruntime_engine(precision: str) -> Callable[..., Engine]:
+    def build(network, exported, cache, probe, sample) -> Engine:
+        return OnnxRuntimeEngine(exported, cache, precision=precision, device="cpu", threads=1)
+
+    return build
+
+
+@pytest.mark.parametrize(
+    ("precision", "factory"),
+    [
+        pytest.param("fp32", torch_engine("fp32"), id="torch/fp32"),
+        pytest.param("fp32", torch_engine("fp32", compiled=True), id="torch/fp32-compiled"),
+        pytest.param("bf16", torch_engine("bf16"), id="torch/bf16", marks=needs_native_bf16),
+        pytest.param("fp32", onnxruntime_engine("fp32"), id="onnxruntime/fp32"),
+        pytest.param(
+            "int8", onnxruntime_engine("int8"), id="onnxruntime/int8", marks=needs_int8_dot_products
+        ),
+    ],
+)
+def test_a_pair_scores_the_same_whatever_shares_its_batch(
+    precision, factory, tiny_model, tiny_network, tiny_exported, artifact_cache, tiny_probe
+):
+    spec = PairSpec(max_length=128)
+    target = tiny_model.tokenizer.encode(QUERY, [TARGET], spec).pairs[0]
+    companions = tiny_model.tokenizer.encode(QUERY, COMPANIONS, spec).pairs
+    pad, types = tiny_model.pad_token_id, tiny_model.uses_token_type_ids
+    batches = {
+        "alone": ([target], 0),
+        "first of 31": ([target, *companions], 0),
+        "last of 31, reversed": ([*reversed(companions), target], 30),
+        "among 3 short ones": ([companions[0], target, companions[7]], 1),
+    }
+    sample = collate(companions[:8], pad, types)
+    engine = factory(tiny_network, tiny_exported, artifact_cache, tiny_probe, sample)
+    scores = {
+        label: 1.0 / (1.0 + np.exp(-float(engine.forward(collate(rows, pad, types))[index, 0])))
+        for label, (rows, index) in batches.items()
+    }
+    spread = max(scores.values()) - min(scores.values())
+    assert spread <= TOLERANCE[precision], scores
