@@ -9,6 +9,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from client.documents import Document
+from client.errors import IndexMismatch
 from client.fusion import DEFAULT_RANK_CONSTANT, FusedHit
 
 Mode = Literal["hybrid", "bm25", "vector"]
@@ -137,3 +138,18 @@ def fused_pages(
 
 def filter_values(value: FilterValue) -> list[str]:
     return [value] if isinstance(value, str) else [str(item) for item in value]
+
+
+def dimension_mismatch(index: str, index_dims: int | None, vector_dims: int) -> IndexMismatch:
+    """``index`` (a description: which index, where) holds vectors of ``index_dims`` (None: none at all)."""
+    holds = "no vectors" if index_dims is None else f"{index_dims}-dimensional vectors"
+    return IndexMismatch(
+        f"{index} holds {holds}, but the embedding model gives {vector_dims} dimensions: use the embedding "
+        "model the index was built with, or ingest into a new index"
+    )
+
+
+def check_query_vector(request: SearchRequest, index: str, index_dims: int | None) -> None:
+    """Refuses, before any search runs, a query vector that the index's vectors cannot be compared with."""
+    if request.query_vector is not None and request.query_vector.shape != (index_dims,):
+        raise dimension_mismatch(index, index_dims, int(request.query_vector.size))

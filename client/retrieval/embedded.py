@@ -18,6 +18,7 @@ import bm25s
 import numpy as np
 
 from client.documents import Document
+from client.errors import IndexMismatch, IndexNotFound, InputInvalid
 from client.fusion import LegHit, reciprocal_rank_fusion
 from client.retrieval.base import (
     BM25_LEG,
@@ -25,6 +26,8 @@ from client.retrieval.base import (
     Candidate,
     IndexOutcome,
     SearchRequest,
+    check_query_vector,
+    dimension_mismatch,
     filter_values,
     fused_pages,
 )
@@ -65,7 +68,7 @@ class EmbeddedRetriever:
     def create_index(self, dims: int) -> bool:
         if self.dims is not None:
             if self.dims != dims:
-                raise ValueError(f"{self.directory} holds {self.dims}-dimensional vectors, not {dims}")
+                raise dimension_mismatch(f"the embedded index in {self.directory}", self.dims, dims)
             return False
         self.dims = dims
         self._vectors = np.zeros((0, dims), dtype=np.float32)
@@ -109,6 +112,13 @@ class EmbeddedRetriever:
     def candidate_pages(self, request: SearchRequest) -> Iterator[list[Candidate]]:
         if request.fusion != "client":
             raise ValueError("the embedded retriever fuses in the client only")
+        if self.dims is None:
+            state = "holds no embedded index" if self.directory.is_dir() else "does not exist"
+            raise IndexNotFound(
+                f"{self.directory} {state}: ingest documents first (rerank-client ingest FILE --index-dir "
+                f"{self.directory}), or set --index-dir (RERANK_CLIENT_INDEX_DIR) to an index"
+            )
+        check_query_vector(request, f"the embedded index in {self.directory}", self.dims)
         fused = reciprocal_rank_fusion(
             self.leg_hits(request),
             rank_constant=request.rank_constant,
@@ -180,16 +190,24 @@ class EmbeddedRetriever:
         _replace(self.directory / "manifest.json", lambda path: path.write_text(json.dumps(manifest)))
 
     def _load(self) -> None:
-        manifest = json.loads((self.directory / "manifest.json").read_text())
-        if manifest["format_version"] != FORMAT_VERSION:
-            raise ValueError(
-                f"{self.directory} has index format {manifest['format_version']}, not {FORMAT_VERSION}"
-            )
-        self.dims = int(manifest["dims"])
-        with (self.directory / "documents.jsonl").open(encoding="utf-8") as lines:
-            documents = [Document(**json.loads(line)) for line in lines]
+        try:
+            manifest = json.loads((self.directory / "manifest.json").read_text())
+            version = manifest["format_version"]
+            if version != FORMAT_VERSION:
+                raise IndexMismatch(
+                    f"{self.directory} holds an embedded index of format {version}, not {FORMAT_VERSION}: "
+                    "ingest again into a new --index-dir"
+                )
+            self.dims = int(manifest["dims"])
+            with (self.directory / "documents.jsonl").open(encoding="utf-8") as lines:
+                documents = [Document(**json.loads(line)) for line in lines]
+            self._vectors = np.load(self.directory / "vectors.npy")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputInvalid(
+                f"{self.directory} holds a damaged embedded index ({exc!r}): ingest again into a new "
+                "--index-dir"
+            ) from exc
         self._documents = {document.id: document for document in documents}
-        self._vectors = np.load(self.directory / "vectors.npy")
         self._build_bm25()  # rebuilding is cheaper to keep correct than a second on-disk format
 
 

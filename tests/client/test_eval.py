@@ -17,6 +17,7 @@ from elasticsearch import Elasticsearch
 from client.cli import main
 from client.documents import Document
 from client.embedding_cache import EmbeddingCache
+from client.errors import InputInvalid
 from client.evaluation import BM25, DENSE, HYBRID, RERANK, load_beir, prepare_index, quality
 from client.retrieval.embedded import EmbeddedRetriever
 from client.settings import EvalSettings, settings_table
@@ -116,7 +117,7 @@ def test_load_beir_keeps_judged_queries_only(tmp_path: Path):
     dataset = load_beir(write_beir(tmp_path / "data", synthetic_corpus(20)))
     assert len(dataset.queries) == 2 * len(TOPICS)
     assert "unjudged" not in dataset.queries
-    with pytest.raises(FileNotFoundError, match=r"qrels/dev\.tsv"):
+    with pytest.raises(InputInvalid, match=r"qrels/dev\.tsv.*pick one of test with --split"):
         load_beir(tmp_path / "data", split="dev")
 
 
