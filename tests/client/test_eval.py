@@ -140,11 +140,13 @@ async def test_eval_on_the_embedded_retriever_and_elasticsearch(
     common += ["--eval-dir", str(tmp_path / "eval")]
     embedded_json, es_json, plot = tmp_path / "embedded.json", tmp_path / "es.json", tmp_path / "chart.png"
 
-    assert await asyncio.to_thread(main, [*common, "--output", str(embedded_json), "--plot", str(plot)]) == 0
+    embedded_flags = ["--output", str(embedded_json), "--plot", str(plot), "--format", "table"]
+    assert await asyncio.to_thread(main, [*common, *embedded_flags]) == 0
+    table = capsys.readouterr().out
     # Float vectors in Elasticsearch (hnsw): stage 1 must rank exactly as the embedded retriever does.
     es_flags = ["--es-url", es_url, "--es-vector-index", "hnsw", "--output", str(es_json)]
     assert await asyncio.to_thread(main, [*common, *es_flags]) == 0
-    output = capsys.readouterr().out
+    printed = capsys.readouterr().out  # JSON: stdout is not a terminal
 
     embedded, elastic = json.loads(embedded_json.read_text()), json.loads(es_json.read_text())
     index = elastic["retriever"].removeprefix("Elasticsearch index ")
@@ -152,7 +154,8 @@ async def test_eval_on_the_embedded_retriever_and_elasticsearch(
     assert index.startswith("rerank-eval-data-")
     assert embedded["retriever"] == "embedded retriever"
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert "NDCG@10" in output
+    assert "NDCG@10" in table
+    assert json.loads(printed) == elastic
     for report in (embedded, elastic):
         assert (report["documents"], report["queries"], report["candidates"]) == (80, 10, 20)
         configurations = {c["key"]: c for c in report["configurations"]}
