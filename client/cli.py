@@ -184,7 +184,7 @@ async def run_search(settings: ClientSettings, retriever: Retriever, query: str,
         response = await pipeline.search(query, filters=settings.filter_map)
     output = output_format(settings.format)
     if output == "table":
-        out.print(results_table(response, explain=settings.explain))
+        out.print(results_table(response, width=out.width, explain=settings.explain))
     elif output == "json":
         print(json.dumps(search_json(response, explain=settings.explain), indent=2))
     else:

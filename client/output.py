@@ -67,8 +67,9 @@ def result_json(result: SearchResult, response: SearchResponse, *, explain: bool
     return record
 
 
-def results_table(response: SearchResponse, *, explain: bool = False) -> Table:
-    """Ids are never cut; the title column takes the width left and cuts a long title once (an ellipsis)."""
+def results_table(response: SearchResponse, *, width: int, explain: bool = False) -> Table:
+    """The results in ``width`` columns: ids and scores whole, each title cut once (an ellipsis) to the width
+    they leave. With ``explain``, a column says why a result was not reranked."""
     timings = response.timings
     caption = (
         f"{response.candidates} candidates; embed {timings.embed_ms:.0f} ms, "
@@ -79,32 +80,48 @@ def results_table(response: SearchResponse, *, explain: bool = False) -> Table:
     if response.not_reranked:
         caption += f"\nNOT RERANKED, stage-1 order: {response.not_reranked.reason}"
     caption += "".join(f"\n{note}" for note in response.notes)
-    table = Table(title=f"{response.query!r}", caption=caption)
-    ids = [result.candidate.id for result in response.results]
-    table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("id", no_wrap=True, min_width=max(map(len, ids), default=2))
-    table.add_column("title / text", no_wrap=True, overflow="ellipsis", ratio=1)
-    for column in ("stage 1", "BM25", "vector", "fused", "rerank"):
-        table.add_column(column, justify="right", no_wrap=True)
-    if explain:
-        table.add_column("not reranked because", overflow="fold")
-    for result in response.results:
-        candidate = result.candidate
-        document = candidate.document
-        cells = [
+    headers = ["#", "id", "title / text", "stage 1", "BM25", "vector", "fused", "rerank"]
+    rows = [
+        [
             str(result.rank),
-            document.id,
-            " ".join((document.title or document.text).split()),
-            str(candidate.rank),
-            _score(candidate.bm25_score),
-            _score(candidate.vector_score),
-            _score(candidate.fused_score),
+            result.candidate.id,
+            " ".join((result.candidate.document.title or result.candidate.document.text).split()),
+            str(result.candidate.rank),
+            _score(result.candidate.bm25_score),
+            _score(result.candidate.vector_score),
+            _score(result.candidate.fused_score),
             _score(result.rerank_score),
         ]
+        for result in response.results
+    ]
+    fixed = [max([len(header), *(len(row[column]) for row in rows)]) for column, header in enumerate(headers)]
+    flexible = 2 if explain else 1  # the titles, and the reasons
+    # Each column has a space either side and a border on its left, the table a border on its right.
+    left = width - (sum(fixed) - fixed[TITLE]) - 3 * (len(headers) + flexible - 1) - 1
+    title_width = max(MIN_TITLE_WIDTH, left // flexible)
+    table = Table(title=f"{response.query!r}", caption=caption)
+    for column, header in enumerate(headers):
+        if column == TITLE:
+            table.add_column(header, no_wrap=True, max_width=title_width)
+        else:
+            justify = "left" if header == "id" else "right"
+            table.add_column(header, justify=justify, no_wrap=True, min_width=fixed[column])
+    if explain:
+        table.add_column("not reranked because", max_width=max(MIN_TITLE_WIDTH, left - title_width))
+    for row in rows:
+        row[TITLE] = _cut(row[TITLE], title_width)
         if explain:
-            cells.append(response.not_reranked.reason if response.not_reranked else "")
-        table.add_row(*cells)
+            row.append(response.not_reranked.reason if response.not_reranked else "")
+        table.add_row(*row)
     return table
+
+
+TITLE = 2  # the column of titles in ``results_table``
+MIN_TITLE_WIDTH = 12
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _score(value: float | None) -> str:

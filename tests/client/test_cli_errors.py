@@ -324,3 +324,57 @@ async def test_debug_adds_the_traceback(tmp_path: Path, how: str):
     assert run.stderr.splitlines()[-1].endswith(
         "missing.jsonl does not exist: give a JSONL file or a BEIR dataset directory"
     )
+
+
+# ---- output for scripts ---------------------------------------------------------------------------------
+
+RESULT_FIELDS = {
+    "rank",
+    "id",
+    "title",
+    "stage1_rank",
+    "bm25_rank",
+    "vector_rank",
+    "bm25_score",
+    "vector_score",
+    "fused_score",
+    "rerank_score",
+    "reranked",
+}
+
+
+async def test_piped_search_prints_json_that_says_why_it_was_not_reranked(
+    tmp_path: Path, scripted: Scripted, embedded_index: Path
+):
+    common = ["search", "neuron brain", "--index-dir", str(embedded_index), "--target", scripted.target]
+    run = await rerank_client(*common, "--top-k", "3", "--explain", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr  # fails open: stage 1's order, marked
+    response = json.loads(run.stdout)  # stdout is a pipe, so JSON is the default
+    assert set(response) == {
+        "query",
+        "reranked",
+        "not_reranked_reason",
+        "model_id",
+        "candidates",
+        "notes",
+        "timings_ms",
+        "results",
+    }
+    assert response["reranked"] is False
+    assert "UNIMPLEMENTED" in response["not_reranked_reason"]
+    timings = {"embed_ms", "first_page_ms", "retrieval_ms", "rerank_ms", "total_ms"}
+    assert set(response["timings_ms"]) == timings
+    assert [result["rank"] for result in response["results"]] == [1, 2, 3]
+    for result in response["results"]:
+        assert set(result) == RESULT_FIELDS | {"not_reranked_reason"}
+        assert result["reranked"] is False
+        assert result["rerank_score"] is None
+        assert result["stage1_rank"] == result["rank"]
+        assert result["not_reranked_reason"] == response["not_reranked_reason"]
+
+    lines = await rerank_client(*common, "--top-k", "3", cwd=tmp_path, env={"RERANK_CLIENT_FORMAT": "jsonl"})
+    records = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [record["id"] for record in records] == [result["id"] for result in response["results"]]
+    for record in records:
+        assert set(record) == RESULT_FIELDS | {"query", "timings_ms"}  # no reason without --explain
+        assert record["query"] == "neuron brain"
