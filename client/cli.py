@@ -54,6 +54,7 @@ from client.settings import (
     settings_from,
 )
 from client.sidecar import AsyncRerankClient, RerankClient, TlsConfig
+from rerank.v1 import rerank_pb2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,18 +137,31 @@ def progress_bars(console: Console) -> Progress:
     )
 
 
+def embedding_model_of(info: rerank_pb2.InfoResponse, target: str) -> rerank_pb2.EmbeddingModelInfo:
+    """The embedding model a sidecar's Info reports; refused before any work when it serves none."""
+    if not info.HasField("embedding_model"):
+        raise SidecarError(
+            f"the sidecar at {target} serves no embedding model: start it with --embed-model",
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Info reports no embedding model",
+        )
+    return info.embedding_model
+
+
 def run_ingest(
     settings: ClientSettings, retriever: Retriever, source: Path, out: Console, err: Console
 ) -> int:
     total = count_records(source)  # a missing or unreadable file fails here, before the sidecar is called
     progress = progress_bars(err)
     with blocking_client(settings) as client, progress:
+        embedding = embedding_model_of(client.info(), client.target)
         task = progress.add_task("ingest", total=total)
         report = ingest(
             read_documents(source),
             retriever,
             lambda texts: client.embed(texts).vectors,
             batch_size=settings.embed_batch_size,
+            embedding_model=embedding.model_id,
             on_progress=lambda done: progress.advance(task, done),
         )
     created = "created" if report.created_index else "updated"
@@ -200,13 +214,7 @@ def run_eval(
     queries = dict(itertools.islice(dataset.queries.items(), eval_settings.max_queries or None))
     with blocking_client(settings) as client:
         info = client.info()
-        if not info.HasField("embedding_model"):
-            raise SidecarError(
-                f"the sidecar at {client.target} serves no embedding model: start it with --embed-model",
-                grpc.StatusCode.UNIMPLEMENTED,
-                "Info reports no embedding model",
-            )
-        embedding = info.embedding_model
+        embedding = embedding_model_of(info, client.target)
         workspace = Path(eval_settings.eval_dir) / workspace_name(dataset, embedding)
         retriever = make_retriever(
             replace(settings, index_dir=str(workspace / "index"), es_index=f"rerank-eval-{workspace.name}")
@@ -222,6 +230,7 @@ def run_eval(
                     lambda texts: client.embed(texts).vectors,
                     EmbeddingCache(workspace / "embeddings"),
                     dims=embedding.dims,
+                    embedding_model=embedding.model_id,
                     batch_size=settings.embed_batch_size,
                     on_embedded=lambda done: progress.advance(embedded, done),
                     on_indexed=lambda done: progress.advance(indexed, done),

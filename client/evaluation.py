@@ -133,6 +133,7 @@ def prepare_index(
     cache: EmbeddingCache,
     *,
     dims: int,
+    embedding_model: str = "",
     batch_size: int,
     on_embedded: Callable[[int], None] = lambda _: None,
     on_indexed: Callable[[int], None] = lambda _: None,
@@ -144,7 +145,7 @@ def prepare_index(
     """
     records = list(read_documents(dataset.directory))
     documents = sum(isinstance(record, Document) for record in records)
-    retriever.create_index(dims)
+    retriever.create_index(dims, embedding_model)
     if retriever.count() == documents:
         return None
 
@@ -153,7 +154,14 @@ def prepare_index(
         on_embedded(len(texts))
         return vectors
 
-    return ingest(records, retriever, embed_cached, batch_size=batch_size, on_progress=on_indexed)
+    return ingest(
+        records,
+        retriever,
+        embed_cached,
+        batch_size=batch_size,
+        embedding_model=embedding_model,
+        on_progress=on_indexed,
+    )
 
 
 # ---- running the queries ------------------------------------------------------------------------------

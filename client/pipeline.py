@@ -175,10 +175,14 @@ class TwoStagePipeline:
                 raise RerankFailed(f"query embedding failed: {exc}", exc) from exc
             notes.append(f"{reason}: the vector leg was skipped, stage 1 is BM25 only")
             return request, _ms_since(started)
-        vector = embeddings.vectors[0]
-        return replace(request, mode=options.mode, fusion=options.fusion, query_vector=vector), _ms_since(
-            started
+        request = replace(
+            request,
+            mode=options.mode,
+            fusion=options.fusion,
+            query_vector=embeddings.vectors[0],
+            embedding_model=embeddings.model_id,
         )
+        return request, _ms_since(started)
 
     async def _rerank(
         self, query: str, retrieval: _Retrieval, options: PipelineOptions

@@ -36,7 +36,7 @@ from client.retrieval.base import (
     IndexOutcome,
     SearchRequest,
     check_query_vector,
-    dimension_mismatch,
+    check_vectors,
     filter_values,
     fused_pages,
 )
@@ -50,13 +50,14 @@ DEFAULT_INDEX = "documents"
 VECTOR_INDEX_TYPES = ("int8_hnsw", "hnsw", "int4_hnsw", "bbq_hnsw")
 
 
-def index_mapping(dims: int, vector_index: str = "int8_hnsw") -> dict[str, Any]:
+def index_mapping(dims: int, vector_index: str = "int8_hnsw", embedding_model: str = "") -> dict[str, Any]:
     """``text`` and ``title`` for BM25, every ``metadata.*`` value a keyword (filterable), and the vector
     under cosine similarity in an HNSW graph, int8-quantized by default (``hnsw`` keeps floats: exact scores
-    at four times the memory)."""
+    at four times the memory). ``_meta`` records the embedding model."""
     if vector_index not in VECTOR_INDEX_TYPES:
         raise ValueError(f"vector_index must be one of {', '.join(VECTOR_INDEX_TYPES)}, got {vector_index!r}")
     return {
+        "_meta": {"embedding_model": embedding_model},
         "dynamic_templates": [
             {"metadata_as_keywords": {"path_match": "metadata.*", "mapping": {"type": "keyword"}}}
         ],
@@ -143,7 +144,7 @@ class ElasticsearchRetriever:
         self.vector_index = vector_index
         self.bulk_chunk_size = bulk_chunk_size
         self.url = ", ".join(node.base_url for node in client.transport.node_pool.all())
-        self._dims: int | None = None  # of the index's vectors, once a search has looked them up
+        self._vectors: tuple[int | None, str] | None = None  # dims and model, once a search looked them up
 
     @classmethod
     def from_url(
@@ -197,21 +198,24 @@ class ElasticsearchRetriever:
         except ApiError as exc:
             raise ElasticsearchFailed(f"{where} refused a request on index {self.index!r}: {exc}") from exc
 
-    def _vector_dims(self) -> int | None:
-        """The dimension of the index's vectors (None: it has none); IndexNotFound when there is no index."""
+    def _index_vectors(self) -> tuple[int | None, str]:
+        """The dimension (None: no vectors) and embedding model ("": not recorded) of the index's vectors;
+        IndexNotFound when there is no index."""
         mappings = self.client.indices.get_mapping(index=self.index)
         mapping = next(iter(mappings.values()))["mappings"]  # keyed by the concrete index behind an alias
         dims = mapping.get("properties", {}).get(VECTOR_FIELD, {}).get("dims")
-        return None if dims is None else int(dims)
+        model = mapping.get("_meta", {}).get("embedding_model", "")
+        return (None if dims is None else int(dims)), str(model)
 
-    def create_index(self, dims: int) -> bool:
+    def create_index(self, dims: int, embedding_model: str = "") -> bool:
         with self._errors():
             if self.client.indices.exists(index=self.index):
-                existing = self._vector_dims()
-                if existing != dims:
-                    raise dimension_mismatch(f"Elasticsearch index {self.index!r}", existing, dims)
+                index_dims, index_model = self._index_vectors()
+                index = f"Elasticsearch index {self.index!r}"
+                check_vectors(index, index_dims, index_model, dims, embedding_model)
                 return False
-            self.client.indices.create(index=self.index, mappings=index_mapping(dims, self.vector_index))
+            mapping = index_mapping(dims, self.vector_index, embedding_model)
+            self.client.indices.create(index=self.index, mappings=mapping)
             return True
 
     def index_documents(self, documents: Iterable[tuple[Document, np.ndarray]]) -> Iterator[IndexOutcome]:
@@ -247,10 +251,10 @@ class ElasticsearchRetriever:
             return int(self.client.count(index=self.index)["count"])
 
     def candidate_pages(self, request: SearchRequest) -> Iterator[list[Candidate]]:
-        with self._errors():
-            if self._dims is None:
-                self._dims = self._vector_dims()
-        check_query_vector(request, f"Elasticsearch index {self.index!r}", self._dims)
+        if self._vectors is None:
+            with self._errors():
+                self._vectors = self._index_vectors()
+        check_query_vector(request, f"Elasticsearch index {self.index!r}", *self._vectors)
         if request.fusion == "elasticsearch":
             return self._rrf_pages(request)
         legs = self.leg_hits(request)

@@ -27,7 +27,7 @@ from client.retrieval.base import (
     IndexOutcome,
     SearchRequest,
     check_query_vector,
-    dimension_mismatch,
+    check_vectors,
     filter_values,
     fused_pages,
 )
@@ -57,6 +57,7 @@ class EmbeddedRetriever:
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         self.dims: int | None = None
+        self.embedding_model = ""
         self._documents: dict[str, Document] = {}
         self._vectors = np.zeros((0, 0), dtype=np.float32)
         self._bm25: bm25s.BM25 | None = None
@@ -65,12 +66,13 @@ class EmbeddedRetriever:
 
     # ---- ingest -------------------------------------------------------------------------------------
 
-    def create_index(self, dims: int) -> bool:
+    def create_index(self, dims: int, embedding_model: str = "") -> bool:
         if self.dims is not None:
-            if self.dims != dims:
-                raise dimension_mismatch(f"the embedded index in {self.directory}", self.dims, dims)
+            index = f"the embedded index in {self.directory}"
+            check_vectors(index, self.dims, self.embedding_model, dims, embedding_model)
             return False
         self.dims = dims
+        self.embedding_model = embedding_model
         self._vectors = np.zeros((0, dims), dtype=np.float32)
         self._save()
         return True
@@ -118,7 +120,9 @@ class EmbeddedRetriever:
                 f"{self.directory} {state}: ingest documents first (rerank-client ingest FILE --index-dir "
                 f"{self.directory}), or set --index-dir (RERANK_CLIENT_INDEX_DIR) to an index"
             )
-        check_query_vector(request, f"the embedded index in {self.directory}", self.dims)
+        check_query_vector(
+            request, f"the embedded index in {self.directory}", self.dims, self.embedding_model
+        )
         fused = reciprocal_rank_fusion(
             self.leg_hits(request),
             rank_constant=request.rank_constant,
@@ -186,7 +190,12 @@ class EmbeddedRetriever:
             ),
         )
         # The manifest goes last: a directory with a manifest is complete.
-        manifest = {"format_version": FORMAT_VERSION, "dims": self.dims, "documents": len(self._documents)}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dims": self.dims,
+            "embedding_model": self.embedding_model,
+            "documents": len(self._documents),
+        }
         _replace(self.directory / "manifest.json", lambda path: path.write_text(json.dumps(manifest)))
 
     def _load(self) -> None:
@@ -199,6 +208,7 @@ class EmbeddedRetriever:
                     "ingest again into a new --index-dir"
                 )
             self.dims = int(manifest["dims"])
+            self.embedding_model = str(manifest.get("embedding_model", ""))  # not recorded before issue 16
             with (self.directory / "documents.jsonl").open(encoding="utf-8") as lines:
                 documents = [Document(**json.loads(line)) for line in lines]
             self._vectors = np.load(self.directory / "vectors.npy")

@@ -80,14 +80,23 @@ def assert_fails(run: Run, exit_code: int, *named: str) -> str:
     return lines[0]
 
 
-class ScriptedSidecar(rerank_pb2_grpc.EmbedderServicer):
-    """An Embedder whose vectors have ``dims`` dimensions, that can wait before answering and can require a
-    token. No Reranker: a search through it is not reranked."""
+class ScriptedSidecar(rerank_pb2_grpc.EmbedderServicer, rerank_pb2_grpc.RerankerServicer):
+    """Embed answers vectors of ``dims`` dimensions from ``model_id``, can wait before answering and can
+    require a token; Info reports that model (or none). No RerankStream: a search is not reranked."""
 
     def __init__(self) -> None:
         self.dims = FAKE_DIMS
+        self.model_id = "scripted-embedder"
         self.delay_s = 0.0
         self.token = ""
+
+    async def Info(
+        self, request: rerank_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> rerank_pb2.InfoResponse:
+        if not self.model_id:
+            return rerank_pb2.InfoResponse(model_id="scripted-reranker")
+        embedding = rerank_pb2.EmbeddingModelInfo(model_id=self.model_id, dims=self.dims)
+        return rerank_pb2.InfoResponse(model_id="scripted-reranker", embedding_model=embedding)
 
     async def Embed(
         self, request: rerank_pb2.EmbedRequest, context: grpc.aio.ServicerContext
@@ -99,7 +108,7 @@ class ScriptedSidecar(rerank_pb2_grpc.EmbedderServicer):
         return rerank_pb2.EmbedResponse(
             embeddings=[rerank_pb2.Embedding(values=vector.tolist()) for vector in vectors],
             dims=self.dims,
-            model_id=f"scripted-{self.dims}",
+            model_id=self.model_id,
         )
 
 
@@ -114,6 +123,7 @@ async def scripted() -> AsyncIterator[Scripted]:
     server = grpc.aio.server()
     servicer = ScriptedSidecar()
     rerank_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
+    rerank_pb2_grpc.add_RerankerServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -218,15 +228,24 @@ async def test_a_deadline_that_passes(tmp_path: Path, scripted: Scripted, docume
     assert_fails(run, DeadlineExceeded.exit_code, "Embed", "0.3 s", "--timeout")
 
 
-async def test_a_sidecar_without_an_embedding_model(tmp_path: Path, documents: Path):
-    server = grpc.aio.server()  # serves nothing: Embed is UNIMPLEMENTED
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        run = await rerank_client("ingest", str(documents), "--target", f"127.0.0.1:{port}", cwd=tmp_path)
-    finally:
-        await server.stop(grace=None)
-    assert_fails(run, SidecarError.exit_code, "embedding model", "--embed-model")
+async def test_a_sidecar_without_an_embedding_model(tmp_path: Path, scripted: Scripted, documents: Path):
+    scripted.servicer.model_id = ""
+    run = await rerank_client("ingest", str(documents), "--target", scripted.target, cwd=tmp_path)
+    assert_fails(run, SidecarError.exit_code, scripted.target, "no embedding model", "--embed-model")
+
+
+async def test_an_index_built_with_another_embedding_model(
+    tmp_path: Path, scripted: Scripted, documents: Path
+):
+    common = ["--index-dir", "index", "--target", scripted.target]
+    scripted.servicer.model_id = "model-a"
+    built = await rerank_client("ingest", str(documents), *common, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    scripted.servicer.model_id = "model-b"  # the same dimension: only the recorded name tells them apart
+    searched = await rerank_client("search", "neuron", *common, cwd=tmp_path)
+    assert_fails(searched, IndexMismatch.exit_code, "index", "'model-a'", "'model-b'")
+    ingested = await rerank_client("ingest", str(documents), *common, cwd=tmp_path)
+    assert_fails(ingested, IndexMismatch.exit_code, "index", "'model-a'", "'model-b'")
 
 
 async def test_an_embedded_index_of_another_dimension(
