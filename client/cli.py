@@ -24,7 +24,7 @@ from rich.table import Table
 from client.demo.walkthrough import run_demo
 from client.documents import count_records, read_documents
 from client.embedding_cache import EmbeddingCache
-from client.errors import DOCUMENTS_REJECTED, USAGE, ClientError, SidecarError
+from client.errors import DOCUMENTS_REJECTED, USAGE, ClientError, InputMissing, SidecarError
 from client.evaluation import (
     EvalReport,
     Evaluator,
@@ -210,6 +210,9 @@ async def run_search(settings: ClientSettings, retriever: Retriever, query: str,
 def run_eval(
     settings: ClientSettings, eval_settings: EvalSettings, source: Path, out: Console, err: Console
 ) -> int:
+    for flag, path in (("--output", eval_settings.output), ("--plot", eval_settings.plot)):
+        if path and not Path(path).parent.is_dir():  # found now, not after the whole run
+            raise InputMissing(f"{flag} {path}: the directory {Path(path).parent} does not exist; create it")
     dataset = load_beir(source, eval_settings.split)
     queries = dict(itertools.islice(dataset.queries.items(), eval_settings.max_queries or None))
     with blocking_client(settings) as client:

@@ -180,6 +180,15 @@ class EmbeddedRetriever:
         self._bm25.index(corpus, show_progress=False)
 
     def _save(self) -> None:
+        try:
+            self._write()
+        except OSError as exc:
+            raise InputInvalid(
+                f"cannot write the embedded index in {self.directory} ({exc.strerror or exc}): set "
+                "--index-dir to a directory you can write"
+            ) from exc
+
+    def _write(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         _replace(self.directory / "vectors.npy", lambda path: np.save(path, self._vectors))
         _replace(

@@ -82,13 +82,18 @@ def assert_fails(run: Run, exit_code: int, *named: str) -> str:
 
 class ScriptedSidecar(rerank_pb2_grpc.EmbedderServicer, rerank_pb2_grpc.RerankerServicer):
     """Embed answers vectors of ``dims`` dimensions from ``model_id``, can wait before answering and can
-    require a token; Info reports that model (or none). No RerankStream: a search is not reranked."""
+    require a token; Info reports that model (or none). RerankStream fails: a search is not reranked."""
 
     def __init__(self) -> None:
         self.dims = FAKE_DIMS
         self.model_id = "scripted-embedder"
         self.delay_s = 0.0
         self.token = ""
+
+    async def RerankStream(
+        self, requests: AsyncIterator[rerank_pb2.RerankStreamRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this sidecar does not rerank")
 
     async def Info(
         self, request: rerank_pb2.InfoRequest, context: grpc.aio.ServicerContext
@@ -325,6 +330,38 @@ async def test_a_dataset_without_qrels_for_the_split(tmp_path: Path, scripted: S
     write_beir(tmp_path / "data", synthetic_corpus(10))
     run = await rerank_client("eval", "data", "--split", "dev", "--target", scripted.target, cwd=tmp_path)
     assert_fails(run, InputInvalid.exit_code, "'dev'", "dev.tsv", "--split")
+
+
+async def test_an_eval_report_into_a_missing_directory(tmp_path: Path, scripted: Scripted):
+    write_beir(tmp_path / "data", synthetic_corpus(10))
+    run = await rerank_client(
+        "eval", "data", "--output", "reports/eval.json", "--target", scripted.target, cwd=tmp_path
+    )
+    assert_fails(run, InputMissing.exit_code, "--output", "reports/eval.json")
+
+
+async def test_an_index_dir_that_cannot_be_written(tmp_path: Path, scripted: Scripted, documents: Path):
+    (tmp_path / "a-file").write_text("not a directory")
+    run = await rerank_client(
+        "ingest", str(documents), "--index-dir", "a-file", "--target", scripted.target, cwd=tmp_path
+    )
+    assert_fails(run, InputInvalid.exit_code, "a-file", "--index-dir")
+
+
+async def test_a_strict_search_fails_as_its_sidecar_does(
+    tmp_path: Path, scripted: Scripted, embedded_index: Path
+):
+    run = await rerank_client(
+        "search",
+        "neuron",
+        "--strict",
+        "--index-dir",
+        str(embedded_index),
+        "--target",
+        scripted.target,
+        cwd=tmp_path,
+    )
+    assert_fails(run, SidecarError.exit_code, "reranking failed", scripted.target, "RerankStream")
 
 
 @pytest.mark.parametrize("how", [["--filters", "lang"], []])
