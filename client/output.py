@@ -6,21 +6,19 @@ import json
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Any, TextIO
+from typing import Any
 
 from rich.table import Table
 
 from client.evaluation import EvalReport
 from client.pipeline import SearchResponse, SearchResult
 
-FORMATS = ("table", "json", "jsonl")
 
-
-def output_format(setting: str, stdout: TextIO = sys.stdout) -> str:
+def output_format(setting: str) -> str:
     """``--format``: ``auto`` is a table for a person at a terminal, JSON for a script reading a pipe."""
     if setting != "auto":
         return setting
-    return "table" if stdout.isatty() else "json"
+    return "table" if sys.stdout.isatty() else "json"
 
 
 # ---- search -------------------------------------------------------------------------------------------

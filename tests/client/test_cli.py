@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from rich.console import Console
 
 from client.cli import build_parser, main
 from client.documents import Document
-from client.output import results_table
+from client.evaluation import ConfigurationResult, EvalReport
+from client.output import eval_lines, results_table
 from client.pipeline import SearchResponse, SearchResult, StageTimings
 from client.retrieval.base import Candidate
 from client.settings import ClientSettings, parse_filters, settings_from, settings_table
@@ -109,3 +111,21 @@ def test_a_table_fits_the_terminal_cutting_long_titles_once_and_ids_never():
 def test_readme_documents_every_client_setting():
     rows = "\n".join(settings_table(ClientSettings).splitlines()[2:])
     assert rows in README.read_text(), "README's client settings are stale: paste `python -m client.settings`"
+
+
+def test_eval_json_lines_give_one_configuration_per_line():
+    configuration = ConfigurationResult("bm25", "BM25", {"ndcg@10": 0.5}, {"total": {"p50": 1.0, "p95": 2.0}})
+    report = EvalReport(
+        dataset="data",
+        documents=10,
+        queries=2,
+        retriever="embedded retriever",
+        reranker="tiny",
+        engine="torch fp32 on cpu",
+        embedding_model="minilm",
+        candidates=5,
+        configurations=[configuration, replace(configuration, key="dense", label="dense")],
+    )
+    records = [json.loads(line) for line in eval_lines(report)]
+    assert [record["key"] for record in records] == ["bm25", "dense"]
+    assert all(record["dataset"] == "data" and record["quality"] == {"ndcg@10": 0.5} for record in records)
