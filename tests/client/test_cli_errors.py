@@ -93,9 +93,8 @@ class ScriptedSidecar(rerank_pb2_grpc.EmbedderServicer, rerank_pb2_grpc.Reranker
     async def RerankStream(
         self, requests: AsyncIterator[rerank_pb2.RerankStreamRequest], context: grpc.aio.ServicerContext
     ) -> None:
-        async for (
-            _
-        ) in requests:  # read to the half-close: aborting mid-stream can reach the client as INTERNAL
+        # Read to the half-close first: an abort while the client still sends can reach it as INTERNAL.
+        async for _ in requests:
             pass
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this sidecar does not rerank")
 
