@@ -10,10 +10,13 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
+import grpc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -21,6 +24,7 @@ from rich.table import Table
 from client.demo.walkthrough import run_demo
 from client.documents import count_records, read_documents
 from client.embedding_cache import EmbeddingCache
+from client.errors import DOCUMENTS_REJECTED, USAGE, ClientError, InputMissing, SidecarError
 from client.evaluation import (
     EvalReport,
     Evaluator,
@@ -36,7 +40,8 @@ from client.evaluation import (
     write_plot,
 )
 from client.ingest import ingest
-from client.pipeline import PipelineOptions, RerankFailed, SearchResponse, TwoStagePipeline
+from client.output import eval_lines, output_format, results_table, search_json, search_lines
+from client.pipeline import PipelineOptions, TwoStagePipeline
 from client.retrieval.base import Retriever
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.retrieval.embedded import EmbeddedRetriever
@@ -49,10 +54,18 @@ from client.settings import (
     settings_from,
 )
 from client.sidecar import AsyncRerankClient, RerankClient, TlsConfig
+from rerank.v1 import rerank_pb2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error in one line on stderr, as every other failure is, instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rerank-client",
         description="Hybrid retrieval streamed into the reranking sidecar. Every setting is also an "
         "environment variable (shown in brackets); a flag wins over its variable.",
@@ -100,39 +113,66 @@ def tls_config(settings: ClientSettings) -> TlsConfig | None:
     return TlsConfig(root_certs=root, client_cert=cert, client_key=key)
 
 
+def blocking_client(settings: ClientSettings) -> RerankClient:
+    return RerankClient(
+        settings.target, timeout=settings.timeout, tls=tls_config(settings), auth_token=settings.auth_token
+    )
+
+
+def async_client(settings: ClientSettings) -> AsyncRerankClient:
+    return AsyncRerankClient(
+        settings.target, timeout=settings.timeout, tls=tls_config(settings), auth_token=settings.auth_token
+    )
+
+
 def progress_bars(console: Console) -> Progress:
+    """Bars for a person watching a terminal; nothing where the console is a file or a pipe."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         console=console,
+        disable=not console.is_terminal,
     )
 
 
-def run_ingest(settings: ClientSettings, retriever: Retriever, source: Path, console: Console) -> int:
-    progress = progress_bars(console)
-    with (
-        RerankClient(settings.target, timeout=settings.timeout, tls=tls_config(settings)) as client,
-        progress,
-    ):
-        task = progress.add_task("ingest", total=count_records(source))
+def embedding_model_of(info: rerank_pb2.InfoResponse, target: str) -> rerank_pb2.EmbeddingModelInfo:
+    """The embedding model a sidecar's Info reports; refused before any work when it serves none."""
+    if not info.HasField("embedding_model"):
+        raise SidecarError(
+            f"the sidecar at {target} serves no embedding model: start it with --embed-model",
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Info reports no embedding model",
+        )
+    return info.embedding_model
+
+
+def run_ingest(
+    settings: ClientSettings, retriever: Retriever, source: Path, out: Console, err: Console
+) -> int:
+    total = count_records(source)  # a missing or unreadable file fails here, before the sidecar is called
+    progress = progress_bars(err)
+    with blocking_client(settings) as client, progress:
+        embedding = embedding_model_of(client.info(), client.target)
+        task = progress.add_task("ingest", total=total)
         report = ingest(
             read_documents(source),
             retriever,
             lambda texts: client.embed(texts).vectors,
             batch_size=settings.embed_batch_size,
+            embedding_model=embedding.model_id,
             on_progress=lambda done: progress.advance(task, done),
         )
     created = "created" if report.created_index else "updated"
-    console.print(f"{report.indexed} documents indexed ({created} the index; it holds {retriever.count()}).")
+    out.print(f"{report.indexed} documents indexed ({created} the index; it holds {retriever.count()}).")
     if not report.rejected:
         return 0
     table = Table("id", "reason", title=f"{len(report.rejected)} documents rejected")
     for rejected in report.rejected:
         table.add_row(rejected.id, rejected.reason)
-    console.print(table)
-    return 1
+    out.print(table)
+    return DOCUMENTS_REJECTED
 
 
 def pipeline_options(settings: ClientSettings) -> PipelineOptions:
@@ -152,35 +192,38 @@ def pipeline_options(settings: ClientSettings) -> PipelineOptions:
     )
 
 
-async def run_search(settings: ClientSettings, retriever: Retriever, query: str, console: Console) -> int:
-    async with AsyncRerankClient(
-        settings.target, timeout=settings.timeout, tls=tls_config(settings)
-    ) as client:
+async def run_search(settings: ClientSettings, retriever: Retriever, query: str, out: Console) -> int:
+    async with async_client(settings) as client:
         pipeline = TwoStagePipeline(retriever, client, options=pipeline_options(settings))
-        try:
-            response = await pipeline.search(query, filters=settings.filter_map)
-        except RerankFailed as exc:
-            console.print(f"[red]{exc}[/red]")
-            return 1
-    console.print(results_table(response))
+        response = await pipeline.search(query, filters=settings.filter_map)
+    output = output_format(settings.format)
+    if output == "table":
+        out.print(results_table(response, width=out.width, explain=settings.explain))
+    elif output == "json":
+        print(json.dumps(search_json(response, explain=settings.explain), indent=2))
+    else:
+        for line in search_lines(response, explain=settings.explain):
+            print(line)
     return 0
 
 
-def run_eval(settings: ClientSettings, eval_settings: EvalSettings, source: Path, console: Console) -> int:
+def run_eval(
+    settings: ClientSettings, eval_settings: EvalSettings, source: Path, out: Console, err: Console
+) -> int:
+    for flag, path in (("--output", eval_settings.output), ("--plot", eval_settings.plot)):
+        if path and not Path(path).parent.is_dir():  # found now, not after the whole run
+            raise InputMissing(f"{flag} {path}: the directory {Path(path).parent} does not exist; create it")
     dataset = load_beir(source, eval_settings.split)
     queries = dict(itertools.islice(dataset.queries.items(), eval_settings.max_queries or None))
-    with RerankClient(settings.target, timeout=settings.timeout, tls=tls_config(settings)) as client:
+    with blocking_client(settings) as client:
         info = client.info()
-        if not info.HasField("embedding_model"):
-            console.print("[red]The sidecar serves no embedding model: start it with --embed-model.[/red]")
-            return 1
-        embedding = info.embedding_model
+        embedding = embedding_model_of(info, client.target)
         workspace = Path(eval_settings.eval_dir) / workspace_name(dataset, embedding)
         retriever = make_retriever(
             replace(settings, index_dir=str(workspace / "index"), es_index=f"rerank-eval-{workspace.name}")
         )
         try:
-            with progress_bars(console) as progress:
+            with progress_bars(err) as progress:
                 documents = count_records(dataset.directory)
                 embedded = progress.add_task("embed", total=documents)
                 indexed = progress.add_task("index", total=documents)
@@ -190,6 +233,7 @@ def run_eval(settings: ClientSettings, eval_settings: EvalSettings, source: Path
                     lambda texts: client.embed(texts).vectors,
                     EmbeddingCache(workspace / "embeddings"),
                     dims=embedding.dims,
+                    embedding_model=embedding.model_id,
                     batch_size=settings.embed_batch_size,
                     on_embedded=lambda done: progress.advance(embedded, done),
                     on_indexed=lambda done: progress.advance(indexed, done),
@@ -198,11 +242,11 @@ def run_eval(settings: ClientSettings, eval_settings: EvalSettings, source: Path
                     progress.update(embedded, completed=documents, description="embed (saved)")
                     progress.update(indexed, completed=documents, description="index (already built)")
             if ingested is not None and ingested.rejected:
-                console.print(
+                err.print(
                     f"[yellow]{len(ingested.rejected)} documents rejected, first: "
                     f"{ingested.rejected[0].id}: {ingested.rejected[0].reason}[/yellow]"
                 )
-            runs = asyncio.run(_run_queries(settings, retriever, queries, console))
+            runs = asyncio.run(_run_queries(settings, retriever, queries, err))
             reranker = reranker_description(info)
             report = EvalReport(
                 dataset=dataset.name,
@@ -221,60 +265,31 @@ def run_eval(settings: ClientSettings, eval_settings: EvalSettings, source: Path
             )
         finally:
             retriever.close()
-    console.print(report_table(report))
+    output = output_format(settings.format)
+    if output == "table":
+        out.print(report_table(report))
+    elif output == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for line in eval_lines(report):
+            print(line)
     if eval_settings.output:
         Path(eval_settings.output).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        console.print(f"Report: {eval_settings.output}")
+        err.print(f"Report: {eval_settings.output}")
     if eval_settings.plot:
         write_plot(report, Path(eval_settings.plot))
-        console.print(f"Chart: {eval_settings.plot}")
+        err.print(f"Chart: {eval_settings.plot}")
     return 0
 
 
 async def _run_queries(
-    settings: ClientSettings, retriever: Retriever, queries: Mapping[str, str], console: Console
+    settings: ClientSettings, retriever: Retriever, queries: Mapping[str, str], err: Console
 ) -> dict[str, dict[str, QueryRun]]:
-    async with AsyncRerankClient(
-        settings.target, timeout=settings.timeout, tls=tls_config(settings)
-    ) as client:
+    async with async_client(settings) as client:
         evaluator = Evaluator(retriever, client, pipeline_options(settings))
-        with progress_bars(console) as progress:
+        with progress_bars(err) as progress:
             task = progress.add_task("queries", total=len(queries))
             return await evaluator.run_all(queries, lambda: progress.advance(task))
-
-
-def results_table(response: SearchResponse) -> Table:
-    timings = response.timings
-    caption = (
-        f"{response.candidates} candidates; embed {timings.embed_ms:.0f} ms, "
-        f"first page {timings.first_page_ms:.0f} ms, retrieval {timings.retrieval_ms:.0f} ms, "
-        f"rerank {timings.rerank_ms:.0f} ms (overlapping), "
-        f"total {timings.total_ms:.0f} ms"
-    )
-    if response.not_reranked:
-        caption += f"\nNOT RERANKED, stage-1 order: {response.not_reranked.reason}"
-    caption += "".join(f"\n{note}" for note in response.notes)
-    table = Table(title=f"{response.query!r}", caption=caption)
-    for column in ("#", "id", "title / text", "stage 1", "BM25", "vector", "fused", "rerank"):
-        table.add_column(column, justify="left" if column in ("id", "title / text") else "right")
-    for result in response.results:
-        candidate = result.candidate
-        document = candidate.document
-        table.add_row(
-            str(result.rank),
-            document.id,
-            (document.title or document.text)[:60],
-            str(candidate.rank),
-            _score(candidate.bm25_score),
-            _score(candidate.vector_score),
-            _score(candidate.fused_score),
-            _score(result.rerank_score),
-        )
-    return table
-
-
-def _score(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,17 +304,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bm25s").setLevel(settings.log_level)  # bm25s sets DEBUG on its logger at import
-    console = Console()
+    debug = demo_settings.debug if args.command == "demo" else settings.debug
+    if not debug:
+        # Its retry warnings carry tracebacks; the failure they end in is reported in one line below.
+        logging.getLogger("elastic_transport").setLevel(logging.ERROR)
+    try:
+        return run_command(args, settings, eval_settings, demo_settings)
+    except ClientError as exc:
+        # The one place a failure becomes its line on stderr and its exit code.
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split())
+        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_command(
+    args: argparse.Namespace,
+    settings: ClientSettings,
+    eval_settings: EvalSettings,
+    demo_settings: DemoSettings,
+) -> int:
+    out, err = Console(), Console(stderr=True)
     if args.command == "demo":
-        run_demo(demo_settings, console)
+        run_demo(demo_settings, out)
         return 0
     if args.command == "eval":
-        return run_eval(settings, eval_settings, args.dataset, console)
+        return run_eval(settings, eval_settings, args.dataset, out, err)
     retriever = make_retriever(settings)
     try:
         if args.command == "ingest":
-            return run_ingest(settings, retriever, args.source, console)
-        return asyncio.run(run_search(settings, retriever, args.query, console))
+            return run_ingest(settings, retriever, args.source, out, err)
+        return asyncio.run(run_search(settings, retriever, args.query, out))
     finally:
         retriever.close()
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.errors import InputInvalid, InputMissing, unreadable
+
 
 @dataclass(frozen=True)
 class Document:
@@ -56,32 +58,60 @@ def document_from_record(record: Any, fallback_id: str) -> Document | Rejected:
 
 
 def read_jsonl(path: Path) -> Iterator[Document | Rejected]:
-    """Documents from a JSON Lines file, one object per line; bad lines come out as ``Rejected``."""
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            location = f"{path.name}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield Rejected(location, f"invalid JSON: {exc}")
-                continue
-            yield document_from_record(record, location)
+    """Documents from a JSON Lines file, one object per line; bad lines come out as ``Rejected``.
+
+    A file that is not UTF-8, or not one line of which is JSON, is not JSON Lines at all: ``InputInvalid``.
+    """
+    try:
+        with path.open(encoding="utf-8") as lines:
+            parsed, first_error = False, ""
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                location = f"{path.name}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    first_error = first_error or f"line {number}: {exc}"
+                    yield Rejected(location, f"invalid JSON: {exc}")
+                    continue
+                parsed = True
+                yield document_from_record(record, location)
+    except UnicodeDecodeError as exc:
+        raise InputInvalid(f"{path} is not UTF-8 text (byte {exc.start}): give a JSONL file") from exc
+    except OSError as exc:
+        raise unreadable(path, "the file", exc) from exc
+    if first_error and not parsed:
+        raise InputInvalid(
+            f"{path} is not JSON Lines: no line is JSON ({first_error}); give one JSON object per line"
+        )
+
+
+def documents_file(source: Path) -> Path:
+    """The JSONL file of ``source``: the file itself, or a BEIR dataset directory's ``corpus.jsonl``."""
+    if not source.exists():
+        raise InputMissing(f"{source} does not exist: give a JSONL file or a BEIR dataset directory")
+    if source.is_dir():
+        corpus = source / "corpus.jsonl"
+        if not corpus.is_file():
+            raise InputInvalid(
+                f"{source} is a directory without a corpus.jsonl: give a JSONL file or a BEIR dataset "
+                "directory"
+            )
+        return corpus
+    return source
 
 
 def read_documents(source: Path) -> Iterator[Document | Rejected]:
     """A BEIR dataset directory (its ``corpus.jsonl``) or a JSONL file."""
-    if source.is_dir():
-        corpus = source / "corpus.jsonl"
-        if not corpus.is_file():
-            raise FileNotFoundError(f"{source} is a directory without a BEIR corpus.jsonl")
-        return read_jsonl(corpus)
-    return read_jsonl(source)
+    return read_jsonl(documents_file(source))
 
 
 def count_records(source: Path) -> int:
     """Non-blank lines of the file ``read_documents`` would read: the progress bar's total."""
-    path = source / "corpus.jsonl" if source.is_dir() else source
-    with path.open("rb") as lines:
-        return sum(1 for line in lines if line.strip())
+    path = documents_file(source)
+    try:
+        with path.open("rb") as lines:
+            return sum(1 for line in lines if line.strip())
+    except OSError as exc:
+        raise unreadable(path, "the file", exc) from exc

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from client.documents import Document, Rejected, read_documents, read_jsonl
 from client.embedding_cache import EmbeddingCache
+from client.errors import InputInvalid, InputMissing, unreadable
 from client.ingest import IngestReport, ingest
 from client.pipeline import PipelineOptions, TwoStagePipeline
 from client.retrieval.base import Mode, Retriever, SearchRequest
@@ -51,31 +52,58 @@ class BeirDataset:
 
 def load_beir(directory: Path, split: str = "test") -> BeirDataset:
     """The queries and qrels of one split of a BEIR-layout directory (its corpus is read when ingesting)."""
+    if not directory.exists():
+        raise InputMissing(f"{directory} does not exist: give a BEIR dataset directory")
+    layout = "a BEIR dataset directory holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv"
+    if not directory.is_dir():
+        raise InputInvalid(f"{directory} is a file, not a dataset: {layout}")
     corpus, queries_path, qrels_path = (
         directory / "corpus.jsonl",
         directory / "queries.jsonl",
         directory / "qrels" / f"{split}.tsv",
     )
-    for path in (corpus, queries_path, qrels_path):
+    for path in (corpus, queries_path):
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: a BEIR dataset has corpus.jsonl, queries.jsonl, qrels/"
-            )
-    qrels: dict[str, dict[str, int]] = {}
-    with qrels_path.open(encoding="utf-8", newline="") as rows:
-        for row in csv.DictReader(rows, delimiter="\t"):
-            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
-    if not qrels:
-        raise ValueError(f"{qrels_path} judges no query")
+            raise InputInvalid(f"{directory} is not a BEIR dataset, it has no {path.name}: {layout}")
+    if not qrels_path.is_file():
+        splits = sorted(path.stem for path in (directory / "qrels").glob("*.tsv"))
+        raise InputInvalid(
+            f"{directory} has no qrels for the split {split!r} ({qrels_path} is missing): "
+            + (f"pick one of {', '.join(splits)} with --split" if splits else "add qrels/SPLIT.tsv")
+        )
+    qrels = _read_qrels(qrels_path)
     queries = {}
     for record in read_jsonl(queries_path):
         if isinstance(record, Rejected):
-            raise ValueError(f"{queries_path}: {record.id}: {record.reason}")
+            raise InputInvalid(f"{queries_path}: {record.id}: {record.reason}")
         if record.id in qrels:
             queries[record.id] = record.text
     if unknown := sorted(set(qrels) - set(queries)):
-        raise ValueError(f"{qrels_path} judges queries missing from queries.jsonl: {', '.join(unknown[:5])}")
+        raise InputInvalid(
+            f"{qrels_path} judges queries missing from queries.jsonl: {', '.join(unknown[:5])}"
+        )
     return BeirDataset(directory, queries, qrels, _file_digest(corpus))
+
+
+def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """query id -> document id -> relevance, from a BEIR qrels TSV (header: query-id, corpus-id, score)."""
+    qrels: dict[str, dict[str, int]] = {}
+    try:
+        with path.open(encoding="utf-8", newline="") as rows:
+            reader = csv.DictReader(rows, delimiter="\t")
+            try:
+                for row in reader:
+                    qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+            except (KeyError, ValueError, TypeError) as exc:
+                raise InputInvalid(
+                    f"{path}:{reader.line_num} is not a qrels row ({exc!r}): qrels are tab-separated, with "
+                    "the header query-id, corpus-id, score, and integer scores"
+                ) from exc
+    except OSError as exc:
+        raise unreadable(path, "the qrels file", exc) from exc
+    if not qrels:
+        raise InputInvalid(f"{path} judges no query: add rows of query-id, corpus-id, score")
+    return qrels
 
 
 def _file_digest(path: Path) -> str:
@@ -105,6 +133,7 @@ def prepare_index(
     cache: EmbeddingCache,
     *,
     dims: int,
+    embedding_model: str = "",
     batch_size: int,
     on_embedded: Callable[[int], None] = lambda _: None,
     on_indexed: Callable[[int], None] = lambda _: None,
@@ -116,7 +145,7 @@ def prepare_index(
     """
     records = list(read_documents(dataset.directory))
     documents = sum(isinstance(record, Document) for record in records)
-    retriever.create_index(dims)
+    retriever.create_index(dims, embedding_model)
     if retriever.count() == documents:
         return None
 
@@ -125,7 +154,14 @@ def prepare_index(
         on_embedded(len(texts))
         return vectors
 
-    return ingest(records, retriever, embed_cached, batch_size=batch_size, on_progress=on_indexed)
+    return ingest(
+        records,
+        retriever,
+        embed_cached,
+        batch_size=batch_size,
+        embedding_model=embedding_model,
+        on_progress=on_indexed,
+    )
 
 
 # ---- running the queries ------------------------------------------------------------------------------

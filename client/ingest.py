@@ -27,12 +27,14 @@ def ingest(
     embed: Callable[[Sequence[str]], np.ndarray],
     *,
     batch_size: int = DEFAULT_EMBED_BATCH_SIZE,
+    embedding_model: str = "",
     on_progress: Callable[[int], None] = lambda _: None,
 ) -> IngestReport:
     """Embed each document's passage (``batch_size`` per call) and index it with its vector.
 
     Records rejected while reading, and documents the index refuses, land in the report by id; the rest are
-    indexed. The index is created on the first batch, with the dimensions of the vectors the model returns.
+    indexed. The index is created on the first batch, with the dimensions of the vectors the model returns and
+    ``embedding_model``'s name; an index of other vectors is refused before anything is written to it.
     """
     report = IngestReport()
 
@@ -48,7 +50,7 @@ def ingest(
     first = next(pairs, None)
     if first is None:
         return report
-    report.created_index = retriever.create_index(int(first[1].shape[0]))
+    report.created_index = retriever.create_index(int(first[1].shape[0]), embedding_model)
     for outcome in retriever.index_documents(itertools.chain([first], pairs)):
         if outcome.error is None:
             report.indexed += 1

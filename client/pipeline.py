@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
-import grpc
-
+from client.errors import ClientError, SidecarError
 from client.retrieval.base import Candidate, FilterValue, Fusion, Mode, Retriever, SearchRequest
 from client.sidecar import AsyncRerankClient, Ranking, RerankOptions
 from rerank.v1 import rerank_pb2
@@ -18,8 +17,16 @@ from rerank.v1 import rerank_pb2
 logger = logging.getLogger(__name__)
 
 
-class RerankFailed(RuntimeError):
-    """Strict mode only: the sidecar could not embed the query or rerank the candidates."""
+class RerankFailed(ClientError):
+    """Strict mode only: the sidecar could not embed the query or rerank the candidates. It carries the exit
+    code of the sidecar's error."""
+
+    exit_code = SidecarError.exit_code
+
+    def __init__(self, message: str, cause: SidecarError | None = None) -> None:
+        super().__init__(message)
+        if cause is not None:
+            self.exit_code = cause.exit_code
 
 
 @dataclass(frozen=True)
@@ -162,16 +169,20 @@ class TwoStagePipeline:
         started = time.perf_counter()
         try:
             embeddings = await self.embedder.embed([query], timeout=options.embed_timeout)
-        except grpc.RpcError as exc:
+        except SidecarError as exc:
             reason = f"query embedding failed ({_describe(exc)})"
             if options.strict or options.mode == "vector":
-                raise RerankFailed(reason) from exc
+                raise RerankFailed(f"query embedding failed: {exc}", exc) from exc
             notes.append(f"{reason}: the vector leg was skipped, stage 1 is BM25 only")
             return request, _ms_since(started)
-        vector = embeddings.vectors[0]
-        return replace(request, mode=options.mode, fusion=options.fusion, query_vector=vector), _ms_since(
-            started
+        request = replace(
+            request,
+            mode=options.mode,
+            fusion=options.fusion,
+            query_vector=embeddings.vectors[0],
+            embedding_model=embeddings.model_id,
         )
+        return request, _ms_since(started)
 
     async def _rerank(
         self, query: str, retrieval: _Retrieval, options: PipelineOptions
@@ -186,12 +197,12 @@ class TwoStagePipeline:
                 async for item in stream:
                     if isinstance(item, Ranking):
                         return item, None
-        except grpc.RpcError as exc:
+        except SidecarError as exc:
             if retrieval.error is not None:
                 raise retrieval.error from exc  # the stream broke because retrieval did
             reason = f"reranking failed ({_describe(exc)})"
             if options.strict:
-                raise RerankFailed(reason) from exc
+                raise RerankFailed(f"reranking failed: {exc}", exc) from exc
             return None, reason
         raise RerankFailed("the sidecar closed the stream without a final ranking")
 
@@ -240,10 +251,8 @@ class _Retrieval:
             page = await self._pages.get()
 
 
-def _describe(exc: grpc.RpcError) -> str:
-    code = exc.code() if isinstance(exc, grpc.Call) else None
-    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-    return f"{code.name if code else 'error'}: {details}"
+def _describe(exc: SidecarError) -> str:
+    return f"{exc.code().name}: {exc.details()}"
 
 
 def _ms_since(started: float) -> float:

@@ -11,6 +11,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from client.errors import UsageError
 from client.retrieval.base import FilterValue
 from client.retrieval.elasticsearch import VECTOR_INDEX_TYPES
 
@@ -20,6 +21,12 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 def _setting(default: Any, env: str, help: str, choices: Sequence[str] | None = None) -> Any:
     return field(default=default, metadata={"env": env, "help": help, "choices": choices})
+
+
+def _debug_setting() -> Any:
+    return _setting(
+        False, "RERANK_CLIENT_DEBUG", "On a failure, print the traceback as well as the one-line error."
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +60,12 @@ class ClientSettings:
         "", "RERANK_CLIENT_TLS_CLIENT_CERT", "PEM client certificate (mutual TLS)."
     )
     tls_client_key: str = _setting("", "RERANK_CLIENT_TLS_CLIENT_KEY", "PEM client key (mutual TLS).")
+    auth_token: str = _setting(
+        "",
+        "RERANK_CLIENT_AUTH_TOKEN",
+        "Token sent to the sidecar as `authorization: Bearer <token>` (the sidecar's --auth-token). Prefer "
+        "the environment variable, which other users cannot read from the process list.",
+    )
     timeout: float = _setting(10.0, "RERANK_CLIENT_TIMEOUT", "Deadline of each sidecar call, in seconds.")
     candidates: int = _setting(
         100, "RERANK_CLIENT_CANDIDATES", "Stage-1 candidates (N) handed to the reranker."
@@ -89,6 +102,19 @@ class ClientSettings:
     embed_batch_size: int = _setting(
         64, "RERANK_CLIENT_EMBED_BATCH_SIZE", "Texts per Embed call when ingesting."
     )
+    format: str = _setting(
+        "auto",
+        "RERANK_CLIENT_FORMAT",
+        "Output of search and eval: a table, one JSON document, or JSON Lines (one line per result); auto is "
+        "table when stdout is a terminal, json otherwise.",
+        choices=("auto", "table", "json", "jsonl"),
+    )
+    explain: bool = _setting(
+        False,
+        "RERANK_CLIENT_EXPLAIN",
+        "search: say for each result why it was not reranked (a JSON field, or a table column).",
+    )
+    debug: bool = _debug_setting()
     log_level: str = _setting(
         "WARNING", "RERANK_CLIENT_LOG_LEVEL", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
@@ -100,7 +126,10 @@ class ClientSettings:
         for name in ("bm25_weight", "vector_weight", "num_candidates"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be zero or more, got {getattr(self, name)}")
-        parse_filters(self.filters)
+        try:
+            parse_filters(self.filters)
+        except ValueError as exc:
+            raise UsageError(f"--filters (RERANK_CLIENT_FILTERS) {exc}") from exc
 
     @property
     def filter_map(self) -> dict[str, FilterValue]:
@@ -109,7 +138,7 @@ class ClientSettings:
 
 # `eval` keeps its own index per dataset and embedding model, always fails on a sidecar error (a ranking
 # that was not reranked must not be scored as reranked), and runs every mode: these flags do not apply.
-EVAL_IGNORES = frozenset({"es_index", "index_dir", "mode", "top_k", "filters", "strict"})
+EVAL_IGNORES = frozenset({"es_index", "index_dir", "mode", "top_k", "filters", "strict", "explain"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +185,7 @@ class DemoSettings:
     startup_timeout: float = _setting(
         180.0, "RERANK_DEMO_STARTUP_TIMEOUT", "Seconds the started sidecar gets to load its models."
     )
+    debug: bool = _debug_setting()
 
     def __post_init__(self) -> None:
         for name in ("candidates", "top_k", "timeout", "startup_timeout"):
@@ -169,7 +199,7 @@ def parse_filters(text: str) -> dict[str, FilterValue]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"a filter is name=value, got {item!r}")
+            raise ValueError(f"takes name=value[,name=value], got {item!r}")
         values.setdefault(name.strip(), []).append(value.strip())
     return {name: found[0] if len(found) == 1 else found for name, found in values.items()}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +18,14 @@ from typing import Any, ClassVar, Literal, Self, TypeVar
 import grpc
 import numpy as np
 
+from client.errors import (
+    DeadlineExceeded,
+    SidecarError,
+    SidecarRefused,
+    SidecarUnreachable,
+    UsageError,
+    unreadable,
+)
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -40,7 +49,7 @@ def channel_target(target: str) -> str:
         return target.strip()
     families = {_address_family(address) for address in addresses}
     if len(families) != 1 or None in families:
-        raise ValueError(
+        raise UsageError(
             f"a list of sidecar addresses must all be IPv4 or all IPv6 literals with ports, got {target!r}; "
             "use a dns: target for host names"
         )
@@ -90,12 +99,24 @@ class TlsConfig:
 
     def credentials(self) -> grpc.ChannelCredentials:
         if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError("a TLS client certificate needs its key, and a key its certificate")
+            raise UsageError(
+                "a TLS client certificate needs its key, and a key its certificate: set both "
+                "--tls-client-cert and --tls-client-key"
+            )
         return grpc.ssl_channel_credentials(
-            root_certificates=self.root_certs.read_bytes() if self.root_certs else None,
-            private_key=self.client_key.read_bytes() if self.client_key else None,
-            certificate_chain=self.client_cert.read_bytes() if self.client_cert else None,
+            root_certificates=_read_pem(self.root_certs, "the TLS root certificates file"),
+            private_key=_read_pem(self.client_key, "the TLS client key file"),
+            certificate_chain=_read_pem(self.client_cert, "the TLS client certificate file"),
         )
+
+
+def _read_pem(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise unreadable(path, what, exc) from exc
 
 
 def channel_options(max_attempts: int) -> list[tuple[str, str | int]]:
@@ -255,6 +276,36 @@ def embeddings_from(message: rerank_pb2.EmbedResponse) -> Embeddings:
     return Embeddings(vectors, message.model_id, _usage(message.usage))
 
 
+# ---- errors -----------------------------------------------------------------------------------------
+
+
+def sidecar_error(exc: grpc.RpcError, target: str, method: str, timeout: float) -> SidecarError:
+    """The ``SidecarError`` for a failed call, its message saying what to do about the status."""
+    code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None) or str(exc)
+    status = f"{code.name}: {details}"
+    where = f"the sidecar at {target}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        message = f"{where} is unavailable ({status}): start it, or set --target to where it runs"
+        return SidecarUnreachable(message, code, details)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        message = (
+            f"{where} refused {method} ({status}): set --auth-token (RERANK_CLIENT_AUTH_TOKEN) to the token "
+            "the sidecar was started with"
+        )
+        return SidecarRefused(message, code, details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        message = (
+            f"{where} did not answer {method} within the {timeout:g} s deadline ({code.name}): raise "
+            "--timeout, or send fewer texts or candidates per call (--embed-batch-size, --candidates)"
+        )
+        return DeadlineExceeded(message, code, details)
+    if code == grpc.StatusCode.UNIMPLEMENTED and method == "Embed":
+        message = f"{where} serves no embedding model ({status}): start it with --embed-model"
+        return SidecarError(message, code, details)
+    return SidecarError(f"{where} failed {method} ({status})", code, details)
+
+
 # ---- clients ----------------------------------------------------------------------------------------
 
 
@@ -269,11 +320,13 @@ class _ClientBase:
         timeout: float = DEFAULT_TIMEOUT_S,
         tls: TlsConfig | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        auth_token: str = "",
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.target = channel_target(target)
         self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
         self._tls = tls
         self._options = channel_options(max_attempts)
         if tls is None:
@@ -285,6 +338,14 @@ class _ClientBase:
 
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
+
+    @contextmanager
+    def _errors(self, method: str, timeout: float) -> Iterator[None]:
+        """gRPC errors of ``method`` become ``SidecarError``s, which say what to fix."""
+        try:
+            yield
+        except grpc.RpcError as exc:
+            raise sidecar_error(exc, self.target, method, timeout) from exc
 
 
 class RerankClient(_ClientBase):
@@ -300,8 +361,9 @@ class RerankClient(_ClientBase):
         *,
         timeout: float | None = None,
     ) -> Ranking:
-        request = rerank_request(query, documents, options)
-        return ranking_from(self._reranker.Rerank(request, timeout=self._deadline(timeout)))
+        request, deadline = rerank_request(query, documents, options), self._deadline(timeout)
+        with self._errors("Rerank", deadline):
+            return ranking_from(self._reranker.Rerank(request, timeout=deadline, metadata=self._metadata))
 
     def rerank_stream(
         self,
@@ -316,8 +378,10 @@ class RerankClient(_ClientBase):
         requests = (
             stream_request(query, batch, options, first=number == 0) for number, batch in enumerate(batches)
         )
-        for message in self._reranker.RerankStream(requests, timeout=self._deadline(timeout)):
-            yield stream_item(message)
+        deadline = self._deadline(timeout)
+        with self._errors("RerankStream", deadline):
+            for message in self._reranker.RerankStream(requests, timeout=deadline, metadata=self._metadata):
+                yield stream_item(message)
 
     def embed(
         self,
@@ -327,11 +391,14 @@ class RerankClient(_ClientBase):
         truncation: Truncation = "right",
         timeout: float | None = None,
     ) -> Embeddings:
-        request = embed_request(texts, max_length, truncation)
-        return embeddings_from(self._embedder.Embed(request, timeout=self._deadline(timeout)))
+        request, deadline = embed_request(texts, max_length, truncation), self._deadline(timeout)
+        with self._errors("Embed", deadline):
+            return embeddings_from(self._embedder.Embed(request, timeout=deadline, metadata=self._metadata))
 
     def info(self, *, timeout: float | None = None) -> rerank_pb2.InfoResponse:
-        return self._reranker.Info(rerank_pb2.InfoRequest(), timeout=self._deadline(timeout))
+        deadline = self._deadline(timeout)
+        with self._errors("Info", deadline):
+            return self._reranker.Info(rerank_pb2.InfoRequest(), timeout=deadline, metadata=self._metadata)
 
     def close(self) -> None:
         self._channel.close()
@@ -361,8 +428,10 @@ class AsyncRerankClient(_ClientBase):
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Ranking:
-        request = rerank_request(query, documents, options)
-        return ranking_from(await self._reranker.Rerank(request, timeout=self._deadline(timeout)))
+        request, deadline = rerank_request(query, documents, options), self._deadline(timeout)
+        with self._errors("Rerank", deadline):
+            call = self._reranker.Rerank(request, timeout=deadline, metadata=self._metadata)
+            return ranking_from(await call)
 
     async def rerank_stream(
         self,
@@ -381,10 +450,12 @@ class AsyncRerankClient(_ClientBase):
                 yield stream_request(query, batch, options, first=number == 0)
                 number += 1
 
-        call = self._reranker.RerankStream(requests(), timeout=self._deadline(timeout))
+        deadline = self._deadline(timeout)
+        call = self._reranker.RerankStream(requests(), timeout=deadline, metadata=self._metadata)
         try:
-            async for message in call:
-                yield stream_item(message)
+            with self._errors("RerankStream", deadline):
+                async for message in call:
+                    yield stream_item(message)
         finally:
             call.cancel()  # a no-op once the call has finished
 
@@ -396,11 +467,16 @@ class AsyncRerankClient(_ClientBase):
         truncation: Truncation = "right",
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Embeddings:
-        request = embed_request(texts, max_length, truncation)
-        return embeddings_from(await self._embedder.Embed(request, timeout=self._deadline(timeout)))
+        request, deadline = embed_request(texts, max_length, truncation), self._deadline(timeout)
+        with self._errors("Embed", deadline):
+            call = self._embedder.Embed(request, timeout=deadline, metadata=self._metadata)
+            return embeddings_from(await call)
 
     async def info(self, *, timeout: float | None = None) -> rerank_pb2.InfoResponse:  # noqa: ASYNC109
-        return await self._reranker.Info(rerank_pb2.InfoRequest(), timeout=self._deadline(timeout))
+        deadline = self._deadline(timeout)
+        with self._errors("Info", deadline):
+            call = self._reranker.Info(rerank_pb2.InfoRequest(), timeout=deadline, metadata=self._metadata)
+            return await call
 
     async def close(self) -> None:
         await self._channel.close()

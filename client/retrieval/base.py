@@ -9,6 +9,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from client.documents import Document
+from client.errors import IndexMismatch
 from client.fusion import DEFAULT_RANK_CONSTANT, FusedHit
 
 Mode = Literal["hybrid", "bm25", "vector"]
@@ -35,6 +36,7 @@ class SearchRequest:
     bm25_weight: float = 1.0
     vector_weight: float = 1.0
     num_candidates: int = 0  # per-shard HNSW candidates of the kNN leg; 0: twice ``size``
+    embedding_model: str = ""  # the model that made ``query_vector``; refused by an index built with another
 
     def __post_init__(self) -> None:
         if self.size < 1 or self.page_size < 1:
@@ -87,8 +89,9 @@ class Retriever(Protocol):
     """What the pipeline and ingest need from a stage-1 store. ``ElasticsearchRetriever`` and
     ``EmbeddedRetriever`` implement it, so neither can tell them apart."""
 
-    def create_index(self, dims: int) -> bool:
-        """Create the index for ``dims``-dimensional vectors; False when it exists already (same dims)."""
+    def create_index(self, dims: int, embedding_model: str = "") -> bool:
+        """Create the index for ``dims``-dimensional vectors of ``embedding_model`` (recorded, so that vectors
+        of another model are refused later); False when it exists already, for the same dims and model."""
         ...
 
     def index_documents(self, documents: Iterable[tuple[Document, np.ndarray]]) -> Iterator[IndexOutcome]:
@@ -137,3 +140,23 @@ def fused_pages(
 
 def filter_values(value: FilterValue) -> list[str]:
     return [value] if isinstance(value, str) else [str(item) for item in value]
+
+
+def check_vectors(index: str, index_dims: int | None, index_model: str, dims: int, model: str) -> None:
+    """Refuses ``dims``-dimensional vectors of ``model`` for ``index`` (which index, where) when it holds
+    others. Models are compared where both are known: an index built before they were recorded names none."""
+    fix = "use the embedding model the index was built with, or ingest into a new index"
+    if index_dims != dims:
+        holds = "no vectors" if index_dims is None else f"{index_dims}-dimensional vectors"
+        raise IndexMismatch(f"{index} holds {holds}, but the embedding model gives {dims} dimensions: {fix}")
+    if index_model and model and index_model != model:
+        raise IndexMismatch(
+            f"{index} was built with the embedding model {index_model!r}, not {model!r}: {fix}"
+        )
+
+
+def check_query_vector(request: SearchRequest, index: str, index_dims: int | None, index_model: str) -> None:
+    """Refuses, before any search runs, a query vector that the index's vectors cannot be compared with."""
+    if request.query_vector is not None:
+        dims = int(request.query_vector.size)
+        check_vectors(index, index_dims, index_model, dims, request.embedding_model)

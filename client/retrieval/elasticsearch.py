@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import elastic_transport
 import numpy as np
-from elasticsearch import Elasticsearch, helpers
+from elasticsearch import (
+    ApiError,
+    AuthenticationException,
+    AuthorizationException,
+    Elasticsearch,
+    NotFoundError,
+    helpers,
+)
 
 from client.documents import Document
+from client.errors import (
+    ElasticsearchFailed,
+    ElasticsearchRefused,
+    ElasticsearchUnreachable,
+    IndexNotFound,
+    UsageError,
+    unreadable,
+)
 from client.fusion import LegHit, reciprocal_rank_fusion
 from client.retrieval.base import (
     BM25_LEG,
@@ -17,6 +35,8 @@ from client.retrieval.base import (
     Candidate,
     IndexOutcome,
     SearchRequest,
+    check_query_vector,
+    check_vectors,
     filter_values,
     fused_pages,
 )
@@ -30,13 +50,14 @@ DEFAULT_INDEX = "documents"
 VECTOR_INDEX_TYPES = ("int8_hnsw", "hnsw", "int4_hnsw", "bbq_hnsw")
 
 
-def index_mapping(dims: int, vector_index: str = "int8_hnsw") -> dict[str, Any]:
+def index_mapping(dims: int, vector_index: str = "int8_hnsw", embedding_model: str = "") -> dict[str, Any]:
     """``text`` and ``title`` for BM25, every ``metadata.*`` value a keyword (filterable), and the vector
     under cosine similarity in an HNSW graph, int8-quantized by default (``hnsw`` keeps floats: exact scores
-    at four times the memory)."""
+    at four times the memory). ``_meta`` records the embedding model."""
     if vector_index not in VECTOR_INDEX_TYPES:
         raise ValueError(f"vector_index must be one of {', '.join(VECTOR_INDEX_TYPES)}, got {vector_index!r}")
     return {
+        "_meta": {"embedding_model": embedding_model},
         "dynamic_templates": [
             {"metadata_as_keywords": {"path_match": "metadata.*", "mapping": {"type": "keyword"}}}
         ],
@@ -122,6 +143,8 @@ class ElasticsearchRetriever:
         self.index = index
         self.vector_index = vector_index
         self.bulk_chunk_size = bulk_chunk_size
+        self.url = ", ".join(node.base_url for node in client.transport.node_pool.all())
+        self._vectors: tuple[int | None, str] | None = None  # dims and model, once a search looked them up
 
     @classmethod
     def from_url(
@@ -134,20 +157,66 @@ class ElasticsearchRetriever:
         request_timeout: float = 30.0,
         vector_index: str = "int8_hnsw",
     ) -> ElasticsearchRetriever:
-        client = Elasticsearch(
-            url, api_key=api_key or None, ca_certs=ca_certs or None, request_timeout=request_timeout
-        )
+        if ca_certs:
+            try:
+                Path(ca_certs).read_bytes()  # fail here, naming the file, not at the first request
+            except OSError as exc:
+                raise unreadable(Path(ca_certs), "the CA bundle (--es-ca-certs)", exc) from exc
+        try:
+            client = Elasticsearch(
+                url, api_key=api_key or None, ca_certs=ca_certs or None, request_timeout=request_timeout
+            )
+        except ValueError as exc:
+            raise UsageError(f"--es-url {url!r} cannot be used ({exc})") from exc
         return cls(client, index, vector_index=vector_index)
 
-    def create_index(self, dims: int) -> bool:
-        if self.client.indices.exists(index=self.index):
-            mapping = self.client.indices.get_mapping(index=self.index)[self.index]["mappings"]
-            existing = mapping.get("properties", {}).get(VECTOR_FIELD, {}).get("dims")
-            if existing != dims:
-                raise ValueError(f"index {self.index!r} holds {existing}-dimensional vectors, not {dims}")
-            return False
-        self.client.indices.create(index=self.index, mappings=index_mapping(dims, self.vector_index))
-        return True
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """The official client's exceptions become ``ClientError``s naming the cluster and the index."""
+        where = f"Elasticsearch at {self.url}"
+        try:
+            yield
+        except elastic_transport.ConnectionError as exc:
+            raise ElasticsearchUnreachable(
+                f"{where} is unreachable ({exc.message}): start it, or set --es-url (ES_URL) to where it runs"
+            ) from exc
+        except elastic_transport.ConnectionTimeout as exc:
+            raise ElasticsearchUnreachable(
+                f"{where} did not answer in time ({exc.message}): check that it is up and not overloaded"
+            ) from exc
+        except (AuthenticationException, AuthorizationException) as exc:
+            refusal = "refused the credentials" if exc.status_code == 401 else "denied the request"
+            raise ElasticsearchRefused(
+                f"{where} {refusal} on index {self.index!r} ({exc.status_code} {exc.error}): set "
+                "--es-api-key (ES_API_KEY) to an API key allowed to read and write that index"
+            ) from exc
+        except NotFoundError as exc:  # every call here names an index, so a 404 means that index is missing
+            raise IndexNotFound(
+                f"{where} has no index {self.index!r} ({exc.error}): ingest documents into it first "
+                f"(rerank-client ingest FILE --es-index {self.index}), or set --es-index to an existing index"
+            ) from exc
+        except ApiError as exc:
+            raise ElasticsearchFailed(f"{where} refused a request on index {self.index!r}: {exc}") from exc
+
+    def _index_vectors(self) -> tuple[int | None, str]:
+        """The dimension (None: no vectors) and embedding model ("": not recorded) of the index's vectors;
+        IndexNotFound when there is no index."""
+        mappings = self.client.indices.get_mapping(index=self.index)
+        mapping = next(iter(mappings.values()))["mappings"]  # keyed by the concrete index behind an alias
+        dims = mapping.get("properties", {}).get(VECTOR_FIELD, {}).get("dims")
+        model = mapping.get("_meta", {}).get("embedding_model", "")
+        return (None if dims is None else int(dims)), str(model)
+
+    def create_index(self, dims: int, embedding_model: str = "") -> bool:
+        with self._errors():
+            if self.client.indices.exists(index=self.index):
+                index_dims, index_model = self._index_vectors()
+                index = f"Elasticsearch index {self.index!r}"
+                check_vectors(index, index_dims, index_model, dims, embedding_model)
+                return False
+            mapping = index_mapping(dims, self.vector_index, embedding_model)
+            self.client.indices.create(index=self.index, mappings=mapping)
+            return True
 
     def index_documents(self, documents: Iterable[tuple[Document, np.ndarray]]) -> Iterator[IndexOutcome]:
         actions = (
@@ -164,22 +233,28 @@ class ElasticsearchRetriever:
             }
             for document, vector in documents
         )
-        for ok, item in helpers.streaming_bulk(
-            self.client,
-            actions,
-            chunk_size=self.bulk_chunk_size,
-            max_retries=3,  # 429s, with the helper's exponential backoff
-            raise_on_error=False,
-            raise_on_exception=False,  # a failed chunk reports each of its documents instead of stopping
-        ):
-            result = next(iter(item.values()))
-            yield IndexOutcome(str(result.get("_id")), None if ok else _error_reason(result))
-        self.client.indices.refresh(index=self.index)
+        with self._errors():
+            for ok, item in helpers.streaming_bulk(
+                self.client,
+                actions,
+                chunk_size=self.bulk_chunk_size,
+                max_retries=3,  # 429s, with the helper's exponential backoff
+                raise_on_error=False,
+                raise_on_exception=False,  # a failed chunk reports each of its documents instead of stopping
+            ):
+                result = next(iter(item.values()))
+                yield IndexOutcome(str(result.get("_id")), None if ok else _error_reason(result))
+            self.client.indices.refresh(index=self.index)
 
     def count(self) -> int:
-        return int(self.client.count(index=self.index)["count"])
+        with self._errors():
+            return int(self.client.count(index=self.index)["count"])
 
     def candidate_pages(self, request: SearchRequest) -> Iterator[list[Candidate]]:
+        if self._vectors is None:
+            with self._errors():
+                self._vectors = self._index_vectors()
+        check_query_vector(request, f"Elasticsearch index {self.index!r}", *self._vectors)
         if request.fusion == "elasticsearch":
             return self._rrf_pages(request)
         legs = self.leg_hits(request)
@@ -197,18 +272,23 @@ class ElasticsearchRetriever:
         searches: list[dict[str, Any]] = []
         for leg in request.legs:
             searches += [{"index": self.index}, {**bodies[leg], "size": request.size, "_source": False}]
-        responses = self.client.msearch(searches=searches)["responses"]
+        with self._errors():
+            responses = self.client.msearch(searches=searches)["responses"]
         legs = {}
         for leg, response in zip(request.legs, responses, strict=True):
             if "error" in response:
-                raise RuntimeError(f"the {leg} leg failed: {response['error']}")
+                raise ElasticsearchFailed(
+                    f"Elasticsearch at {self.url} failed the {leg} leg's search on index {self.index!r}: "
+                    f"{_error_reason(response)}"
+                )
             legs[leg] = [LegHit(hit["_id"], float(hit["_score"])) for hit in response["hits"]["hits"]]
         return legs
 
     def _fetch(self, ids: list[str]) -> dict[str, Document]:
         if not ids:
             return {}
-        response = self.client.mget(index=self.index, ids=ids, source_excludes=[VECTOR_FIELD])
+        with self._errors():
+            response = self.client.mget(index=self.index, ids=ids, source_excludes=[VECTOR_FIELD])
         return {
             doc["_id"]: _document(doc["_id"], doc["_source"]) for doc in response["docs"] if doc.get("found")
         }
@@ -221,9 +301,14 @@ class ElasticsearchRetriever:
         retriever = rrf_retriever(request)
         for start in range(0, request.size, request.page_size):
             size = min(request.page_size, request.size - start)
-            response = self.client.search(
-                index=self.index, retriever=retriever, from_=start, size=size, source_excludes=[VECTOR_FIELD]
-            )
+            with self._errors():
+                response = self.client.search(
+                    index=self.index,
+                    retriever=retriever,
+                    from_=start,
+                    size=size,
+                    source_excludes=[VECTOR_FIELD],
+                )
             hits = response["hits"]["hits"]
             yield [
                 Candidate(

@@ -18,6 +18,7 @@ import bm25s
 import numpy as np
 
 from client.documents import Document
+from client.errors import IndexMismatch, IndexNotFound, InputInvalid
 from client.fusion import LegHit, reciprocal_rank_fusion
 from client.retrieval.base import (
     BM25_LEG,
@@ -25,6 +26,8 @@ from client.retrieval.base import (
     Candidate,
     IndexOutcome,
     SearchRequest,
+    check_query_vector,
+    check_vectors,
     filter_values,
     fused_pages,
 )
@@ -54,6 +57,7 @@ class EmbeddedRetriever:
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         self.dims: int | None = None
+        self.embedding_model = ""
         self._documents: dict[str, Document] = {}
         self._vectors = np.zeros((0, 0), dtype=np.float32)
         self._bm25: bm25s.BM25 | None = None
@@ -62,12 +66,13 @@ class EmbeddedRetriever:
 
     # ---- ingest -------------------------------------------------------------------------------------
 
-    def create_index(self, dims: int) -> bool:
+    def create_index(self, dims: int, embedding_model: str = "") -> bool:
         if self.dims is not None:
-            if self.dims != dims:
-                raise ValueError(f"{self.directory} holds {self.dims}-dimensional vectors, not {dims}")
+            index = f"the embedded index in {self.directory}"
+            check_vectors(index, self.dims, self.embedding_model, dims, embedding_model)
             return False
         self.dims = dims
+        self.embedding_model = embedding_model
         self._vectors = np.zeros((0, dims), dtype=np.float32)
         self._save()
         return True
@@ -109,6 +114,15 @@ class EmbeddedRetriever:
     def candidate_pages(self, request: SearchRequest) -> Iterator[list[Candidate]]:
         if request.fusion != "client":
             raise ValueError("the embedded retriever fuses in the client only")
+        if self.dims is None:
+            state = "holds no embedded index" if self.directory.is_dir() else "does not exist"
+            raise IndexNotFound(
+                f"{self.directory} {state}: ingest documents first (rerank-client ingest FILE --index-dir "
+                f"{self.directory}), or set --index-dir (RERANK_CLIENT_INDEX_DIR) to an index"
+            )
+        check_query_vector(
+            request, f"the embedded index in {self.directory}", self.dims, self.embedding_model
+        )
         fused = reciprocal_rank_fusion(
             self.leg_hits(request),
             rank_constant=request.rank_constant,
@@ -166,6 +180,15 @@ class EmbeddedRetriever:
         self._bm25.index(corpus, show_progress=False)
 
     def _save(self) -> None:
+        try:
+            self._write()
+        except OSError as exc:
+            raise InputInvalid(
+                f"cannot write the embedded index in {self.directory} ({exc.strerror or exc}): set "
+                "--index-dir to a directory you can write"
+            ) from exc
+
+    def _write(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         _replace(self.directory / "vectors.npy", lambda path: np.save(path, self._vectors))
         _replace(
@@ -176,20 +199,34 @@ class EmbeddedRetriever:
             ),
         )
         # The manifest goes last: a directory with a manifest is complete.
-        manifest = {"format_version": FORMAT_VERSION, "dims": self.dims, "documents": len(self._documents)}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dims": self.dims,
+            "embedding_model": self.embedding_model,
+            "documents": len(self._documents),
+        }
         _replace(self.directory / "manifest.json", lambda path: path.write_text(json.dumps(manifest)))
 
     def _load(self) -> None:
-        manifest = json.loads((self.directory / "manifest.json").read_text())
-        if manifest["format_version"] != FORMAT_VERSION:
-            raise ValueError(
-                f"{self.directory} has index format {manifest['format_version']}, not {FORMAT_VERSION}"
-            )
-        self.dims = int(manifest["dims"])
-        with (self.directory / "documents.jsonl").open(encoding="utf-8") as lines:
-            documents = [Document(**json.loads(line)) for line in lines]
+        try:
+            manifest = json.loads((self.directory / "manifest.json").read_text())
+            version = manifest["format_version"]
+            if version != FORMAT_VERSION:
+                raise IndexMismatch(
+                    f"{self.directory} holds an embedded index of format {version}, not {FORMAT_VERSION}: "
+                    "ingest again into a new --index-dir"
+                )
+            self.dims = int(manifest["dims"])
+            self.embedding_model = str(manifest.get("embedding_model", ""))  # not recorded before issue 16
+            with (self.directory / "documents.jsonl").open(encoding="utf-8") as lines:
+                documents = [Document(**json.loads(line)) for line in lines]
+            self._vectors = np.load(self.directory / "vectors.npy")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputInvalid(
+                f"{self.directory} holds a damaged embedded index ({exc!r}): ingest again into a new "
+                "--index-dir"
+            ) from exc
         self._documents = {document.id: document for document in documents}
-        self._vectors = np.load(self.directory / "vectors.npy")
         self._build_bm25()  # rebuilding is cheaper to keep correct than a second on-disk format
 
 

@@ -150,7 +150,7 @@ def corpus() -> list[Document]:
     return synthetic_corpus()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -164,7 +164,7 @@ def es_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     binary = Path(str(files("noida_db").joinpath("noida-db")))
     binary.chmod(0o755)
-    port = _free_port()
+    port = free_port()
     data_dir = tmp_path_factory.mktemp("noida-db")
     log = (data_dir / "server.log").open("wb")
     process = subprocess.Popen(

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from client.documents import Document, Rejected, count_records, read_documents, stable_id
+from client.errors import InputInvalid
 
 SCIFACT = Path(__file__).resolve().parents[3] / "shared" / "data" / "scifact"
 
@@ -32,7 +33,7 @@ def test_jsonl_records_become_documents_with_stable_ids(tmp_path: Path):
 
 
 def test_a_directory_without_a_beir_corpus_is_an_error(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match=r"corpus\.jsonl"):
+    with pytest.raises(InputInvalid, match=r"corpus\.jsonl"):
         read_documents(tmp_path)
 
 

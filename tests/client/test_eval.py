@@ -17,6 +17,7 @@ from elasticsearch import Elasticsearch
 from client.cli import main
 from client.documents import Document
 from client.embedding_cache import EmbeddingCache
+from client.errors import InputInvalid
 from client.evaluation import BM25, DENSE, HYBRID, RERANK, load_beir, prepare_index, quality
 from client.retrieval.embedded import EmbeddedRetriever
 from client.settings import EvalSettings, settings_table
@@ -116,7 +117,7 @@ def test_load_beir_keeps_judged_queries_only(tmp_path: Path):
     dataset = load_beir(write_beir(tmp_path / "data", synthetic_corpus(20)))
     assert len(dataset.queries) == 2 * len(TOPICS)
     assert "unjudged" not in dataset.queries
-    with pytest.raises(FileNotFoundError, match=r"qrels/dev\.tsv"):
+    with pytest.raises(InputInvalid, match=r"qrels/dev\.tsv.*pick one of test with --split"):
         load_beir(tmp_path / "data", split="dev")
 
 
@@ -139,11 +140,13 @@ async def test_eval_on_the_embedded_retriever_and_elasticsearch(
     common += ["--eval-dir", str(tmp_path / "eval")]
     embedded_json, es_json, plot = tmp_path / "embedded.json", tmp_path / "es.json", tmp_path / "chart.png"
 
-    assert await asyncio.to_thread(main, [*common, "--output", str(embedded_json), "--plot", str(plot)]) == 0
+    embedded_flags = ["--output", str(embedded_json), "--plot", str(plot), "--format", "table"]
+    assert await asyncio.to_thread(main, [*common, *embedded_flags]) == 0
+    table = capsys.readouterr().out
     # Float vectors in Elasticsearch (hnsw): stage 1 must rank exactly as the embedded retriever does.
     es_flags = ["--es-url", es_url, "--es-vector-index", "hnsw", "--output", str(es_json)]
     assert await asyncio.to_thread(main, [*common, *es_flags]) == 0
-    output = capsys.readouterr().out
+    printed = capsys.readouterr().out  # JSON: stdout is not a terminal
 
     embedded, elastic = json.loads(embedded_json.read_text()), json.loads(es_json.read_text())
     index = elastic["retriever"].removeprefix("Elasticsearch index ")
@@ -151,7 +154,8 @@ async def test_eval_on_the_embedded_retriever_and_elasticsearch(
     assert index.startswith("rerank-eval-data-")
     assert embedded["retriever"] == "embedded retriever"
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert "NDCG@10" in output
+    assert "NDCG@10" in table
+    assert json.loads(printed) == elastic
     for report in (embedded, elastic):
         assert (report["documents"], report["queries"], report["candidates"]) == (80, 10, 20)
         configurations = {c["key"]: c for c in report["configurations"]}

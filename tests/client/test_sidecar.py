@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
+from client.errors import DeadlineExceeded
 from client.sidecar import (
     AsyncRerankClient,
     BatchScores,
@@ -99,7 +100,7 @@ async def test_every_call_has_a_deadline(sidecar: RunningSidecar):
     sidecar.engine.open.clear()  # hold the model: the call cannot finish in time
     try:
         async with AsyncRerankClient(target(sidecar), timeout=0.3) as client:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
+            with pytest.raises(DeadlineExceeded) as caught:
                 await client.rerank("cats", DOCUMENTS)
     finally:
         sidecar.engine.open.set()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from elasticsearch import Elasticsearch
 
 from client.documents import Document, read_jsonl
+from client.errors import ElasticsearchUnreachable, IndexMismatch, IndexNotFound
 from client.ingest import ingest
 from client.retrieval.base import BM25_LEG, VECTOR_LEG, Candidate, SearchRequest
 from client.retrieval.elasticsearch import VECTOR_FIELD, ElasticsearchRetriever
@@ -43,7 +45,7 @@ def test_index_mapping_has_text_keywords_and_an_int8_hnsw_cosine_vector(es_retri
         "mappings"
     ]
     assert mapping["properties"]["metadata"]["properties"]["lang"]["type"] == "keyword"
-    with pytest.raises(ValueError, match="dimensional"):
+    with pytest.raises(IndexMismatch, match=f"{FAKE_DIMS}-dimensional vectors.* gives {FAKE_DIMS + 1} dim"):
         es_retriever.create_index(FAKE_DIMS + 1)
 
 
@@ -194,3 +196,22 @@ def test_from_url_reaches_the_cluster(es_url: str, es: Elasticsearch, corpus: li
     finally:
         es.options(ignore_status=404).indices.delete(index="client-test-from-url")
         retriever.close()
+
+
+def test_a_query_vector_of_another_dimension_is_refused_before_searching(
+    es_corpus_index: ElasticsearchRetriever,
+):
+    request = SearchRequest(query="neuron", query_vector=np.ones(FAKE_DIMS + 3, dtype=np.float32))
+    with pytest.raises(IndexMismatch, match=f"{FAKE_DIMS}-dimensional vectors.* gives {FAKE_DIMS + 3} dim"):
+        es_corpus_index.candidate_pages(request)
+
+
+def test_a_missing_index_and_an_unreachable_cluster_are_named(es: Elasticsearch):
+    missing = ElasticsearchRetriever(es, "no-such-index")
+    with pytest.raises(IndexNotFound, match=r"no index 'no-such-index'.*--es-index"):
+        missing.candidate_pages(SearchRequest(query="neuron", mode="bm25"))
+    with pytest.raises(IndexNotFound, match="no-such-index"):
+        missing.count()
+    unreachable = ElasticsearchRetriever.from_url("http://127.0.0.1:9", "documents", request_timeout=2)
+    with pytest.raises(ElasticsearchUnreachable, match=r"http://127\.0\.0\.1:9 is unreachable.*--es-url"):
+        unreachable.count()

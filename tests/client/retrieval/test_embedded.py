@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from client.documents import Document
+from client.errors import IndexMismatch, IndexNotFound
 from client.ingest import ingest
 from client.retrieval.base import Candidate, SearchRequest
 from client.retrieval.elasticsearch import ElasticsearchRetriever
@@ -95,7 +96,20 @@ def test_documents_it_cannot_filter_on_are_rejected_by_id(tmp_path: Path):
     assert retriever.count() == 1
     request = SearchRequest(query="neuron", mode="bm25", filters={"year": "2020", "tags": "b"})
     assert [c.id for c in top(retriever, request)] == ["good"]
-    with pytest.raises(ValueError, match="dimensional"):
+    with pytest.raises(IndexMismatch, match=f"{FAKE_DIMS}-dimensional vectors.* gives {FAKE_DIMS * 2} dim"):
         retriever.create_index(FAKE_DIMS * 2)
     [outcome] = retriever.index_documents([(Document("short", "x"), np.ones(3))])
     assert outcome.error
+
+
+def test_a_missing_index_and_a_query_vector_of_another_dimension_are_refused(
+    tmp_path: Path, embedded_corpus_index: EmbeddedRetriever
+):
+    request = SearchRequest(query="neuron", query_vector=np.ones(FAKE_DIMS + 3, dtype=np.float32))
+    with pytest.raises(IndexMismatch, match=f"{FAKE_DIMS}-dimensional vectors.* gives {FAKE_DIMS + 3} dim"):
+        embedded_corpus_index.candidate_pages(request)
+    with pytest.raises(IndexNotFound, match=r"does not exist.*--index-dir"):
+        EmbeddedRetriever(tmp_path / "missing").candidate_pages(request)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IndexNotFound, match="holds no embedded index"):
+        EmbeddedRetriever(tmp_path / "empty").candidate_pages(request)
