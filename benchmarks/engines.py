@@ -198,6 +198,8 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
             exported, cache, precision=precision, device="cpu", threads=threads
         )
 
+    engines.update(openvino_engines(exported.path, exported.input_names, threads))
+
     def scorer(engine: object) -> Callable[[], np.ndarray]:
         def run() -> np.ndarray:
             logits = np.empty(len(pairs), dtype=np.float32)
@@ -222,6 +224,74 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
     runs.update({name: Run(CANDIDATES, scorer(engine)) for name, engine in engines.items()})
     tokens = float(np.mean([len(pair) for pair in pairs]))
     return {"runs": runs, "tokens": tokens, "config": network.model.config}
+
+
+class OpenVinoRunner:
+    """An OpenVINO compiled model behind the engines' ``forward``, for rows measured in process only."""
+
+    def __init__(self, compiled: object, input_names: tuple[str, ...]) -> None:
+        self._compiled = compiled
+        self._input_names = input_names
+
+    def forward(self, batch: object) -> np.ndarray:
+        feeds = batch.as_dict()  # type: ignore[attr-defined]
+        outputs = self._compiled({name: feeds[name] for name in self._input_names})  # type: ignore[operator]
+        return np.asarray(outputs[0], dtype=np.float32)
+
+
+def openvino_engines(
+    onnx_path: Path, input_names: tuple[str, ...], threads: int
+) -> dict[str, OpenVinoRunner]:
+    """OpenVINO Runtime on the plain ONNX export, when the `bench` extra installed it: fp32, bf16 where
+    the CPU has it natively, and int8 weights (NNCF weight compression, like the sidecar's int8)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        print("openvino is not installed (pip install -e '.[bench]'): no OpenVINO rows", flush=True)
+        return {}
+    import openvino
+
+    from sidecar.model.engines.torch_engine import cpu_supports_bf16
+
+    core = openvino.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    hints = {"fp32": "f32", **({"bf16": "bf16"} if cpu_supports_bf16() else {})}
+    engines = {
+        f"openvino {precision}": OpenVinoRunner(
+            core.compile_model(
+                core.read_model(str(onnx_path)), "CPU", {**config, "INFERENCE_PRECISION_HINT": hint}
+            ),
+            input_names,
+        )
+        for precision, hint in hints.items()
+    }
+    if importlib.util.find_spec("nncf") is not None:
+        import nncf
+
+        weights = nncf.compress_weights(
+            core.read_model(str(onnx_path)), mode=nncf.CompressWeightsMode.INT8_SYM
+        )
+        compiled = core.compile_model(weights, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"})
+        engines["openvino int8"] = OpenVinoRunner(compiled, input_names)
+    return engines
+
+
+def hardware_record() -> dict[str, object]:
+    """What the figures were measured on: every result file records it beside its rows."""
+    import importlib.metadata
+
+    from sidecar.model.hardware import SPEED_FEATURES, cpu_info
+
+    cpu = cpu_info()
+    return {
+        "cpu": cpu.model,
+        "isa_class": cpu.isa_class,
+        "features": [name for name in SPEED_FEATURES if name in cpu.features],
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "onnxruntime": importlib.metadata.version("onnxruntime"),
+    }
 
 
 def free_port() -> int:
@@ -271,7 +341,20 @@ def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar
                     if time.monotonic() > deadline or process.poll() is not None:
                         raise
                     time.sleep(1)
-        print(f"sidecar {info.engine}/{info.precision} ready; notes: {list(info.engine_notes)}", flush=True)
+            # --torch-compile auto compiles after SERVING: measure once the compiled engine took over
+            # (or its compile failed and said so), as a long-running replica would serve.
+            while settings.get("torch-compile", "auto") != "off" and info.engine == "torch":
+                if info.compiled or any(" compiled: " in note for note in info.engine_notes):
+                    break
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the sidecar's background compile never finished")
+                time.sleep(1)
+                info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
+        print(
+            f"sidecar {info.engine}/{info.precision} ready (compiled: {info.compiled}, remembered choice: "
+            f"{info.selection.from_cache}); notes: {list(info.engine_notes)}",
+            flush=True,
+        )
         yield Sidecar(process, port, f"{info.engine}/{info.precision}")
     finally:
         process.terminate()
@@ -397,7 +480,10 @@ def main() -> None:
             f"{row.top10}/10",
         )
         print("| " + " | ".join(map(str, cells)) + " |")
-    args.out.write_text(json.dumps({"peaks": peaks, "rows": [asdict(row) for row in rows]}, indent=2))
+    hardware = hardware_record()
+    print(f"hardware: {hardware['cpu']} ({hardware['isa_class']}), {hardware['cores']} cores")
+    record = {"hardware": hardware, "peaks": peaks, "rows": [asdict(row) for row in rows]}
+    args.out.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
