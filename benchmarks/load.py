@@ -28,7 +28,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from benchmarks.engines import OUT, QUERY, Sidecar, build_model, candidates, start_sidecar
+from benchmarks.engines import (
+    OUT,
+    QUERY,
+    Sidecar,
+    build_model,
+    candidates,
+    hardware_record,
+    start_sidecar,
+)
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 # A refused caller backs off exponentially with jitter, as the README tells clients to.
@@ -177,7 +185,8 @@ def main() -> None:
             result = asyncio.run(soak(sidecar, request, args.soak_callers, args.soak_seconds))
             result["engine"] = sidecar.engine
             print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}, indent=2))
-            args.out.with_name("soak.json").write_text(json.dumps(result, indent=2))
+            record = {"hardware": hardware_record(), **result}
+            args.out.with_name("soak.json").write_text(json.dumps(record, indent=2))
             return
         levels = [asyncio.run(run_level(sidecar.port, request, n, args.seconds)) for n in args.levels]
     print(
@@ -194,7 +203,10 @@ def main() -> None:
             f"| {sum(level.errors.values())} |"
         )
     args.out.write_text(
-        json.dumps({"engine": sidecar.engine, "levels": [asdict(x) for x in levels]}, indent=2)
+        json.dumps(
+            {"hardware": hardware_record(), "engine": sidecar.engine, "levels": [asdict(x) for x in levels]},
+            indent=2,
+        )
     )
     plot(levels, sidecar.engine, args.out.with_suffix(".png"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -104,16 +105,18 @@ async def running_sidecar(
         "grace_period": 2.0,
         **overrides,
     }
-    settings = Settings(model=str(model), **options)  # type: ignore[arg-type]
-    server = SidecarServer(settings, runtime_factory=runtime_factory)
-    await server.start()
-    try:
-        if load:
-            await server.load()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield RunningSidecar(server, channel)
-    finally:
-        await server.stop(grace=1.0)
+    # A cache of its own unless a test shares one: a remembered engine choice must not leak between tests.
+    with tempfile.TemporaryDirectory(prefix="sidecar-cache-") as cache_dir:
+        settings = Settings(model=str(model), **{"cache_dir": cache_dir, **options})  # type: ignore[arg-type]
+        server = SidecarServer(settings, runtime_factory=runtime_factory)
+        await server.start()
+        try:
+            if load:
+                await server.load()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                yield RunningSidecar(server, channel)
+        finally:
+            await server.stop(grace=1.0)
 
 
 @pytest.fixture(scope="session")
