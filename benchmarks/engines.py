@@ -160,6 +160,7 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
     from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, onnxruntime_precisions
+    from sidecar.model.engines.openvino_engine import OpenVinoEngine, openvino_precisions
     from sidecar.model.engines.torch_engine import TorchEngine, cpu_supports_bf16
     from sidecar.model.export import export_onnx
     from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
@@ -198,7 +199,10 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
             exported, cache, precision=precision, device="cpu", threads=threads
         )
 
-    engines.update(openvino_engines(exported.path, exported.input_names, threads))
+    for precision in openvino_precisions("cpu"):
+        engines[f"openvino {precision}"] = OpenVinoEngine(
+            exported, cache, precision=precision, device="cpu", threads=threads, workers=1
+        )
 
     def scorer(engine: object) -> Callable[[], np.ndarray]:
         def run() -> np.ndarray:
@@ -224,56 +228,6 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
     runs.update({name: Run(CANDIDATES, scorer(engine)) for name, engine in engines.items()})
     tokens = float(np.mean([len(pair) for pair in pairs]))
     return {"runs": runs, "tokens": tokens, "config": network.model.config}
-
-
-class OpenVinoRunner:
-    """An OpenVINO compiled model behind the engines' ``forward``, for rows measured in process only."""
-
-    def __init__(self, compiled: object, input_names: tuple[str, ...]) -> None:
-        self._compiled = compiled
-        self._input_names = input_names
-
-    def forward(self, batch: object) -> np.ndarray:
-        feeds = batch.as_dict()  # type: ignore[attr-defined]
-        outputs = self._compiled({name: feeds[name] for name in self._input_names})  # type: ignore[operator]
-        return np.asarray(outputs[0], dtype=np.float32)
-
-
-def openvino_engines(
-    onnx_path: Path, input_names: tuple[str, ...], threads: int
-) -> dict[str, OpenVinoRunner]:
-    """OpenVINO Runtime on the plain ONNX export, when the `bench` extra installed it: fp32, bf16 where
-    the CPU has it natively, and int8 weights (NNCF weight compression, like the sidecar's int8)."""
-    import importlib.util
-
-    if importlib.util.find_spec("openvino") is None:
-        print("openvino is not installed (pip install -e '.[bench]'): no OpenVINO rows", flush=True)
-        return {}
-    import openvino
-
-    from sidecar.model.engines.torch_engine import cpu_supports_bf16
-
-    core = openvino.Core()
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    hints = {"fp32": "f32", **({"bf16": "bf16"} if cpu_supports_bf16() else {})}
-    engines = {
-        f"openvino {precision}": OpenVinoRunner(
-            core.compile_model(
-                core.read_model(str(onnx_path)), "CPU", {**config, "INFERENCE_PRECISION_HINT": hint}
-            ),
-            input_names,
-        )
-        for precision, hint in hints.items()
-    }
-    if importlib.util.find_spec("nncf") is not None:
-        import nncf
-
-        weights = nncf.compress_weights(
-            core.read_model(str(onnx_path)), mode=nncf.CompressWeightsMode.INT8_SYM
-        )
-        compiled = core.compile_model(weights, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"})
-        engines["openvino int8"] = OpenVinoRunner(compiled, input_names)
-    return engines
 
 
 def hardware_record() -> dict[str, object]:

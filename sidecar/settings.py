@@ -39,8 +39,8 @@ class Settings:
     port: int = _setting(50051, "gRPC port; 0 picks a free one.")
     engine: str = _setting(
         "auto",
-        "Inference engine; auto tries tensorrt, onnxruntime, then torch, and serves one that passes the "
-        "parity gate against torch fp32. An explicit engine that cannot load is an error.",
+        "Inference engine; auto tries tensorrt, onnxruntime, openvino, then torch, and serves one that "
+        "passes the parity gate against torch fp32. An explicit engine that cannot load is an error.",
         choices=ENGINE_CHOICES,
     )
     precision: str = _setting(

@@ -11,6 +11,7 @@ import pytest
 from sidecar.model.batch import collate
 from sidecar.model.engines.base import Engine
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
+from sidecar.model.engines.openvino_engine import OpenVinoEngine
 from sidecar.model.engines.torch_engine import TorchEngine
 from sidecar.model.tokenization import PairSpec
 from tests.conditions import needs_int8_dot_products, needs_native_bf16
@@ -35,6 +36,13 @@ def torch_engine(precision: str, compiled: bool = False) -> Callable[..., Engine
     return build
 
 
+def openvino_engine(precision: str) -> Callable[..., Engine]:
+    def build(network, exported, cache, probe, sample) -> Engine:
+        return OpenVinoEngine(exported, cache, precision=precision, device="cpu", threads=1, workers=1)
+
+    return build
+
+
 def onnxruntime_engine(precision: str) -> Callable[..., Engine]:
     def build(network, exported, cache, probe, sample) -> Engine:
         return OnnxRuntimeEngine(exported, cache, precision=precision, device="cpu", threads=1)
@@ -49,6 +57,8 @@ def onnxruntime_engine(precision: str) -> Callable[..., Engine]:
         pytest.param("fp32", torch_engine("fp32", compiled=True), id="torch/fp32-compiled"),
         pytest.param("bf16", torch_engine("bf16"), id="torch/bf16", marks=needs_native_bf16),
         pytest.param("fp32", onnxruntime_engine("fp32"), id="onnxruntime/fp32"),
+        pytest.param("fp32", openvino_engine("fp32"), id="openvino/fp32"),
+        pytest.param("bf16", openvino_engine("bf16"), id="openvino/bf16", marks=needs_native_bf16),
         pytest.param(
             "int8", onnxruntime_engine("int8"), id="onnxruntime/int8", marks=needs_int8_dot_products
         ),

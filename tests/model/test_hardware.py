@@ -62,10 +62,10 @@ def test_without_int8_dot_products_int8_is_not_offered_and_says_why(cpu_without_
     assert reason is not None
     assert "AMD EPYC 7R32 (avx2)" in reason
     assert "VNNI" in reason
-    offers = {"tensorrt": "no GPU", "onnxruntime": ("fp32",), "torch": ("fp32",)}
+    offers = {"tensorrt": "no GPU", "onnxruntime": ("fp32",), "openvino": ("fp32",), "torch": ("fp32",)}
     withheld = {name: withheld_precisions(name, "cpu") for name in offers}
     candidates, notes = plan_candidates("auto", "auto", offers, withheld)
-    assert [str(candidate) for candidate in candidates] == ["onnxruntime/fp32", "torch/fp32"]
+    assert [str(candidate) for candidate in candidates] == ["onnxruntime/fp32", "openvino/fp32", "torch/fp32"]
     assert notes[1] == f"onnxruntime/int8: not offered here: {reason}"
     with pytest.raises(ModelLoadError, match="onnxruntime: does not run int8 here: this CPU"):
         plan_candidates("onnxruntime", "int8", offers, withheld)

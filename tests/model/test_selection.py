@@ -12,6 +12,7 @@ from rerank.v1 import rerank_pb2
 from sidecar.errors import ModelLoadError
 from sidecar.model.engines.base import Engine
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
+from sidecar.model.engines.openvino_engine import OpenVinoEngine
 from sidecar.model.engines.selection import (
     Candidate,
     EngineRequest,
@@ -26,8 +27,19 @@ from tests.model.conftest import CROSS_ENCODER_INPUTS
 from tests.models import padded_batch
 
 NO_TENSORRT = "TensorRT needs a CUDA device; the device is cpu"
-CPU_OFFERS = {"tensorrt": NO_TENSORRT, "onnxruntime": ("int8", "fp32"), "torch": ("bf16", "fp32")}
-GPU_OFFERS = {"tensorrt": ("fp16", "fp32"), "onnxruntime": ("fp32",), "torch": ("fp16", "bf16", "fp32")}
+NO_OPENVINO = "OpenVINO runs on the CPU here; the device is cuda"
+CPU_OFFERS = {
+    "tensorrt": NO_TENSORRT,
+    "onnxruntime": ("int8", "fp32"),
+    "openvino": ("bf16", "fp32"),
+    "torch": ("bf16", "fp32"),
+}
+GPU_OFFERS = {
+    "tensorrt": ("fp16", "fp32"),
+    "onnxruntime": ("fp32",),
+    "openvino": NO_OPENVINO,
+    "torch": ("fp16", "bf16", "fp32"),
+}
 
 
 def labels(candidates) -> list[str]:
@@ -36,7 +48,14 @@ def labels(candidates) -> list[str]:
 
 def test_auto_on_a_cpu_skips_tensorrt_and_says_why():
     candidates, notes = plan_candidates("auto", "auto", CPU_OFFERS)
-    assert labels(candidates) == ["onnxruntime/int8", "onnxruntime/fp32", "torch/bf16", "torch/fp32"]
+    assert labels(candidates) == [
+        "onnxruntime/int8",
+        "onnxruntime/fp32",
+        "openvino/bf16",
+        "openvino/fp32",
+        "torch/bf16",
+        "torch/fp32",
+    ]
     assert notes == [f"tensorrt: unavailable: {NO_TENSORRT}"]
 
 
@@ -45,12 +64,15 @@ def test_auto_on_a_gpu_tries_tensorrt_first():
     assert labels(candidates)[0] == "tensorrt/fp16"
     candidates, notes = plan_candidates("auto", "fp16", GPU_OFFERS)
     assert labels(candidates) == ["tensorrt/fp16", "torch/fp16"]
-    assert notes == ["onnxruntime: does not run fp16 here (it runs fp32)"]
+    assert notes == [
+        "onnxruntime: does not run fp16 here (it runs fp32)",
+        f"openvino: unavailable: {NO_OPENVINO}",
+    ]
 
 
 def test_a_fixed_precision_keeps_the_chain_order():
     candidates, _ = plan_candidates("auto", "fp32", CPU_OFFERS)
-    assert labels(candidates) == ["onnxruntime/fp32", "torch/fp32"]
+    assert labels(candidates) == ["onnxruntime/fp32", "openvino/fp32", "torch/fp32"]
 
 
 def test_an_explicit_engine_that_cannot_run_is_an_error_not_a_fallback():
@@ -78,11 +100,20 @@ def request(
     )
 
 
-def fail_to_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self, *args: object, **kwargs: object) -> None:
-        raise ModelLoadError("onnxruntime is broken in this test")
+def fail_to_load(monkeypatch: pytest.MonkeyPatch, *engines: type[Engine]) -> None:
+    """Make the given engines (by default every compiled CPU engine) fail to load."""
+    for engine in engines or (OnnxRuntimeEngine, OpenVinoEngine):
 
-    monkeypatch.setattr(OnnxRuntimeEngine, "__init__", broken)
+        def broken(self, *args: object, name: str = engine.name, **kwargs: object) -> None:
+            raise ModelLoadError(f"{name} is broken in this test")
+
+        monkeypatch.setattr(engine, "__init__", broken)
+
+
+BROKEN_NOTES = [
+    "onnxruntime/fp32: failed to load: ModelLoadError: onnxruntime is broken in this test",
+    "openvino/fp32: failed to load: ModelLoadError: openvino is broken in this test",
+]
 
 
 def test_without_tensorrt_auto_serves_onnxruntime(tmp_path, tiny_network, tiny_probe):
@@ -93,14 +124,18 @@ def test_without_tensorrt_auto_serves_onnxruntime(tmp_path, tiny_network, tiny_p
     assert selection.notes == ["tensorrt: unavailable: TensorRT needs a CUDA device; the device is cpu"]
 
 
-def test_with_onnxruntime_failing_auto_serves_torch(tmp_path, tiny_network, tiny_probe, monkeypatch):
+def test_with_the_compiled_engines_failing_auto_serves_torch(tmp_path, tiny_network, tiny_probe, monkeypatch):
     fail_to_load(monkeypatch)
     selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert (selection.engine.name, selection.engine.precision) == ("torch", "fp32")
-    assert (
-        selection.notes[1]
-        == "onnxruntime/fp32: failed to load: ModelLoadError: onnxruntime is broken in this test"
-    )
+    assert selection.notes[1:] == BROKEN_NOTES
+
+
+def test_with_onnxruntime_failing_auto_moves_down_the_chain(tmp_path, tiny_network, tiny_probe, monkeypatch):
+    fail_to_load(monkeypatch, OnnxRuntimeEngine)
+    selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert (selection.engine.name, selection.engine.precision) == ("openvino", "fp32")
+    assert selection.notes[1:] == BROKEN_NOTES[:1]
 
 
 def test_an_engine_failing_the_parity_gate_is_skipped(tmp_path, tiny_network, tiny_probe, monkeypatch):
@@ -109,7 +144,7 @@ def test_an_engine_failing_the_parity_gate_is_skipped(tmp_path, tiny_network, ti
 
     monkeypatch.setattr(OnnxRuntimeEngine, "forward", wrong)
     selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
-    assert selection.engine.name == "torch"
+    assert selection.engine.name == "openvino"  # the next in the chain
     assert selection.notes[1].startswith("onnxruntime/fp32: failed the parity gate: max abs diff")
 
 
@@ -143,7 +178,7 @@ async def test_info_reports_why_engines_were_skipped(tiny_bert: Path, tmp_path: 
     assert not info.compiled  # the test sidecar runs --torch-compile off
     assert list(info.engine_notes) == [
         "tensorrt: unavailable: TensorRT needs a CUDA device; the device is cpu",
-        "onnxruntime/fp32: failed to load: ModelLoadError: onnxruntime is broken in this test",
+        *BROKEN_NOTES,
     ]
 
 

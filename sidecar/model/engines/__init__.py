@@ -5,7 +5,7 @@ from __future__ import annotations
 from sidecar.model.engines.base import Engine
 
 # The fallback chain, best first; `auto` tries them in this order.
-ENGINE_CHAIN = ("tensorrt", "onnxruntime", "torch")
+ENGINE_CHAIN = ("tensorrt", "onnxruntime", "openvino", "torch")
 ENGINE_CHOICES = ("auto", *ENGINE_CHAIN)
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8")
 TORCH_COMPILE_CHOICES = ("auto", "on", "off")

@@ -1,8 +1,8 @@
 """The fallback chain and the parity gate: which engine and precision serve.
 
-``--engine auto`` tries TensorRT, then ONNX Runtime, then torch; an explicit engine is the only one
-tried. Every candidate that loads must pass the parity gate against torch fp32 before it may serve.
-With a fixed precision the first candidate that passes serves. With ``--precision auto`` every
+``--engine auto`` tries TensorRT, then ONNX Runtime, then OpenVINO, then torch; an explicit engine is
+the only one tried. Every candidate that loads must pass the parity gate against torch fp32 before it
+may serve. With a fixed precision the first candidate that passes serves. With ``--precision auto`` every
 candidate the device offers is loaded and gated, then timed on a batch shaped like the batcher's; the
 fastest serves, except that a lossy precision must beat the fastest lossless one by ``--lossy-margin``.
 The verdict is remembered in the cache (``verdict``): a restart on the same model, hardware, libraries
@@ -113,6 +113,10 @@ def offered_precisions(engine: str, device: str) -> tuple[str, ...] | str:
         if importlib.util.find_spec("onnxruntime") is None:
             return "the onnxruntime package is not installed"
         return onnxruntime_precisions(device)
+    if engine == "openvino":
+        from sidecar.model.engines import openvino_engine
+
+        return openvino_engine.unavailable_reason(device) or openvino_engine.openvino_precisions(device)
     from sidecar.model.engines.torch_engine import torch_precisions
 
     return torch_precisions(device)
@@ -212,6 +216,17 @@ class _Builder:
                 device=request.device,
                 threads=request.threads,
             )
+        if candidate.engine == "openvino":
+            from sidecar.model.engines.openvino_engine import OpenVinoEngine
+
+            return OpenVinoEngine(
+                self.exported(),
+                self._cache,
+                precision=candidate.precision,
+                device=request.device,
+                threads=request.threads,
+                workers=request.workers,
+            )
         from sidecar.model.engines.tensorrt_engine import TensorRTEngine, shape_profiles
 
         return TensorRTEngine(
@@ -260,13 +275,14 @@ def select_engine(
     store = VerdictStore(request.cache_dir)
     reference = TorchEngine(network, precision="fp32", device="cpu")
     builder = _Builder(request, network, model_hash, input_names, reference, probe, phases)
-    selection = None
+    selection: Selection | None = None
     if request.reselect:
         logger.info("selecting an engine afresh: --reselect")
     else:
         remembered, why_not = store.recall(model_hash, request.device, key)
         if remembered is not None:
-            selection, why_not = _remembered(remembered, builder, probe, phases)
+            reference_scores = np.asarray(remembered.reference_scores)
+            selection, why_not = _remembered(remembered, builder, reference_scores, phases)
         if selection is None:
             logger.info("selecting an engine afresh: %s", why_not)
     if selection is None:
@@ -286,8 +302,6 @@ def select_engine(
                 reference_scores=tuple(float(score) for score in reference_scores),
             ),
         )
-    else:
-        reference_scores = np.asarray(remembered.reference_scores)
     candidate = Candidate(selection.engine.name, selection.engine.precision)
     if candidate.engine == "torch" and compile_wanted(request.torch_compile, request.device):
         compile_step = _compile_step(builder, candidate, selection, probe, reference_scores)
@@ -317,7 +331,7 @@ def worker_threads(threads: int) -> Iterator[None]:
 def engine_library_versions() -> dict[str, str]:
     """The versions of every library whose kernels an engine runs, installed or not."""
     versions = library_versions()
-    for package in ("onnxruntime", "onnxruntime-gpu", "tensorrt"):
+    for package in ("onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -348,9 +362,10 @@ def verdict_key(request: EngineRequest, model_hash: str, probe: Probe) -> dict[s
 
 
 def _remembered(
-    verdict: Verdict, builder: _Builder, probe: Probe, phases: PhaseTimer
+    verdict: Verdict, builder: _Builder, reference_scores: np.ndarray, phases: PhaseTimer
 ) -> tuple[Selection | None, str]:
-    """The remembered candidate, loaded and gated once; or None and why it no longer serves."""
+    """The remembered candidate, loaded and gated once against the remembered reference scores; or None
+    and why it no longer serves."""
     candidate = Candidate(verdict.engine, verdict.precision)
     try:
         with phases.timed("build"):
@@ -358,7 +373,7 @@ def _remembered(
     except Exception as exc:  # any failure to load sends the start through the full selection
         return None, f"the remembered {candidate} could not load: {type(exc).__name__}: {exc}"
     with phases.timed("gate"):
-        report = compare(probe.scores(engine), np.asarray(verdict.reference_scores), candidate.precision)
+        report = compare(builder.probe.scores(engine), reference_scores, candidate.precision)
     if not report.passed:
         engine.close()
         return None, f"the remembered {candidate} failed the parity gate: {report.describe()}"
