@@ -34,6 +34,7 @@ def main() -> None:
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
     from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, onnxruntime_precisions
+    from sidecar.model.engines.openvino_engine import OpenVinoEngine, openvino_precisions
     from sidecar.model.engines.selection import EngineRequest, typical_batch
     from sidecar.model.engines.torch_engine import TorchEngine, torch_precisions
     from sidecar.model.export import export_onnx
@@ -64,6 +65,10 @@ def main() -> None:
     for precision in onnxruntime_precisions("cpu"):
         engines[f"onnxruntime/{precision}"] = OnnxRuntimeEngine(
             exported, cache, precision=precision, device="cpu", threads=1
+        )
+    for precision in openvino_precisions("cpu"):
+        engines[f"openvino/{precision}"] = OpenVinoEngine(
+            exported, cache, precision=precision, device="cpu", threads=1, workers=1
         )
     engines["onnxruntime/int8 dynamic (former recipe)"] = DynamicInt8(exported.path, exported.input_names)
 

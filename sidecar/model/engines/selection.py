@@ -436,7 +436,7 @@ def _select(
     with phases.timed("timing"), worker_threads(request.threads):
         speeds = throughputs(
             [engine for _, engine, _ in passed],
-            typical_batch(request, probe),
+            typical_batch(request, probe, worker_share=True),
             groups=[is_lossy(candidate.precision, request.device) for candidate, _, _ in passed],
         )
     best, speedup = choose([candidate for candidate, _, _ in passed], speeds, request, notes)
@@ -525,11 +525,15 @@ def _skip(notes: list[str], note: str, exc: Exception | None = None) -> None:
     notes.append(note)
 
 
-def typical_batch(request: EngineRequest, probe: Probe) -> TokenBatch:
+def typical_batch(request: EngineRequest, probe: Probe, *, worker_share: bool = False) -> TokenBatch:
     """A full batch of the batcher's common case, pairs of a query and a passage, of real probe tokens:
-    what candidates are timed on and what the compiler tunes its kernels for."""
+    what the compiler tunes its kernels for. With ``worker_share``, one batch worker's share of it, as
+    the batcher splits a short queue among idle workers: what candidates are timed on, which costs a
+    cold start half the timing on two workers."""
     columns = min(request.max_length, _TYPICAL_PAIR_TOKENS, request.max_batch_tokens)
     rows = max(1, min(request.max_batch_pairs, request.max_batch_tokens // columns))
+    if worker_share:
+        rows = max(1, rows // request.workers)
     tokens = probe.longest_row()
     token_ids = np.tile(np.resize(tokens, columns), (rows, 1))
     with_token_types = probe.batches[0].token_type_ids is not None
