@@ -7,7 +7,17 @@ from typing import ClassVar
 
 import numpy as np
 
+from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
+
+
+def require_precision(engine: str, precision: str, device: str, offered: tuple[str, ...]) -> None:
+    """Refuse a precision the engine does not offer on the device, naming the ones it does."""
+    if precision not in offered:
+        raise ModelLoadError(
+            f"the {engine} engine does not run {precision} on {device}; it offers "
+            f"{', '.join(offered) or 'nothing'} there"
+        )
 
 
 class Engine(ABC):

@@ -16,7 +16,7 @@ import numpy as np
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
-from sidecar.model.engines.base import Engine
+from sidecar.model.engines.base import Engine, require_precision
 from sidecar.model.export import OUTPUT_NAME, ExportedModel
 from sidecar.model.hardware import cpu_info
 
@@ -171,11 +171,7 @@ class OnnxRuntimeEngine(Engine):
         device: str,
         threads: int,
     ) -> None:
-        if precision not in onnxruntime_precisions(device):
-            raise ModelLoadError(
-                f"the onnxruntime engine does not run {precision} on {device}; it offers "
-                f"{', '.join(onnxruntime_precisions(device))} there"
-            )
+        require_precision(self.name, precision, device, onnxruntime_precisions(device))
         import onnxruntime
 
         super().__init__(precision=precision, device=device)

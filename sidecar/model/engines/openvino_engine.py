@@ -18,7 +18,7 @@ import numpy as np
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
-from sidecar.model.engines.base import Engine
+from sidecar.model.engines.base import Engine, require_precision
 from sidecar.model.engines.torch_engine import cpu_supports_bf16
 from sidecar.model.export import ExportedModel
 
@@ -57,11 +57,7 @@ class OpenVinoEngine(Engine):
         threads: int,
         workers: int,
     ) -> None:
-        if precision not in openvino_precisions(device):
-            raise ModelLoadError(
-                f"the openvino engine does not run {precision} on {device}; it offers "
-                f"{', '.join(openvino_precisions(device)) or 'nothing'} there"
-            )
+        require_precision(self.name, precision, device, openvino_precisions(device))
         import openvino
 
         super().__init__(precision=precision, device=device)

@@ -23,7 +23,7 @@ import torch
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
-from sidecar.model.engines.base import Engine
+from sidecar.model.engines.base import Engine, require_precision
 from sidecar.model.export import OUTPUT_NAME, ExportedModel
 
 logger = logging.getLogger(__name__)
@@ -216,11 +216,7 @@ class TensorRTEngine(Engine):
         reason = unavailable_reason(device)
         if reason is not None:
             raise ModelLoadError(reason)
-        if precision not in tensorrt_precisions(device):
-            raise ModelLoadError(
-                f"the tensorrt engine does not run {precision}; "
-                f"it offers {', '.join(tensorrt_precisions(device))}"
-            )
+        require_precision(self.name, precision, device, tensorrt_precisions(device))
         trt = _import_tensorrt()
         super().__init__(precision=precision, device=device)
         self._device = torch.device(device)

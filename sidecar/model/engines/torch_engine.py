@@ -13,7 +13,7 @@ import torch
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.engines import TORCH_COMPILE_CHOICES
-from sidecar.model.engines.base import Engine
+from sidecar.model.engines.base import Engine, require_precision
 from sidecar.model.network import Network
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,7 @@ class TorchEngine(Engine):
         dynamic shapes, then run once on the sample, whose shape guides the kernel choices: give it the
         batcher's full batch.
         """
-        if precision not in torch_precisions(device):
-            raise ModelLoadError(
-                f"the torch engine does not run {precision} on {device}; it offers "
-                f"{', '.join(torch_precisions(device))} there"
-            )
+        require_precision(self.name, precision, device, torch_precisions(device))
         super().__init__(precision=precision, device=device)
         dtype = _DTYPES[precision]
         if dtype == torch.float32 and device == "cpu" and compile_sample is None:
