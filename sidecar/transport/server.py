@@ -125,6 +125,7 @@ class SidecarServer:
         self.metrics_port = 0
         self._stopped = asyncio.Event()
         self._created = time.monotonic()
+        self._compiling: threading.Thread | None = None
 
     def _check_serving(self) -> None:
         if self._draining:
@@ -301,7 +302,13 @@ class SidecarServer:
                     time.perf_counter() - started,
                 )
 
-        threading.Thread(target=compile_and_swap, name="compile", daemon=True).start()
+        self._compiling = threading.Thread(target=compile_and_swap, name="compile", daemon=True)
+        self._compiling.start()
+
+    @property
+    def compiling(self) -> bool:
+        """Whether a background compile is still running (it cannot be interrupted)."""
+        return self._compiling is not None and self._compiling.is_alive()
 
     async def _warm_up(self, served: ServedModel) -> None:
         """Run one short input, then a full batch of full-length inputs, through the model's batcher."""
@@ -415,4 +422,10 @@ async def serve(settings: Settings) -> int:
     if not loading.done():
         loading.cancel()
     await server.stop()
+    if server.compiling:
+        # Interpreter shutdown would tear down the compiling thread's native state under it and abort
+        # the process; the server has drained and stopped, so leave at once with its exit code.
+        logger.info("exiting without waiting for the background compile")
+        logging.shutdown()
+        os._exit(0)
     return 0

@@ -81,17 +81,7 @@ def free_port() -> int:
 @pytest.mark.slow
 async def test_sigterm_lets_the_call_in_flight_finish_and_exits_zero(tiny_bert: Path, tmp_path: Path):
     port = free_port()
-    env = {
-        **os.environ,
-        "RERANK_MODEL": str(tiny_bert),
-        "RERANK_PORT": str(port),
-        "RERANK_HOST": "127.0.0.1",
-        "RERANK_ENGINE": "torch",
-        "RERANK_PRECISION": "fp32",
-        "RERANK_EMBED_MODEL": "",
-        "RERANK_METRICS_PORT": "0",
-        "RERANK_CACHE_DIR": str(tmp_path / "cache"),
-    }
+    env = sidecar_env(tiny_bert, tmp_path, port)
     log_path = tmp_path / "sidecar.log"
     with log_path.open("w") as log_file:
         process = await asyncio.create_subprocess_exec(
@@ -124,6 +114,52 @@ async def test_sigterm_lets_the_call_in_flight_finish_and_exits_zero(tiny_bert: 
         assert exit_code == 0, log
         assert '"status": "OK"' in log
         assert "draining" in log
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def sidecar_env(model: Path, tmp_path: Path, port: int) -> dict[str, str]:
+    """A torch fp32 sidecar on 127.0.0.1:port, compiling in the background (--torch-compile auto)."""
+    return {
+        **os.environ,
+        "RERANK_MODEL": str(model),
+        "RERANK_PORT": str(port),
+        "RERANK_HOST": "127.0.0.1",
+        "RERANK_ENGINE": "torch",
+        "RERANK_PRECISION": "fp32",
+        "RERANK_TORCH_COMPILE": "auto",
+        "RERANK_EMBED_MODEL": "",
+        "RERANK_METRICS_PORT": "0",
+        "RERANK_CACHE_DIR": str(tmp_path / "cache"),
+    }
+
+
+async def test_sigterm_while_compiling_in_the_background_exits_zero_at_once(tiny_bert: Path, tmp_path: Path):
+    port = free_port()
+    log_path = tmp_path / "sidecar.log"
+    with log_path.open("w") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", env=sidecar_env(tiny_bert, tmp_path, port), stderr=log_file
+        )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(600):
+                try:
+                    if await health_of(channel, RERANKER_SERVICE) == SERVING:
+                        break
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"the sidecar never became SERVING:\n{log_path.read_text()}")
+        process.send_signal(signal.SIGTERM)  # the first compile of a fresh cache takes seconds
+        exit_code = await asyncio.wait_for(process.wait(), timeout=60)
+        log = log_path.read_text()
+        assert exit_code == 0, log
+        assert "exiting without waiting for the background compile" in log
+        assert "now serves compiled" not in log
     finally:
         if process.returncode is None:
             process.kill()
