@@ -89,15 +89,7 @@ async def test_sigterm_lets_the_call_in_flight_finish_and_exits_zero(tiny_bert: 
         )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            for _ in range(600):
-                try:
-                    if await health_of(channel, RERANKER_SERVICE) == SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail(f"the sidecar never became SERVING:\n{log_path.read_text()}")
+            await wait_until_serving(channel, log_path)
             stub = rerank_pb2_grpc.RerankerStub(channel)
             long_text = " ".join(["word"] * 500)
             in_flight = stub.Rerank(
@@ -118,6 +110,18 @@ async def test_sigterm_lets_the_call_in_flight_finish_and_exits_zero(tiny_bert: 
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def wait_until_serving(channel: grpc.aio.Channel, log_path: Path) -> None:
+    """Poll a sidecar process's health for up to a minute; fail with its log if it never serves."""
+    for _ in range(600):
+        try:
+            if await health_of(channel, RERANKER_SERVICE) == SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+    pytest.fail(f"the sidecar never became SERVING:\n{await asyncio.to_thread(log_path.read_text)}")
 
 
 def sidecar_env(model: Path, tmp_path: Path, port: int) -> dict[str, str]:
@@ -145,15 +149,7 @@ async def test_sigterm_while_compiling_in_the_background_exits_zero_at_once(tiny
         )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            for _ in range(600):
-                try:
-                    if await health_of(channel, RERANKER_SERVICE) == SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail(f"the sidecar never became SERVING:\n{log_path.read_text()}")
+            await wait_until_serving(channel, log_path)
         process.send_signal(signal.SIGTERM)  # the first compile of a fresh cache takes seconds
         exit_code = await asyncio.wait_for(process.wait(), timeout=60)
         log = log_path.read_text()
