@@ -166,7 +166,7 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
     from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
     from sidecar.model.network import content_hash, load_network
     from sidecar.model.tokenization import PairSpec
-    from sidecar.runtime import batch_token_budget
+    from sidecar.serving.runtime import batch_token_budget
 
     torch.set_num_threads(threads)
     source = ModelSource(str(model_dir))

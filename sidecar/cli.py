@@ -39,7 +39,7 @@ def configure_logging(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings)
-    from sidecar.transport.server import serve  # after logging, so import-time warnings are formatted
+    from sidecar.server import serve  # after logging, so import-time warnings are formatted
 
     return asyncio.run(serve(settings))
 

@@ -1,44 +1,32 @@
-"""One error base class for the whole server; each error carries the gRPC status it maps to.
-
-Layers raise these; the transport's interceptor turns them into a status in one place.
-"""
+"""The server's errors, free of any transport: each layer raises these, and each transport maps them to
+its own status codes in one table at its edge (``transport/grpc_api/status.py``)."""
 
 from __future__ import annotations
 
-import grpc
-
 
 class SidecarError(Exception):
-    """An error whose message is fit for the caller; ``code`` is the gRPC status it maps to."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    """An error whose message is fit for the caller: it says what went wrong and what to change."""
 
 
 class InvalidArgument(SidecarError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    """The request is malformed or out of range; retrying it unchanged fails again."""
 
 
 class Overloaded(SidecarError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """The queue cannot take the request now; retry with backoff, or send less per request."""
 
 
 class DeadlineExpired(SidecarError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    """The caller's deadline passed before its work ran."""
 
 
 class NotReady(SidecarError):
     """The model is still loading, or the server is draining."""
 
-    code = grpc.StatusCode.UNAVAILABLE
-
 
 class EngineFailure(SidecarError):
     """The model raised while running a batch; every request in that batch gets this."""
 
-    code = grpc.StatusCode.INTERNAL
-
 
 class ModelLoadError(SidecarError):
     """The model could not be loaded; raised at start-up, not in a call."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION

@@ -20,9 +20,9 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar.model.batch import TokenBatch
 from sidecar.model.engines.base import Engine
 from sidecar.model.loading import ModelSource
-from sidecar.runtime import Runtime, load_runtime
+from sidecar.server import SidecarServer
+from sidecar.serving.runtime import Runtime, load_runtime
 from sidecar.settings import Settings
-from sidecar.transport.server import SidecarServer
 from tests.models import save_tiny_bert
 
 
@@ -75,8 +75,8 @@ class RunningSidecar:
 
     @property
     def engine(self) -> RecordingEngine:
-        assert self.server.ranking is not None
-        engine = self.server.ranking.engine
+        assert self.server.core.ranking is not None
+        engine = self.server.core.ranking.engine
         assert isinstance(engine, RecordingEngine)
         return engine
 

@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.engines.base import Engine
-from sidecar.runtime import batch_token_budget, batch_workers, serving_workers
+from sidecar.serving.runtime import batch_token_budget, batch_workers, serving_workers
 from sidecar.settings import Settings, env_name, flag_name, parse_settings, settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"

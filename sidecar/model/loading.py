@@ -63,6 +63,11 @@ class ModelKind(enum.Enum):
     CROSS_ENCODER = "cross-encoder"
     BI_ENCODER = "bi-encoder"
 
+    @property
+    def embeds(self) -> bool:
+        """Whether the model turns single texts into vectors, so it can serve the Embedder."""
+        return self is ModelKind.BI_ENCODER
+
 
 @dataclass(frozen=True)
 class Pooling:
@@ -83,6 +88,8 @@ class TextModel:
     uses_token_type_ids: bool
     tokenizer: PairTokenizer
     revision: str
+
+    kind: ClassVar[ModelKind]
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Scheduling layer: the bounded pair queue and the dynamic batcher in front of the engine."""
+"""Scheduling layer: the bounded pair queue, the dynamic batcher, and the tokenizer pool."""

@@ -38,6 +38,16 @@ class BatchLimits:
     max_queued_pairs: int
 
 
+@dataclass(frozen=True, slots=True)
+class ScoredRows:
+    """What ``Batcher.score`` hands back: one output per pair, row for row, and how they were run."""
+
+    outputs: np.ndarray
+    batches: int
+    queue_ns: int
+    inference_ns: int
+
+
 @dataclass(eq=False)
 class ScoringJob:
     """One request's pairs on their way through the queue, and the timings they collect."""
@@ -66,6 +76,10 @@ class ScoringJob:
     @property
     def inference_ns(self) -> int:
         return self.last_batch_done_ns - self.first_batch_ns if self.first_batch_ns else 0
+
+    def scored_rows(self) -> ScoredRows:
+        """The finished job's outputs and timings (only once its future holds them)."""
+        return ScoredRows(self.future.result(), self.batches, self.queue_ns, self.inference_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +138,8 @@ class Batcher:
         self._queued_pairs = 0
         self._model_threads.shutdown(wait=True)
 
-    async def score(self, pairs: Sequence[EncodedPair], deadline: float | None) -> ScoringJob:
-        """Queue the pairs and wait for their outputs (in ``job.outputs``, row for row).
+    async def score(self, pairs: Sequence[EncodedPair], deadline: float | None) -> ScoredRows:
+        """Queue the pairs and wait for their outputs, row for row.
 
         Raises Overloaded at once when the queue cannot take them. If the caller is cancelled
         while waiting, its pairs still queued are dropped before they reach the model.
@@ -137,7 +151,7 @@ class Batcher:
             if not job.future.done():
                 job.future.cancel()
             raise
-        return job
+        return job.scored_rows()
 
     def admit(self, pairs: int) -> None:
         """Raise Overloaded unless the queue has room for ``pairs`` more.

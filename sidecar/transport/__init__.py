@@ -1,1 +1,1 @@
-"""Transport layer: gRPC servicers, interceptors, health, reflection and the server lifecycle."""
+"""Transport layer: each transport converts its messages for the serving core and maps its errors."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -75,9 +76,9 @@ async def engine_and_batcher():
 async def test_outputs_come_back_row_for_row(engine_and_batcher):
     _, batcher = engine_and_batcher
     pairs = [pair(1, 2), pair(10), pair(3, 3, 3)]
-    job = await batcher.score(pairs, deadline=None)
-    assert job.outputs[:, 0].tolist() == [3, 10, 9]
-    assert job.batches == 1
+    scored = await batcher.score(pairs, deadline=None)
+    assert scored.outputs[:, 0].tolist() == [3, 10, 9]
+    assert scored.batches == 1
 
 
 async def test_batches_respect_the_padded_token_budget_and_pair_limit(engine_and_batcher):
@@ -160,7 +161,7 @@ async def test_expired_and_cancelled_work_is_dropped_before_the_model(engine_and
         await expired.future
     with pytest.raises(asyncio.CancelledError):
         await cancelled_task
-    await (await batcher.score([pair(2)], None)).future
+    await batcher.score([pair(2)], None)
     assert engine.shapes == [(1, 1), (1, 1)]
     assert batcher.queued_pairs == 0
 
@@ -204,17 +205,17 @@ async def two_worker_batcher():
 async def test_two_workers_run_two_batches_at_once(two_worker_batcher):
     engine, batcher = two_worker_batcher
     first, second = pairs_of_length(4, 8, base=1), pairs_of_length(4, 8, base=100)
-    jobs = await asyncio.gather(batcher.score(first, None), batcher.score(second, None))
-    assert jobs[0].outputs[:, 0].tolist() == [4 * (1 + i) for i in range(8)]
-    assert jobs[1].outputs[:, 0].tolist() == [4 * (100 + i) for i in range(8)]
+    results = await asyncio.gather(batcher.score(first, None), batcher.score(second, None))
+    assert results[0].outputs[:, 0].tolist() == [4 * (1 + i) for i in range(8)]
+    assert results[1].outputs[:, 0].tolist() == [4 * (100 + i) for i in range(8)]
     assert sorted(engine.shapes) == [(8, 4), (8, 4)]
 
 
 async def test_a_small_request_is_shared_out_among_idle_workers(two_worker_batcher):
     engine, batcher = two_worker_batcher
-    job = await batcher.score([pair(1), pair(2, 2), pair(3), pair(4, 4), pair(5), pair(6)], None)
-    assert job.outputs[:, 0].tolist() == [1, 4, 3, 8, 5, 6]
-    assert job.batches == 2
+    scored = await batcher.score([pair(1), pair(2, 2), pair(3), pair(4, 4), pair(5), pair(6)], None)
+    assert scored.outputs[:, 0].tolist() == [1, 4, 3, 8, 5, 6]
+    assert scored.batches == 2
     assert sorted(rows for rows, _ in engine.shapes) == [3, 3]
 
 
@@ -224,3 +225,10 @@ async def test_an_engine_that_runs_one_batch_at_a_time_gets_one_worker():
 
     with pytest.raises(ValueError, match="runs one batch at a time"):
         Batcher(OneAtATime(), BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True, workers=2)
+
+
+async def test_the_scored_rows_cannot_be_changed_by_their_caller(engine_and_batcher):
+    _, batcher = engine_and_batcher
+    scored = await batcher.score([pair(1)], None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        scored.batches = 7  # type: ignore[misc]

@@ -91,7 +91,7 @@ async def test_an_embedding_model_reranks_by_cosine(reference_encoder):
         raw = await running.stub.Rerank(
             rerank_pb2.RerankRequest(query=query, documents=docs(*TEXTS), raw_scores=True), timeout=30
         )
-        assert len(running.server._served) == 1  # one model, one engine, one batcher serve both services
+        assert len(running.server.core.served) == 1  # one model, one engine, one batcher serve both services
     assert info.model_kind == "bi-encoder"
     assert info.model_id == MINILM
     vectors = reference_encoder.encode([query, *TEXTS])

@@ -71,7 +71,7 @@ async def small_queue(tiny_bert: Path):
 
 async def test_overload_fails_at_once_with_resource_exhausted(small_queue: RunningSidecar, monkeypatch):
     engine = small_queue.engine
-    scorer = small_queue.server.reranker.scorer  # type: ignore[union-attr]
+    scorer = small_queue.server.core.reranker.scorer  # type: ignore[union-attr]
     encoded: list[str] = []
     encode = scorer.encode
 
@@ -132,8 +132,8 @@ async def test_expired_deadline_never_reaches_the_model(small_queue: RunningSide
     await blocker
     await small_queue.stub.Rerank(rerank_pb2.RerankRequest(query="q", documents=docs("after")), timeout=30)
     assert not engine.saw_token(marker_token(small_queue, "elephant"))
-    assert small_queue.server.reranker is not None
-    assert small_queue.server.reranker.batcher.queued_pairs == 0
+    assert small_queue.server.core.reranker is not None
+    assert small_queue.server.core.reranker.batcher.queued_pairs == 0
 
 
 async def test_cancelled_call_never_reaches_the_model(small_queue: RunningSidecar):
@@ -146,7 +146,7 @@ async def test_cancelled_call_never_reaches_the_model(small_queue: RunningSideca
         doomed = small_queue.stub.Rerank(
             rerank_pb2.RerankRequest(query="elephant", documents=docs("giraffe")), timeout=60
         )
-        batcher = small_queue.server.reranker.batcher  # type: ignore[union-attr]
+        batcher = small_queue.server.core.reranker.batcher  # type: ignore[union-attr]
         await wait_until(lambda: batcher.queued_pairs == 1)
         doomed.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -100,7 +100,7 @@ async def test_random_streams(sidecar: RunningSidecar):
 
 def _calls(sidecar: RunningSidecar, method: str) -> float:
     """Calls the server answered, by its own metrics: proof every example reached it."""
-    registry = sidecar.server.metrics.registry
+    registry = sidecar.server.core.metrics.registry
     labels = {"method": f"/rerank.v1.Reranker/{method}"}
     codes = ("OK", "INVALID_ARGUMENT")
     return sum(
@@ -124,11 +124,11 @@ async def _still_healthy(sidecar: RunningSidecar) -> None:
         health_pb2.HealthCheckRequest(), timeout=5
     )
     assert status.status == health_pb2.HealthCheckResponse.SERVING
-    assert sidecar.server.reranker is not None
+    assert sidecar.server.core.reranker is not None
     # A stream refused part-way leaves its earlier pages queued until the batcher reaches them (and
     # drops or scores them): the queue must drain, not necessarily be empty the moment the client sees
     # the refusal.
-    batcher = sidecar.server.reranker.batcher
+    batcher = sidecar.server.core.reranker.batcher
     for _ in range(200):  # up to 10 s
         if not batcher.queued_pairs:
             break

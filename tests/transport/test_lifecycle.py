@@ -15,8 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from sidecar.server import SidecarServer
 from sidecar.settings import Settings
-from sidecar.transport.server import RERANKER_SERVICE, SidecarServer
+from sidecar.transport.grpc_api.server import RERANKER_SERVICE
 from tests.conftest import RunningSidecar, docs, running_sidecar
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from rerank.v1 import rerank_pb2
-from sidecar.transport import tracing
+from sidecar.transport.grpc_api import tracing
 from tests.conftest import docs, running_sidecar
 
 

@@ -151,7 +151,7 @@ async def test_concurrent_callers_each_get_their_own_results_from_merged_batches
     ]
     try:
         total_pairs = sum(len(d) for d in documents)
-        batcher = sidecar.server.reranker.batcher  # type: ignore[union-attr]
+        batcher = sidecar.server.core.reranker.batcher  # type: ignore[union-attr]
         await wait_until(
             lambda: batcher.queued_pairs + sidecar.server.settings.max_batch_pairs >= total_pairs
         )

@@ -78,7 +78,7 @@ class TorchEngine(Engine):
         if dtype == torch.float32 and device == "cpu" and compile_sample is None:
             self._network = network
         else:
-            # Whole-model low-precision weights, not autocast: measured about 10% faster on CPU.
+            # Whole-model low-precision weights, not autocast: faster on CPU (benchmarks/engines.py).
             self._network = copy.deepcopy(network).to(device=device, dtype=dtype)
         self._network.eval()
         self.compiled = compile_sample is not None

@@ -15,9 +15,9 @@ from functools import partial
 import numpy as np
 
 from sidecar.model.batch import EncodedPair
-from sidecar.model.loading import BiEncoderModel, CrossEncoderModel
+from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelKind, TextModel
 from sidecar.model.tokenization import PairSpec
-from sidecar.scheduling.batcher import Batcher, ScoringJob
+from sidecar.scheduling.batcher import Batcher, ScoredRows
 from sidecar.scheduling.tokenizer_pool import TokenizerPool
 
 
@@ -37,7 +37,7 @@ class EncodedRequest:
 @dataclass(frozen=True, slots=True)
 class ChunkScores:
     raw: np.ndarray  # float32, one per chunk
-    job: ScoringJob
+    rows: ScoredRows
 
 
 class CrossEncoderScorer:
@@ -53,12 +53,11 @@ class CrossEncoderScorer:
         return EncodedRequest(encoded.pairs, encoded.document_of_pair, time.monotonic_ns() - started)
 
     async def score(self, encoded: EncodedRequest, deadline: float | None) -> ChunkScores:
-        job = await self.batcher.score(encoded.rows, deadline)
-        assert job.outputs is not None
-        logits = job.outputs.astype(np.float32, copy=False)
+        rows = await self.batcher.score(encoded.rows, deadline)
+        logits = rows.outputs.astype(np.float32, copy=False)
         # One log-odds per pair: the logit, or positive minus negative for two-label models.
         raw = logits[:, 0] if self.model.num_labels == 1 else logits[:, 1] - logits[:, 0]
-        return ChunkScores(raw, job)
+        return ChunkScores(raw, rows)
 
     @staticmethod
     def normalize(raw: np.ndarray) -> np.ndarray:
@@ -85,10 +84,9 @@ class BiEncoderScorer:
         return EncodedRequest(rows, encoded.document_of_pair, time.monotonic_ns() - started)
 
     async def score(self, encoded: EncodedRequest, deadline: float | None) -> ChunkScores:
-        job = await self.batcher.score(encoded.rows, deadline)
-        assert job.outputs is not None
-        vectors = unit_vectors(job.outputs)
-        return ChunkScores((vectors[1:] @ vectors[0]).astype(np.float32), job)
+        rows = await self.batcher.score(encoded.rows, deadline)
+        vectors = unit_vectors(rows.outputs)
+        return ChunkScores((vectors[1:] @ vectors[0]).astype(np.float32), rows)
 
     @staticmethod
     def normalize(raw: np.ndarray) -> np.ndarray:
@@ -102,11 +100,12 @@ def unit_vectors(vectors: np.ndarray) -> np.ndarray:
 
 
 Scorer = CrossEncoderScorer | BiEncoderScorer
+# How each declared model kind scores a query against documents.
+SCORER_OF_KIND: dict[ModelKind, type[Scorer]] = {
+    ModelKind.CROSS_ENCODER: CrossEncoderScorer,
+    ModelKind.BI_ENCODER: BiEncoderScorer,
+}
 
 
-def scorer_for(
-    model: CrossEncoderModel | BiEncoderModel, batcher: Batcher, tokenizer_pool: TokenizerPool
-) -> Scorer:
-    if isinstance(model, CrossEncoderModel):
-        return CrossEncoderScorer(model, batcher, tokenizer_pool)
-    return BiEncoderScorer(model, batcher, tokenizer_pool)
+def scorer_for(model: TextModel, batcher: Batcher, tokenizer_pool: TokenizerPool) -> Scorer:
+    return SCORER_OF_KIND[model.kind](model, batcher, tokenizer_pool)  # type: ignore[arg-type]

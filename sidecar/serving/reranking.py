@@ -1,20 +1,21 @@
-"""Request logic for reranking, free of gRPC: validate, tokenize, score through the batcher, rank.
+"""Request logic for reranking, free of any transport: validate, tokenize, score through the batcher, rank.
 
-The transport converts protobuf to these types and back; tests can call this layer directly.
+A transport converts its messages to these types and back; tests can call this layer directly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from sidecar.errors import InvalidArgument
 from sidecar.model.tokenization import PairSpec, Truncation
-from sidecar.scheduling.batcher import ScoringJob
-from sidecar.scheduling.scoring import Scorer
+from sidecar.serving.scoring import Scorer
+from sidecar.serving.usage import Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,44 +42,6 @@ class ScoredDocument:
     id: str
     score: float
     text: str | None
-
-
-@dataclass(slots=True)
-class Usage:
-    pairs: int = 0
-    chunks: int = 0
-    tokens: int = 0
-    batches: int = 0
-    queue_ns: int = 0
-    tokenization_ns: int = 0
-    inference_ns: int = 0
-    total_ns: int = 0
-
-    @classmethod
-    def of_job(
-        cls, *, pairs: int, chunks: int, tokens: int, tokenization_ns: int, job: ScoringJob, started_ns: int
-    ) -> Usage:
-        """The usage of one request whose rows ran as ``job``; total time runs from ``started_ns``."""
-        return cls(
-            pairs=pairs,
-            chunks=chunks,
-            tokens=tokens,
-            batches=job.batches,
-            queue_ns=job.queue_ns,
-            tokenization_ns=tokenization_ns,
-            inference_ns=job.inference_ns,
-            total_ns=time.monotonic_ns() - started_ns,
-        )
-
-    def add(self, other: Usage) -> None:
-        """Accumulate another batch's usage (a stream's totals); total_ns is the caller's to set."""
-        self.pairs += other.pairs
-        self.chunks += other.chunks
-        self.tokens += other.tokens
-        self.batches += other.batches
-        self.queue_ns += other.queue_ns
-        self.tokenization_ns += other.tokenization_ns
-        self.inference_ns += other.inference_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,55 +175,120 @@ class Reranker:
             )
             for position, (document, score) in enumerate(zip(documents, scores, strict=True))
         ]
-        usage = Usage.of_job(
+        usage = Usage.of_rows(
             pairs=len(documents),
             chunks=len(encoded.document_of_pair),
             tokens=encoded.tokens,
             tokenization_ns=encoded.tokenization_ns,
-            job=chunks.job,
+            rows=chunks.rows,
             started_ns=started,
         )
         return results, usage
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class StreamMessage:
+    """One message of a rerank stream, as its transport decoded it."""
+
+    documents: Sequence[Document]
+    query: str = ""
+    options: RerankOptions = field(default_factory=RerankOptions)
+    # The query and option fields this message sets: the first message must carry the query, and
+    # later messages may carry documents only.
+    fields_set: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamBatch:
+    """The scores of one stream message's documents, sent as soon as they are ready."""
+
+    batch: int  # the message's position in the stream, from 0
+    results: list[ScoredDocument]
+
+
+_STREAM_END = object()
+
+
 class StreamSession:
-    """The state of one RerankStream call: what the first message fixed, and everything scored since."""
+    """One rerank stream: each message's documents are scored as the message arrives, its scores go out
+    as soon as they are ready, and the final ranking over every document comes last."""
 
-    reranker: Reranker
-    query: str
-    options: RerankOptions
-    spec: PairSpec
-    deadline: float | None
-    started_ns: int = field(default_factory=time.monotonic_ns)
-    seen_ids: dict[str, int] = field(default_factory=dict)
-    documents_received: int = 0
-    scored: list[ScoredDocument] = field(default_factory=list)
-    usage: Usage = field(default_factory=Usage)
+    def __init__(self, reranker: Reranker, deadline: float | None) -> None:
+        self.reranker = reranker
+        self.deadline = deadline
+        self.started_ns = time.monotonic_ns()
+        self._seen_ids: dict[str, int] = {}
+        self._documents_received = 0
+        self._scored: list[ScoredDocument] = []
+        self._usage = Usage()
 
-    @classmethod
-    def open(
-        cls, reranker: Reranker, query: str, options: RerankOptions, deadline: float | None
-    ) -> StreamSession:
-        return cls(reranker, query, options, reranker.check_query(query, options), deadline)
+    async def run(self, messages: AsyncIterator[StreamMessage]) -> AsyncIterator[StreamBatch | Ranking]:
+        """Yield a StreamBatch per message that carried documents, in the order they finish, then the
+        Ranking. The first error, from reading or from scoring, ends the stream."""
+        first = await anext(messages, None)
+        if first is None:
+            raise InvalidArgument("the stream closed before its first message, which must carry the query")
+        query, options = first.query, first.options
+        spec = self.reranker.check_query(query, options)
+        outbox: asyncio.Queue[object] = asyncio.Queue()
+        scoring: set[asyncio.Task[None]] = set()
 
-    def accept(self, documents: Sequence[Document]) -> int:
+        async def score(batch: int, documents: Sequence[Document], offset: int) -> None:
+            try:
+                results, usage = await self.reranker.score(
+                    query, documents, spec, options, self.deadline, offset
+                )
+            except Exception as exc:
+                outbox.put_nowait(exc)
+                return
+            self._scored.extend(results)
+            self._usage.add(usage)
+            outbox.put_nowait(StreamBatch(batch, results))
+
+        async def read() -> None:
+            # Schedules each message's documents as it arrives, without waiting for the stream to end.
+            try:
+                message: StreamMessage | None = first
+                batch = 0
+                while message is not None:
+                    if batch and message.fields_set:
+                        raise InvalidArgument(
+                            f"stream message {batch} sets {', '.join(sorted(message.fields_set))}; only "
+                            "the first message may carry the query and options"
+                        )
+                    if message.documents:
+                        offset = self._accept(message.documents)
+                        task = asyncio.create_task(score(batch, message.documents, offset))
+                        scoring.add(task)
+                        task.add_done_callback(scoring.discard)
+                    batch += 1
+                    message = await anext(messages, None)
+                await asyncio.gather(*scoring)
+                outbox.put_nowait(_STREAM_END)
+            except Exception as exc:
+                outbox.put_nowait(exc)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await outbox.get()) is not _STREAM_END:
+                if isinstance(item, Exception):
+                    raise item
+                assert isinstance(item, StreamBatch)
+                yield item
+            yield self._final(options.top_n)
+        finally:
+            for task in (reader, *scoring):
+                task.cancel()
+
+    def _accept(self, documents: Sequence[Document]) -> int:
         """Validate a batch in arrival order and reserve its global indices; returns its first index."""
-        offset = self.documents_received
-        self.reranker.check_documents(documents, self.seen_ids, offset)
-        self.documents_received += len(documents)
+        offset = self._documents_received
+        self.reranker.check_documents(documents, self._seen_ids, offset)
+        self._documents_received += len(documents)
         return offset
 
-    async def score_batch(self, documents: Sequence[Document], offset: int) -> list[ScoredDocument]:
-        results, usage = await self.reranker.score(
-            self.query, documents, self.spec, self.options, self.deadline, offset
-        )
-        self.scored.extend(results)
-        self.usage.add(usage)
-        return results
-
-    def final(self) -> Ranking:
-        if not self.scored:
+    def _final(self, top_n: int) -> Ranking:
+        if not self._scored:
             raise InvalidArgument("the stream carried no documents; send at least one document to rank")
-        self.usage.total_ns = time.monotonic_ns() - self.started_ns
-        return Ranking(rank(self.scored, self.options.top_n), self.usage)
+        self._usage.total_ns = time.monotonic_ns() - self.started_ns
+        return Ranking(rank(self._scored, top_n), self._usage)

@@ -15,8 +15,9 @@ from typing import Any
 import grpc
 
 from sidecar.errors import SidecarError
-from sidecar.scheduling.reranker import Usage
-from sidecar.transport.metrics import Metrics
+from sidecar.serving.metrics import Metrics
+from sidecar.serving.usage import Usage
+from sidecar.transport.grpc_api.status import status_of
 
 logger = logging.getLogger("sidecar.access")
 
@@ -202,7 +203,7 @@ def _status_for(exc: BaseException, record: CallRecord) -> tuple[grpc.StatusCode
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, None  # the caller left or its deadline passed: nobody to answer
     if isinstance(exc, SidecarError):
-        return exc.code, str(exc)
+        return status_of(exc), str(exc)
     if isinstance(exc, grpc.aio.AbortError):
         return grpc.StatusCode.UNKNOWN, None  # already aborted by the handler
     logger.error("unexpected error in %s (request %s)", record.method, record.request_id, exc_info=exc)

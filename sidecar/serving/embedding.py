@@ -1,4 +1,4 @@
-"""Request logic for embeddings, free of gRPC: validate, tokenize, run through the batcher."""
+"""Request logic for embeddings, free of any transport: validate, tokenize, run through the batcher."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from sidecar.errors import InvalidArgument
 from sidecar.model.loading import BiEncoderModel
 from sidecar.model.tokenization import PairSpec, Truncation
 from sidecar.scheduling.batcher import Batcher
-from sidecar.scheduling.reranker import Usage, check_tokens
 from sidecar.scheduling.tokenizer_pool import TokenizerPool
+from sidecar.serving.reranking import check_tokens
+from sidecar.serving.usage import Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +67,13 @@ class Embedder:
         encoded = await self._tokenizer_pool.encode(encode_texts, texts)
         tokenized = time.monotonic_ns()
         check_tokens(encoded.tokens, self.max_request_tokens)
-        job = await self.batcher.score(encoded.pairs, deadline)
-        assert job.outputs is not None
-        usage = Usage.of_job(
+        rows = await self.batcher.score(encoded.pairs, deadline)
+        usage = Usage.of_rows(
             pairs=len(texts),
             chunks=len(encoded.pairs),
             tokens=encoded.tokens,
             tokenization_ns=tokenized - started,
-            job=job,
+            rows=rows,
             started_ns=started,
         )
-        return Embeddings(job.outputs.astype(np.float32, copy=False), usage)
+        return Embeddings(rows.outputs.astype(np.float32, copy=False), usage)

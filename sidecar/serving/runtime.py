@@ -14,7 +14,7 @@ from sidecar.model.engines import Engine
 from sidecar.model.engines.selection import EngineRequest, Selection, select_engine
 from sidecar.model.engines.torch_engine import resolve_device
 from sidecar.model.hardware import describe_device
-from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource, load_model
+from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelKind, ModelSource, load_model
 from sidecar.model.network import load_network
 from sidecar.model.parity import bi_encoder_probe, cross_encoder_probe
 from sidecar.model.phases import PhaseTimer
@@ -42,8 +42,8 @@ class Runtime:
     lossy_margin: float
 
 
-# Measured with MiniLM-L6 on 2 cores (benchmarks/RESULTS.md): batches of about 4096 tokens ran
-# about 8% faster per pair than batches of 8192, which spill out of cache.
+# On a CPU, batches of about 4096 tokens ran faster per pair than batches of 8192, which spill out of
+# cache (benchmarks/RESULTS.md, "Engines and precisions", AMX runs 8-9).
 _CPU_BATCH_TOKENS = 4096
 _CUDA_BATCH_TOKENS = 8192
 # Torch's own default (one per core, or OMP_NUM_THREADS), read before the server changes it.
@@ -60,8 +60,8 @@ def batch_token_budget(configured: int, device: str, max_length: int) -> int:
 
 def batch_workers(configured: int, device: str, threads: int) -> int:
     """``--batch-workers``, or when it is 0 the device's default: 2 on a CPU with 2 threads or more,
-    where single-threaded batches never wait at each other's thread barriers (measured 3-6% more
-    throughput on 2 cores, benchmarks/RESULTS.md), and 1 on CUDA, whose kernels one stream serializes.
+    where single-threaded batches never wait at each other's thread barriers (benchmarks/RESULTS.md,
+    "Engines and precisions", AMX runs 8-9), and 1 on CUDA, whose kernels one stream serializes.
     """
     if configured:
         return configured
@@ -120,8 +120,8 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
         network = load_network(source, model.kind)
     input_names = ("input_ids", "attention_mask", "token_type_ids")
     input_names = input_names if model.uses_token_type_ids else input_names[:2]
-    if isinstance(model, CrossEncoderModel):
-        probe = cross_encoder_probe(model, settings.max_batch_pairs)
+    if model.kind is ModelKind.CROSS_ENCODER:
+        probe = cross_encoder_probe(model, settings.max_batch_pairs)  # type: ignore[arg-type]
         outputs = f"{model.num_labels} label(s)"
     else:
         probe = bi_encoder_probe(

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from sidecar.scheduling.reranker import Usage
+from sidecar.serving.usage import Usage
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _PAIR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -1,0 +1,129 @@
+"""The process: the serving core behind its transports, from listening to a drained stop.
+
+Listen first (every service NOT_SERVING), load and warm the models, report SERVING, and on SIGTERM or
+SIGINT drain: refuse new calls, let the calls in flight finish within the grace period, stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from sidecar.model.loading import ModelSource
+from sidecar.serving.core import ServingCore
+from sidecar.serving.metrics import Metrics
+from sidecar.serving.runtime import Runtime, load_runtime
+from sidecar.settings import Settings
+from sidecar.transport.grpc_api.server import GrpcTransport, security_of
+from sidecar.transport.grpc_api.tracing import configure_tracing
+
+logger = logging.getLogger(__name__)
+
+
+class SidecarServer:
+    """The serving core, the gRPC transport in front of it, and the metrics endpoint.
+
+    ``runtime_factory`` loads a model and its engine; tests pass their own to wrap the engine.
+    """
+
+    def __init__(
+        self, settings: Settings, runtime_factory: Callable[[Settings, ModelSource], Runtime] = load_runtime
+    ) -> None:
+        self.settings = settings
+        if settings.otel_endpoint:
+            configure_tracing(settings.otel_endpoint, "rerank-sidecar")
+        self.core = ServingCore(settings, Metrics(), runtime_factory)
+        self.grpc = GrpcTransport(self.core)
+        self._metrics_http: Any = None
+        self.metrics_port = 0
+        self._stopped = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    async def start(self) -> None:
+        """Listen, with every service NOT_SERVING until ``load`` completes."""
+        await self.grpc.start()
+        if self.settings.metrics_port:
+            self._metrics_http, _ = start_http_server(
+                self.settings.metrics_port, addr=self.settings.host, registry=self.core.metrics.registry
+            )
+            self.metrics_port = self._metrics_http.server_port
+        logger.info(
+            "listening on %s:%d (%s)%s",
+            self.settings.host,
+            self.port,
+            security_of(self.settings),
+            f", metrics on port {self.metrics_port}" if self.metrics_port else "",
+        )
+
+    async def load(self) -> None:
+        """Load the models and engines, warm them up, then report SERVING."""
+        await self.core.load()
+        await self.grpc.serving()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.grace_period if grace is None else grace
+        logger.info("draining: in-flight calls get %.1f s", grace)
+        # New calls get UNAVAILABLE, which clients retry on another replica, while the calls in flight
+        # finish; only then does gRPC stop the listener (it cancels calls that arrive as it stops).
+        self.core.begin_draining()
+        await self.grpc.begin_draining()
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self.grpc.idle(), timeout=grace)
+        except TimeoutError:
+            logger.warning(
+                "%d call(s) still in flight after the grace period; cancelling them",
+                self.grpc.calls.in_flight,
+            )
+        await self.grpc.stop(max(0.0, grace - (time.monotonic() - started)))
+        await self.core.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._stopped.set()
+        logger.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT; returns the process exit code."""
+    server = SidecarServer(settings)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    await server.start()
+    loading = asyncio.create_task(server.load())
+    stopping = asyncio.create_task(stop_requested.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        stopping.cancel()
+        logger.error("%s", loading.exception())
+        await server.stop(grace=0)
+        return 1
+    await stopping
+    if not loading.done():
+        loading.cancel()
+    await server.stop()
+    if server.core.compiling:
+        # Interpreter shutdown would tear down the compiling thread's native state under it and abort
+        # the process; the server has drained and stopped, so leave at once with its exit code.
+        logger.info("exiting without waiting for the background compile")
+        logging.shutdown()
+        os._exit(0)
+    return 0

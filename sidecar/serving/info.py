@@ -1,0 +1,61 @@
+"""What the server says about itself: the models, their engines, how those were chosen, the limits.
+
+Plain values, so each transport renders them its own way (a protobuf message, JSON).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SelectionInfo:
+    """How the engine chain chose, and on what hardware."""
+
+    from_cache: bool
+    lossy_margin: float
+    speedup_over_lossless: float
+    timings: dict[str, float]  # candidate ("engine/precision") -> rows per second
+    hardware: str
+
+
+@dataclass(frozen=True)
+class RankingInfo:
+    model_id: str
+    model_revision: str
+    model_kind: str
+    engine: str
+    precision: str
+    device: str
+    max_length: int
+    num_labels: int  # 0 for a bi-encoder
+    max_batch_tokens: int
+    batch_workers: int
+    max_batch_pairs: int
+    max_queued_pairs: int
+    max_documents_per_request: int
+    max_chunks_per_doc: int
+    engine_notes: tuple[str, ...]
+    compiled: bool
+    selection: SelectionInfo
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo:
+    model_id: str
+    dims: int
+    pooling: str
+    normalized: bool
+    max_length: int
+    engine: str
+    precision: str
+    device: str
+    compiled: bool
+    selection: SelectionInfo
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    ranking: RankingInfo
+    embedding: EmbeddingInfo | None
+    server_version: str

@@ -1,0 +1,1 @@
+"""The gRPC transport: servicers, interceptors, the error-to-status table, health and reflection."""

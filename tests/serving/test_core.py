@@ -1,0 +1,150 @@
+"""The serving core on its own, with no transport: load, rerank, stream, embed, info, drain."""
+
+from __future__ import annotations
+
+import ast
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sidecar
+from sidecar.errors import InvalidArgument, NotReady, SidecarError
+from sidecar.serving.core import ServingCore, ServingState
+from sidecar.serving.metrics import Metrics
+from sidecar.serving.reranking import (
+    Document,
+    Ranking,
+    RerankOptions,
+    StreamBatch,
+    StreamMessage,
+    StreamSession,
+)
+from sidecar.settings import Settings
+from sidecar.transport.grpc_api.status import STATUS_OF_ERROR
+from tests.conftest import ReferenceScorer
+
+QUERY = "how do vaccines train the immune system"
+TEXTS = ("Vaccines expose the immune system to an antigen.", "Bread rises because of yeast.", "B cells.")
+
+
+@pytest.fixture(scope="module")
+async def core(tiny_bert: Path) -> AsyncIterator[ServingCore]:
+    with tempfile.TemporaryDirectory(prefix="sidecar-cache-") as cache_dir:
+        settings = Settings(
+            model=str(tiny_bert),
+            engine="torch",
+            precision="fp32",
+            torch_compile="off",
+            batch_workers=1,
+            embed_model="",
+            cache_dir=cache_dir,
+        )
+        serving = ServingCore(settings, Metrics())
+        assert serving.state is ServingState.LOADING
+        with pytest.raises(NotReady, match="still loading"):
+            serving.require_reranker()
+        await serving.load()
+        yield serving
+        await serving.close()
+
+
+def documents(*texts: str) -> list[Document]:
+    return [Document(id=f"d{i}", text=text) for i, text in enumerate(texts)]
+
+
+async def test_the_core_reranks_as_the_reference_does(core: ServingCore, reference: ReferenceScorer):
+    ranking = await core.require_reranker().rerank(QUERY, documents(*TEXTS), RerankOptions(), None)
+    expected = reference.scores(QUERY, TEXTS)
+    by_index = {result.index: result.score for result in ranking.results}
+    np.testing.assert_allclose([by_index[i] for i in range(len(TEXTS))], expected, atol=1e-5)
+    assert ranking.usage.pairs == len(TEXTS)
+
+
+async def test_a_stream_session_answers_each_message_then_the_final_ranking(
+    core: ServingCore, reference: ReferenceScorer
+):
+    async def messages() -> AsyncIterator[StreamMessage]:
+        yield StreamMessage(documents(*TEXTS[:2]), query=QUERY, options=RerankOptions(top_n=2))
+        yield StreamMessage(documents()[:0])
+        yield StreamMessage([Document("d2", TEXTS[2])])
+
+    items = [item async for item in StreamSession(core.require_reranker(), None).run(messages())]
+    batches, final = items[:-1], items[-1]
+    assert sorted(batch.batch for batch in batches if isinstance(batch, StreamBatch)) == [0, 2]
+    assert isinstance(final, Ranking)
+    expected = reference.scores(QUERY, TEXTS)
+    assert [result.index for result in final.results] == list(np.argsort(-expected)[:2])
+
+
+async def test_a_stream_refuses_options_after_its_first_message(core: ServingCore):
+    async def messages() -> AsyncIterator[StreamMessage]:
+        yield StreamMessage(documents(TEXTS[0]), query=QUERY)
+        yield StreamMessage(documents(TEXTS[1]), query="another", fields_set=frozenset({"query"}))
+
+    with pytest.raises(InvalidArgument, match="stream message 1 sets query"):
+        async for _ in StreamSession(core.require_reranker(), None).run(messages()):
+            pass
+
+
+async def test_info_names_the_model_and_its_engine(core: ServingCore, tiny_bert: Path):
+    info = core.info()
+    assert info.ranking.model_id == str(tiny_bert)
+    assert (info.ranking.engine, info.ranking.precision, info.ranking.model_kind) == (
+        "torch",
+        "fp32",
+        "cross-encoder",
+    )
+    assert info.embedding is None
+    assert info.server_version == sidecar.__version__
+
+
+async def test_a_draining_core_refuses_new_requests(tiny_bert: Path):
+    with tempfile.TemporaryDirectory(prefix="sidecar-cache-") as cache_dir:
+        settings = Settings(
+            model=str(tiny_bert), engine="torch", precision="fp32", torch_compile="off", cache_dir=cache_dir
+        )
+        serving = ServingCore(settings, Metrics())
+        await serving.load()
+        serving.begin_draining()
+        with pytest.raises(NotReady, match="shutting down"):
+            serving.require_reranker()
+        await serving.close()
+        assert serving.state is ServingState.STOPPED
+
+
+def _imported_modules(path: Path) -> Sequence[str]:
+    tree = ast.parse(path.read_text())
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
+
+
+def test_no_layer_below_the_transport_imports_grpc():
+    package = Path(sidecar.__file__).parent
+    below_transport = [
+        path
+        for path in package.rglob("*.py")
+        if "transport" not in path.relative_to(package).parts
+        and path.name not in {"server.py", "healthcheck.py", "cli.py"}
+    ]
+    offenders = {
+        str(path.relative_to(package)): module
+        for path in below_transport
+        for module in _imported_modules(path)
+        if module == "grpc" or module.startswith(("grpc.", "grpc_", "rerank."))
+    }
+    assert not offenders
+
+
+def test_every_error_maps_to_a_status():
+    def subclasses(cls: type) -> set[type]:
+        return {cls, *(grand for sub in cls.__subclasses__() for grand in subclasses(sub))}
+
+    assert subclasses(SidecarError) - {SidecarError} <= set(STATUS_OF_ERROR)
