@@ -15,7 +15,7 @@ from client.pipeline import (
 from client.retrieval.base import Candidate, Retriever, SearchRequest
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.retrieval.embedded import EmbeddedRetriever
-from client.sidecar import AsyncRerankClient, RerankClient
+from client.sidecar_client import AsyncRerankClient, RerankClient
 
 __all__ = [
     "AsyncRerankClient",

@@ -53,7 +53,7 @@ from client.settings import (
     add_settings_arguments,
     settings_from,
 )
-from client.sidecar import AsyncRerankClient, RerankClient, TlsConfig
+from client.sidecar_client import AsyncRerankClient, RerankClient, TlsConfig
 from rerank.v1 import rerank_pb2
 
 

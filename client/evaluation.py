@@ -26,7 +26,7 @@ from client.errors import InputInvalid, InputMissing, unreadable
 from client.ingest import IngestReport, ingest
 from client.pipeline import PipelineOptions, TwoStagePipeline
 from client.retrieval.base import Mode, Retriever, SearchRequest
-from client.sidecar import AsyncRerankClient
+from client.sidecar_client import AsyncRerankClient
 from rerank.v1 import rerank_pb2
 
 RECALL_DEPTH = 100  # Recall@100 needs every configuration to rank at least this many documents

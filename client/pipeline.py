@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from client.errors import ClientError, SidecarError
 from client.retrieval.base import Candidate, FilterValue, Fusion, Mode, Retriever, SearchRequest
-from client.sidecar import AsyncRerankClient, Ranking, RerankOptions
+from client.sidecar_client import AsyncRerankClient, Ranking, RerankOptions
 from rerank.v1 import rerank_pb2
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.sidecar import RerankClient, RerankOptions
+from client.sidecar_client import RerankClient, RerankOptions
 from rerank.v1 import rerank_pb2
 from tests.conftest import RunningSidecar
 

@@ -25,7 +25,7 @@ from client.local_sidecar import EMBEDDING_MODEL, local_sidecar
 from client.pipeline import PipelineOptions, SearchResponse, TwoStagePipeline
 from client.retrieval.embedded import EmbeddedRetriever
 from client.settings import DemoSettings
-from client.sidecar import AsyncRerankClient, RerankClient
+from client.sidecar_client import AsyncRerankClient, RerankClient
 
 DATA = files("client.demo")
 

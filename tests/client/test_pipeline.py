@@ -11,7 +11,7 @@ import pytest
 from client.pipeline import PipelineOptions, RerankFailed, TwoStagePipeline
 from client.retrieval.base import Candidate, SearchRequest
 from client.retrieval.elasticsearch import ElasticsearchRetriever
-from client.sidecar import AsyncRerankClient
+from client.sidecar_client import AsyncRerankClient
 from tests.client.conftest import RunningEmbedder, fake_vector
 from tests.conftest import RunningSidecar, running_sidecar
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from client.sidecar import AsyncRerankClient
+from client.sidecar_client import AsyncRerankClient
 from tests.conftest import running_sidecar
 
 DOCUMENTS = ["Cats are obligate carnivores.", "The stock market fell.", "Kittens need protein."]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from client.errors import DeadlineExceeded
-from client.sidecar import (
+from client.sidecar_client import (
     AsyncRerankClient,
     BatchScores,
     Ranking,
