@@ -241,3 +241,93 @@ def save_tiny_modernbert(directory: Path, *, seed: int = 0) -> Path:
         intermediate_size=64,
     )
     return _save(directory, ModernBertForSequenceClassification, config, tokenizer, seed)
+
+
+# Qwen2/Qwen3's pre-tokenizer pattern, so the tiny tokenizer splits text where the real one does.
+_QWEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def qwen_tokenizer(max_length: int = 1024) -> object:
+    """A byte-level BPE tokenizer shaped like Qwen3's, trained on the corpus and the reranking prompt."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    from sidecar.model.families import QWEN3_RERANKER
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=_QWEN_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    prompt = QWEN3_RERANKER
+    backend.train_from_iterator(
+        [*tokenizer_corpus(), prompt.prefix, prompt.query, prompt.document, prompt.default_instruction] * 3,
+        trainer,
+    )
+    backend.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    return Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=max_length,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def _qwen3_config(tokenizer: object, **overrides: object) -> object:
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=len(tokenizer),  # type: ignore[arg-type]
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
+        eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
+        initializer_range=0.2,
+        **overrides,
+    )
+
+
+def save_tiny_qwen3_reranker(directory: Path, *, seed: int = 0) -> Path:
+    """Qwen3-Reranker-shaped: a causal LM scored by its "yes" and "no" logits; tied embeddings."""
+    from transformers import Qwen3ForCausalLM
+
+    tokenizer = qwen_tokenizer()
+    return _save(directory, Qwen3ForCausalLM, _qwen3_config(tokenizer), tokenizer, seed)
+
+
+def save_tiny_qwen3_seq_cls(directory: Path, causal_dir: Path) -> Path:
+    """The one-logit sequence-classification conversion of a causal checkpoint, made as the published
+    "seq-cls" conversions are: the score row is the yes row minus the no row of the vocabulary projection."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM, Qwen3ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(causal_dir)
+    causal = Qwen3ForCausalLM.from_pretrained(causal_dir).eval()
+    classifier = Qwen3ForSequenceClassification(_qwen3_config(tokenizer, num_labels=1)).eval()
+    classifier.model.load_state_dict(causal.model.state_dict())
+    rows = causal.lm_head.weight.detach()
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    with torch.no_grad():
+        classifier.score.weight.copy_((rows[yes] - rows[no]).unsqueeze(0))
+    classifier.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
