@@ -85,7 +85,9 @@ class DecoderRerankerNetwork(torch.nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # No key/value cache: one forward pass scores the pair, and the export traces no cache tensors.
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        states = outputs.last_hidden_state
         last = (attention_mask.sum(dim=1) - 1).view(-1, 1, 1).expand(-1, 1, states.shape[-1])
         return self.head(states.gather(1, last).squeeze(1))
 

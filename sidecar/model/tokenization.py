@@ -31,6 +31,8 @@ class PairSpec:
     chunk: bool = False
     max_chunks_per_doc: int = 1
     chunk_overlap: int = 0
+    # A decoder reranker's instruction for this request; empty uses the tokenizer's.
+    instruction: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,20 +148,21 @@ class PromptPairTokenizer(PairTokenizer):
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def min_max_length(self) -> int:
-        return len(self._query_ids("")) + self.special_tokens_per_pair + 2
+        return len(self._query_ids("", self.instruction)) + self.special_tokens_per_pair + 2
 
-    def _query_ids(self, query: str) -> list[int]:
-        return self._ids(self.prompt.query.format(instruction=self.instruction, query=query))
+    def _query_ids(self, query: str, instruction: str) -> list[int]:
+        return self._ids(self.prompt.query.format(instruction=instruction, query=query))
 
     def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedQuery:
-        head = self._prefix + self._query_ids(query)
+        instruction = spec.instruction or self.instruction
+        head = self._prefix + self._query_ids(query, instruction)
         # A long query keeps at most half the budget, cut at a token boundary of the query alone.
         query_budget = spec.max_length // 2
         if len(head) + len(self._suffix) > query_budget:
             query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
             keep = max(0, len(query_encoding.ids) - (len(head) + len(self._suffix) - query_budget))
             cut = query_encoding.offsets[keep - 1][1] if keep else 0
-            head = self._prefix + self._query_ids(query[:cut])
+            head = self._prefix + self._query_ids(query[:cut], instruction)
         pairs: list[EncodedPair] = []
         document_of_pair: list[int] = []
         texts = [self.prompt.document + document for document in documents]
@@ -167,6 +170,11 @@ class PromptPairTokenizer(PairTokenizer):
             lead = sum(1 for _, end in encoding.offsets if end <= self._lead_chars)
             lead_ids, document_ids = encoding.ids[:lead], encoding.ids[lead:]
             budget = spec.max_length - len(head) - len(lead_ids) - len(self._suffix)
+            if budget < 1:
+                raise InvalidArgument(
+                    f"max_length {spec.max_length} leaves no room for the document after the prompt, "
+                    f"the instruction and the query ({len(head) + len(lead_ids) + len(self._suffix)} tokens)"
+                )
             if spec.chunk and spec.chunk_overlap >= budget:
                 raise InvalidArgument(
                     f"chunk_overlap {spec.chunk_overlap} must be smaller than the chunk length: "

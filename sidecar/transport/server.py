@@ -170,6 +170,8 @@ class SidecarServer:
             engine_notes=list(runtime.selection.notes),
             compiled=engine.compiled,
             selection=selection_info(runtime),
+            model_family=model.family,
+            instruction=getattr(model.tokenizer, "instruction", ""),
         )
         if self.embedder is not None and self.embedding is not None:
             embedding = self.embedding

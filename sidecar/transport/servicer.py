@@ -44,6 +44,7 @@ def options_from(message: rerank_pb2.RerankRequest | rerank_pb2.RerankStreamRequ
         max_chunks_per_doc=message.max_chunks_per_doc,
         chunk_overlap=message.chunk_overlap,
         return_text=message.return_text,
+        instruction=message.instruction,
     )
 
 
