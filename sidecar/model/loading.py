@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sidecar.errors import ModelLoadError
-from sidecar.model.tokenization import PairTokenizer
+from sidecar.model.families import DECODER_MODEL_TYPES, FAMILIES, Family, family_of
+from sidecar.model.tokenization import PairTokenizer, PromptPairTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class ModelSource:
     name: str
     revision: str = ""
     alias: str = ""
+    # --trust-remote-code: run code shipped with the model (its config's auto_map).
+    trust_remote_code: bool = False
 
     @classmethod
     def resolve(cls, requested: str, revision: str = "") -> ModelSource:
@@ -56,7 +59,10 @@ class ModelSource:
         return Path(self.name).is_dir()
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
-        return {"revision": self.revision} if self.revision and not self.is_local else {}
+        options: dict[str, Any] = {"revision": self.revision} if self.revision and not self.is_local else {}
+        if self.trust_remote_code:
+            options["trust_remote_code"] = True
+        return options
 
 
 class ModelKind(enum.Enum):
@@ -83,6 +89,8 @@ class TextModel:
 
     source: ModelSource
     model_type: str
+    # The reranker family (families.FAMILIES), or the model type of an encoder not verified here.
+    family: str
     max_length: int
     pad_token_id: int
     uses_token_type_ids: bool
@@ -94,9 +102,14 @@ class TextModel:
 
 @dataclass(frozen=True)
 class CrossEncoderModel(TextModel):
-    """Scores (query, document) pairs: 1 logit (relevance) or 2 (not relevant, relevant)."""
+    """Scores (query, document) pairs: 1 logit (relevance) or 2 (not relevant, relevant).
+
+    A decoder reranker's causal-LM checkpoint has ``answer_token_ids`` (yes, no): the network turns
+    those rows of its vocabulary projection into the one logit.
+    """
 
     num_labels: int
+    answer_token_ids: tuple[int, int] | None = None
 
     kind: ClassVar[ModelKind] = ModelKind.CROSS_ENCODER
 
@@ -124,9 +137,12 @@ def load_failure(source: ModelSource, what: str, exc: Exception) -> ModelLoadErr
 
 
 def detect_kind(source: ModelSource) -> ModelKind:
-    """A sequence-classification head makes a cross-encoder; a sentence-transformers layout a bi-encoder."""
+    """A sequence-classification head makes a cross-encoder, as does a decoder LLM reranker's causal-LM
+    checkpoint; a sentence-transformers layout a bi-encoder."""
     config = _load_config(source)
     if any(name.endswith("ForSequenceClassification") for name in config.architectures or ()):
+        return ModelKind.CROSS_ENCODER
+    if is_causal_lm(config):
         return ModelKind.CROSS_ENCODER
     if _sentence_transformers_file(source, "modules.json") is not None:
         return ModelKind.BI_ENCODER
@@ -136,29 +152,70 @@ def detect_kind(source: ModelSource) -> ModelKind:
     )
 
 
-def load_model(source: ModelSource, max_length_cap: int = 0) -> CrossEncoderModel | BiEncoderModel:
+def is_causal_lm(config: Any) -> bool:
+    """A decoder's causal-LM checkpoint, which ranks by its next-token logits."""
+    architectures = config.architectures or ()
+    return config.model_type in DECODER_MODEL_TYPES and any(a.endswith("ForCausalLM") for a in architectures)
+
+
+def load_model(
+    source: ModelSource, max_length_cap: int = 0, instruction: str = ""
+) -> CrossEncoderModel | BiEncoderModel:
     if detect_kind(source) is ModelKind.CROSS_ENCODER:
-        return load_cross_encoder(source, max_length_cap)
+        return load_cross_encoder(source, max_length_cap, instruction)
     return load_bi_encoder(source, max_length_cap)
 
 
-def load_cross_encoder(source: ModelSource, max_length_cap: int = 0) -> CrossEncoderModel:
-    """Read the config and tokenizer of a sequence-classification model with one or two labels."""
+def load_cross_encoder(
+    source: ModelSource, max_length_cap: int = 0, instruction: str = ""
+) -> CrossEncoderModel:
+    """Read the config and tokenizer of a sequence-classification model with one or two labels, or of a
+    decoder reranker's causal-LM checkpoint; ``instruction`` replaces a decoder prompt's default one."""
     config = _load_config(source)
+    family = family_of(config.model_type)
+    if config.model_type in DECODER_MODEL_TYPES and family.prompt is None:
+        raise ModelLoadError(
+            f"Model {source.name!r} is a decoder LLM ({config.model_type}) with no reranking prompt the "
+            "sidecar knows; it serves decoder rerankers of the families "
+            + ", ".join(known.name for known in FAMILIES if known.prompt is not None)
+        )
+    if instruction and family.prompt is None:
+        raise ModelLoadError(
+            f"--instruction is set, but model {source.name!r} ({family.name}) reads no instruction; only "
+            "decoder rerankers do"
+        )
+    fields = _text_model_fields(source, config, max_length_cap, family, instruction)
+    if is_causal_lm(config):
+        assert family.prompt is not None
+        answers = _answer_token_ids(source, fields["tokenizer"], family)
+        return CrossEncoderModel(**fields, num_labels=1, answer_token_ids=answers)
     if config.num_labels not in (1, 2):
         raise ModelLoadError(
             f"Model {source.name!r} has {config.num_labels} labels; a reranker needs 1 (a relevance logit) "
             "or 2 (not relevant, relevant)."
         )
-    return CrossEncoderModel(
-        **_text_model_fields(source, config, max_length_cap), num_labels=config.num_labels
-    )
+    return CrossEncoderModel(**fields, num_labels=config.num_labels)
+
+
+def _answer_token_ids(source: ModelSource, tokenizer: PairTokenizer, family: Family) -> tuple[int, int]:
+    """The ids of the prompt's "yes" and "no" tokens, each of which must be one token."""
+    assert family.prompt is not None
+    ids = []
+    for answer in (family.prompt.yes, family.prompt.no):
+        token_id = tokenizer.token_id(answer)
+        if token_id is None:
+            raise ModelLoadError(
+                f"The tokenizer of {source.name!r} has no single token {answer!r}, which a "
+                f"{family.name} scores with"
+            )
+        ids.append(token_id)
+    return ids[0], ids[1]
 
 
 def load_bi_encoder(source: ModelSource, max_length_cap: int = 0) -> BiEncoderModel:
     """Read a sentence-transformers model: its transformer config, tokenizer, pooling and length."""
     config = _load_config(source)
-    fields = _text_model_fields(source, config, max_length_cap)
+    fields = _text_model_fields(source, config, max_length_cap, family_of(config.model_type))
     trained_file = _sentence_transformers_file(source, "sentence_bert_config.json")
     trained_length = json.loads(trained_file.read_text()).get("max_seq_length") if trained_file else None
     if trained_length and not max_length_cap:
@@ -213,13 +270,42 @@ def _sentence_transformers_file(source: ModelSource, name: str) -> Path | None:
 def _load_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
+    _refuse_remote_code(source)
     try:
         return AutoConfig.from_pretrained(source.name, **source.from_pretrained_kwargs())
     except Exception as exc:  # transformers raises OSError, ValueError or hub errors
         raise load_failure(source, "config", exc) from exc
 
 
-def _text_model_fields(source: ModelSource, config: Any, max_length_cap: int) -> dict[str, Any]:
+def _refuse_remote_code(source: ModelSource) -> None:
+    """Refuse a model whose config or tokenizer maps classes to code shipped with it, unless trusted.
+
+    Without trust, transformers would quietly run its built-in class of the same model type where one
+    exists, which need not compute what the model's own code does.
+    """
+    if source.trust_remote_code:
+        return
+    remote: list[str] = []
+    for name in ("config.json", "tokenizer_config.json"):
+        path = _sentence_transformers_file(source, name)
+        if path is None:
+            continue
+        try:
+            auto_map = json.loads(path.read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        remote.extend(f"{name}: {cls} -> {target}" for cls, target in sorted(auto_map.items()))
+    if remote:
+        raise ModelLoadError(
+            f"Model {source.name!r} needs code shipped with the model ({'; '.join(map(str, remote))}). "
+            "The sidecar runs such code only when told to trust it: start with --trust-remote-code "
+            "(RERANK_TRUST_REMOTE_CODE=1) after reviewing that code."
+        )
+
+
+def _text_model_fields(
+    source: ModelSource, config: Any, max_length_cap: int, family: Family, instruction: str = ""
+) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     try:
@@ -233,14 +319,21 @@ def _text_model_fields(source: ModelSource, config: Any, max_length_cap: int) ->
     if tokenizer.pad_token_id is None:
         raise ModelLoadError(f"The tokenizer of {source.name!r} defines no padding token.")
     limit = _model_max_length(config, tokenizer.model_max_length)
+    if family.prompt is not None:
+        limit = min(limit, family.prompt.max_length)
     if max_length_cap:
         limit = min(limit, max_length_cap)
-    pair_tokenizer = PairTokenizer(tokenizer.backend_tokenizer)
+    pair_tokenizer = (
+        PairTokenizer(tokenizer.backend_tokenizer)
+        if family.prompt is None
+        else PromptPairTokenizer(tokenizer.backend_tokenizer, family.prompt, instruction)
+    )
     if limit < pair_tokenizer.min_max_length():
         raise ModelLoadError(f"max length {limit} leaves no room for a query and a document")
     return {
         "source": source,
         "model_type": config.model_type,
+        "family": family.name,
         "max_length": limit,
         "pad_token_id": int(tokenizer.pad_token_id),
         "uses_token_type_ids": "token_type_ids" in tokenizer.model_input_names,

@@ -67,22 +67,78 @@ class BiEncoderNetwork(torch.nn.Module):
         return pooled
 
 
-Network = CrossEncoderNetwork | BiEncoderNetwork
+class DecoderRerankerNetwork(torch.nn.Module):
+    """A decoder LLM reranker: the backbone's state at each pair's last real token through a linear head.
+
+    Batches are right-padded, so with causal attention every real token sees what it would see alone,
+    at the same positions; the last one sits at ``length - 1``.
+    """
+
+    def __init__(self, model: torch.nn.Module, head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # No key/value cache: one forward pass scores the pair, and the export traces no cache tensors.
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        states = outputs.last_hidden_state
+        last = (attention_mask.sum(dim=1) - 1).view(-1, 1, 1).expand(-1, 1, states.shape[-1])
+        return self.head(states.gather(1, last).squeeze(1))
 
 
-def load_network(source: ModelSource, kind: ModelKind, *, attn_implementation: str | None = None) -> Network:
-    """The fp32 network on the CPU, in eval mode."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
+def answer_head(vocabulary_projection: torch.nn.Linear, yes: int, no: int) -> torch.nn.Linear:
+    """One logit, yes minus no: its sigmoid is the softmax of [no, yes], P(yes), with no vocabulary-wide
+    matrix product."""
+    weight = vocabulary_projection.weight.detach()
+    head = torch.nn.Linear(weight.shape[1], 1, bias=vocabulary_projection.bias is not None)
+    with torch.no_grad():
+        head.weight.copy_((weight[yes] - weight[no]).unsqueeze(0))
+        if vocabulary_projection.bias is not None:
+            bias = vocabulary_projection.bias.detach()
+            head.bias.copy_((bias[yes] - bias[no]).unsqueeze(0))
+    return head
+
+
+Network = CrossEncoderNetwork | BiEncoderNetwork | DecoderRerankerNetwork
+
+
+def load_network(
+    source: ModelSource,
+    kind: ModelKind,
+    *,
+    attn_implementation: str | None = None,
+    decoder: bool = False,
+    answer_token_ids: tuple[int, int] | None = None,
+) -> Network:
+    """The fp32 network on the CPU, in eval mode. ``decoder`` marks a decoder LLM reranker, scored from
+    its last token; ``answer_token_ids`` (yes, no) its causal-LM checkpoint, whose vocabulary projection
+    gives way to a one-logit head."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     options = source.from_pretrained_kwargs()
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
     try:
-        if kind is ModelKind.CROSS_ENCODER:
+        if answer_token_ids is not None:
+            causal = AutoModelForCausalLM.from_pretrained(source.name, dtype=torch.float32, **options)
+            head = answer_head(causal.get_output_embeddings(), *answer_token_ids)
+            network: Network = DecoderRerankerNetwork(causal.get_decoder(), head)
+        elif decoder:
+            classifier = AutoModelForSequenceClassification.from_pretrained(
+                source.name, dtype=torch.float32, **options
+            )
+            network = DecoderRerankerNetwork(classifier.base_model, classifier.score)
+        elif kind is ModelKind.CROSS_ENCODER:
             model = AutoModelForSequenceClassification.from_pretrained(
                 source.name, dtype=torch.float32, **options
             )
-            network: Network = CrossEncoderNetwork(model)
+            network = CrossEncoderNetwork(model)
         else:
             model = AutoModel.from_pretrained(source.name, dtype=torch.float32, **options)
             pooling = read_pooling(source)

@@ -31,6 +31,8 @@ class PairSpec:
     chunk: bool = False
     max_chunks_per_doc: int = 1
     chunk_overlap: int = 0
+    # A decoder reranker's instruction for this request; empty uses the tokenizer's.
+    instruction: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,11 @@ class PairTokenizer:
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
         self.special_tokens_per_pair = self._tokenizer.num_special_tokens_to_add(is_pair=True)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` when the tokenizer encodes it as exactly that one token."""
+        ids = self._tokenizer.encode(token, add_special_tokens=False).ids
+        return ids[0] if len(ids) == 1 and self._tokenizer.id_to_token(ids[0]) == token else None
 
     def min_max_length(self) -> int:
         """The smallest max_length that leaves room for one query token and one document token."""
@@ -98,3 +105,93 @@ class PairTokenizer:
             return [document]
         document.truncate(budget, stride=spec.chunk_overlap, direction="right")
         return [document, *document.overflowing][: spec.max_chunks_per_doc]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptFormat:
+    """How a decoder LLM reranker reads a (query, document) pair: a chat prompt around an instruction,
+    the query and the document, after which the model answers ``yes`` or ``no``.
+
+    ``query`` holds ``{instruction}`` and ``{query}``; ``document`` is the text before the document.
+    Both end where the tokenizer's pre-tokenizer splits anyway (after a newline, before a space), so
+    tokenizing the parts apart gives the tokens the whole prompt would get.
+    """
+
+    prefix: str
+    query: str
+    document: str
+    suffix: str
+    default_instruction: str
+    yes: str
+    no: str
+    # The longest prompt the model card scores with; the model's own position limit may be far longer.
+    max_length: int
+
+
+class PromptPairTokenizer(PairTokenizer):
+    """Pairs for a decoder reranker: prefix + query part + document part + suffix, no special tokens.
+
+    Truncation and chunking apply to the document's tokens only; every chunk keeps the whole prompt.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt: PromptFormat, instruction: str) -> None:
+        super().__init__(tokenizer)
+        self.prompt = prompt
+        self.instruction = instruction or prompt.default_instruction
+        self._prefix = self._ids(prompt.prefix)
+        self._suffix = self._ids(prompt.suffix)
+        # The document's lead ends before the space its first word carries.
+        self._lead_chars = len(prompt.document.rstrip())
+        self.special_tokens_per_pair = len(self._prefix) + len(self._suffix) + len(self._ids(prompt.document))
+
+    def _ids(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def min_max_length(self) -> int:
+        return len(self._query_ids("", self.instruction)) + self.special_tokens_per_pair + 2
+
+    def _query_ids(self, query: str, instruction: str) -> list[int]:
+        return self._ids(self.prompt.query.format(instruction=instruction, query=query))
+
+    def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedQuery:
+        instruction = spec.instruction or self.instruction
+        head = self._prefix + self._query_ids(query, instruction)
+        # A long query keeps at most half the budget, cut at a token boundary of the query alone.
+        query_budget = spec.max_length // 2
+        if len(head) + len(self._suffix) > query_budget:
+            query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
+            keep = max(0, len(query_encoding.ids) - (len(head) + len(self._suffix) - query_budget))
+            cut = query_encoding.offsets[keep - 1][1] if keep else 0
+            head = self._prefix + self._query_ids(query[:cut], instruction)
+        pairs: list[EncodedPair] = []
+        document_of_pair: list[int] = []
+        texts = [self.prompt.document + document for document in documents]
+        for index, encoding in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
+            lead = sum(1 for _, end in encoding.offsets if end <= self._lead_chars)
+            lead_ids, document_ids = encoding.ids[:lead], encoding.ids[lead:]
+            budget = spec.max_length - len(head) - len(lead_ids) - len(self._suffix)
+            if budget < 1:
+                raise InvalidArgument(
+                    f"max_length {spec.max_length} leaves no room for the document after the prompt, "
+                    f"the instruction and the query ({len(head) + len(lead_ids) + len(self._suffix)} tokens)"
+                )
+            if spec.chunk and spec.chunk_overlap >= budget:
+                raise InvalidArgument(
+                    f"chunk_overlap {spec.chunk_overlap} must be smaller than the chunk length: "
+                    f"{budget} document tokens fit in max_length {spec.max_length}"
+                )
+            for piece in _windows(document_ids, budget, spec):
+                ids = head + lead_ids + piece + self._suffix
+                pairs.append(EncodedPair(ids, [0] * len(ids)))
+                document_of_pair.append(index)
+        return EncodedQuery(pairs, document_of_pair)
+
+
+def _windows(ids: list[int], budget: int, spec: PairSpec) -> list[list[int]]:
+    """The document tokens a pair keeps: truncated to ``budget``, or chunks of it sharing
+    ``chunk_overlap`` tokens, as the Rust tokenizer's truncation with a stride cuts them."""
+    if not spec.chunk:
+        return [ids[:budget] if spec.truncation is Truncation.RIGHT else ids[max(0, len(ids) - budget) :]]
+    step = budget - spec.chunk_overlap
+    starts = range(0, max(1, len(ids) - spec.chunk_overlap), step)
+    return [ids[start : start + budget] for start in starts][: spec.max_chunks_per_doc]

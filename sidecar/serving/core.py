@@ -295,6 +295,8 @@ class ServingCore:
                 engine_notes=tuple(runtime.selection.notes),
                 compiled=engine.compiled,
                 selection=selection_info(runtime),
+                model_family=model.family,
+                instruction=getattr(model.tokenizer, "instruction", ""),
             ),
             embedding=embedding_info,
             server_version=__version__,

@@ -38,6 +38,8 @@ class RankingInfo:
     engine_notes: tuple[str, ...]
     compiled: bool
     selection: SelectionInfo
+    model_family: str
+    instruction: str  # what a decoder reranker is told when a request brings none; empty for encoders
 
 
 @dataclass(frozen=True)

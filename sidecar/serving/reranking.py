@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sidecar.errors import InvalidArgument
-from sidecar.model.tokenization import PairSpec, Truncation
+from sidecar.model.tokenization import PairSpec, PromptPairTokenizer, Truncation
 from sidecar.serving.scoring import Scorer
 from sidecar.serving.usage import Usage
 
@@ -34,6 +34,7 @@ class RerankOptions:
     max_chunks_per_doc: int = 0
     chunk_overlap: int = 0
     return_text: bool = False
+    instruction: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,11 @@ class Reranker:
                 f"max_length {max_length} is too small: at least {self.model.tokenizer.min_max_length()} "
                 "tokens are needed for the special tokens, the query and the document"
             )
+        if options.instruction and not isinstance(self.model.tokenizer, PromptPairTokenizer):
+            raise InvalidArgument(
+                f"instruction is set, but the model ({self.model.family}) reads no instruction; only "
+                "decoder LLM rerankers do (Info.instruction is empty here)"
+            )
         if not options.chunk and (options.max_chunks_per_doc or options.chunk_overlap):
             raise InvalidArgument(
                 "max_chunks_per_doc and chunk_overlap apply only with long_documents=LONG_DOCUMENTS_CHUNK"
@@ -115,6 +121,7 @@ class Reranker:
             chunk=options.chunk,
             max_chunks_per_doc=options.max_chunks_per_doc or self.limits.max_chunks_per_doc,
             chunk_overlap=options.chunk_overlap,
+            instruction=options.instruction,
         )
 
     def check_documents(self, documents: Sequence[Document], seen_ids: dict[str, int], offset: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.engines import Engine
 from sidecar.model.engines.selection import EngineRequest, Selection, select_engine
 from sidecar.model.engines.torch_engine import resolve_device
+from sidecar.model.families import family_of
 from sidecar.model.hardware import describe_device
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelKind, ModelSource, load_model
 from sidecar.model.network import load_network
@@ -114,10 +116,16 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     # Inductor reads the variable once per process, so it is set before anything compiles or exports;
     # an operator's own setting wins.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir).expanduser() / "inductor"))
+    source = dataclasses.replace(source, trust_remote_code=settings.trust_remote_code)
     phases = PhaseTimer()
     with phases.timed("load"):
-        model = load_model(source, settings.max_length)
-        network = load_network(source, model.kind)
+        model = load_model(source, settings.max_length, settings.instruction)
+        network = load_network(
+            source,
+            model.kind,
+            decoder=family_of(model.model_type).prompt is not None,
+            answer_token_ids=getattr(model, "answer_token_ids", None),
+        )
     input_names = ("input_ids", "attention_mask", "token_type_ids")
     input_names = input_names if model.uses_token_type_ids else input_names[:2]
     if model.kind is ModelKind.CROSS_ENCODER:

@@ -30,7 +30,7 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "raw_scores", "max_length", "truncation_direction", "long_documents", "max_chunks_per_doc", "chunk_overlap", "return_text")
+    __slots__ = ("query", "documents", "top_n", "raw_scores", "max_length", "truncation_direction", "long_documents", "max_chunks_per_doc", "chunk_overlap", "return_text", "instruction")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class RerankRequest(_message.Message):
     MAX_CHUNKS_PER_DOC_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     top_n: int
@@ -51,7 +52,8 @@ class RerankRequest(_message.Message):
     max_chunks_per_doc: int
     chunk_overlap: int
     return_text: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_chunks_per_doc: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., return_text: _Optional[bool] = ...) -> None: ...
+    instruction: str
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_chunks_per_doc: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., return_text: _Optional[bool] = ..., instruction: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("index", "id", "score", "text")
@@ -96,7 +98,7 @@ class RerankResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class RerankStreamRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "raw_scores", "max_length", "truncation_direction", "long_documents", "max_chunks_per_doc", "chunk_overlap", "return_text")
+    __slots__ = ("query", "documents", "top_n", "raw_scores", "max_length", "truncation_direction", "long_documents", "max_chunks_per_doc", "chunk_overlap", "return_text", "instruction")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +109,7 @@ class RerankStreamRequest(_message.Message):
     MAX_CHUNKS_PER_DOC_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     top_n: int
@@ -117,7 +120,8 @@ class RerankStreamRequest(_message.Message):
     max_chunks_per_doc: int
     chunk_overlap: int
     return_text: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_chunks_per_doc: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., return_text: _Optional[bool] = ...) -> None: ...
+    instruction: str
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_chunks_per_doc: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., return_text: _Optional[bool] = ..., instruction: _Optional[str] = ...) -> None: ...
 
 class BatchScores(_message.Message):
     __slots__ = ("batch", "results")
@@ -194,7 +198,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_queued_pairs: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_chunks_per_doc: _Optional[int] = ..., batch_workers: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled", "selection")
+    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled", "selection", "model_family", "instruction")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +213,8 @@ class InfoResponse(_message.Message):
     EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     COMPILED_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_revision: str
     model_kind: str
@@ -223,7 +229,9 @@ class InfoResponse(_message.Message):
     embedding_model: EmbeddingModelInfo
     compiled: bool
     selection: EngineSelection
-    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ...) -> None: ...
+    model_family: str
+    instruction: str
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ..., model_family: _Optional[str] = ..., instruction: _Optional[str] = ...) -> None: ...
 
 class EngineSelection(_message.Message):
     __slots__ = ("from_cache", "lossy_margin", "speedup_over_lossless", "timings", "hardware")

@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 # Model types whose encoder the BERT fusion of onnxruntime.transformers recognises.
 BERT_FAMILY = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet"})
 # Bumped whenever the int8 recipe below changes, so cached quantized files are rebuilt.
-_INT8_RECIPE = "weight-only-per-channel-matmul-v2"
-_LAYER_INDEX = re.compile(r"/layer\.(\d+)/")
+_INT8_RECIPE = "weight-only-per-channel-matmul-v3"
+# Encoder layers are named ``layer.N`` (BERT, DeBERTa) or ``layers.N`` (ModernBERT, decoder LLMs).
+_LAYER_INDEX = re.compile(r"/layers?\.(\d+)/")
 
 
 def onnxruntime_precisions(device: str) -> tuple[str, ...]:
@@ -116,11 +117,12 @@ def _quantize(fused: Path, target: Path) -> None:
     weights = {initializer.name: initializer for initializer in graph.initializer}
     matmuls = [node for node in graph.node if node.op_type == "MatMul"]
     layers = {int(match.group(1)) for node in matmuls if (match := _LAYER_INDEX.search(node.name))}
-    last_layer = f"/layer.{max(layers)}/" if layers else None
+    last_layer = max(layers) if layers else None
     quantized: dict[str, str] = {}
     dequantize_nodes = []
     for node in matmuls:
-        in_encoder = _LAYER_INDEX.search(node.name) and (last_layer is None or last_layer not in node.name)
+        match = _LAYER_INDEX.search(node.name)
+        in_encoder = match is not None and int(match.group(1)) != last_layer
         weight = weights.get(node.input[1])
         if not in_encoder or weight is None or len(weight.dims) != 2:
             continue
@@ -147,6 +149,9 @@ def _quantize(fused: Path, target: Path) -> None:
                 )
             )
         node.input[1] = quantized[weight.name]
+    if not quantized:
+        # Serving the fp32 graph under the int8 label would report a speed-up that is not there.
+        raise ModelLoadError("int8: no encoder weight MatMul found to quantize in this graph")
     still_used = {name for node in graph.node for name in node.input}
     kept = [init for init in graph.initializer if init.name not in quantized or init.name in still_used]
     del graph.initializer[:]

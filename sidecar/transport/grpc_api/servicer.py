@@ -43,6 +43,7 @@ def options_from(message: rerank_pb2.RerankRequest | rerank_pb2.RerankStreamRequ
         max_chunks_per_doc=message.max_chunks_per_doc,
         chunk_overlap=message.chunk_overlap,
         return_text=message.return_text,
+        instruction=message.instruction,
     )
 
 
@@ -148,6 +149,8 @@ def info_to_proto(info: ServingInfo) -> rerank_pb2.InfoResponse:
         engine_notes=list(ranking.engine_notes),
         compiled=ranking.compiled,
         selection=selection_to_proto(ranking.selection),
+        model_family=ranking.model_family,
+        instruction=ranking.instruction,
     )
     if info.embedding is not None:
         response.embedding_model.CopyFrom(embedding_info_to_proto(info.embedding))

@@ -1,0 +1,92 @@
+"""Every reranker family served through the real sidecar ranks as its reference does, on every engine
+this machine runs, in fp32: order, ids and scores within 1e-4.
+
+Random weights: the scores check that inputs, attention, pooling and the head are right, never quality.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rerank.v1 import rerank_pb2
+from tests.conftest import docs, running_sidecar
+from tests.families.conftest import FamilyModels
+from tests.families.references import cross_encoder_scores, qwen3_card_scores, qwen3_seq_cls_scores
+
+QUERY = "what do cats eat"
+TEXTS = (
+    "Cats are obligate carnivores and eat meat.",
+    "The stock market fell sharply on Tuesday.",
+    "Kittens need food rich in protein and fat.",
+    "A recipe for vegetable soup with carrots.",
+    "Basil keeps best at room temperature with its stems in a glass of water.",
+    "Domestic cats are often fed dry kibble or wet food from cans, twice a day.",
+)
+IDS = tuple(f"doc-{index}" for index in range(len(TEXTS)))
+
+REFERENCES: dict[str, Callable[[Path, str, tuple[str, ...]], np.ndarray]] = {
+    "bert": cross_encoder_scores,
+    "xlm-roberta": cross_encoder_scores,
+    "electra": cross_encoder_scores,
+    "deberta-v2": cross_encoder_scores,
+    "modernbert": cross_encoder_scores,
+    "qwen3-reranker": qwen3_card_scores,
+    "qwen3-reranker-seq-cls": qwen3_seq_cls_scores,
+}
+ENGINES = [
+    "torch",
+    pytest.param(
+        "onnxruntime",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed"
+        ),
+    ),
+    pytest.param(
+        "openvino",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("openvino") is None, reason="openvino is not installed"
+        ),
+    ),
+]
+
+
+@pytest.fixture(scope="session")
+def reference_scores(family_models: FamilyModels) -> Callable[[str], np.ndarray]:
+    computed: dict[str, np.ndarray] = {}
+
+    def scores(family: str) -> np.ndarray:
+        if family not in computed:
+            computed[family] = REFERENCES[family](family_models[family], QUERY, TEXTS)
+        return computed[family]
+
+    return scores
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("family", list(REFERENCES))
+async def test_ranks_as_its_reference_does(
+    family: str,
+    engine: str,
+    family_models: FamilyModels,
+    family_cache: Path,
+    reference_scores: Callable[[str], np.ndarray],
+):
+    expected = reference_scores(family)
+    request = rerank_pb2.RerankRequest(query=QUERY, documents=docs(*TEXTS, ids=IDS))
+    async with running_sidecar(family_models[family], engine=engine, cache_dir=str(family_cache)) as sidecar:
+        info = await sidecar.stub.Info(rerank_pb2.InfoRequest(), timeout=10)
+        response = await sidecar.stub.Rerank(request, timeout=60)
+    assert (info.engine, info.precision) == (engine, "fp32")
+    assert info.model_family == family.removesuffix("-seq-cls")
+    expected_order = sorted(range(len(TEXTS)), key=lambda index: (-expected[index], index))
+    assert [result.index for result in response.results] == expected_order
+    assert [result.id for result in response.results] == [IDS[index] for index in expected_order]
+    np.testing.assert_allclose(
+        [result.score for result in response.results], expected[expected_order], atol=1e-4, rtol=0
+    )
+    assert np.ptp(expected) > 1e-3  # the random model separates the documents, so the order means something
