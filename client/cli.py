@@ -115,13 +115,21 @@ def tls_config(settings: ClientSettings) -> TlsConfig | None:
 
 def blocking_client(settings: ClientSettings) -> RerankClient:
     return RerankClient(
-        settings.target, timeout=settings.timeout, tls=tls_config(settings), auth_token=settings.auth_token
+        settings.target,
+        timeout=settings.timeout,
+        tls=tls_config(settings),
+        token=settings.token,
+        allow_insecure_token=settings.allow_insecure_token,
     )
 
 
 def async_client(settings: ClientSettings) -> AsyncRerankClient:
     return AsyncRerankClient(
-        settings.target, timeout=settings.timeout, tls=tls_config(settings), auth_token=settings.auth_token
+        settings.target,
+        timeout=settings.timeout,
+        tls=tls_config(settings),
+        token=settings.token,
+        allow_insecure_token=settings.allow_insecure_token,
     )
 
 

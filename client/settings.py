@@ -60,11 +60,16 @@ class ClientSettings:
         "", "RERANK_CLIENT_TLS_CLIENT_CERT", "PEM client certificate (mutual TLS)."
     )
     tls_client_key: str = _setting("", "RERANK_CLIENT_TLS_CLIENT_KEY", "PEM client key (mutual TLS).")
-    auth_token: str = _setting(
+    token: str = _setting(
         "",
-        "RERANK_CLIENT_AUTH_TOKEN",
-        "Token sent to the sidecar as `authorization: Bearer <token>` (the sidecar's --auth-token). Prefer "
-        "the environment variable, which other users cannot read from the process list.",
+        "RERANK_CLIENT_TOKEN",
+        "Bearer token for the sidecar (its --auth-token), sent over TLS or to a loopback address only. "
+        "Prefer the environment variable, which other users cannot read from the process list.",
+    )
+    allow_insecure_token: bool = _setting(
+        False,
+        "RERANK_CLIENT_ALLOW_INSECURE_TOKEN",
+        "Send --token over plaintext to a sidecar on another host (a trusted network only).",
     )
     timeout: float = _setting(10.0, "RERANK_CLIENT_TIMEOUT", "Deadline of each sidecar call, in seconds.")
     candidates: int = _setting(

@@ -69,23 +69,19 @@ def service_config(max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> str:
     """round_robin over every resolved address, and retries of the statuses a replica that is starting or
     stopping answers: UNAVAILABLE while it loads or drains, and CANCELLED for a call that reaches it in
     the instant its listener closes. Every sidecar method is idempotent, so a retry is always safe; a
-    call the caller itself cancels is never retried."""
+    call the caller itself cancels is never retried. One attempt means no retry policy at all (gRPC
+    refuses a policy of fewer than two attempts)."""
     services = [{"service": service.full_name} for service in rerank_pb2.DESCRIPTOR.services_by_name.values()]
-    config = {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [
-            {
-                "name": services,
-                "retryPolicy": {
-                    "maxAttempts": max_attempts,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
-                },
-            }
-        ],
-    }
+    method_config: dict[str, Any] = {"name": services}
+    if max_attempts > 1:
+        method_config["retryPolicy"] = {
+            "maxAttempts": max_attempts,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+        }
+    config = {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method_config]}
     return json.dumps(config)
 
 
@@ -117,6 +113,66 @@ def _read_pem(path: Path | None, what: str) -> bytes | None:
         return path.read_bytes()
     except OSError as exc:
         raise unreadable(path, what, exc) from exc
+
+
+_LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+def is_loopback(target: str) -> bool:
+    """Whether every address of a target is on this machine (a loopback address, or a unix socket)."""
+    target = target.strip()
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("ipv4:", "ipv6:", "dns:///", "dns:"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :]
+            break
+    addresses = [address.strip() for address in target.split(",") if address.strip()]
+    return bool(addresses) and all(_loopback_address(address) for address in addresses)
+
+
+def _loopback_address(address: str) -> bool:
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    host = host.strip("[]")
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def channel_credentials(
+    target: str, tls: TlsConfig | None, token: str, allow_insecure_token: bool
+) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, str], ...] | None]:
+    """The channel's credentials (None: plaintext) and the metadata every call adds.
+
+    A token rides as call credentials, which gRPC sends only over TLS or to this machine (local
+    credentials: plaintext, but the connection never leaves the host). A token over plaintext to another
+    host could be read on the wire, so it needs ``allow_insecure_token``, and then goes as plain metadata.
+    """
+    if tls is not None:
+        credentials = tls.credentials()
+        if token:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(token)
+            )
+        return credentials, None
+    if not token:
+        return None, None
+    if is_loopback(target):
+        connection = (
+            grpc.LocalConnectionType.UDS if target.startswith("unix") else grpc.LocalConnectionType.LOCAL_TCP
+        )
+        local = grpc.local_channel_credentials(connection)
+        return grpc.composite_channel_credentials(local, grpc.access_token_call_credentials(token)), None
+    if not allow_insecure_token:
+        raise UsageError(
+            f"a token is set, but the sidecar at {target} is reached over plaintext, where the token "
+            "could be read on the network: use TLS (--tls-root-certs), or reach the sidecar on a loopback "
+            "address, or set --allow-insecure-token if the network is trusted"
+        )
+    return None, (("authorization", f"Bearer {token}"),)
 
 
 def channel_options(max_attempts: int) -> list[tuple[str, str | int]]:
@@ -279,19 +335,31 @@ def embeddings_from(message: rerank_pb2.EmbedResponse) -> Embeddings:
 # ---- errors -----------------------------------------------------------------------------------------
 
 
-def sidecar_error(exc: grpc.RpcError, target: str, method: str, timeout: float) -> SidecarError:
-    """The ``SidecarError`` for a failed call, its message saying what to do about the status."""
+def sidecar_error(
+    exc: grpc.RpcError, target: str, method: str, timeout: float, *, tls: bool = False
+) -> SidecarError:
+    """The ``SidecarError`` for a failed call, its message saying what to do about the status.
+
+    A refused TLS handshake reaches the client as UNAVAILABLE, often as a bare "Socket closed" (under
+    TLS 1.3 the server rejects a client certificate after the client's side is done), so over TLS an
+    unavailable sidecar's message names the TLS settings too."""
     code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None) or str(exc)
     status = f"{code.name}: {details}"
     where = f"the sidecar at {target}"
     if code == grpc.StatusCode.UNAVAILABLE:
         message = f"{where} is unavailable ({status}): start it, or set --target to where it runs"
+        if tls:
+            message += (
+                "; or the TLS handshake failed: --tls-root-certs must hold the CA that signed the sidecar's "
+                "certificate, and a sidecar that requires client certificates (mutual TLS) needs "
+                "--tls-client-cert and --tls-client-key, signed by its client CA"
+            )
         return SidecarUnreachable(message, code, details)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         message = (
-            f"{where} refused {method} ({status}): set --auth-token (RERANK_CLIENT_AUTH_TOKEN) to the token "
-            "the sidecar was started with"
+            f"{where} refused {method} ({status}): set --token (RERANK_CLIENT_TOKEN) to the token the "
+            "sidecar was started with (its --auth-token)"
         )
         return SidecarRefused(message, code, details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -320,19 +388,20 @@ class _ClientBase:
         timeout: float = DEFAULT_TIMEOUT_S,
         tls: TlsConfig | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        auth_token: str = "",
+        token: str = "",
+        allow_insecure_token: bool = False,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.target = channel_target(target)
         self.timeout = timeout
-        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
         self._tls = tls
         self._options = channel_options(max_attempts)
-        if tls is None:
+        credentials, self._metadata = channel_credentials(self.target, tls, token, allow_insecure_token)
+        if credentials is None:
             self._channel = self._grpc.insecure_channel(self.target, options=self._options)
         else:
-            self._channel = self._grpc.secure_channel(self.target, tls.credentials(), options=self._options)
+            self._channel = self._grpc.secure_channel(self.target, credentials, options=self._options)
         self._reranker = rerank_pb2_grpc.RerankerStub(self._channel)
         self._embedder = rerank_pb2_grpc.EmbedderStub(self._channel)
 
@@ -345,7 +414,7 @@ class _ClientBase:
         try:
             yield
         except grpc.RpcError as exc:
-            raise sidecar_error(exc, self.target, method, timeout) from exc
+            raise sidecar_error(exc, self.target, method, timeout, tls=self._tls is not None) from exc
 
 
 class RerankClient(_ClientBase):

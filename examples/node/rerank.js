@@ -3,11 +3,17 @@
 //
 //   node rerank.js --target 127.0.0.1:50051 --query "what do cats eat" \
 //       --documents '[{"id": "a", "text": "Cats eat meat."}, {"id": "b", "text": "Stocks fell."}]' \
-//       [--top-n 5] [--batch-size 2] [--token TOKEN] [--timeout-ms 10000]
+//       [--top-n 5] [--batch-size 2] [--token TOKEN] [--timeout-ms 10000] \
+//       [--tls-root-certs ca.pem [--tls-client-cert client.pem --tls-client-key client-key.pem]]
+//
+// Settings also come from the Python client's variables: RERANK_CLIENT_TOKEN and RERANK_CLIENT_TLS_*.
+// With TLS the token rides as call credentials; over plaintext it is plain metadata, so keep plaintext
+// tokens to a loopback address.
 //
 // Prints one JSON object: the Rerank ranking, and the RerankStream batches and final ranking.
 "use strict";
 
+const fs = require("node:fs");
 const path = require("node:path");
 const { parseArgs } = require("node:util");
 const grpc = require("@grpc/grpc-js");
@@ -15,7 +21,24 @@ const protoLoader = require("@grpc/proto-loader");
 
 const PROTO = path.resolve(__dirname, "../../protos/rerank/v1/rerank.proto");
 
-function loadReranker(target) {
+// TLS (mutual when a client certificate is given) with the token as call credentials, or plaintext.
+function channelCredentials(tls, token) {
+  if (!tls.rootCerts) return grpc.credentials.createInsecure();
+  if (Boolean(tls.clientCert) !== Boolean(tls.clientKey)) {
+    throw new Error("--tls-client-cert and --tls-client-key go together: set both for mutual TLS");
+  }
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  const ssl = grpc.credentials.createSsl(read(tls.rootCerts), read(tls.clientKey), read(tls.clientCert));
+  if (!token) return ssl;
+  const bearer = grpc.credentials.createFromMetadataGenerator((_, callback) => {
+    const metadata = new grpc.Metadata();
+    metadata.set("authorization", `Bearer ${token}`);
+    callback(null, metadata);
+  });
+  return grpc.credentials.combineChannelCredentials(ssl, bearer);
+}
+
+function loadReranker(target, credentials) {
   const definition = protoLoader.loadSync(PROTO, {
     keepCase: true, // field names exactly as in the .proto: top_n, raw_scores, ...
     longs: Number,
@@ -24,7 +47,7 @@ function loadReranker(target) {
     oneofs: true,
   });
   const { rerank } = grpc.loadPackageDefinition(definition);
-  return new rerank.v1.Reranker(target, grpc.credentials.createInsecure());
+  return new rerank.v1.Reranker(target, credentials);
 }
 
 function callOptions(timeoutMs) {
@@ -81,7 +104,10 @@ async function main() {
       documents: { type: "string" },
       "top-n": { type: "string", default: "0" },
       "batch-size": { type: "string", default: "32" },
-      token: { type: "string", default: process.env.RERANK_AUTH_TOKEN || "" },
+      token: { type: "string", default: process.env.RERANK_CLIENT_TOKEN || "" },
+      "tls-root-certs": { type: "string", default: process.env.RERANK_CLIENT_TLS_ROOT_CERTS || "" },
+      "tls-client-cert": { type: "string", default: process.env.RERANK_CLIENT_TLS_CLIENT_CERT || "" },
+      "tls-client-key": { type: "string", default: process.env.RERANK_CLIENT_TLS_CLIENT_KEY || "" },
       "timeout-ms": { type: "string", default: "10000" },
     },
   });
@@ -91,8 +117,14 @@ async function main() {
   const documents = JSON.parse(values.documents);
   const options = { top_n: Number(values["top-n"]) };
   const timeoutMs = Number(values["timeout-ms"]);
-  const metadata = metadataFor(values.token);
-  const client = loadReranker(values.target);
+  const tls = {
+    rootCerts: values["tls-root-certs"],
+    clientCert: values["tls-client-cert"],
+    clientKey: values["tls-client-key"],
+  };
+  // Over TLS the channel's call credentials carry the token; over plaintext, each call's metadata.
+  const metadata = metadataFor(tls.rootCerts ? "" : values.token);
+  const client = loadReranker(values.target, channelCredentials(tls, values.token));
   try {
     const rerank = await rerankOnce(client, { query: values.query, documents, ...options }, metadata, timeoutMs);
     const stream = await rerankStream(

@@ -222,9 +222,9 @@ async def test_ingest_needs_the_sidecar(tmp_path: Path, documents: Path):
 async def test_a_sidecar_refusing_the_token(tmp_path: Path, scripted: Scripted, documents: Path):
     scripted.servicer.token = "right"
     common = ["ingest", str(documents), "--target", scripted.target, "--index-dir", "index"]
-    refused = await rerank_client(*common, cwd=tmp_path, env={"RERANK_CLIENT_AUTH_TOKEN": "wrong"})
-    assert_fails(refused, SidecarRefused.exit_code, scripted.target, "UNAUTHENTICATED", "--auth-token")
-    accepted = await rerank_client(*common, cwd=tmp_path, env={"RERANK_CLIENT_AUTH_TOKEN": "right"})
+    refused = await rerank_client(*common, cwd=tmp_path, env={"RERANK_CLIENT_TOKEN": "wrong"})
+    assert_fails(refused, SidecarRefused.exit_code, scripted.target, "UNAUTHENTICATED", "--token")
+    accepted = await rerank_client(*common, cwd=tmp_path, env={"RERANK_CLIENT_TOKEN": "right"})
     assert accepted.returncode == 0, accepted.stderr
 
 
