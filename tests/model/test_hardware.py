@@ -7,7 +7,8 @@ import pytest
 from sidecar.errors import ModelLoadError
 from sidecar.model import hardware
 from sidecar.model.engines.onnxruntime_engine import int8_withheld_reason, onnxruntime_precisions
-from sidecar.model.engines.selection import plan_candidates, withheld_precisions
+from sidecar.model.engines.registry import engine_spec
+from sidecar.model.engines.selection import plan_candidates
 from sidecar.model.hardware import CpuInfo, parse_cpuinfo
 
 # The first lines of /proc/cpuinfo on the three classes this project has run on (flags abridged).
@@ -63,7 +64,7 @@ def test_without_int8_dot_products_int8_is_not_offered_and_says_why(cpu_without_
     assert "AMD EPYC 7R32 (avx2)" in reason
     assert "VNNI" in reason
     offers = {"tensorrt": "no GPU", "onnxruntime": ("fp32",), "openvino": ("fp32",), "torch": ("fp32",)}
-    withheld = {name: withheld_precisions(name, "cpu") for name in offers}
+    withheld = {name: engine_spec(name).withheld("cpu") for name in offers}
     candidates, notes = plan_candidates("auto", "auto", offers, withheld)
     assert [str(candidate) for candidate in candidates] == ["onnxruntime/fp32", "openvino/fp32", "torch/fp32"]
     assert notes[1] == f"onnxruntime/int8: not offered here: {reason}"

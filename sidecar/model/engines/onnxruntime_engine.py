@@ -7,6 +7,7 @@ activations stay fp32, so a pair's score never depends on what shares its batch.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine, require_precision
+from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
 from sidecar.model.export import OUTPUT_NAME, ExportedModel
 from sidecar.model.hardware import cpu_info
 
@@ -201,3 +203,23 @@ class OnnxRuntimeEngine(Engine):
         feeds = batch.as_dict()
         (outputs,) = self._session.run([OUTPUT_NAME], {name: feeds[name] for name in self._input_names})
         return np.asarray(outputs, dtype=np.float32)
+
+
+def _offered(device: str) -> tuple[str, ...] | str:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "the onnxruntime package is not installed"
+    return onnxruntime_precisions(device)
+
+
+def _withheld(device: str) -> dict[str, str]:
+    reason = int8_withheld_reason(device) if device == "cpu" else None
+    return {"int8": reason} if reason else {}
+
+
+def _build(inputs: EngineInputs, shape: EngineShape, precision: str) -> Engine:
+    return OnnxRuntimeEngine(
+        inputs.exported(), inputs.cache, precision=precision, device=shape.device, threads=shape.threads
+    )
+
+
+SPEC = EngineSpec("onnxruntime", _offered, _build, _withheld)

@@ -19,6 +19,7 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine, require_precision
+from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
 from sidecar.model.engines.torch_engine import cpu_supports_bf16
 from sidecar.model.export import ExportedModel
 
@@ -92,3 +93,19 @@ class OpenVinoEngine(Engine):
         outputs = request.infer({name: feeds[name] for name in self._input_names})
         # The request reuses its output buffer on the next call: copy the rows out.
         return np.array(outputs[0], dtype=np.float32, copy=True)
+
+
+def _build(inputs: EngineInputs, shape: EngineShape, precision: str) -> Engine:
+    return OpenVinoEngine(
+        inputs.exported(),
+        inputs.cache,
+        precision=precision,
+        device=shape.device,
+        threads=shape.threads,
+        workers=shape.workers,
+    )
+
+
+SPEC = EngineSpec(
+    "openvino", lambda device: unavailable_reason(device) or openvino_precisions(device), _build
+)

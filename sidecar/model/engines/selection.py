@@ -29,9 +29,10 @@ from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines import ENGINE_CHAIN, ENGINE_CHOICES, PRECISION_CHOICES
 from sidecar.model.engines.base import Engine
+from sidecar.model.engines.registry import EngineInputs, EngineShape, engine_spec
 from sidecar.model.engines.torch_engine import TorchEngine, compile_wanted
 from sidecar.model.engines.verdict import Verdict, VerdictStore
-from sidecar.model.export import ExportedModel, export_onnx, library_versions
+from sidecar.model.export import ExportedModel, library_versions
 from sidecar.model.hardware import device_fingerprint
 from sidecar.model.network import Network, content_hash
 from sidecar.model.parity import ParityReport, Probe, compare
@@ -99,39 +100,6 @@ def is_lossy(precision: str, device: str) -> bool:
     return precision == "int8" or (device == "cpu" and precision != "fp32")
 
 
-def offered_precisions(engine: str, device: str) -> tuple[str, ...] | str:
-    """The precisions ``engine`` runs on ``device``, fastest first, or why it cannot run there."""
-    if engine == "tensorrt":
-        from sidecar.model.engines.tensorrt_engine import tensorrt_precisions, unavailable_reason
-
-        return unavailable_reason(device) or tensorrt_precisions(device)
-    if engine == "onnxruntime":
-        import importlib.util
-
-        from sidecar.model.engines.onnxruntime_engine import onnxruntime_precisions
-
-        if importlib.util.find_spec("onnxruntime") is None:
-            return "the onnxruntime package is not installed"
-        return onnxruntime_precisions(device)
-    if engine == "openvino":
-        from sidecar.model.engines import openvino_engine
-
-        return openvino_engine.unavailable_reason(device) or openvino_engine.openvino_precisions(device)
-    from sidecar.model.engines.torch_engine import torch_precisions
-
-    return torch_precisions(device)
-
-
-def withheld_precisions(engine: str, device: str) -> dict[str, str]:
-    """Precisions ``engine`` leaves out on ``device`` although it has them, with the reason."""
-    if engine == "onnxruntime" and device == "cpu":
-        from sidecar.model.engines.onnxruntime_engine import int8_withheld_reason
-
-        reason = int8_withheld_reason(device)
-        return {"int8": reason} if reason else {}
-    return {}
-
-
 def plan_candidates(
     engine: str,
     precision: str,
@@ -174,78 +142,42 @@ def plan_candidates(
 
 
 class _Builder:
-    """Loads one candidate engine; the ONNX export is made once, when the first compiled engine needs it."""
+    """Builds candidate engines through the registry; the reference (torch fp32 on the CPU) is reused."""
 
     def __init__(
         self,
         request: EngineRequest,
-        network: Network,
-        model_hash: str,
-        input_names: tuple[str, ...],
+        inputs: EngineInputs,
         reference: Engine,
         probe: Probe,
-        phases: PhaseTimer,
     ) -> None:
         self.request = request
-        self._network = network
-        self._model_hash = model_hash
-        self._input_names = input_names
+        self.inputs = inputs
         self.reference = reference
         self.probe = probe
-        self._phases = phases
-        self._cache = ArtifactCache(request.cache_dir)
-        self._exported: ExportedModel | None = None
-
-    def exported(self) -> ExportedModel:
-        if self._exported is None:
-            with self._phases.timed("export"):
-                self._exported = export_onnx(self._network, self._model_hash, self._input_names, self._cache)
-        return self._exported
-
-    def build(self, candidate: Candidate) -> Engine:
-        request = self.request
-        if candidate.engine == "torch":
-            return self._torch(candidate)
-        if candidate.engine == "onnxruntime":
-            from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
-
-            return OnnxRuntimeEngine(
-                self.exported(),
-                self._cache,
-                precision=candidate.precision,
-                device=request.device,
-                threads=request.threads,
-            )
-        if candidate.engine == "openvino":
-            from sidecar.model.engines.openvino_engine import OpenVinoEngine
-
-            return OpenVinoEngine(
-                self.exported(),
-                self._cache,
-                precision=candidate.precision,
-                device=request.device,
-                threads=request.threads,
-                workers=request.workers,
-            )
-        from sidecar.model.engines.tensorrt_engine import TensorRTEngine, shape_profiles
-
-        return TensorRTEngine(
-            self.exported(),
-            self._cache,
-            precision=candidate.precision,
+        self.shape = EngineShape(
             device=request.device,
-            profiles=shape_profiles(request.max_batch_pairs, request.max_batch_tokens, request.max_length),
+            threads=request.threads,
+            workers=request.workers,
+            max_batch_pairs=request.max_batch_pairs,
+            max_batch_tokens=request.max_batch_tokens,
+            max_length=request.max_length,
         )
 
-    def _torch(self, candidate: Candidate) -> Engine:
-        if candidate.precision == "fp32" and self.request.device == "cpu":
-            return self.reference
-        return TorchEngine(self._network, precision=candidate.precision, device=self.request.device)
+    def build(self, candidate: Candidate) -> Engine:
+        reference = self.reference
+        if (candidate.engine, candidate.precision, self.request.device) == (
+            reference.name,
+            reference.precision,
+            reference.device,
+        ):
+            return reference
+        return engine_spec(candidate.engine).build(self.inputs, self.shape, candidate.precision)
 
     def compiled_torch(self, candidate: Candidate) -> Engine:
         """The torch engine at the candidate's precision, compiled by TorchInductor."""
         return TorchEngine(
-            self._network,
+            self.inputs.network,
             precision=candidate.precision,
             device=self.request.device,
             compile_sample=typical_batch(self.request, self.probe),
@@ -258,15 +190,15 @@ def select_engine(
     input_names: tuple[str, ...],
     probe: Probe,
     phases: PhaseTimer | None = None,
-    offers: Callable[[str, str], tuple[str, ...] | str] = offered_precisions,
 ) -> Selection:
     """The engine that serves: the remembered choice when it still holds, else a fresh selection."""
     phases = phases or PhaseTimer()
+    specs = {name: engine_spec(name) for name in ENGINE_CHAIN}
     candidates, notes = plan_candidates(
         request.engine,
         request.precision,
-        {name: offers(name, request.device) for name in ENGINE_CHAIN},
-        {name: withheld_precisions(name, request.device) for name in ENGINE_CHAIN},
+        {name: spec.precisions(request.device) for name, spec in specs.items()},
+        {name: spec.withheld(request.device) for name, spec in specs.items()},
     )
     for note in notes:
         logger.warning("engine skipped: %s", note)
@@ -274,7 +206,15 @@ def select_engine(
     key = verdict_key(request, model_hash, probe)
     store = VerdictStore(request.cache_dir)
     reference = TorchEngine(network, precision="fp32", device="cpu")
-    builder = _Builder(request, network, model_hash, input_names, reference, probe, phases)
+
+    def timed_export(export: Callable[[], ExportedModel]) -> ExportedModel:
+        with phases.timed("export"):
+            return export()
+
+    inputs = EngineInputs(
+        network, model_hash, input_names, ArtifactCache(request.cache_dir), on_export=timed_export
+    )
+    builder = _Builder(request, inputs, reference, probe)
     selection: Selection | None = None
     if request.reselect:
         logger.info("selecting an engine afresh: --reselect")

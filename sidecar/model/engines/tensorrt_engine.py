@@ -24,6 +24,7 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine, require_precision
+from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
 from sidecar.model.export import OUTPUT_NAME, ExportedModel
 
 logger = logging.getLogger(__name__)
@@ -306,3 +307,18 @@ class TensorRTEngine(Engine):
         self._contexts.clear()
         self._engine = None
         self._runtime = None
+
+
+def _build(inputs: EngineInputs, shape: EngineShape, precision: str) -> Engine:
+    return TensorRTEngine(
+        inputs.exported(),
+        inputs.cache,
+        precision=precision,
+        device=shape.device,
+        profiles=shape_profiles(shape.max_batch_pairs, shape.max_batch_tokens, shape.max_length),
+    )
+
+
+SPEC = EngineSpec(
+    "tensorrt", lambda device: unavailable_reason(device) or tensorrt_precisions(device), _build
+)

@@ -14,6 +14,7 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.engines import TORCH_COMPILE_CHOICES
 from sidecar.model.engines.base import Engine, require_precision
+from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
 from sidecar.model.network import Network
 
 logger = logging.getLogger(__name__)
@@ -127,3 +128,10 @@ def _at_least_two_by_two(arrays: list[np.ndarray]) -> list[np.ndarray]:
     if columns < 2:
         arrays = [np.pad(array, ((0, 0), (0, 2 - columns))) for array in arrays]
     return arrays
+
+
+def _build(inputs: EngineInputs, shape: EngineShape, precision: str) -> Engine:
+    return TorchEngine(inputs.network, precision=precision, device=shape.device)
+
+
+SPEC = EngineSpec("torch", torch_precisions, _build)

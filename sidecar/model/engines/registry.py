@@ -1,0 +1,81 @@
+"""The engine registry: what each engine offers on a device, and how it is built.
+
+Each engine module declares one ``EngineSpec`` named ``SPEC``; the registry imports a module only when
+the chain (or a benchmark) asks for that engine, so a machine without TensorRT never imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sidecar.model.cache import ArtifactCache
+from sidecar.model.engines import ENGINE_CHAIN
+from sidecar.model.engines.base import Engine
+from sidecar.model.export import ExportedModel, export_onnx
+from sidecar.model.network import Network
+
+
+class EngineInputs:
+    """What any engine is built from: the network, and its ONNX export, made once on first use."""
+
+    def __init__(
+        self,
+        network: Network,
+        model_hash: str,
+        input_names: tuple[str, ...],
+        cache: ArtifactCache,
+        *,
+        on_export: Callable[[Callable[[], ExportedModel]], ExportedModel] = lambda export: export(),
+    ) -> None:
+        self.network = network
+        self.cache = cache
+        self._model_hash = model_hash
+        self._input_names = input_names
+        self._on_export = on_export  # e.g. times the export as a loading phase
+        self._exported: ExportedModel | None = None
+
+    def exported(self) -> ExportedModel:
+        if self._exported is None:
+            self._exported = self._on_export(
+                lambda: export_onnx(self.network, self._model_hash, self._input_names, self.cache)
+            )
+        return self._exported
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """Where and how an engine runs: the device, each batch worker's threads, and the batch shapes."""
+
+    device: str
+    threads: int = 1
+    workers: int = 1
+    max_batch_pairs: int = 32
+    max_batch_tokens: int = 4096
+    max_length: int = 512
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    # The precisions the engine runs on a device, fastest first, or why it cannot run there.
+    precisions: Callable[[str], tuple[str, ...] | str]
+    build: Callable[[EngineInputs, EngineShape, str], Engine]
+    # Precisions the engine has but leaves out on a device, with the reason.
+    withheld: Callable[[str], dict[str, str]] = field(default=lambda device: {})
+
+
+_SPEC_MODULES = {
+    "tensorrt": "sidecar.model.engines.tensorrt_engine",
+    "onnxruntime": "sidecar.model.engines.onnxruntime_engine",
+    "openvino": "sidecar.model.engines.openvino_engine",
+    "torch": "sidecar.model.engines.torch_engine",
+}
+assert tuple(_SPEC_MODULES) == ENGINE_CHAIN, "every engine of the chain is registered, in chain order"
+
+
+def engine_spec(name: str) -> EngineSpec:
+    """The spec of a registered engine; its module is imported now."""
+    spec: EngineSpec = importlib.import_module(_SPEC_MODULES[name]).SPEC
+    return spec
