@@ -45,15 +45,9 @@ from client.pipeline import PipelineOptions, TwoStagePipeline
 from client.retrieval.base import Retriever
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.retrieval.embedded import EmbeddedRetriever
-from client.settings import (
-    EVAL_IGNORES,
-    ClientSettings,
-    DemoSettings,
-    EvalSettings,
-    add_settings_arguments,
-    settings_from,
-)
+from client.settings import EVAL_IGNORES, ClientSettings, DemoSettings, EvalSettings
 from client.sidecar_client import AsyncRerankClient, RerankClient, TlsConfig
+from envflags import add_settings_arguments, settings_from
 from rerank.v1 import rerank_pb2
 
 
@@ -76,7 +70,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     search_parser = commands.add_parser("search", help="Retrieve, rerank and print the top results.")
     search_parser.add_argument("query")
     for command_parser in (ingest_parser, search_parser):
-        add_settings_arguments(command_parser, environ)
+        add_settings_arguments(command_parser, ClientSettings, environ)
     eval_parser = commands.add_parser(
         "eval",
         help="Measure BM25, dense, hybrid and hybrid + rerank on a BEIR dataset: quality and latency.",
@@ -84,12 +78,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     eval_parser.add_argument(
         "dataset", type=Path, help="A BEIR directory: corpus.jsonl, queries.jsonl, qrels/."
     )
-    add_settings_arguments(eval_parser, environ, exclude=EVAL_IGNORES)
-    add_settings_arguments(eval_parser, environ, EvalSettings)
+    add_settings_arguments(eval_parser, ClientSettings, environ, exclude=EVAL_IGNORES)
+    add_settings_arguments(eval_parser, EvalSettings, environ)
     demo_parser = commands.add_parser(
         "demo", help="Answer questions about the packaged contract clauses with both stages, offline."
     )
-    add_settings_arguments(demo_parser, environ, DemoSettings)
+    add_settings_arguments(demo_parser, DemoSettings, environ)
     return parser
 
 
@@ -305,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # Each command's parser holds the flags of the settings it uses; the others keep their defaults.
-        settings = settings_from(args)
+        settings = settings_from(args, ClientSettings)
         eval_settings = settings_from(args, EvalSettings)
         demo_settings = settings_from(args, DemoSettings)
     except ValueError as exc:

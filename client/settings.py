@@ -5,18 +5,14 @@ A flag beats its variable, which beats the default. ``python -m client.settings`
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from client.errors import UsageError
 from client.retrieval.base import FilterValue
 from client.retrieval.elasticsearch import VECTOR_INDEX_TYPES
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+from envflags import require_non_negative, require_positive, settings_table
 
 
 def _setting(default: Any, env: str, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -125,12 +121,10 @@ class ClientSettings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("timeout", "candidates", "batch_size", "top_k", "rank_constant", "embed_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
-        for name in ("bm25_weight", "vector_weight", "num_candidates"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{flag_name(name)} must be zero or more, got {getattr(self, name)}")
+        require_positive(
+            self, ("timeout", "candidates", "batch_size", "top_k", "rank_constant", "embed_batch_size")
+        )
+        require_non_negative(self, ("bm25_weight", "vector_weight", "num_candidates"))
         try:
             parse_filters(self.filters)
         except ValueError as exc:
@@ -193,9 +187,7 @@ class DemoSettings:
     debug: bool = _debug_setting()
 
     def __post_init__(self) -> None:
-        for name in ("candidates", "top_k", "timeout", "startup_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
+        require_positive(self, ("candidates", "top_k", "timeout", "startup_timeout"))
 
 
 def parse_filters(text: str) -> dict[str, FilterValue]:
@@ -207,75 +199,6 @@ def parse_filters(text: str) -> dict[str, FilterValue]:
             raise ValueError(f"takes name=value[,name=value], got {item!r}")
         values.setdefault(name.strip(), []).append(value.strip())
     return {name: found[0] if len(found) == 1 else found for name, found in values.items()}
-
-
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in _TRUE | _FALSE:
-        return text.lower() in _TRUE
-    raise ValueError(f"{text!r} is not a boolean")
-
-
-Settings = TypeVar("Settings", ClientSettings, EvalSettings, DemoSettings)
-
-
-def add_settings_arguments(
-    parser: argparse.ArgumentParser,
-    environ: Mapping[str, str],
-    settings_type: type[Any] = ClientSettings,
-    exclude: Collection[str] = (),
-) -> None:
-    """A flag per field of ``settings_type`` (but those in ``exclude``), defaulting to its variable."""
-    for settings_field in dataclasses.fields(settings_type):
-        if settings_field.name in exclude:
-            continue
-        env = settings_field.metadata["env"]
-        default = settings_field.default
-        kind = type(default)
-        if env in environ:
-            try:
-                default = _parse_bool(environ[env]) if kind is bool else kind(environ[env])
-            except ValueError as exc:
-                parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
-                raise AssertionError from exc  # parser.error exits
-        help_text = f"{settings_field.metadata['help']} [env {env}]"
-        if kind is bool:
-            parser.add_argument(
-                flag_name(settings_field.name),
-                dest=settings_field.name,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text,
-            )
-            continue
-        parser.add_argument(
-            flag_name(settings_field.name),
-            dest=settings_field.name,
-            type=kind,
-            default=default,
-            choices=settings_field.metadata["choices"],
-            help=help_text,
-        )
-
-
-def settings_from(namespace: argparse.Namespace, settings_type: type[Settings] = ClientSettings) -> Settings:
-    """The ``settings_type`` fields parsed into ``namespace``; fields without a flag keep their default."""
-    names = {settings_field.name for settings_field in dataclasses.fields(settings_type)}
-    return settings_type(**{name: value for name, value in vars(namespace).items() if name in names})
-
-
-def settings_table(settings_type: type[Any] = ClientSettings) -> str:
-    rows = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
-    for settings_field in dataclasses.fields(settings_type):
-        choices = settings_field.metadata["choices"]
-        meaning = settings_field.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
-        default = f"`{settings_field.default}`" if settings_field.default != "" else "(empty)"
-        names = f"`{flag_name(settings_field.name)}` | `{settings_field.metadata['env']}`"
-        rows.append(f"| {names} | {default} | {meaning} |")
-    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ a flag beats the variable, which beats the default.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from envflags import add_settings_arguments, require_non_negative, require_positive, settings_table
 from sidecar.model.engines import ENGINE_CHOICES, PRECISION_CHOICES, TORCH_COMPILE_CHOICES
 
 ENV_PREFIX = "RERANK_"
@@ -136,13 +136,9 @@ class Settings:
         positive = ("max_batch_pairs", "max_queued_pairs")
         positive += ("max_documents_per_request", "max_chunks_per_doc", "tokenizer_workers")
         positive += ("max_request_tokens", "max_message_bytes")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
+        require_positive(self, positive)
         non_negative = ("port", "metrics_port", "threads", "batch_workers", "max_length", "max_batch_tokens")
-        for name in (*non_negative, "grace_period", "lossy_margin"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{flag_name(name)} must be zero or more, got {getattr(self, name)}")
+        require_non_negative(self, (*non_negative, "grace_period", "lossy_margin"))
         if self.max_batch_pairs > self.max_queued_pairs:
             raise ValueError("--max-batch-pairs must not exceed --max-queued-pairs")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -155,60 +151,14 @@ class Settings:
         return f"{self.host}:{self.port}"
 
 
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def env_name(field_name: str) -> str:
-    return ENV_PREFIX + field_name.upper()
-
-
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rerank-sidecar",
         description="gRPC reranking sidecar. Every flag can also be set by the environment variable shown.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for settings_field in dataclasses.fields(Settings):
-        env = env_name(settings_field.name)
-        default = settings_field.default
-        kind = type(default)
-        if env in environ:
-            try:
-                default = _parse_bool(environ[env]) if kind is bool else kind(environ[env])
-            except ValueError as exc:
-                parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
-                raise AssertionError from exc  # parser.error exits
-        help_text = f"{settings_field.metadata['help']} [env {env}]"
-        if kind is bool:  # --reselect / --no-reselect
-            parser.add_argument(
-                flag_name(settings_field.name),
-                dest=settings_field.name,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text,
-            )
-            continue
-        parser.add_argument(
-            flag_name(settings_field.name),
-            dest=settings_field.name,
-            type=kind,
-            default=default,
-            choices=settings_field.metadata["choices"],
-            help=help_text,
-        )
+    add_settings_arguments(parser, Settings, environ, env_prefix=ENV_PREFIX)
     return parser
-
-
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
-
-
-def _parse_bool(value: str) -> bool:
-    if value.strip().lower() in _TRUE:
-        return True
-    if value.strip().lower() in _FALSE:
-        return False
-    raise ValueError(value)
 
 
 def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -222,17 +172,5 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         raise AssertionError from exc  # parser.error exits
 
 
-def settings_table() -> str:
-    """The README's settings table, generated from the fields so the two cannot drift."""
-    rows = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
-    for settings_field in dataclasses.fields(Settings):
-        choices = settings_field.metadata["choices"]
-        meaning = settings_field.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
-        default = f"`{settings_field.default}`" if settings_field.default != "" else "(empty)"
-        names = f"`{flag_name(settings_field.name)}` | `{env_name(settings_field.name)}`"
-        rows.append(f"| {names} | {default} | {meaning} |")
-    return "\n".join(rows)
-
-
 if __name__ == "__main__":  # `python -m sidecar.settings` prints the README's settings table
-    print(settings_table())
+    print(settings_table(Settings, ENV_PREFIX))

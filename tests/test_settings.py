@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from envflags import env_name, flag_name, settings_table
 from sidecar.errors import ModelLoadError
 from sidecar.model.engines.base import Engine
 from sidecar.serving.runtime import batch_token_budget, batch_workers, serving_workers
-from sidecar.settings import Settings, env_name, flag_name, parse_settings, settings_table
+from sidecar.settings import ENV_PREFIX, Settings, parse_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -76,9 +77,9 @@ def test_batch_workers_default_by_device_and_engine():
 
 def test_readme_lists_every_setting():
     readme = README.read_text()
-    assert settings_table() in readme, (
+    assert settings_table(Settings, ENV_PREFIX) in readme, (
         "README settings table is stale: paste the output of `python -m sidecar.settings`"
     )
     for field in dataclasses.fields(Settings):
         assert flag_name(field.name) in readme
-        assert env_name(field.name) in readme
+        assert env_name(field, ENV_PREFIX) in readme

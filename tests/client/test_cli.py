@@ -17,7 +17,8 @@ from client.evaluation import ConfigurationResult, EvalReport
 from client.output import eval_lines, results_table
 from client.pipeline import SearchResponse, SearchResult, StageTimings
 from client.retrieval.base import Candidate
-from client.settings import ClientSettings, parse_filters, settings_from, settings_table
+from client.settings import ClientSettings, parse_filters
+from envflags import settings_from, settings_table
 from tests.conftest import RunningSidecar
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -82,7 +83,7 @@ def test_settings_come_from_flags_then_environment():
     parser = build_parser(
         {"ES_URL": "http://es:9200", "RERANK_CLIENT_TOP_K": "3", "RERANK_CLIENT_STRICT": "true"}
     )
-    settings = settings_from(parser.parse_args(["search", "q", "--top-k", "5"]))
+    settings = settings_from(parser.parse_args(["search", "q", "--top-k", "5"]), ClientSettings)
     assert (settings.es_url, settings.top_k, settings.strict) == ("http://es:9200", 5, True)
     assert parse_filters("lang=en, lang=de,year=2020") == {"lang": ["en", "de"], "year": "2020"}
     with pytest.raises(ValueError, match="name=value"):
