@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import cohere
@@ -255,62 +256,54 @@ async def test_a_full_queue_is_429_with_retry_after_for_grpc_and_http_alike(
     assert len((await first).results) == 8
 
 
+@asynccontextmanager
+async def engine_held(sidecar: RunningSidecar) -> AsyncIterator[None]:
+    """Hold the model on one pair while the body runs; then check no "elephant" pair ever reached it
+    and the queue emptied."""
+    engine = sidecar.engine
+    engine.open.clear()
+    engine.entered.clear()
+    blocker = sidecar.stub.Rerank(rerank_pb2.RerankRequest(query="q", documents=docs("hold")), timeout=60)
+    try:
+        await wait_until(engine.entered.is_set)
+        yield
+    finally:
+        engine.open.set()
+    await blocker
+    await sidecar.stub.Rerank(rerank_pb2.RerankRequest(query="q", documents=docs("after")), timeout=30)
+    assert not engine.saw_token(marker_token(sidecar, "elephant"))
+    assert sidecar.server.core.reranker.batcher.queued_pairs == 0  # type: ignore[union-attr]
+
+
+ELEPHANT = {"model": "m", "query": "elephant", "documents": ["giraffe"]}
+
+
 async def test_past_the_request_timeout_is_504_and_never_reaches_the_model(
     small_http_sidecar: RunningSidecar,
 ):
-    engine = small_http_sidecar.engine
-    engine.open.clear()
-    engine.entered.clear()
-    blocker = small_http_sidecar.stub.Rerank(
-        rerank_pb2.RerankRequest(query="q", documents=docs("hold")), timeout=60
-    )
-    try:
-        await wait_until(engine.entered.is_set)
-        async with httpx.AsyncClient(base_url=small_http_sidecar.http_url) as client:
-            response = await client.post(
-                "/v2/rerank",
-                json={"model": "m", "query": "elephant", "documents": ["giraffe"]},
-                headers={"X-Request-Timeout": "0.3"},
-            )
-        assert response.status_code == 504
-        assert "X-Request-Timeout" in response.json()["message"]
-    finally:
-        engine.open.set()
-    await blocker
-    await small_http_sidecar.stub.Rerank(
-        rerank_pb2.RerankRequest(query="q", documents=docs("after")), timeout=30
-    )
-    assert not engine.saw_token(marker_token(small_http_sidecar, "elephant"))
-    assert small_http_sidecar.server.core.reranker.batcher.queued_pairs == 0  # type: ignore[union-attr]
+    async with (
+        engine_held(small_http_sidecar),
+        httpx.AsyncClient(base_url=small_http_sidecar.http_url) as client,
+    ):
+        response = await client.post("/v2/rerank", json=ELEPHANT, headers={"X-Request-Timeout": "0.3"})
+    assert response.status_code == 504
+    assert "X-Request-Timeout" in response.json()["message"]
 
 
 async def test_a_client_that_disconnects_drops_its_queued_work(small_http_sidecar: RunningSidecar):
-    engine = small_http_sidecar.engine
     batcher = small_http_sidecar.server.core.reranker.batcher  # type: ignore[union-attr]
-    engine.open.clear()
-    engine.entered.clear()
-    blocker = small_http_sidecar.stub.Rerank(
-        rerank_pb2.RerankRequest(query="q", documents=docs("hold")), timeout=60
-    )
-    try:
-        await wait_until(engine.entered.is_set)
-        async with httpx.AsyncClient(base_url=small_http_sidecar.http_url) as client:
-            doomed = asyncio.create_task(
-                client.post("/v2/rerank", json={"model": "m", "query": "elephant", "documents": ["giraffe"]})
-            )
-            await wait_until(lambda: batcher.queued_pairs == 1)
-            doomed.cancel()  # httpx closes the connection
-            with pytest.raises(asyncio.CancelledError):
-                await doomed
-        await wait_until(lambda: small_http_sidecar.server.http.calls.in_flight == 0)  # type: ignore[union-attr]
-    finally:
-        engine.open.set()
-    await blocker
-    await small_http_sidecar.stub.Rerank(
-        rerank_pb2.RerankRequest(query="q", documents=docs("after")), timeout=30
-    )
-    assert not engine.saw_token(marker_token(small_http_sidecar, "elephant"))
-    assert batcher.queued_pairs == 0
+    http = small_http_sidecar.server.http
+    assert http is not None
+    async with (
+        engine_held(small_http_sidecar),
+        httpx.AsyncClient(base_url=small_http_sidecar.http_url) as client,
+    ):
+        doomed = asyncio.create_task(client.post("/v2/rerank", json=ELEPHANT))
+        await wait_until(lambda: batcher.queued_pairs == 1)
+        doomed.cancel()  # httpx closes the connection
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        await wait_until(lambda: http.calls.in_flight == 0)
 
 
 async def test_503_while_loading_and_while_draining(tiny_bert: Path):
