@@ -17,9 +17,9 @@ import pytest
 
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from tests.conftest import RunningSidecar, docs, free_port, running_sidecar, wait_until
+from tests.pki import Pki
 from tests.transport.test_embed import MINILM, TEXTS
 from tests.transport.test_errors import marker_token
-from tests.transport.test_security import Pki
 
 QUERY = "what is the capital of France?"
 DOCUMENTS = [
