@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from sidecar.serving.core import ServingState
 from tests.conftest import RunningSidecar, docs, free_port, running_sidecar, wait_until
 from tests.pki import Pki
 from tests.transport.test_embed import MINILM, TEXTS
@@ -367,3 +368,21 @@ async def test_tls_and_mutual_tls_use_the_grpc_settings(tiny_bert: Path, tmp_pat
         async with httpx.AsyncClient(base_url=url.replace("https", "http")) as client:
             with pytest.raises(httpx.HTTPError):
                 await client.post("/rerank", json=body)
+
+
+async def test_a_stop_lets_http_calls_in_flight_finish(tiny_bert: Path):
+    async with running_sidecar(tiny_bert, http_port=free_port()) as running:
+        engine = running.engine
+        engine.open.clear()
+        engine.entered.clear()
+        async with httpx.AsyncClient(base_url=running.http_url) as client:
+            in_flight = asyncio.create_task(client.post("/rerank", json={"query": "q", "texts": ["a", "b"]}))
+            await wait_until(engine.entered.is_set)
+            stopping = asyncio.create_task(running.server.stop(grace=30))
+            await wait_until(lambda: running.server.core.state is ServingState.DRAINING)
+            assert (await client.get("/health")).status_code == 503
+            engine.open.set()
+            response = await in_flight
+            await stopping
+        assert response.status_code == 200
+        assert len(response.json()) == 2
