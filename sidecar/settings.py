@@ -155,6 +155,8 @@ class Settings:
             raise ValueError("--tls-cert-file and --tls-key-file go together")
         if self.http_metrics and not self.http_port:
             raise ValueError("--http-metrics needs --http-port")
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            raise ValueError("--http-port must differ from --port and --metrics-port")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and --tls-key-file")
 
