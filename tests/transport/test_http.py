@@ -386,3 +386,23 @@ async def test_a_stop_lets_http_calls_in_flight_finish(tiny_bert: Path):
             await stopping
         assert response.status_code == 200
         assert len(response.json()) == 2
+
+
+async def test_an_engine_failure_is_500_and_the_server_recovers(small_http_sidecar: RunningSidecar):
+    engine = small_http_sidecar.engine
+    original = engine.inner.forward
+
+    def broken(batch):
+        raise RuntimeError("simulated device error")
+
+    engine.inner.forward = broken  # type: ignore[method-assign]
+    async with httpx.AsyncClient(base_url=small_http_sidecar.http_url) as client:
+        try:
+            failed = await client.post("/rerank", json={"query": "q", "texts": ["a", "b"]})
+        finally:
+            engine.inner.forward = original  # type: ignore[method-assign]
+        recovered = await client.post("/rerank", json={"query": "q", "texts": ["a"]})
+    assert failed.status_code == 500
+    assert failed.json()["error_type"] == "Backend"
+    assert "simulated device error" in failed.json()["error"]
+    assert recovered.status_code == 200
