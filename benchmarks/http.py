@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def main() -> None:
             "http POST /v2/rerank": Run(len(texts), over_cohere),
             "http POST /rerank": Run(len(texts), over_tei),
         }
+        load_before = os.getloadavg()
         measured = interleaved(runs, args.repeats)
+        load_after = os.getloadavg()
     for name, (_, order) in measured.items():
         if not np.array_equal(order, measured["grpc Rerank"][1]):
             raise AssertionError(f"{name} ranks the candidates differently from gRPC")
@@ -114,6 +117,9 @@ def main() -> None:
     record = {
         "hardware": hardware_record(),
         "engine": sidecar.engine,
+        # The machine's 1, 5 and 15-minute load averages around the rounds: how quiet it was.
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "repeats": args.repeats,
         "max_length": args.max_length,
         "variants": [asdict(variant) for variant in variants],
