@@ -303,7 +303,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bm25s").setLevel(settings.log_level)  # bm25s sets DEBUG on its logger at import
     debug = demo_settings.debug if args.command == "demo" else settings.debug
     if not debug:
         # Its retry warnings carry tracebacks; the failure they end in is reported in one line below.

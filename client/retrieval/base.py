@@ -35,6 +35,7 @@ class SearchRequest:
     rank_constant: int = DEFAULT_RANK_CONSTANT
     bm25_weight: float = 1.0
     vector_weight: float = 1.0
+    title_boost: float = 1.0  # of title against text in the BM25 leg's combined_fields (at least 1)
     num_candidates: int = 0  # per-shard HNSW candidates of the kNN leg; 0: twice ``size``
     embedding_model: str = ""  # the model that made ``query_vector``; refused by an index built with another
 
@@ -45,6 +46,10 @@ class SearchRequest:
             raise ValueError(f"mode {self.mode!r} needs a query vector")
         if self.fusion == "elasticsearch" and self.mode != "hybrid":
             raise ValueError("fusion='elasticsearch' fuses two legs: it needs mode 'hybrid'")
+        if self.title_boost < 1.0:
+            raise ValueError(
+                f"title_boost must be at least 1 (combined_fields boosts), got {self.title_boost}"
+            )
         if self.num_candidates and self.num_candidates < self.size:
             raise ValueError(f"num_candidates ({self.num_candidates}) must be at least size ({self.size})")
 
