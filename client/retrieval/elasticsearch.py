@@ -29,7 +29,7 @@ from client.errors import (
     UsageError,
     unreadable,
 )
-from client.fusion import LegHit, reciprocal_rank_fusion
+from client.fusion import LegHit
 from client.retrieval.analysis import ANALYZER
 from client.retrieval.base import (
     BM25_LEG,
@@ -282,11 +282,9 @@ class ElasticsearchRetriever:
         check_query_vector(request, f"Elasticsearch index {self.index!r}", *self._vectors)
         if request.fusion == "elasticsearch":
             return self._rrf_pages(request)
-        legs = self.leg_hits(request)
-        fused = reciprocal_rank_fusion(
-            legs, rank_constant=request.rank_constant, weights=request.weights, size=request.size
+        return fused_pages(
+            request.fuse(self.leg_hits(request)), request.page_size, self._fetch, self._report_missing
         )
-        return fused_pages(fused, request.page_size, self._fetch, self._report_missing)
 
     def leg_hits(self, request: SearchRequest) -> dict[str, list[LegHit]]:
         """Each leg's ranked ids and scores (no sources), all legs in one ``msearch`` round trip."""

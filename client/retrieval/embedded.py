@@ -18,7 +18,7 @@ import numpy as np
 
 from client.documents import Document
 from client.errors import IndexMismatch, IndexNotFound, InputInvalid
-from client.fusion import LegHit, reciprocal_rank_fusion
+from client.fusion import LegHit
 from client.retrieval.analysis import analyze
 from client.retrieval.base import (
     BM25_LEG,
@@ -116,13 +116,9 @@ class EmbeddedRetriever:
         check_query_vector(
             request, f"the embedded index in {self.directory}", self.dims, self.embedding_model
         )
-        fused = reciprocal_rank_fusion(
-            self.leg_hits(request),
-            rank_constant=request.rank_constant,
-            weights=request.weights,
-            size=request.size,
+        return fused_pages(
+            request.fuse(self.leg_hits(request)), request.page_size, self._fetch, _never_missing
         )
-        return fused_pages(fused, request.page_size, self._fetch, _never_missing)
 
     def leg_hits(self, request: SearchRequest) -> dict[str, list[LegHit]]:
         allowed = self._filter_mask(request.filters)

@@ -18,7 +18,9 @@ from client.cli import main
 from client.documents import Document
 from client.embedding_cache import EmbeddingCache
 from client.errors import InputInvalid
-from client.evaluation import BM25, DENSE, HYBRID, RERANK, load_beir, prepare_index, quality
+from client.evaluation.datasets import load_beir, prepare_index
+from client.evaluation.report import quality
+from client.evaluation.runner import BM25, DENSE, HYBRID, RERANK
 from client.retrieval.embedded import EmbeddedRetriever
 from client.settings import EvalSettings, settings_table
 from tests.client.conftest import TOPICS, embed_fake, synthetic_corpus

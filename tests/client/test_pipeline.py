@@ -86,7 +86,7 @@ async def test_scoring_starts_before_retrieval_ends(
     async with AsyncRerankClient(address(sidecar)) as reranker:
         # "the" is in nearly every document: enough BM25 hits for three full pages.
         pipeline = TwoStagePipeline(retriever, reranker, options=options)  # type: ignore[arg-type]
-        response = await pipeline.search("the brain")
+        response = await pipeline.search("study results patients effect brain")
 
     assert retriever.events == [
         "fetched page 1",
