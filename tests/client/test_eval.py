@@ -19,10 +19,11 @@ from client.documents import Document
 from client.embedding_cache import EmbeddingCache
 from client.errors import InputInvalid
 from client.evaluation.datasets import load_beir, prepare_index
-from client.evaluation.report import quality
-from client.evaluation.runner import BM25, DENSE, HYBRID, RERANK
+from client.evaluation.report import lossy_embedder_warning, quality
+from client.evaluation.runner import BLEND, BM25, DENSE, HYBRID, RERANK
 from client.retrieval.embedded import EmbeddedRetriever
 from client.settings import EvalSettings, settings_table
+from rerank.v1 import rerank_pb2
 from tests.client.conftest import TOPICS, embed_fake, synthetic_corpus
 from tests.conftest import RunningSidecar
 
@@ -182,3 +183,66 @@ async def test_eval_on_the_embedded_retriever_and_elasticsearch(
 def test_readme_documents_every_eval_setting():
     rows = "\n".join(settings_table(EvalSettings).splitlines()[2:])
     assert rows in README.read_text(), "README's eval settings are stale: paste `python -m client.settings`"
+
+
+async def test_eval_runs_the_chosen_configurations_concurrently_and_sweeps_fusion(
+    embedding_sidecar: RunningSidecar, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    data = write_beir(tmp_path / "data", synthetic_corpus(80))
+    report_path = tmp_path / "report.json"
+    flags = [
+        "eval",
+        str(data),
+        "--target",
+        f"127.0.0.1:{embedding_sidecar.server.port}",
+        "--candidates",
+        "20",
+    ]
+    flags += ["--eval-dir", str(tmp_path / "eval"), "--output", str(report_path), "--format", "json"]
+    flags += ["--configs", "bm25,hybrid,blend", "--rerank-blend", "0.5", "--concurrency", "3", "--sweep"]
+    assert await asyncio.to_thread(main, flags) == 0
+    capsys.readouterr()
+
+    report = json.loads(report_path.read_text())
+    configurations = {c["key"]: c for c in report["configurations"]}
+    assert list(configurations) == [BM25, HYBRID, BLEND]
+    assert report["concurrency"] == 3
+    assert "0.5 x rerank + 0.5 x stage 1" in configurations[BLEND]["label"]
+    # The blend reorders the top 20 of the hybrid list only.
+    assert configurations[BLEND]["quality"]["recall@100"] == configurations[HYBRID]["quality"]["recall@100"]
+    sweep = report["sweep"]
+    ndcg = [point["quality"]["ndcg@10"] for point in sweep]
+    assert ndcg == sorted(ndcg, reverse=True)
+    assert {point["settings"]["fusion_method"] for point in sweep} == {"rrf", "convex"}
+    # The sweep's default point fuses the same hits as the hybrid configuration did.
+    default = {"fusion_method": "rrf", "rank_constant": 60, "bm25_weight": 1.0, "vector_weight": 1.0}
+    [same] = [point for point in sweep if point["settings"] == default]
+    assert same["quality"] == pytest.approx(configurations[HYBRID]["quality"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--configs", "bm25,bm26"], "--configs takes names from bm25, dense, hybrid, rerank, blend"),
+        (["--configs", "blend"], "--configs blend needs --rerank-blend"),
+        (["--fusion", "elasticsearch", "--fusion-method", "convex"], "use --fusion client"),
+        (["--concurrency", "0"], "--concurrency must be positive"),
+    ],
+)
+def test_eval_refuses_unusable_configurations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+):
+    data = write_beir(tmp_path / "data", synthetic_corpus(5))
+    try:
+        status = main(["eval", str(data), "--target", "127.0.0.1:9", *flags])
+    except SystemExit as exc:  # a flag argparse refuses
+        status = exc.code
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_lossy_embedder_is_named():
+    lossy = rerank_pb2.EmbeddingModelInfo(model_id="m", precision="int8", device="cpu")
+    assert "lossy precision" in (lossy_embedder_warning(lossy) or "")
+    assert lossy_embedder_warning(rerank_pb2.EmbeddingModelInfo(precision="bf16", device="cuda")) is None
+    assert lossy_embedder_warning(rerank_pb2.EmbeddingModelInfo(precision="bf16", device="cpu"))
