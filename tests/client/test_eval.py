@@ -50,6 +50,13 @@ def write_beir(directory: Path, documents: Sequence[Document], *, queries_per_to
     return directory
 
 
+def eval_on_80_documents(sidecar: RunningSidecar, tmp_path: Path) -> list[str]:
+    """``rerank-client eval`` flags for a BEIR directory of 80 synthetic documents, 20 candidates reranked."""
+    data = write_beir(tmp_path / "data", synthetic_corpus(80))
+    target = f"127.0.0.1:{sidecar.server.port}"
+    return ["eval", str(data), "--target", target, "--candidates", "20", "--eval-dir", str(tmp_path / "eval")]
+
+
 def test_quality_matches_hand_computed_values():
     qrels = {"q1": {"d1": 1}, "q2": {"d2": 1, "d3": 1}, "q3": {"d4": 1}}
     rankings = {
@@ -131,16 +138,7 @@ async def test_eval_on_the_embedded_retriever_and_elasticsearch(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ):
-    data = write_beir(tmp_path / "data", synthetic_corpus(80))
-    common = [
-        "eval",
-        str(data),
-        "--target",
-        f"127.0.0.1:{embedding_sidecar.server.port}",
-        "--candidates",
-        "20",
-    ]
-    common += ["--eval-dir", str(tmp_path / "eval")]
+    common = eval_on_80_documents(embedding_sidecar, tmp_path)
     embedded_json, es_json, plot = tmp_path / "embedded.json", tmp_path / "es.json", tmp_path / "chart.png"
 
     embedded_flags = ["--output", str(embedded_json), "--plot", str(plot), "--format", "table"]
@@ -188,17 +186,9 @@ def test_readme_documents_every_eval_setting():
 async def test_eval_runs_the_chosen_configurations_concurrently_and_sweeps_fusion(
     embedding_sidecar: RunningSidecar, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    data = write_beir(tmp_path / "data", synthetic_corpus(80))
     report_path = tmp_path / "report.json"
-    flags = [
-        "eval",
-        str(data),
-        "--target",
-        f"127.0.0.1:{embedding_sidecar.server.port}",
-        "--candidates",
-        "20",
-    ]
-    flags += ["--eval-dir", str(tmp_path / "eval"), "--output", str(report_path), "--format", "json"]
+    flags = eval_on_80_documents(embedding_sidecar, tmp_path)
+    flags += ["--output", str(report_path), "--format", "json"]
     flags += ["--configs", "bm25,hybrid,blend", "--rerank-blend", "0.5", "--concurrency", "3", "--sweep"]
     assert await asyncio.to_thread(main, flags) == 0
     capsys.readouterr()
