@@ -39,8 +39,8 @@ class CombinedFieldsBM25:
                 for term in terms:
                     self.vocabulary.setdefault(term, len(self.vocabulary))
         self._frequencies = [self._term_frequencies(documents) for documents in fields]
-        self._lengths = [lucene_length([len(terms) for terms in documents]) for documents in fields]
         self._raw_lengths = [np.array([len(terms) for terms in documents]) for documents in fields]
+        self._lengths = [lucene_length(raw) for raw in self._raw_lengths]
 
     def _term_frequencies(self, documents: Sequence[list[str]]) -> sparse.csc_matrix:
         rows = np.repeat(np.arange(len(documents)), [len(terms) for terms in documents])
@@ -62,9 +62,9 @@ class CombinedFieldsBM25:
         # Collection statistics merged as Lucene merges them: boosted total length over the largest count of
         # documents that have the field.
         with_field = max(int(np.count_nonzero(raw)) for raw in self._raw_lengths)
-        total_length = sum(
-            int(boost * raw.sum()) for boost, raw in zip(boosts, self._raw_lengths, strict=True)
-        )
+        total_length = 0  # a Java long, added to field by field
+        for boost, raw in zip(boosts, self._raw_lengths, strict=True):
+            total_length = int(total_length + boost * int(raw.sum()))
         average_length = total_length / with_field
         combined = sum(boost * length for boost, length in zip(boosts, self._lengths, strict=True))
         length = lucene_length(np.floor(combined + 0.5))

@@ -3,13 +3,15 @@ index."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from elasticsearch import Elasticsearch
 
 from client.retrieval.analysis import ANALYZER, analyze
 from client.retrieval.base import SearchRequest
-from client.retrieval.bm25 import lucene_length
+from client.retrieval.bm25 import CombinedFieldsBM25, lucene_length
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.retrieval.embedded import EmbeddedRetriever
 
@@ -64,3 +66,20 @@ def test_a_title_boost_lifts_title_matches(embedded_corpus_index: EmbeddedRetrie
     assert sum(boosted[doc_id] for doc_id in brain_titles) < sum(plain[doc_id] for doc_id in brain_titles)
     with pytest.raises(ValueError, match="title_boost must be at least 1"):
         SearchRequest(query="brain", mode="bm25", title_boost=0.5)
+
+
+def test_combined_fields_bm25_merges_statistics_as_lucene_does():
+    # "cell" is in one title and another document's text: Lucene takes the larger document frequency (1),
+    # not the count of documents having it in either field (2).
+    bm25 = CombinedFieldsBM25([[["cell"], ["y"]], [["x"], ["cell", "z"]]])
+    idf = math.log(1 + (2 - 1 + 0.5) / (1 + 0.5))
+    average = 5 / 2  # five terms over two documents
+
+    def expected(frequency: float, length: int) -> float:
+        return idf * frequency * 2.2 / (frequency + 1.2 * (0.25 + 0.75 * length / average))
+
+    assert bm25.scores(["cell"], (1.0, 1.0)).tolist() == pytest.approx([expected(1, 2), expected(1, 3)])
+    # A title boost of 2 counts a title term twice and the title's length twice (total length 7).
+    average = 7 / 2
+    assert bm25.scores(["cell"], (2.0, 1.0)).tolist() == pytest.approx([expected(2, 3), expected(1, 4)])
+    assert bm25.scores(["unknown"], (1.0, 1.0)).tolist() == [0.0, 0.0]
