@@ -208,7 +208,8 @@ def write_plot(report: EvalReport, path: Path) -> None:
     right.bar_label(bars, fmt="%.1f", fontsize=7, label_type="center")
     # Log scale: stage 1 takes milliseconds, reranking on a CPU up to seconds.
     right.set(xticks=positions, xticklabels=names, ylabel="ms", yscale="log")
-    right.set_title("Total latency per query (bar p50, whisker p95)")
+    load = "" if report.concurrency == 1 else f", {report.concurrency} queries in flight"
+    right.set_title(f"Total latency per query (bar p50, whisker p95{load})")
     figure.suptitle(f"{report.dataset}, {report.retriever}; rerank: {report.reranker}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

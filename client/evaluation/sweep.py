@@ -61,7 +61,9 @@ async def collect_legs(
     concurrency: int = 1,
     on_query: Callable[[], None] = lambda: None,
 ) -> dict[str, tuple[SearchRequest, dict[str, list[LegHit]]]]:
-    """Query id -> its hybrid request (``depth`` deep) and the hits of both legs."""
+    """Query id -> its hybrid request (``depth`` deep, fused in the client, which every grid point needs)
+    and the hits of both legs."""
+    options = replace(options, fusion="client")
     slots = asyncio.Semaphore(concurrency)
 
     async def search(query: str) -> tuple[SearchRequest, dict[str, list[LegHit]]]:
