@@ -10,9 +10,12 @@ Snowball's porter stems differently). The embedded retriever analyzes its corpus
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import regex
-from nltk.stem.porter import PorterStemmer
+
+if TYPE_CHECKING:
+    from nltk.stem.porter import PorterStemmer
 
 ANALYZER = "english"
 
@@ -37,12 +40,19 @@ _TOKEN = regex.compile(
     r"|[\p{Han}\p{Hiragana}\p{Extended_Pictographic}]"
 )
 _POSSESSIVE = regex.compile(r"['\u2019\uff07][sS]$")  # apostrophe, right single quote, fullwidth
-_STEMMER = PorterStemmer(PorterStemmer.MARTIN_EXTENSIONS)
+
+
+@functools.cache
+def _stemmer() -> PorterStemmer:
+    # Imported when first needed: importing nltk takes about a second, and only the embedded retriever stems.
+    from nltk.stem.porter import PorterStemmer
+
+    return PorterStemmer(PorterStemmer.MARTIN_EXTENSIONS)
 
 
 @functools.lru_cache(maxsize=1 << 18)
 def _stem(word: str) -> str:
-    return _STEMMER.stem(word, to_lowercase=False)
+    return _stemmer().stem(word, to_lowercase=False)
 
 
 def analyze(text: str) -> list[str]:
