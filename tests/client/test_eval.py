@@ -21,10 +21,13 @@ from client.errors import InputInvalid
 from client.evaluation.datasets import load_beir, prepare_index
 from client.evaluation.report import lossy_embedder_warning, quality
 from client.evaluation.runner import BLEND, BM25, DENSE, HYBRID, RERANK
+from client.evaluation.sweep import collect_legs, grid, sweep
+from client.pipeline import PipelineOptions
 from client.retrieval.embedded import EmbeddedRetriever
 from client.settings import EvalSettings, settings_table
+from client.sidecar_client import AsyncRerankClient
 from rerank.v1 import rerank_pb2
-from tests.client.conftest import TOPICS, embed_fake, synthetic_corpus
+from tests.client.conftest import TOPICS, RunningEmbedder, embed_fake, synthetic_corpus
 from tests.conftest import RunningSidecar
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -236,3 +239,17 @@ def test_a_lossy_embedder_is_named():
     assert "lossy precision" in (lossy_embedder_warning(lossy) or "")
     assert lossy_embedder_warning(rerank_pb2.EmbeddingModelInfo(precision="bf16", device="cuda")) is None
     assert lossy_embedder_warning(rerank_pb2.EmbeddingModelInfo(precision="bf16", device="cpu"))
+
+
+async def test_the_sweep_fuses_in_the_client_even_when_elasticsearch_fuses_the_searches(
+    fake_embedder: RunningEmbedder, embedded_corpus_index: EmbeddedRetriever
+):
+    queries = {"brain": "brain neuron memory", "genes": "gene mutation"}
+    qrels = {"brain": {"doc-0000": 1}, "genes": {"doc-0002": 1}}
+    options = PipelineOptions(fusion="elasticsearch")
+    async with AsyncRerankClient(fake_embedder.target) as embedder:
+        legs = await collect_legs(embedded_corpus_index, embedder, options, queries, depth=50)
+    points = sweep(qrels, legs)
+    assert len(points) == len(grid())
+    assert all(request.fusion == "client" and request.size == 50 for request, _ in legs.values())
+    assert points[0].quality["ndcg@10"] >= points[-1].quality["ndcg@10"]
