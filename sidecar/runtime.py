@@ -123,8 +123,8 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
         network = load_network(
             source,
             model.kind,
-            decoder=family_of(model.model_type).prompt is not None,
-            answer_token_ids=getattr(model, "answer_token_ids", None),
+            decoder=isinstance(model, CrossEncoderModel) and family_of(model.model_type).prompt is not None,
+            answer_token_ids=model.answer_token_ids if isinstance(model, CrossEncoderModel) else None,
         )
     input_names = ("input_ids", "attention_mask", "token_type_ids")
     input_names = input_names if model.uses_token_type_ids else input_names[:2]

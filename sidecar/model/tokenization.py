@@ -155,14 +155,12 @@ class PromptPairTokenizer(PairTokenizer):
 
     def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedQuery:
         instruction = spec.instruction or self.instruction
+        # A long query keeps at most half the budget, cut at a token boundary of the query alone (the
+        # model card would cut the document away first).
+        query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
+        if len(query_encoding.ids) > spec.max_length // 2:
+            query = query[: query_encoding.offsets[spec.max_length // 2 - 1][1]]
         head = self._prefix + self._query_ids(query, instruction)
-        # A long query keeps at most half the budget, cut at a token boundary of the query alone.
-        query_budget = spec.max_length // 2
-        if len(head) + len(self._suffix) > query_budget:
-            query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
-            keep = max(0, len(query_encoding.ids) - (len(head) + len(self._suffix) - query_budget))
-            cut = query_encoding.offsets[keep - 1][1] if keep else 0
-            head = self._prefix + self._query_ids(query[:cut], instruction)
         pairs: list[EncodedPair] = []
         document_of_pair: list[int] = []
         texts = [self.prompt.document + document for document in documents]
