@@ -90,3 +90,21 @@ async def test_ranks_as_its_reference_does(
         [result.score for result in response.results], expected[expected_order], atol=1e-4, rtol=0
     )
     assert np.ptp(expected) > 1e-3  # the random model separates the documents, so the order means something
+
+
+@pytest.mark.parametrize("family", list(REFERENCES))
+async def test_auto_loads_every_candidate_of_every_family(
+    family: str, family_models: FamilyModels, family_cache: Path
+):
+    """Under --engine auto --precision auto no engine is skipped for failing to load: a candidate may
+    fail only the parity gate (a random model's scores can move too far in bf16), with the reason kept."""
+    async with running_sidecar(
+        family_models[family], engine="auto", precision="auto", cache_dir=str(family_cache)
+    ) as sidecar:
+        info = await sidecar.stub.Info(rerank_pb2.InfoRequest(), timeout=10)
+    assert [note for note in info.engine_notes if "failed to load" in note] == []
+    assert info.model_family == family.removesuffix("-seq-cls")
+    gated_out = {note.split(":")[0] for note in info.engine_notes if "failed the parity gate" in note}
+    timed = {timing.candidate for timing in info.selection.timings}
+    assert "onnxruntime/fp32" in timed | {f"{info.engine}/{info.precision}"}
+    assert not gated_out & timed
