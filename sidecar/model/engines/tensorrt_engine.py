@@ -28,8 +28,10 @@ from sidecar.model.export import OUTPUT_NAME, ExportedModel
 
 logger = logging.getLogger(__name__)
 
-# Sequence-length buckets get their own profile, so kernels are tuned for short and long batches alike.
-_BUCKET_BOUNDS = (64, 128, 256)
+# Sequence-length buckets get their own profile, so kernels are tuned for short and long batches alike;
+# long-context families (XLM-R as bge-m3, ModernBERT, decoder rerankers: 8192 tokens) get doubling
+# buckets up to their limit rather than one tuned only for full-length batches.
+_BUCKET_BOUNDS = (64, 128, 256, 512, 1024, 2048, 4096)
 # Bumped whenever the build recipe (constraints, flags) changes, so cached plans are rebuilt.
 _BUILD_RECIPE = "fp32-norm-softmax-reduce-outputs-v1"
 _WORKSPACE_BYTES = 4 << 30
