@@ -14,7 +14,16 @@ from typing import Any
 
 import torch
 
-from sidecar.model.loading import ModelKind, ModelSource, Pooling, load_failure, read_pooling
+from sidecar.model.families import family_of
+from sidecar.model.loading import (
+    BiEncoderModel,
+    CrossEncoderModel,
+    ModelKind,
+    ModelSource,
+    Pooling,
+    load_failure,
+    read_pooling,
+)
 
 
 def _run(
@@ -146,6 +155,18 @@ def load_network(
     except Exception as exc:  # transformers raises OSError, ValueError or hub errors
         raise load_failure(source, "weights", exc) from exc
     return network.eval()
+
+
+def load_model_network(model: CrossEncoderModel | BiEncoderModel) -> Network:
+    """The network of a loaded model, with a decoder reranker's last-token head."""
+    if isinstance(model, BiEncoderModel):
+        return load_network(model.source, model.kind)
+    return load_network(
+        model.source,
+        model.kind,
+        decoder=family_of(model.model_type).prompt is not None,
+        answer_token_ids=model.answer_token_ids,
+    )
 
 
 # Config entries that say where or how a model was loaded, not what it computes.

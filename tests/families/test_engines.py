@@ -11,8 +11,8 @@ import pytest
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.onnxruntime_engine import optimized_model
 from sidecar.model.export import ExportedModel, export_onnx
-from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
-from sidecar.model.network import content_hash, load_network
+from sidecar.model.loading import ModelSource, load_cross_encoder
+from sidecar.model.network import content_hash, load_model_network
 from tests.conditions import needs_int8_dot_products
 from tests.families.conftest import FamilyModels
 
@@ -21,14 +21,8 @@ LAYER = re.compile(r"/layers?\.(\d+)/")
 
 
 def exported(model_dir: Path, cache: ArtifactCache) -> ExportedModel:
-    source = ModelSource(str(model_dir))
-    model = load_cross_encoder(source)
-    network = load_network(
-        source,
-        ModelKind.CROSS_ENCODER,
-        decoder=model.answer_token_ids is not None,
-        answer_token_ids=model.answer_token_ids,
-    )
+    model = load_cross_encoder(ModelSource(str(model_dir)))
+    network = load_model_network(model)
     offered = ALL_INPUTS if model.uses_token_type_ids else ALL_INPUTS[:2]
     return export_onnx(network, content_hash(network), offered, cache)
 
