@@ -10,15 +10,22 @@ from transformers import AutoTokenizer
 
 from rerank.v1 import rerank_pb2
 from sidecar.errors import ModelLoadError
-from sidecar.model.families import QWEN3_RERANKER
 from sidecar.model.loading import ModelSource, load_cross_encoder
 from sidecar.model.tokenization import PairSpec, PromptPairTokenizer, Truncation
 from tests.conftest import docs, running_sidecar
 from tests.families.conftest import FamilyModels
-from tests.families.references import qwen3_card_scores
+from tests.families.references import (
+    GEMMA_PROMPT,
+    QWEN3_INSTRUCTION,
+    QWEN3_SUFFIX,
+    gemma_card_ids,
+    qwen3_card_ids,
+    qwen3_card_scores,
+)
 
 QUERY = "what do cats eat"
 LONG = " ".join(["Cats are obligate carnivores and eat meat, fish and sometimes insects."] * 12)
+TEXTS = [LONG, "", "  leading spaces", "123 starts with a number", "ends with a newline\n"]
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +33,31 @@ def qwen3(family_models: FamilyModels):
     return load_cross_encoder(ModelSource(str(family_models["qwen3-reranker"])))
 
 
-def card_ids(tokenizer, document: str, max_length: int, instruction: str = "") -> list[int]:
-    """The token ids the Qwen3-Reranker card builds for one pair."""
-    prompt = QWEN3_RERANKER
-    prefix = tokenizer.encode(prompt.prefix, add_special_tokens=False)
-    suffix = tokenizer.encode(prompt.suffix, add_special_tokens=False)
-    instruction = instruction or prompt.default_instruction
-    body = f"<Instruct>: {instruction}\n<Query>: {QUERY}\n<Document>: {document}"
-    ids = tokenizer(
-        body, truncation="longest_first", max_length=max_length - len(prefix) - len(suffix)
-    ).input_ids
-    return prefix + ids + suffix
-
-
 @pytest.mark.parametrize("max_length", [160, 200, 1024])
 def test_pairs_are_the_tokens_the_model_card_builds(qwen3, family_models: FamilyModels, max_length: int):
     tokenizer = AutoTokenizer.from_pretrained(family_models["qwen3-reranker"])
-    texts = [LONG, "", "  leading spaces", "123 starts with a number", "ends with a newline\n"]
-    pairs = qwen3.tokenizer.encode(QUERY, texts, PairSpec(max_length=max_length)).pairs
-    for text, pair in zip(texts, pairs, strict=True):
-        assert pair.input_ids == card_ids(tokenizer, text, max_length)
-        assert len(pair) <= max_length
+    pairs = qwen3.tokenizer.encode(QUERY, TEXTS, PairSpec(max_length=max_length)).pairs
+    expected = qwen3_card_ids(tokenizer, QUERY, TEXTS, QWEN3_INSTRUCTION, max_length)
+    assert [pair.input_ids for pair in pairs] == expected
+    assert all(len(pair) <= max_length for pair in pairs)
+
+
+@pytest.mark.parametrize("max_length", [100, 200, 1024])
+def test_gemma_pairs_are_the_tokens_its_model_card_builds(family_models: FamilyModels, max_length: int):
+    model_dir = family_models["bge-reranker-gemma"]
+    gemma = load_cross_encoder(ModelSource(str(model_dir)))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The card's max_length leaves out the separator and the prompt after the passage; the sidecar's counts
+    # every token.
+    tail = len(tokenizer(f"\n{GEMMA_PROMPT}", add_special_tokens=False)["input_ids"])
+    pairs = gemma.tokenizer.encode(QUERY, TEXTS, PairSpec(max_length=max_length + tail)).pairs
+    expected = gemma_card_ids(tokenizer, QUERY, TEXTS, GEMMA_PROMPT, max_length)
+    assert [pair.input_ids for pair in pairs] == expected
 
 
 def test_left_truncation_and_chunks_cut_the_document_only(qwen3, family_models: FamilyModels):
     tokenizer: PromptPairTokenizer = qwen3.tokenizer
-    suffix = len(AutoTokenizer.from_pretrained(family_models["qwen3-reranker"]).encode(QWEN3_RERANKER.suffix))
+    suffix = len(AutoTokenizer.from_pretrained(family_models["qwen3-reranker"]).encode(QWEN3_SUFFIX))
     whole = tokenizer.encode(QUERY, [LONG], PairSpec(max_length=1024)).pairs[0].input_ids
     # The prompt, instruction and query, up to the document's first token.
     head = len(tokenizer.encode(QUERY, [""], PairSpec(max_length=1024)).pairs[0].input_ids) - suffix - 1

@@ -16,7 +16,12 @@ import pytest
 from rerank.v1 import rerank_pb2
 from tests.conftest import docs, running_sidecar
 from tests.families.conftest import FamilyModels
-from tests.families.references import cross_encoder_scores, qwen3_card_scores, qwen3_seq_cls_scores
+from tests.families.references import (
+    cross_encoder_scores,
+    gemma_card_scores,
+    qwen3_card_scores,
+    qwen3_seq_cls_scores,
+)
 
 QUERY = "what do cats eat"
 TEXTS = (
@@ -37,6 +42,7 @@ REFERENCES: dict[str, Callable[[Path, str, tuple[str, ...]], np.ndarray]] = {
     "modernbert": cross_encoder_scores,
     "qwen3-reranker": qwen3_card_scores,
     "qwen3-reranker-seq-cls": qwen3_seq_cls_scores,
+    "bge-reranker-gemma": gemma_card_scores,
 }
 ENGINES = [
     "torch",
