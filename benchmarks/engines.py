@@ -23,7 +23,10 @@ a reranker): throughput only, on ``--candidates`` SciFact passages at max_length
 include its prompt), batched under the sidecar's CPU token budget.
 
     .venv/bin/python benchmarks/engines.py --families [minilm-l6 xlm-r-base modernbert-base qwen3-0.6b] \
-        [--candidates 32] [--repeats 3] [--out benchmarks/out/engines-families.json]
+        [--candidates 32] [--repeats 3] [--engines torch "openvino bf16"] [--out FILE]
+
+Every engine of a family is held at once (they are timed round-robin), each with its own copy of the
+weights, which for Qwen3-0.6B in fp32 are 2.4 GB; ``--engines`` keeps fewer.
 """
 
 from __future__ import annotations
@@ -310,21 +313,30 @@ def family_rows(names: list[str], texts: list[str], args: argparse.Namespace) ->
             for chunk in np.array_split(order, range(per_batch, len(order), per_batch))
         ]
         network = load_model_network(model)
+
+        def wanted(label: str) -> bool:
+            return not args.engines or any(label.startswith(prefix) for prefix in args.engines)
+
         engines: dict[str, object] = {
             f"torch {precision}": TorchEngine(network, precision=precision, device="cpu")
             for precision in torch_precisions("cpu")
+            if wanted(f"torch {precision}")
         }
-        names_offered = ("input_ids", "attention_mask", "token_type_ids")
-        exported = export_onnx(
-            network, content_hash(network), names_offered[: 3 if model.uses_token_type_ids else 2], cache
-        )
-        for precision in onnxruntime_precisions("cpu"):
-            engines[f"onnxruntime {precision}"] = OnnxRuntimeEngine(
-                exported, cache, precision=precision, device="cpu", threads=args.threads
+        onnx_labels = [f"onnxruntime {precision}" for precision in onnxruntime_precisions("cpu")]
+        onnx_labels += [f"openvino {precision}" for precision in openvino_precisions("cpu")]
+        if any(wanted(label) for label in onnx_labels):
+            names_offered = ("input_ids", "attention_mask", "token_type_ids")
+            exported = export_onnx(
+                network, content_hash(network), names_offered[: 3 if model.uses_token_type_ids else 2], cache
             )
-        for precision in openvino_precisions("cpu"):
-            engines[f"openvino {precision}"] = OpenVinoEngine(
-                exported, cache, precision=precision, device="cpu", threads=args.threads, workers=1
+        for label in filter(wanted, onnx_labels):
+            engine_name, precision = label.split()
+            engines[label] = (
+                OnnxRuntimeEngine(exported, cache, precision=precision, device="cpu", threads=args.threads)
+                if engine_name == "onnxruntime"
+                else OpenVinoEngine(
+                    exported, cache, precision=precision, device="cpu", threads=args.threads, workers=1
+                )
             )
 
         def scorer(engine: object, batches: list = batches) -> Callable[[], np.ndarray]:
@@ -499,6 +511,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--families", nargs="*", choices=["minilm-l6", *FAMILY_SIZES], default=None)
     parser.add_argument("--candidates", type=int, default=32, help="passages per family with --families")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=[],
+        help='with --families: only the engines whose label starts so ("torch", "openvino bf16")',
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(OUT / "minilm-l6-cross-encoder")
