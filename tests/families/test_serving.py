@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rerank.v1 import rerank_pb2
-from tests.conftest import docs, running_sidecar
+from tests.conftest import ReferenceScorer, docs, running_sidecar
 from tests.families.conftest import FamilyModels
 from tests.families.references import (
     cross_encoder_scores,
@@ -114,3 +114,30 @@ async def test_auto_loads_every_candidate_of_every_family(
     timed = {timing.candidate for timing in info.selection.timings}
     assert "onnxruntime/fp32" in timed | {f"{info.engine}/{info.precision}"}
     assert not gated_out & timed
+
+
+ENCODERS = ["bert", "xlm-roberta", "electra", "deberta-v2", "modernbert"]
+LONG_TEXTS = tuple(f"{text} " * 12 for text in TEXTS)
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+async def test_long_documents_are_cut_as_the_tokenizer_cuts_them(family: str, family_models: FamilyModels):
+    """Each encoder's pair template (XLM-R's doubled separator, DeBERTa's and ModernBERT's) survives
+    truncation from either side: the sidecar scores what a transformers forward pass scores for the same
+    pair truncated by the tokenizer itself."""
+    reference = ReferenceScorer(family_models[family])
+    async with running_sidecar(family_models[family]) as sidecar:
+        for direction, side in (
+            (rerank_pb2.TRUNCATION_DIRECTION_RIGHT, "right"),
+            (rerank_pb2.TRUNCATION_DIRECTION_LEFT, "left"),
+        ):
+            request = rerank_pb2.RerankRequest(
+                query=QUERY, documents=docs(*LONG_TEXTS), max_length=48, truncation_direction=direction
+            )
+            response = await sidecar.stub.Rerank(request, timeout=60)
+            scores = np.full(len(LONG_TEXTS), np.nan)
+            for result in response.results:
+                scores[result.index] = result.score
+            expected = reference.scores(QUERY, LONG_TEXTS, max_length=48, side=side)
+            np.testing.assert_allclose(scores, expected, atol=1e-4, rtol=0)
+            assert response.usage.tokens == 48 * len(LONG_TEXTS)
