@@ -287,8 +287,9 @@ def build_family_model(name: str, directory: Path) -> Path:
     return builders[name](directory, **FAMILY_SIZES[name], initializer_range=0.02)  # type: ignore[arg-type]
 
 
-def family_rows(names: list[str], texts: list[str], args: argparse.Namespace) -> list[dict[str, object]]:
-    """Pairs per second of every engine and precision this CPU offers, for each family's model."""
+def family_rows(names: list[str], texts: list[str], args: argparse.Namespace) -> None:
+    """Pairs per second of every engine and precision this CPU offers, for each family's model; each
+    family's rows are printed and written to ``args.out`` as soon as they are measured."""
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
     from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, onnxruntime_precisions
@@ -357,9 +358,17 @@ def family_rows(names: list[str], texts: list[str], args: argparse.Namespace) ->
                     "pairs_per_s": len(pairs) / seconds,
                 }
             )
-        print(f"{name}: {tokens:.0f} tokens per pair, {len(pairs)} pairs, batches of {per_batch}", flush=True)
+        for row in rows[-len(results) :]:
+            family = f"{row['family']} ({row['model_family']})"
+            cells = (
+                family,
+                f"{row['parameters'] / 1e6:.0f}M",
+                row["engine"],
+                f"{row['tokens_per_pair']:.0f}",
+            )
+            print("| " + " | ".join((*cells, f"{row['pairs_per_s']:.1f}")) + " |", flush=True)
+        args.out.write_text(json.dumps({"hardware": hardware_record(), "rows": rows}, indent=2))
         del engines, network
-    return rows
 
 
 def hardware_record() -> dict[str, object]:
@@ -522,22 +531,11 @@ def main() -> None:
     model_dir = build_model(OUT / "minilm-l6-cross-encoder")
     texts = candidates(model_dir)
     if args.families is not None:
-        names = args.families or ["minilm-l6", *FAMILY_SIZES]
-        family_table = family_rows(names, texts[: args.candidates], args)
+        args.out = args.out or OUT / "engines-families.json"
         print("| family | parameters | engine | tokens per pair | pairs/s |\n|---|---|---|---|---|")
-        for row in family_table:
-            family = f"{row['family']} ({row['model_family']})"
-            cells = (
-                family,
-                f"{row['parameters'] / 1e6:.0f}M",
-                row["engine"],
-                f"{row['tokens_per_pair']:.0f}",
-            )
-            print("| " + " | ".join((*cells, f"{row['pairs_per_s']:.1f}")) + " |")
+        family_rows(args.families or ["minilm-l6", *FAMILY_SIZES], texts[: args.candidates], args)
         hardware = hardware_record()
         print(f"hardware: {hardware['cpu']} ({hardware['isa_class']}), {hardware['cores']} cores")
-        out = args.out or OUT / "engines-families.json"
-        out.write_text(json.dumps({"hardware": hardware, "rows": family_table}, indent=2))
         return
     peaks = {dtype: matmul_peak(dtype, args.threads) for dtype in ("fp32", "bf16", "int8")}
     rows: list[Row] = []
