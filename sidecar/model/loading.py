@@ -215,7 +215,10 @@ def _answer_token_ids(
 def load_bi_encoder(source: ModelSource, max_length_cap: int = 0) -> BiEncoderModel:
     """Read a sentence-transformers model: its transformer config, tokenizer, pooling and length."""
     config = _load_config(source)
-    fields = _text_model_fields(source, config, max_length_cap, family_of(config.model_type))
+    family = family_of(config.model_type)
+    if family.prompt is not None:  # an embedding model reads single texts, never a reranking prompt
+        family = Family(config.model_type, family.model_types)
+    fields = _text_model_fields(source, config, max_length_cap, family)
     trained_file = _sentence_transformers_file(source, "sentence_bert_config.json")
     trained_length = json.loads(trained_file.read_text()).get("max_seq_length") if trained_file else None
     if trained_length and not max_length_cap:

@@ -55,3 +55,35 @@ def test_a_decoder_without_a_known_prompt_is_refused(tmp_path: Path):
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match=r"decoder LLM \(llama\) with no reranking prompt"):
         load_model(ModelSource(str(tmp_path)))
+
+
+def test_a_decoder_embedding_model_reads_no_reranking_prompt(tmp_path: Path):
+    from transformers import Qwen3Config, Qwen3Model
+
+    from sidecar.model.loading import BiEncoderModel
+    from sidecar.model.tokenization import PromptPairTokenizer
+
+    tokenizer = qwen_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen3Model(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    model = load_model(ModelSource(str(tmp_path)))
+    assert isinstance(model, BiEncoderModel)
+    assert not isinstance(model.tokenizer, PromptPairTokenizer)
+    assert model.family == "qwen3"
