@@ -141,3 +141,34 @@ async def test_long_documents_are_cut_as_the_tokenizer_cuts_them(family: str, fa
             expected = reference.scores(QUERY, LONG_TEXTS, max_length=48, side=side)
             np.testing.assert_allclose(scores, expected, atol=1e-4, rtol=0)
             assert response.usage.tokens == 48 * len(LONG_TEXTS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("family", list(REFERENCES))
+async def test_tensorrt_serves_every_family(
+    family: str,
+    precision: str,
+    family_models: FamilyModels,
+    family_cache: Path,
+    reference_scores: Callable[[str], np.ndarray],
+):
+    """On a GPU: each family's graph builds with profiles for the inputs it declares, passes the gate
+    (the explicit engine would stop the start otherwise), and in fp32 ranks as the reference does."""
+    from sidecar.model.engines.tensorrt_engine import unavailable_reason
+
+    reason = unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(reason)
+    request = rerank_pb2.RerankRequest(query=QUERY, documents=docs(*TEXTS, ids=IDS))
+    async with running_sidecar(
+        family_models[family], engine="tensorrt", precision=precision, cache_dir=str(family_cache)
+    ) as sidecar:
+        info = await sidecar.stub.Info(rerank_pb2.InfoRequest(), timeout=10)
+        response = await sidecar.stub.Rerank(request, timeout=60)
+    assert (info.engine, info.precision) == ("tensorrt", precision)
+    if precision == "fp32":
+        scores = np.full(len(TEXTS), np.nan)
+        for result in response.results:
+            scores[result.index] = result.score
+        np.testing.assert_allclose(scores, reference_scores(family), atol=1e-4, rtol=0)
