@@ -14,7 +14,7 @@ by ``--callers`` callers at once. Variants run round-robin, one call each per ro
 other processes falls on all alike; each figure is the median of ``--repeats`` rounds after a
 warm-up, and ratios are against the baseline of the same run.
 
-    .venv/bin/python benchmarks/engines.py [--repeats 7] [--threads 2] [--callers 4] \
+    .venv/bin/python -m benchmarks.engines [--repeats 7] [--threads 2] [--callers 4] \
         [--out benchmarks/out/engines.json]
 
 ``--families`` measures instead one row per reranker family and engine, in process, at a representative
@@ -22,7 +22,7 @@ size with random weights (MiniLM-L6 with its real encoder, XLM-R base, ModernBER
 a reranker): throughput only, on ``--candidates`` SciFact passages at max_length 256 (a decoder's pairs
 include its prompt), batched under the sidecar's CPU token budget.
 
-    .venv/bin/python benchmarks/engines.py --families [minilm-l6 xlm-r-base modernbert-base qwen3-0.6b] \
+    .venv/bin/python -m benchmarks.engines --families [minilm-l6 xlm-r-base modernbert-base qwen3-0.6b] \
         [--candidates 32] [--repeats 3] [--engines torch "openvino bf16"] [--out FILE]
 
 Every engine of a family is held at once (they are timed round-robin), each with its own copy of the
@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -165,17 +166,40 @@ def spearman_top10(scores: np.ndarray, reference: np.ndarray) -> tuple[float, in
     return spearman(scores, reference), len(top & set(np.argsort(-reference)[:10]))
 
 
+def registered_engines(
+    network: Any,
+    uses_token_type_ids: bool,
+    cache: Any,
+    threads: int,
+    wanted: Callable[[str], bool] = lambda label: True,
+) -> dict[str, Any]:
+    """Every engine and precision the registry offers on this CPU, built as the sidecar builds them
+    (one worker of ``threads``), under labels such as "onnxruntime int8"; only those ``wanted``."""
+    from sidecar.model.engines import ENGINE_CHAIN
+    from sidecar.model.engines.registry import EngineInputs, EngineShape, engine_spec
+    from sidecar.model.network import content_hash
+
+    input_names = ("input_ids", "attention_mask", "token_type_ids")[: 3 if uses_token_type_ids else 2]
+    inputs = EngineInputs(network, content_hash(network), input_names, cache)
+    shape = EngineShape(device="cpu", threads=threads)
+    engines: dict[str, Any] = {}
+    for name in ENGINE_CHAIN:
+        spec = engine_spec(name)
+        offered = spec.precisions("cpu")
+        for precision in () if isinstance(offered, str) else offered:
+            if wanted(label := f"{name} {precision}"):
+                engines[label] = spec.build(inputs, shape, precision)
+    return engines
+
+
 def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads: int) -> dict:
     from sentence_transformers import CrossEncoder
 
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
-    from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, onnxruntime_precisions
-    from sidecar.model.engines.openvino_engine import OpenVinoEngine, openvino_precisions
-    from sidecar.model.engines.torch_engine import TorchEngine, cpu_supports_bf16
-    from sidecar.model.export import export_onnx
+    from sidecar.model.engines.torch_engine import TorchEngine
     from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
-    from sidecar.model.network import content_hash, load_network
+    from sidecar.model.network import load_network
     from sidecar.model.tokenization import PairSpec
     from sidecar.serving.runtime import batch_token_budget
 
@@ -190,30 +214,13 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
         for chunk in np.array_split(order, range(rows, len(order), rows))
     ]
     network = load_network(source, ModelKind.CROSS_ENCODER)
-    cache = ArtifactCache(OUT / "cache")
-    exported = export_onnx(
-        network, content_hash(network), ("input_ids", "attention_mask", "token_type_ids"), cache
-    )
-    # Compiled engines warm up on a full batch, as the sidecar's do (see select_engine).
-    full_batch = batches[0][1]
-    engines = {"torch fp32": TorchEngine(network, precision="fp32", device="cpu")}
-    engines["torch fp32 compiled"] = TorchEngine(
-        network, precision="fp32", device="cpu", compile_sample=full_batch
-    )
-    if cpu_supports_bf16():
-        engines["torch bf16"] = TorchEngine(network, precision="bf16", device="cpu")
-        engines["torch bf16 compiled"] = TorchEngine(
-            network, precision="bf16", device="cpu", compile_sample=full_batch
-        )
-    for precision in onnxruntime_precisions("cpu"):
-        engines[f"onnxruntime {precision}"] = OnnxRuntimeEngine(
-            exported, cache, precision=precision, device="cpu", threads=threads
-        )
-
-    for precision in openvino_precisions("cpu"):
-        engines[f"openvino {precision}"] = OpenVinoEngine(
-            exported, cache, precision=precision, device="cpu", threads=threads, workers=1
-        )
+    engines = registered_engines(network, model.uses_token_type_ids, ArtifactCache(OUT / "cache"), threads)
+    # TorchInductor's compiled torch, warmed up on a full batch as the sidecar's is (see select_engine).
+    for precision in ("fp32", "bf16"):
+        if f"torch {precision}" in engines:
+            engines[f"torch {precision} compiled"] = TorchEngine(
+                network, precision=precision, device="cpu", compile_sample=batches[0][1]
+            )
 
     def scorer(engine: object) -> Callable[[], np.ndarray]:
         def run() -> np.ndarray:
@@ -292,14 +299,10 @@ def family_rows(names: list[str], texts: list[str], args: argparse.Namespace) ->
     family's rows are printed and written to ``args.out`` as soon as they are measured."""
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
-    from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, onnxruntime_precisions
-    from sidecar.model.engines.openvino_engine import OpenVinoEngine, openvino_precisions
-    from sidecar.model.engines.torch_engine import TorchEngine, torch_precisions
-    from sidecar.model.export import export_onnx
     from sidecar.model.loading import ModelSource, load_cross_encoder
-    from sidecar.model.network import content_hash, load_model_network
+    from sidecar.model.network import load_model_network
     from sidecar.model.tokenization import PairSpec
-    from sidecar.runtime import batch_token_budget
+    from sidecar.serving.runtime import batch_token_budget
 
     torch.set_num_threads(args.threads)
     cache = ArtifactCache(OUT / "cache")
@@ -318,27 +321,7 @@ def family_rows(names: list[str], texts: list[str], args: argparse.Namespace) ->
         def wanted(label: str) -> bool:
             return not args.engines or any(label.startswith(prefix) for prefix in args.engines)
 
-        engines: dict[str, object] = {
-            f"torch {precision}": TorchEngine(network, precision=precision, device="cpu")
-            for precision in torch_precisions("cpu")
-            if wanted(f"torch {precision}")
-        }
-        onnx_labels = [f"onnxruntime {precision}" for precision in onnxruntime_precisions("cpu")]
-        onnx_labels += [f"openvino {precision}" for precision in openvino_precisions("cpu")]
-        if any(wanted(label) for label in onnx_labels):
-            names_offered = ("input_ids", "attention_mask", "token_type_ids")
-            exported = export_onnx(
-                network, content_hash(network), names_offered[: 3 if model.uses_token_type_ids else 2], cache
-            )
-        for label in filter(wanted, onnx_labels):
-            engine_name, precision = label.split()
-            engines[label] = (
-                OnnxRuntimeEngine(exported, cache, precision=precision, device="cpu", threads=args.threads)
-                if engine_name == "onnxruntime"
-                else OpenVinoEngine(
-                    exported, cache, precision=precision, device="cpu", threads=args.threads, workers=1
-                )
-            )
+        engines = registered_engines(network, model.uses_token_type_ids, cache, args.threads, wanted)
 
         def scorer(engine: object, batches: list = batches) -> Callable[[], np.ndarray]:
             return lambda: np.concatenate([engine.forward(batch) for batch in batches])  # type: ignore[attr-defined]

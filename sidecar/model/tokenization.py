@@ -36,8 +36,9 @@ class PairSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class EncodedQuery:
-    """All pairs of one request, and which document each pair (chunk) belongs to."""
+class EncodedDocuments:
+    """A request's documents as model rows (pairs with the query, or single texts), and which document
+    each row (chunk) belongs to."""
 
     pairs: list[EncodedPair]
     document_of_pair: list[int]
@@ -48,6 +49,9 @@ class EncodedQuery:
 
 
 class PairTokenizer:
+    # What a decoder reranker is told when a request brings no instruction; empty: the model reads none.
+    instruction: str = ""
+
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self._tokenizer.no_truncation()
@@ -63,7 +67,7 @@ class PairTokenizer:
         """The smallest max_length that leaves room for one query token and one document token."""
         return self.special_tokens_per_pair + 2
 
-    def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedQuery:
+    def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         """(query, document) pairs for a cross-encoder; a long document is truncated or chunked."""
         query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
         # A long query keeps at most half the budget, so documents always get the other half.
@@ -73,14 +77,14 @@ class PairTokenizer:
         document_budget = spec.max_length - self.special_tokens_per_pair - len(query_encoding.ids)
         return self._encode_documents(documents, document_budget, spec, query_encoding)
 
-    def encode_texts(self, texts: Sequence[str], spec: PairSpec) -> EncodedQuery:
+    def encode_texts(self, texts: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         """Single texts for a bi-encoder, each truncated or chunked to ``spec.max_length``."""
         budget = spec.max_length - self._tokenizer.num_special_tokens_to_add(is_pair=False)
         return self._encode_documents(texts, budget, spec, query=None)
 
     def _encode_documents(
         self, documents: Sequence[str], budget: int, spec: PairSpec, query: Encoding | None
-    ) -> EncodedQuery:
+    ) -> EncodedDocuments:
         if spec.chunk and spec.chunk_overlap >= budget:
             raise InvalidArgument(
                 f"chunk_overlap {spec.chunk_overlap} must be smaller than the chunk length: "
@@ -96,7 +100,7 @@ class PairTokenizer:
                     merged = self._tokenizer.post_process(query, piece, add_special_tokens=True)
                 pairs.append(EncodedPair(merged.ids, merged.type_ids))
                 document_of_pair.append(index)
-        return EncodedQuery(pairs, document_of_pair)
+        return EncodedDocuments(pairs, document_of_pair)
 
     @staticmethod
     def _pieces(document: Encoding, budget: int, spec: PairSpec) -> list[Encoding]:
@@ -165,7 +169,7 @@ class PromptPairTokenizer(PairTokenizer):
         fixed = self._head("", self.instruction) + self._pieces_ids(self.prompt.suffix, self.instruction)
         return len(fixed) + len(self._ids(self.prompt.document)) + 2
 
-    def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedQuery:
+    def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         instruction = spec.instruction or self.instruction
         # A long query keeps at most half the budget, cut at a token boundary of the query alone (the
         # model cards cut the document first, or keep three quarters).
@@ -195,7 +199,7 @@ class PromptPairTokenizer(PairTokenizer):
                 ids = head + lead_ids + piece + suffix
                 pairs.append(EncodedPair(ids, [0] * len(ids)))
                 document_of_pair.append(index)
-        return EncodedQuery(pairs, document_of_pair)
+        return EncodedDocuments(pairs, document_of_pair)
 
 
 def _windows(ids: list[int], budget: int, spec: PairSpec) -> list[list[int]]:
