@@ -14,8 +14,19 @@ by ``--callers`` callers at once. Variants run round-robin, one call each per ro
 other processes falls on all alike; each figure is the median of ``--repeats`` rounds after a
 warm-up, and ratios are against the baseline of the same run.
 
-    .venv/bin/python benchmarks/engines.py [--repeats 7] [--threads 2] [--callers 4] \
+    .venv/bin/python -m benchmarks.engines [--repeats 7] [--threads 2] [--callers 4] \
         [--out benchmarks/out/engines.json]
+
+``--families`` measures instead one row per reranker family and engine, in process, at a representative
+size with random weights (MiniLM-L6 with its real encoder, XLM-R base, ModernBERT base, Qwen3-0.6B as
+a reranker): throughput only, on ``--candidates`` SciFact passages at max_length 256 (a decoder's pairs
+include its prompt), batched under the sidecar's CPU token budget.
+
+    .venv/bin/python -m benchmarks.engines --families [minilm-l6 xlm-r-base modernbert-base qwen3-0.6b] \
+        [--candidates 32] [--repeats 3] [--engines torch "openvino bf16"] [--out FILE]
+
+Every engine of a family is held at once (they are timed round-robin), each with its own copy of the
+weights, which for Qwen3-0.6B in fp32 are 2.4 GB; ``--engines`` keeps fewer.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -154,17 +166,40 @@ def spearman_top10(scores: np.ndarray, reference: np.ndarray) -> tuple[float, in
     return spearman(scores, reference), len(top & set(np.argsort(-reference)[:10]))
 
 
+def registered_engines(
+    network: Any,
+    uses_token_type_ids: bool,
+    cache: Any,
+    threads: int,
+    wanted: Callable[[str], bool] = lambda label: True,
+) -> dict[str, Any]:
+    """Every engine and precision the registry offers on this CPU, built as the sidecar builds them
+    (one worker of ``threads``), under labels such as "onnxruntime int8"; only those ``wanted``."""
+    from sidecar.model.engines import ENGINE_CHAIN
+    from sidecar.model.engines.registry import EngineInputs, EngineShape, engine_spec
+    from sidecar.model.network import content_hash
+
+    input_names = ("input_ids", "attention_mask", "token_type_ids")[: 3 if uses_token_type_ids else 2]
+    inputs = EngineInputs(network, content_hash(network), input_names, cache)
+    shape = EngineShape(device="cpu", threads=threads)
+    engines: dict[str, Any] = {}
+    for name in ENGINE_CHAIN:
+        spec = engine_spec(name)
+        offered = spec.precisions("cpu")
+        for precision in () if isinstance(offered, str) else offered:
+            if wanted(label := f"{name} {precision}"):
+                engines[label] = spec.build(inputs, shape, precision)
+    return engines
+
+
 def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads: int) -> dict:
     from sentence_transformers import CrossEncoder
 
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
-    from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, onnxruntime_precisions
-    from sidecar.model.engines.openvino_engine import OpenVinoEngine, openvino_precisions
-    from sidecar.model.engines.torch_engine import TorchEngine, cpu_supports_bf16
-    from sidecar.model.export import export_onnx
+    from sidecar.model.engines.torch_engine import TorchEngine
     from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
-    from sidecar.model.network import content_hash, load_network
+    from sidecar.model.network import load_network
     from sidecar.model.tokenization import PairSpec
     from sidecar.serving.runtime import batch_token_budget
 
@@ -179,30 +214,13 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
         for chunk in np.array_split(order, range(rows, len(order), rows))
     ]
     network = load_network(source, ModelKind.CROSS_ENCODER)
-    cache = ArtifactCache(OUT / "cache")
-    exported = export_onnx(
-        network, content_hash(network), ("input_ids", "attention_mask", "token_type_ids"), cache
-    )
-    # Compiled engines warm up on a full batch, as the sidecar's do (see select_engine).
-    full_batch = batches[0][1]
-    engines = {"torch fp32": TorchEngine(network, precision="fp32", device="cpu")}
-    engines["torch fp32 compiled"] = TorchEngine(
-        network, precision="fp32", device="cpu", compile_sample=full_batch
-    )
-    if cpu_supports_bf16():
-        engines["torch bf16"] = TorchEngine(network, precision="bf16", device="cpu")
-        engines["torch bf16 compiled"] = TorchEngine(
-            network, precision="bf16", device="cpu", compile_sample=full_batch
-        )
-    for precision in onnxruntime_precisions("cpu"):
-        engines[f"onnxruntime {precision}"] = OnnxRuntimeEngine(
-            exported, cache, precision=precision, device="cpu", threads=threads
-        )
-
-    for precision in openvino_precisions("cpu"):
-        engines[f"openvino {precision}"] = OpenVinoEngine(
-            exported, cache, precision=precision, device="cpu", threads=threads, workers=1
-        )
+    engines = registered_engines(network, model.uses_token_type_ids, ArtifactCache(OUT / "cache"), threads)
+    # TorchInductor's compiled torch, warmed up on a full batch as the sidecar's is (see select_engine).
+    for precision in ("fp32", "bf16"):
+        if f"torch {precision}" in engines:
+            engines[f"torch {precision} compiled"] = TorchEngine(
+                network, precision=precision, device="cpu", compile_sample=batches[0][1]
+            )
 
     def scorer(engine: object) -> Callable[[], np.ndarray]:
         def run() -> np.ndarray:
@@ -228,6 +246,112 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
     runs.update({name: Run(CANDIDATES, scorer(engine)) for name, engine in engines.items()})
     tokens = float(np.mean([len(pair) for pair in pairs]))
     return {"runs": runs, "tokens": tokens, "config": network.model.config}
+
+
+# Representative sizes, from each checkpoint's config; random weights at the configs' usual scale.
+FAMILY_SIZES: dict[str, dict[str, int]] = {
+    "xlm-r-base": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "vocab_size": 250002,
+    },
+    "modernbert-base": {
+        "hidden_size": 768,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 12,
+        "intermediate_size": 1152,
+        "vocab_size": 50368,
+        "global_attn_every_n_layers": 3,
+        "local_attention": 128,
+    },
+    "qwen3-0.6b": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 3072,
+        "vocab_size": 151669,
+    },
+}
+
+
+def build_family_model(name: str, directory: Path) -> Path:
+    """A family's model at its representative size, random weights, saved as the sidecar reads it."""
+    from tests import models
+
+    if name == "minilm-l6":
+        return build_model(directory)
+    if (directory / "config.json").is_file():
+        return directory
+    builders = {
+        "xlm-r-base": models.save_tiny_xlm_roberta,
+        "modernbert-base": models.save_tiny_modernbert,
+        "qwen3-0.6b": models.save_tiny_qwen3_reranker,
+    }
+    return builders[name](directory, **FAMILY_SIZES[name], initializer_range=0.02)  # type: ignore[arg-type]
+
+
+def family_rows(names: list[str], texts: list[str], args: argparse.Namespace) -> None:
+    """Pairs per second of every engine and precision this CPU offers, for each family's model; each
+    family's rows are printed and written to ``args.out`` as soon as they are measured."""
+    from sidecar.model.batch import collate
+    from sidecar.model.cache import ArtifactCache
+    from sidecar.model.loading import ModelSource, load_cross_encoder
+    from sidecar.model.network import load_model_network
+    from sidecar.model.tokenization import PairSpec
+    from sidecar.serving.runtime import batch_token_budget
+
+    torch.set_num_threads(args.threads)
+    cache = ArtifactCache(OUT / "cache")
+    rows: list[dict[str, object]] = []
+    for name in names:
+        model = load_cross_encoder(ModelSource(str(build_family_model(name, OUT / "families" / name))), 256)
+        pairs = model.tokenizer.encode(QUERY, texts, PairSpec(max_length=256)).pairs
+        order = np.argsort([len(pair) for pair in pairs], kind="stable")
+        per_batch = batch_token_budget(0, "cpu", 256) // max(len(pair) for pair in pairs)
+        batches = [
+            collate([pairs[i] for i in chunk], model.pad_token_id, model.uses_token_type_ids)
+            for chunk in np.array_split(order, range(per_batch, len(order), per_batch))
+        ]
+        network = load_model_network(model)
+
+        def wanted(label: str) -> bool:
+            return not args.engines or any(label.startswith(prefix) for prefix in args.engines)
+
+        engines = registered_engines(network, model.uses_token_type_ids, cache, args.threads, wanted)
+
+        def scorer(engine: object, batches: list = batches) -> Callable[[], np.ndarray]:
+            return lambda: np.concatenate([engine.forward(batch) for batch in batches])  # type: ignore[attr-defined]
+
+        results = interleaved(
+            {label: Run(len(pairs), scorer(engine)) for label, engine in engines.items()}, args.repeats
+        )
+        tokens = float(np.mean([len(pair) for pair in pairs]))
+        for label, (seconds, _) in results.items():
+            rows.append(
+                {
+                    "family": name,
+                    "model_family": model.family,
+                    "parameters": sum(p.numel() for p in network.parameters()),
+                    "engine": label,
+                    "tokens_per_pair": tokens,
+                    "pairs_per_s": len(pairs) / seconds,
+                }
+            )
+        for row in rows[-len(results) :]:
+            family = f"{row['family']} ({row['model_family']})"
+            cells = (
+                family,
+                f"{row['parameters'] / 1e6:.0f}M",
+                row["engine"],
+                f"{row['tokens_per_pair']:.0f}",
+            )
+            print("| " + " | ".join((*cells, f"{row['pairs_per_s']:.1f}")) + " |", flush=True)
+        args.out.write_text(json.dumps({"hardware": hardware_record(), "rows": rows}, indent=2))
+        del engines, network
 
 
 def hardware_record() -> dict[str, object]:
@@ -376,11 +500,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-lengths", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--callers", type=int, default=4, help="callers at once in the concurrent rows")
-    parser.add_argument("--out", type=Path, default=OUT / "engines.json")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--families", nargs="*", choices=["minilm-l6", *FAMILY_SIZES], default=None)
+    parser.add_argument("--candidates", type=int, default=32, help="passages per family with --families")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=[],
+        help='with --families: only the engines whose label starts so ("torch", "openvino bf16")',
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(OUT / "minilm-l6-cross-encoder")
     texts = candidates(model_dir)
+    if args.families is not None:
+        args.out = args.out or OUT / "engines-families.json"
+        print("| family | parameters | engine | tokens per pair | pairs/s |\n|---|---|---|---|---|")
+        family_rows(args.families or ["minilm-l6", *FAMILY_SIZES], texts[: args.candidates], args)
+        hardware = hardware_record()
+        print(f"hardware: {hardware['cpu']} ({hardware['isa_class']}), {hardware['cores']} cores")
+        return
     peaks = {dtype: matmul_peak(dtype, args.threads) for dtype in ("fp32", "bf16", "int8")}
     rows: list[Row] = []
     for max_length in args.max_lengths:
@@ -437,7 +576,7 @@ def main() -> None:
     hardware = hardware_record()
     print(f"hardware: {hardware['cpu']} ({hardware['isa_class']}), {hardware['cores']} cores")
     record = {"hardware": hardware, "peaks": peaks, "rows": [asdict(row) for row in rows]}
-    args.out.write_text(json.dumps(record, indent=2))
+    (args.out or OUT / "engines.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

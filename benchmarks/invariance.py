@@ -12,7 +12,7 @@ encoder with a fresh seeded one-logit head):
 ONNX Runtime's dynamic int8 (``quantize_dynamic``, the recipe the sidecar used before its weight-only
 int8) is measured beside them for comparison.
 
-    .venv/bin/python benchmarks/invariance.py [--out benchmarks/out/invariance.json]
+    .venv/bin/python -m benchmarks.invariance [--out benchmarks/out/invariance.json]
 """
 
 from __future__ import annotations

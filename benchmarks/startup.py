@@ -8,7 +8,7 @@ directory (warm). Time to SERVING is measured from spawning the process; the pha
 from the sidecar's own log line per model (load, export, build, gate, timing, warm-up), and with
 ``--wait-compiled`` the warm run also waits for the background compile to take over.
 
-    .venv/bin/python benchmarks/startup.py [--runs 3] [--out benchmarks/out/startup.json]
+    .venv/bin/python -m benchmarks.startup [--runs 3] [--out benchmarks/out/startup.json]
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -24,21 +24,21 @@ from rich.table import Table
 from client.demo.walkthrough import run_demo
 from client.documents import count_records, read_documents
 from client.embedding_cache import EmbeddingCache
-from client.errors import DOCUMENTS_REJECTED, USAGE, ClientError, InputMissing, SidecarError
-from client.evaluation import (
+from client.errors import DOCUMENTS_REJECTED, USAGE, ClientError, InputMissing, SidecarError, UsageError
+from client.evaluation.datasets import BeirDataset, load_beir, prepare_index, workspace_name
+from client.evaluation.report import (
     EvalReport,
-    Evaluator,
-    QueryRun,
     configuration_labels,
     engine_description,
-    load_beir,
-    prepare_index,
+    fusion_description,
+    lossy_embedder_warning,
     report_table,
     reranker_description,
     summarize,
-    workspace_name,
     write_plot,
 )
+from client.evaluation.runner import BLEND, Evaluator, QueryRun
+from client.evaluation.sweep import SweepPoint, collect_legs, sweep, sweep_table
 from client.ingest import ingest
 from client.output import eval_lines, output_format, results_table, search_json, search_lines
 from client.pipeline import PipelineOptions, TwoStagePipeline
@@ -184,10 +184,15 @@ def pipeline_options(settings: ClientSettings) -> PipelineOptions:
         top_k=settings.top_k,
         mode=settings.mode,  # type: ignore[arg-type]  # argparse checked the choices
         fusion=settings.fusion,  # type: ignore[arg-type]
+        fusion_method=settings.fusion_method,  # type: ignore[arg-type]
         rank_constant=settings.rank_constant,
         bm25_weight=settings.bm25_weight,
         vector_weight=settings.vector_weight,
+        convex_weight=settings.convex_weight,
+        normalization=settings.normalization,  # type: ignore[arg-type]
+        title_boost=settings.title_boost,
         num_candidates=settings.num_candidates,
+        rerank_blend=settings.rerank_blend,
         embed_timeout=settings.timeout,
         rerank_timeout=settings.timeout,
         strict=settings.strict,
@@ -215,6 +220,11 @@ def run_eval(
     for flag, path in (("--output", eval_settings.output), ("--plot", eval_settings.plot)):
         if path and not Path(path).parent.is_dir():  # found now, not after the whole run
             raise InputMissing(f"{flag} {path}: the directory {Path(path).parent} does not exist; create it")
+    if BLEND in eval_settings.configurations and settings.rerank_blend == 1.0:
+        raise UsageError(
+            "--configs blend needs --rerank-blend (RERANK_CLIENT_RERANK_BLEND) below 1: at 1 it is the "
+            "rerank configuration"
+        )
     dataset = load_beir(source, eval_settings.split)
     queries = dict(itertools.islice(dataset.queries.items(), eval_settings.max_queries or None))
     with blocking_client(settings) as client:
@@ -248,8 +258,15 @@ def run_eval(
                     f"[yellow]{len(ingested.rejected)} documents rejected, first: "
                     f"{ingested.rejected[0].id}: {ingested.rejected[0].reason}[/yellow]"
                 )
-            runs = asyncio.run(_run_queries(settings, retriever, queries, err))
+            warnings = [warning] if (warning := lossy_embedder_warning(embedding)) else []
+            for warning in warnings:
+                err.print(f"[yellow]warning: {warning}[/yellow]")
+            options = pipeline_options(settings)
+            runs, swept = asyncio.run(_run_queries(settings, eval_settings, retriever, queries, dataset, err))
             reranker = reranker_description(info)
+            labels = configuration_labels(
+                settings.candidates, info, fusion_description(options), settings.rerank_blend
+            )
             report = EvalReport(
                 dataset=dataset.name,
                 documents=retriever.count(),
@@ -262,14 +279,21 @@ def run_eval(
                 embedding_model=f"{embedding.model_id} ({embedding.engine} {embedding.precision})",
                 candidates=settings.candidates,
                 configurations=summarize(
-                    dataset.qrels, runs, configuration_labels(settings.candidates, info)
+                    dataset.qrels, runs, {key: labels[key] for key in eval_settings.configurations}
                 ),
+                split=eval_settings.split,
+                fusion=fusion_description(options),
+                concurrency=eval_settings.concurrency,
+                warnings=warnings,
+                sweep=[asdict(point) for point in swept],
             )
         finally:
             retriever.close()
     output = output_format(settings.format)
     if output == "table":
         out.print(report_table(report))
+        if swept:
+            out.print(sweep_table(swept, eval_settings.split))
     elif output == "json":
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -285,13 +309,35 @@ def run_eval(
 
 
 async def _run_queries(
-    settings: ClientSettings, retriever: Retriever, queries: Mapping[str, str], err: Console
-) -> dict[str, dict[str, QueryRun]]:
+    settings: ClientSettings,
+    eval_settings: EvalSettings,
+    retriever: Retriever,
+    queries: Mapping[str, str],
+    dataset: BeirDataset,
+    err: Console,
+) -> tuple[dict[str, dict[str, QueryRun]], list[SweepPoint]]:
+    """Every query's runs of the chosen configurations, and with --sweep the fusion grid's quality."""
+    options = pipeline_options(settings)
     async with async_client(settings) as client:
-        evaluator = Evaluator(retriever, client, pipeline_options(settings))
+        evaluator = Evaluator(
+            retriever, client, options, eval_settings.configurations, eval_settings.concurrency
+        )
         with progress_bars(err) as progress:
             task = progress.add_task("queries", total=len(queries))
-            return await evaluator.run_all(queries, lambda: progress.advance(task))
+            runs = await evaluator.run_all(queries, lambda: progress.advance(task))
+            if not eval_settings.sweep:
+                return runs, []
+            task = progress.add_task("sweep: legs", total=len(queries))
+            legs = await collect_legs(
+                retriever,
+                client,
+                options,
+                queries,
+                evaluator.depth,
+                concurrency=eval_settings.concurrency,
+                on_query=lambda: progress.advance(task),
+            )
+    return runs, sweep(dataset.qrels, legs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -305,7 +351,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bm25s").setLevel(settings.log_level)  # bm25s sets DEBUG on its logger at import
     debug = demo_settings.debug if args.command == "demo" else settings.debug
     if not debug:
         # Its retry warnings carry tracebacks; the failure they end in is reported in one line below.

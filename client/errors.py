@@ -56,7 +56,8 @@ class IndexNotFound(ClientError):
 
 
 class IndexMismatch(ClientError):
-    """The index was built for other vectors: another embedding model or dimension, or another format."""
+    """The index was built for other vectors (another embedding model or dimension), another format, or
+    another text analysis."""
 
     exit_code = 6
 

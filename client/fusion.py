@@ -1,11 +1,16 @@
-"""Reciprocal rank fusion, as pure functions over ranked lists of ids."""
+"""Fusion of ranked legs, as pure functions: reciprocal rank fusion, and convex combination of normalized
+scores (Bruch, Gai and Ingber, "An Analysis of Fusion Functions for Hybrid Retrieval", 2023)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
 
 DEFAULT_RANK_CONSTANT = 60
+Normalization = Literal["minmax", "zscore"]
 
 
 @dataclass(frozen=True)
@@ -41,17 +46,72 @@ def reciprocal_rank_fusion(
     weights = weights or {}
     if any(weight < 0 for weight in weights.values()):
         raise ValueError(f"leg weights must be zero or more, got {dict(weights)}")
-    scores: dict[str, float] = {}
+    ranks, raw_scores = _leg_ranks(legs)
+    scores = {
+        doc_id: sum(weights.get(leg, 1.0) / (rank_constant + rank) for leg, rank in doc_ranks.items())
+        for doc_id, doc_ranks in ranks.items()
+    }
+    return _ordered(scores, ranks, raw_scores, size)
+
+
+def convex_fusion(
+    legs: Mapping[str, Sequence[LegHit]],
+    *,
+    weights: Mapping[str, float],
+    normalization: Normalization = "minmax",
+    size: int | None = None,
+) -> list[FusedHit]:
+    """Fuse legs by their scores: each leg's scores are normalized over the hits it returned (min-max to
+    [0, 1], or z-scores), and a document scores the weighted sum. A leg that did not return a document gives
+    it that leg's lowest normalized score, as if it ranked last. Ties break as in RRF."""
+    if any(weight < 0 for weight in weights.values()):
+        raise ValueError(f"leg weights must be zero or more, got {dict(weights)}")
+    ranks, raw_scores = _leg_ranks(legs)
+    scores = dict.fromkeys(ranks, 0.0)
+    for leg in legs:
+        returned = {doc_id: leg_scores[leg] for doc_id, leg_scores in raw_scores.items() if leg in leg_scores}
+        if not returned:
+            continue
+        values = normalized(np.fromiter(returned.values(), dtype=np.float64), normalization)
+        by_id = dict(zip(returned, values.tolist(), strict=True))
+        floor = float(values.min())
+        for doc_id in scores:
+            scores[doc_id] += weights.get(leg, 1.0) * by_id.get(doc_id, floor)
+    return _ordered(scores, ranks, raw_scores, size)
+
+
+def normalized(scores: np.ndarray, normalization: Normalization = "minmax") -> np.ndarray:
+    """Min-max to [0, 1] (all 1 when the scores are equal), or z-scores (all 0 when they are equal)."""
+    if normalization == "minmax":
+        spread = float(scores.max() - scores.min()) if scores.size else 0.0
+        return (scores - scores.min()) / spread if spread > 0 else np.ones_like(scores)
+    if normalization == "zscore":
+        deviation = float(scores.std()) if scores.size else 0.0
+        return (scores - scores.mean()) / deviation if deviation > 0 else np.zeros_like(scores)
+    raise ValueError(f"normalization must be minmax or zscore, got {normalization!r}")
+
+
+def _leg_ranks(
+    legs: Mapping[str, Sequence[LegHit]],
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]]]:
+    """Each document's 1-based rank and raw score in every leg that returned it (a repeated id: its best)."""
     ranks: dict[str, dict[str, int]] = {}
     raw_scores: dict[str, dict[str, float]] = {}
     for leg, hits in legs.items():
-        weight = weights.get(leg, 1.0)
         for rank, hit in enumerate(hits, start=1):
             if leg in ranks.get(hit.id, {}):
-                continue  # a leg that repeats an id counts its best rank only
-            scores[hit.id] = scores.get(hit.id, 0.0) + weight / (rank_constant + rank)
+                continue
             ranks.setdefault(hit.id, {})[leg] = rank
             raw_scores.setdefault(hit.id, {})[leg] = hit.score
+    return ranks, raw_scores
+
+
+def _ordered(
+    scores: Mapping[str, float],
+    ranks: Mapping[str, Mapping[str, int]],
+    raw_scores: Mapping[str, Mapping[str, float]],
+    size: int | None,
+) -> list[FusedHit]:
     order = sorted(scores, key=lambda doc_id: (-scores[doc_id], min(ranks[doc_id].values()), doc_id))
     if size is not None:
         order = order[:size]

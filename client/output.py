@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from client.evaluation import EvalReport
+from client.evaluation.report import EvalReport
 from client.pipeline import SearchResponse, SearchResult
 
 
@@ -131,6 +131,8 @@ def _score(value: float | None) -> str:
 
 def eval_lines(report: EvalReport) -> Iterator[str]:
     """One JSON object per configuration, each with the run's dataset, retriever and models."""
-    summary = {key: value for key, value in report.to_json().items() if key != "configurations"}
+    summary = {
+        key: value for key, value in report.to_json().items() if key not in ("configurations", "sweep")
+    }
     for configuration in report.configurations:
         yield json.dumps({**summary, **asdict(configuration)})

@@ -5,12 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from client.errors import ClientError, SidecarError
-from client.retrieval.base import Candidate, FilterValue, Fusion, Mode, Retriever, SearchRequest
+from client.fusion import Normalization, normalized
+from client.retrieval.base import (
+    Candidate,
+    FilterValue,
+    Fusion,
+    FusionMethod,
+    Mode,
+    Retriever,
+    SearchRequest,
+)
 from client.sidecar_client import AsyncRerankClient, Ranking, RerankOptions
 from rerank.v1 import rerank_pb2
 
@@ -36,16 +47,58 @@ class PipelineOptions:
     top_k: int = 10
     mode: Mode = "hybrid"
     fusion: Fusion = "client"
+    fusion_method: FusionMethod = "rrf"
     rank_constant: int = 60
     bm25_weight: float = 1.0
     vector_weight: float = 1.0
+    convex_weight: float = 0.5
+    normalization: Normalization = "minmax"
+    title_boost: float = 1.0
     num_candidates: int = 0
+    # The final score: rerank_blend * rerank + (1 - rerank_blend) * stage 1's fused score, both min-max
+    # normalized over the candidates. 1: the reranker's order alone.
+    rerank_blend: float = 1.0
     # Deadlines: query embedding, and the whole rerank stream.
     embed_timeout: float = 5.0
     rerank_timeout: float = 10.0
     # False: when the sidecar fails, return stage 1's order marked not reranked. True: raise RerankFailed.
     strict: bool = False
     rerank_options: RerankOptions = field(default_factory=RerankOptions)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rerank_blend <= 1.0:
+            raise ValueError(f"rerank_blend must be between 0 and 1, got {self.rerank_blend}")
+
+    def search_request(
+        self,
+        query: str,
+        mode: Mode,
+        *,
+        query_vector: np.ndarray | None = None,
+        embedding_model: str = "",
+        size: int | None = None,
+        filters: Mapping[str, FilterValue] | None = None,
+    ) -> SearchRequest:
+        """The stage-1 search these options make, ``size`` deep (default: ``candidates``). Fusion in
+        Elasticsearch applies to hybrid searches only; a one-leg search fuses in the client."""
+        return SearchRequest(
+            query=query,
+            query_vector=query_vector,
+            mode=mode,
+            size=size or self.candidates,
+            page_size=self.batch_size,
+            filters=filters or {},
+            fusion=self.fusion if mode == "hybrid" else "client",
+            fusion_method=self.fusion_method,
+            rank_constant=self.rank_constant,
+            bm25_weight=self.bm25_weight,
+            vector_weight=self.vector_weight,
+            convex_weight=self.convex_weight,
+            normalization=self.normalization,
+            title_boost=self.title_boost,
+            num_candidates=self.num_candidates,
+            embedding_model=embedding_model,
+        )
 
 
 @dataclass(frozen=True)
@@ -132,9 +185,12 @@ class TwoStagePipeline:
             total_ms=_ms_since(started),
         )
         if ranking is not None:
+            scored = [(candidates[result.index], result.score) for result in ranking.results]
+            if options.rerank_blend < 1.0:
+                scored = blended(scored, options.rerank_blend)[: options.top_k]
             results = [
-                SearchResult(rank, candidates[scored.index], scored.score)
-                for rank, scored in enumerate(ranking.results, start=1)
+                SearchResult(rank, candidate, score)
+                for rank, (candidate, score) in enumerate(scored, start=1)
             ]
         else:
             results = [SearchResult(c.rank, c, None) for c in candidates[: options.top_k]]
@@ -153,19 +209,8 @@ class TwoStagePipeline:
     async def _search_request(
         self, query: str, filters: Mapping[str, FilterValue], options: PipelineOptions, notes: list[str]
     ) -> tuple[SearchRequest, float]:
-        request = SearchRequest(
-            query=query,
-            mode="bm25",  # replaced below once the query vector is known
-            size=options.candidates,
-            page_size=options.batch_size,
-            filters=filters,
-            rank_constant=options.rank_constant,
-            bm25_weight=options.bm25_weight,
-            vector_weight=options.vector_weight,
-            num_candidates=options.num_candidates,
-        )
         if options.mode == "bm25":
-            return request, 0.0
+            return options.search_request(query, "bm25", filters=filters), 0.0
         started = time.perf_counter()
         try:
             embeddings = await self.embedder.embed([query], timeout=options.embed_timeout)
@@ -174,13 +219,13 @@ class TwoStagePipeline:
             if options.strict or options.mode == "vector":
                 raise RerankFailed(f"query embedding failed: {exc}", exc) from exc
             notes.append(f"{reason}: the vector leg was skipped, stage 1 is BM25 only")
-            return request, _ms_since(started)
-        request = replace(
-            request,
-            mode=options.mode,
-            fusion=options.fusion,
+            return options.search_request(query, "bm25", filters=filters), _ms_since(started)
+        request = options.search_request(
+            query,
+            options.mode,
             query_vector=embeddings.vectors[0],
             embedding_model=embeddings.model_id,
+            filters=filters,
         )
         return request, _ms_since(started)
 
@@ -188,7 +233,9 @@ class TwoStagePipeline:
         self, query: str, retrieval: _Retrieval, options: PipelineOptions
     ) -> tuple[Ranking | None, str | None]:
         """The final ranking, or why there is none (fail-open), or RerankFailed (strict)."""
-        rerank_options = replace(options.rerank_options, top_n=options.top_k)
+        # A blend needs every candidate's rerank score: a low one may still end in the top k.
+        top_n = options.top_k if options.rerank_blend == 1.0 else 0
+        rerank_options = replace(options.rerank_options, top_n=top_n)
         stream = self.reranker.rerank_stream(
             query, retrieval.batches(), rerank_options, timeout=options.rerank_timeout
         )
@@ -249,6 +296,18 @@ class _Retrieval:
         while page is not None:
             yield [rerank_pb2.Document(id=c.id, text=c.document.passage) for c in page]
             page = await self._pages.get()
+
+
+def blended(scored: Sequence[tuple[Candidate, float]], rerank_weight: float) -> list[tuple[Candidate, float]]:
+    """(candidate, rerank score) pairs ordered by ``rerank_weight * rerank + (1 - rerank_weight) * fused``,
+    each score min-max normalized over the candidates; ties keep stage 1's order."""
+    if not scored:
+        return []
+    rerank = normalized(np.array([score for _, score in scored], dtype=np.float64))
+    fused = normalized(np.array([candidate.fused_score for candidate, _ in scored], dtype=np.float64))
+    final = rerank_weight * rerank + (1.0 - rerank_weight) * fused
+    order = sorted(range(len(scored)), key=lambda row: (-final[row], scored[row][0].rank))
+    return [scored[row] for row in order]
 
 
 def _describe(exc: SidecarError) -> str:

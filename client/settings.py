@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.errors import UsageError
+from client.evaluation.runner import CONFIGURATIONS, DEFAULT_CONFIGURATIONS
 from client.retrieval.base import FilterValue
 from client.retrieval.elasticsearch import VECTOR_INDEX_TYPES
-from envflags import require_non_negative, require_positive, settings_table
+from envflags import flag_name, require_non_negative, require_positive, settings_table
 
 
 def _setting(default: Any, env: str, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -81,12 +82,42 @@ class ClientSettings:
     fusion: str = _setting(
         "client",
         "RERANK_CLIENT_FUSION",
-        "Where RRF runs: in the client (any licence), or Elasticsearch's rrf retriever.",
+        "Where the legs are fused: in the client (any licence, either --fusion-method), or Elasticsearch's "
+        "rrf retriever.",
         choices=("client", "elasticsearch"),
+    )
+    fusion_method: str = _setting(
+        "rrf",
+        "RERANK_CLIENT_FUSION_METHOD",
+        "How the client fuses the legs: reciprocal rank fusion, or a convex combination of the legs' "
+        "normalized scores (--convex-weight, --normalization).",
+        choices=("rrf", "convex"),
     )
     rank_constant: int = _setting(60, "RERANK_CLIENT_RANK_CONSTANT", "RRF rank constant.")
     bm25_weight: float = _setting(1.0, "RERANK_CLIENT_BM25_WEIGHT", "RRF weight of the BM25 leg.")
     vector_weight: float = _setting(1.0, "RERANK_CLIENT_VECTOR_WEIGHT", "RRF weight of the vector leg.")
+    convex_weight: float = _setting(
+        0.5,
+        "RERANK_CLIENT_CONVEX_WEIGHT",
+        "Convex fusion: weight of the vector leg's normalized score, between 0 and 1; BM25 gets 1 minus it.",
+    )
+    normalization: str = _setting(
+        "minmax",
+        "RERANK_CLIENT_NORMALIZATION",
+        "Convex fusion: how each leg's scores are normalized over the hits it returned.",
+        choices=("minmax", "zscore"),
+    )
+    title_boost: float = _setting(
+        1.0,
+        "RERANK_CLIENT_TITLE_BOOST",
+        "Weight of the title against the text in the BM25 leg (combined_fields), at least 1.",
+    )
+    rerank_blend: float = _setting(
+        1.0,
+        "RERANK_CLIENT_RERANK_BLEND",
+        "Final score = this x rerank + (1 - this) x stage-1 fused score, both min-max normalized over the "
+        "candidates; 1 (the default) ranks by the reranker alone.",
+    )
     num_candidates: int = _setting(
         0, "RERANK_CLIENT_NUM_CANDIDATES", "kNN num_candidates per shard; 0 uses twice --candidates."
     )
@@ -125,6 +156,18 @@ class ClientSettings:
             self, ("timeout", "candidates", "batch_size", "top_k", "rank_constant", "embed_batch_size")
         )
         require_non_negative(self, ("bm25_weight", "vector_weight", "num_candidates"))
+        for name in ("convex_weight", "rerank_blend"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{flag_name(name)} must be between 0 and 1, got {getattr(self, name)}")
+        if self.title_boost < 1.0:
+            raise ValueError(
+                f"--title-boost must be at least 1 (a combined_fields boost), got {self.title_boost}"
+            )
+        if self.fusion == "elasticsearch" and self.fusion_method != "rrf":
+            raise ValueError(
+                "--fusion elasticsearch runs Elasticsearch's rrf retriever: use --fusion client for "
+                f"--fusion-method {self.fusion_method}"
+            )
         try:
             parse_filters(self.filters)
         except ValueError as exc:
@@ -156,10 +199,37 @@ class EvalSettings:
     max_queries: int = _setting(
         0, "RERANK_EVAL_MAX_QUERIES", "Evaluate only the first N judged queries; 0: all of them."
     )
+    configs: str = _setting(
+        ",".join(DEFAULT_CONFIGURATIONS),
+        "RERANK_EVAL_CONFIGS",
+        f"Configurations to run, comma-separated, of {', '.join(CONFIGURATIONS)}; blend is hybrid + rerank "
+        "with --rerank-blend below 1.",
+    )
+    concurrency: int = _setting(
+        1,
+        "RERANK_EVAL_CONCURRENCY",
+        "Queries in flight at once; above 1 the run is faster and its latencies, measured under that load, "
+        "are labelled so.",
+    )
+    sweep: bool = _setting(
+        False,
+        "RERANK_EVAL_SWEEP",
+        "Also report NDCG@10 and Recall@100 of hybrid stage 1 over a grid of fusion settings (RRF constant "
+        "and leg weights, convex weight and normalization), from one search per leg and query. Choose "
+        "settings on a training split (--split train), then report on test.",
+    )
 
     def __post_init__(self) -> None:
-        if self.max_queries < 0:
-            raise ValueError(f"--max-queries must be zero or more, got {self.max_queries}")
+        require_non_negative(self, ("max_queries",))
+        require_positive(self, ("concurrency",))
+        unknown = [name for name in self.configurations if name not in CONFIGURATIONS]
+        if unknown or not self.configurations:
+            names = ", ".join(CONFIGURATIONS)
+            raise ValueError(f"--configs takes names from {names}, comma-separated; got {self.configs!r}")
+
+    @property
+    def configurations(self) -> list[str]:
+        return [name.strip() for name in self.configs.split(",") if name.strip()]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -42,9 +42,9 @@ class Settings:
     )
     instruction: str = _setting(
         "",
-        "Instruction a decoder LLM reranker (Qwen3-Reranker) reads before each query; empty uses the "
-        "model card's default. A request's instruction field overrides it. Encoder rerankers read none, "
-        "and refuse a non-empty one.",
+        "Instruction a decoder LLM reranker reads (Qwen3-Reranker: before the query; bge-reranker-v2-gemma: "
+        "its prompt after the passage); empty uses the model card's default. A request's instruction field "
+        "overrides it. Encoder rerankers read none, and refuse a non-empty one.",
     )
     host: str = _setting("0.0.0.0", "Address to listen on.")
     port: int = _setting(50051, "gRPC port; 0 picks a free one.")

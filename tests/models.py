@@ -120,7 +120,9 @@ def tokenizer_corpus() -> list[str]:
         for verb in _VERBS
         for obj, year in zip(_OBJECTS, range(1990, 2030, 7), strict=False)
     ]
-    return [*PROBE_QUERIES, *PROBE_DOCUMENTS, *made_up, "yes", "no", "Yes", "No"]
+    # Frequent enough that the answers decoder rerankers read become single tokens.
+    answers = ["yes", "no", "Yes", "No"] * 50
+    return [*PROBE_QUERIES, *PROBE_DOCUMENTS, *made_up, *answers]
 
 
 def _unigram_backend(specials: list[str], vocab_size: int = 600) -> Tokenizer:
@@ -149,8 +151,11 @@ def _save(directory: Path, model_class: type, config: object, tokenizer: object,
     return directory
 
 
-def save_tiny_xlm_roberta(directory: Path, *, seed: int = 0) -> Path:
-    """bge-reranker-shaped: a SentencePiece-style Unigram tokenizer, no token types, offset positions."""
+def save_tiny_xlm_roberta(directory: Path, *, seed: int = 0, **sizes: int) -> Path:
+    """bge-reranker-shaped: a SentencePiece-style Unigram tokenizer, no token types, offset positions.
+
+    ``sizes`` override the tiny config's sizes (the benchmarks build base-sized models with them).
+    """
     from tokenizers.processors import TemplateProcessing
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification, XLMRobertaTokenizerFast
 
@@ -160,15 +165,18 @@ def save_tiny_xlm_roberta(directory: Path, *, seed: int = 0) -> Path:
     )
     tokenizer = XLMRobertaTokenizerFast(tokenizer_object=backend, model_max_length=512)
     config = XLMRobertaConfig(
-        vocab_size=backend.get_vocab_size(),
-        max_position_embeddings=514,
-        type_vocab_size=1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=0,
-        eos_token_id=2,
-        num_labels=1,
-        initializer_range=0.2,
-        **_TINY,
+        **{
+            "vocab_size": backend.get_vocab_size(),
+            "max_position_embeddings": 514,
+            "type_vocab_size": 1,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "num_labels": 1,
+            "initializer_range": 0.2,
+            **_TINY,
+            **sizes,
+        }
     )
     return _save(directory, XLMRobertaForSequenceClassification, config, tokenizer, seed)
 
@@ -216,29 +224,35 @@ def save_tiny_deberta_v2(directory: Path, *, seed: int = 0) -> Path:
     return _save(directory, DebertaV2ForSequenceClassification, config, tokenizer, seed)
 
 
-def save_tiny_modernbert(directory: Path, *, seed: int = 0) -> Path:
-    """gte-reranker-modernbert-shaped: rotary positions, alternating local and global attention."""
+def save_tiny_modernbert(directory: Path, *, seed: int = 0, **sizes: int) -> Path:
+    """gte-reranker-modernbert-shaped: rotary positions, alternating local and global attention.
+
+    ``sizes`` override the tiny config's sizes and local window.
+    """
     from transformers import ModernBertConfig, ModernBertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(bert_tokenizer_dir())
     tokenizer.model_max_length = 512
     tokenizer.model_input_names = ["input_ids", "attention_mask"]  # as ModernBERT's tokenizer declares
     config = ModernBertConfig(
-        vocab_size=tokenizer.vocab_size,
-        max_position_embeddings=512,
-        global_attn_every_n_layers=2,
-        local_attention=16,  # shorter than the probe's pairs, so the local windows matter
-        pad_token_id=tokenizer.pad_token_id,
-        cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        num_labels=1,
-        initializer_range=0.2,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **{
+            "vocab_size": tokenizer.vocab_size,
+            "max_position_embeddings": 512,
+            "global_attn_every_n_layers": 2,
+            "local_attention": 16,  # shorter than the probe's pairs, so the local windows matter
+            "pad_token_id": tokenizer.pad_token_id,
+            "cls_token_id": tokenizer.cls_token_id,
+            "sep_token_id": tokenizer.sep_token_id,
+            "bos_token_id": tokenizer.cls_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+            "num_labels": 1,
+            "initializer_range": 0.2,
+            "hidden_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            **sizes,
+        }
     )
     return _save(directory, ModernBertForSequenceClassification, config, tokenizer, seed)
 
@@ -256,7 +270,7 @@ def qwen_tokenizer(max_length: int = 1024) -> object:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
-    from sidecar.model.families import QWEN3_RERANKER
+    from tests.families.references import QWEN3_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -271,11 +285,8 @@ def qwen_tokenizer(max_length: int = 1024) -> object:
         special_tokens=_QWEN_SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    prompt = QWEN3_RERANKER
-    backend.train_from_iterator(
-        [*tokenizer_corpus(), prompt.prefix, prompt.query, prompt.document, prompt.default_instruction] * 3,
-        trainer,
-    )
+    prompt = [QWEN3_PREFIX, "<Instruct>: ", "<Query>: ", "<Document>: ", QWEN3_SUFFIX, QWEN3_INSTRUCTION]
+    backend.train_from_iterator([*tokenizer_corpus(), *prompt] * 3, trainer)
     backend.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
     return Qwen2TokenizerFast(
         tokenizer_object=backend,
@@ -291,28 +302,33 @@ def _qwen3_config(tokenizer: object, **overrides: object) -> object:
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=len(tokenizer),  # type: ignore[arg-type]
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
-        eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
-        initializer_range=0.2,
-        **overrides,
+        **{
+            "vocab_size": len(tokenizer),  # type: ignore[arg-type]
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": True,
+            "pad_token_id": tokenizer.pad_token_id,  # type: ignore[attr-defined]
+            "eos_token_id": tokenizer.eos_token_id,  # type: ignore[attr-defined]
+            "initializer_range": 0.2,
+            **overrides,
+        }
     )
 
 
-def save_tiny_qwen3_reranker(directory: Path, *, seed: int = 0) -> Path:
-    """Qwen3-Reranker-shaped: a causal LM scored by its "yes" and "no" logits; tied embeddings."""
+def save_tiny_qwen3_reranker(directory: Path, *, seed: int = 0, **sizes: int) -> Path:
+    """Qwen3-Reranker-shaped: a causal LM scored by its "yes" and "no" logits; tied embeddings.
+
+    ``sizes`` override the tiny config's sizes.
+    """
     from transformers import Qwen3ForCausalLM
 
     tokenizer = qwen_tokenizer()
-    return _save(directory, Qwen3ForCausalLM, _qwen3_config(tokenizer), tokenizer, seed)
+    return _save(directory, Qwen3ForCausalLM, _qwen3_config(tokenizer, **sizes), tokenizer, seed)
 
 
 def save_tiny_qwen3_seq_cls(directory: Path, causal_dir: Path) -> Path:
@@ -331,3 +347,43 @@ def save_tiny_qwen3_seq_cls(directory: Path, causal_dir: Path) -> Path:
     classifier.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_tiny_bge_reranker_gemma(directory: Path, *, seed: int = 0) -> Path:
+    """bge-reranker-v2-gemma-shaped: a Gemma causal LM scored by its "Yes" logit, with a SentencePiece-style
+    byte-fallback BPE tokenizer (spaces as "\u2581", no pre-tokenizer), <bos> added by the prompt."""
+    from tokenizers import decoders, models, normalizers, trainers
+    from transformers import GemmaConfig, GemmaForCausalLM, GemmaTokenizerFast
+
+    from tests.families.references import GEMMA_PROMPT
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"])
+    backend.train_from_iterator([*tokenizer_corpus(), GEMMA_PROMPT, "A: ", "B: "] * 3, trainer)
+    tokenizer = GemmaTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=1024,
+    )
+    config = GemmaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,
+    )
+    return _save(directory, GemmaForCausalLM, config, tokenizer, seed)

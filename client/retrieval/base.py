@@ -10,10 +10,18 @@ import numpy as np
 
 from client.documents import Document
 from client.errors import IndexMismatch
-from client.fusion import DEFAULT_RANK_CONSTANT, FusedHit
+from client.fusion import (
+    DEFAULT_RANK_CONSTANT,
+    FusedHit,
+    LegHit,
+    Normalization,
+    convex_fusion,
+    reciprocal_rank_fusion,
+)
 
 Mode = Literal["hybrid", "bm25", "vector"]
 Fusion = Literal["client", "elasticsearch"]
+FusionMethod = Literal["rrf", "convex"]
 FilterValue = str | Sequence[str]
 
 BM25_LEG = "bm25"
@@ -32,9 +40,13 @@ class SearchRequest:
     page_size: int = 32
     filters: Mapping[str, FilterValue] = field(default_factory=dict)
     fusion: Fusion = "client"
+    fusion_method: FusionMethod = "rrf"
     rank_constant: int = DEFAULT_RANK_CONSTANT
-    bm25_weight: float = 1.0
+    bm25_weight: float = 1.0  # RRF leg weights
     vector_weight: float = 1.0
+    convex_weight: float = 0.5  # convex fusion: the vector leg's weight; BM25's is 1 minus it
+    normalization: Normalization = "minmax"  # of each leg's scores, for convex fusion
+    title_boost: float = 1.0  # of title against text in the BM25 leg's combined_fields (at least 1)
     num_candidates: int = 0  # per-shard HNSW candidates of the kNN leg; 0: twice ``size``
     embedding_model: str = ""  # the model that made ``query_vector``; refused by an index built with another
 
@@ -45,6 +57,16 @@ class SearchRequest:
             raise ValueError(f"mode {self.mode!r} needs a query vector")
         if self.fusion == "elasticsearch" and self.mode != "hybrid":
             raise ValueError("fusion='elasticsearch' fuses two legs: it needs mode 'hybrid'")
+        if self.fusion == "elasticsearch" and self.fusion_method != "rrf":
+            raise ValueError(
+                "fusion='elasticsearch' runs Elasticsearch's rrf retriever: it needs fusion_method 'rrf'"
+            )
+        if not 0.0 <= self.convex_weight <= 1.0:
+            raise ValueError(f"convex_weight must be between 0 and 1, got {self.convex_weight}")
+        if self.title_boost < 1.0:
+            raise ValueError(
+                f"title_boost must be at least 1 (combined_fields boosts), got {self.title_boost}"
+            )
         if self.num_candidates and self.num_candidates < self.size:
             raise ValueError(f"num_candidates ({self.num_candidates}) must be at least size ({self.size})")
 
@@ -59,6 +81,15 @@ class SearchRequest:
     @property
     def knn_num_candidates(self) -> int:
         return self.num_candidates or 2 * self.size
+
+    def fuse(self, legs: Mapping[str, Sequence[LegHit]]) -> list[FusedHit]:
+        """The client-side fusion of the legs' hits, by ``fusion_method``, cut to ``size``."""
+        if self.fusion_method == "convex":
+            weights = {BM25_LEG: 1.0 - self.convex_weight, VECTOR_LEG: self.convex_weight}
+            return convex_fusion(legs, weights=weights, normalization=self.normalization, size=self.size)
+        return reciprocal_rank_fusion(
+            legs, rank_constant=self.rank_constant, weights=self.weights, size=self.size
+        )
 
 
 @dataclass(frozen=True)
@@ -102,6 +133,10 @@ class Retriever(Protocol):
 
     def candidate_pages(self, request: SearchRequest) -> Iterator[list[Candidate]]:
         """The fused candidates in order, ``request.page_size`` at a time, each fetched when asked for."""
+        ...
+
+    def leg_hits(self, request: SearchRequest) -> dict[str, list[LegHit]]:
+        """Each leg's ranked ids and scores, ``request.size`` deep, before fusion."""
         ...
 
     def close(self) -> None: ...

@@ -24,11 +24,13 @@ from client.errors import (
     ElasticsearchFailed,
     ElasticsearchRefused,
     ElasticsearchUnreachable,
+    IndexMismatch,
     IndexNotFound,
     UsageError,
     unreadable,
 )
-from client.fusion import LegHit, reciprocal_rank_fusion
+from client.fusion import LegHit
+from client.retrieval.analysis import ANALYZER
 from client.retrieval.base import (
     BM25_LEG,
     VECTOR_LEG,
@@ -50,10 +52,20 @@ DEFAULT_INDEX = "documents"
 VECTOR_INDEX_TYPES = ("int8_hnsw", "hnsw", "int4_hnsw", "bbq_hnsw")
 
 
+def _analyzed_text() -> dict[str, Any]:
+    # `exact` keeps the original words (standard analyzer) for phrase or exact-term queries.
+    return {
+        "type": "text",
+        "analyzer": ANALYZER,
+        "fields": {"exact": {"type": "text", "analyzer": "standard"}},
+    }
+
+
 def index_mapping(dims: int, vector_index: str = "int8_hnsw", embedding_model: str = "") -> dict[str, Any]:
-    """``text`` and ``title`` for BM25, every ``metadata.*`` value a keyword (filterable), and the vector
-    under cosine similarity in an HNSW graph, int8-quantized by default (``hnsw`` keeps floats: exact scores
-    at four times the memory). ``_meta`` records the embedding model."""
+    """``text`` and ``title`` for BM25 with the ``english`` analyzer (stemmed, stop words dropped; the
+    original words in the ``.exact`` subfield), every ``metadata.*`` value a keyword (filterable), and the
+    vector under cosine similarity in an HNSW graph, int8-quantized by default (``hnsw`` keeps floats: exact
+    scores at four times the memory). ``_meta`` records the embedding model."""
     if vector_index not in VECTOR_INDEX_TYPES:
         raise ValueError(f"vector_index must be one of {', '.join(VECTOR_INDEX_TYPES)}, got {vector_index!r}")
     return {
@@ -62,8 +74,8 @@ def index_mapping(dims: int, vector_index: str = "int8_hnsw", embedding_model: s
             {"metadata_as_keywords": {"path_match": "metadata.*", "mapping": {"type": "keyword"}}}
         ],
         "properties": {
-            "text": {"type": "text"},
-            "title": {"type": "text"},
+            "text": _analyzed_text(),
+            "title": _analyzed_text(),
             "metadata": {"type": "object"},
             VECTOR_FIELD: {
                 "type": "dense_vector",
@@ -81,9 +93,13 @@ def _filter_clauses(filters: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def bm25_query(request: SearchRequest) -> dict[str, Any]:
-    return {
-        "bool": {"must": [{"match": {"text": request.query}}], "filter": _filter_clauses(request.filters)}
+    """BM25F over title and text: ``combined_fields`` scores them as one field (each term's frequencies and
+    the lengths summed, the title's weighted by its boost), so a short title cannot outweigh the abstract the
+    way ``best_fields``' per-field maximum lets it."""
+    matched = {
+        "combined_fields": {"query": request.query, "fields": [f"title^{request.title_boost}", "text"]}
     }
+    return {"bool": {"must": [matched], "filter": _filter_clauses(request.filters)}}
 
 
 def knn_clause(request: SearchRequest) -> dict[str, Any]:
@@ -200,9 +216,18 @@ class ElasticsearchRetriever:
 
     def _index_vectors(self) -> tuple[int | None, str]:
         """The dimension (None: no vectors) and embedding model ("": not recorded) of the index's vectors;
-        IndexNotFound when there is no index."""
+        IndexNotFound when there is no index, IndexMismatch when its text is not analyzed as this client's."""
         mappings = self.client.indices.get_mapping(index=self.index)
         mapping = next(iter(mappings.values()))["mappings"]  # keyed by the concrete index behind an alias
+        properties = mapping.get("properties", {})
+        analyzers = {name: properties.get(name, {}).get("analyzer", "standard") for name in ("title", "text")}
+        if any(analyzer != ANALYZER for analyzer in analyzers.values()):
+            raise IndexMismatch(
+                f"Elasticsearch index {self.index!r} was built with an older mapping (title and text "
+                f"analyzed by {analyzers['title']!r} and {analyzers['text']!r}, not {ANALYZER!r}), so BM25 "
+                "would miss stemmed matches and titles: delete it and ingest again, or ingest into a new "
+                "--es-index"
+            )
         dims = mapping.get("properties", {}).get(VECTOR_FIELD, {}).get("dims")
         model = mapping.get("_meta", {}).get("embedding_model", "")
         return (None if dims is None else int(dims)), str(model)
@@ -257,11 +282,9 @@ class ElasticsearchRetriever:
         check_query_vector(request, f"Elasticsearch index {self.index!r}", *self._vectors)
         if request.fusion == "elasticsearch":
             return self._rrf_pages(request)
-        legs = self.leg_hits(request)
-        fused = reciprocal_rank_fusion(
-            legs, rank_constant=request.rank_constant, weights=request.weights, size=request.size
+        return fused_pages(
+            request.fuse(self.leg_hits(request)), request.page_size, self._fetch, self._report_missing
         )
-        return fused_pages(fused, request.page_size, self._fetch, self._report_missing)
 
     def leg_hits(self, request: SearchRequest) -> dict[str, list[LegHit]]:
         """Each leg's ranked ids and scores (no sources), all legs in one ``msearch`` round trip."""

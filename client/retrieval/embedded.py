@@ -1,25 +1,25 @@
-"""Stage 1 in-process: BM25 from bm25s and exact cosine search in numpy, persisted to a directory.
+"""Stage 1 in-process: BM25F over title and text, and exact cosine search in numpy, persisted to a directory.
 
-The default when no Elasticsearch URL is given. It scores like Elasticsearch's defaults (Lucene BM25 with
-k1=1.2, b=0.75 over lowercased word tokens; cosine mapped to (1 + cos) / 2) and fuses the same way.
+The default when no Elasticsearch URL is given. It scores as the Elasticsearch index does (the
+``english`` analyzer, ``combined_fields`` BM25 with k1=1.2, b=0.75; cosine mapped to (1 + cos) / 2) and fuses
+the same way.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import bm25s
 import numpy as np
 
 from client.documents import Document
 from client.errors import IndexMismatch, IndexNotFound, InputInvalid
-from client.fusion import LegHit, reciprocal_rank_fusion
+from client.fusion import LegHit
+from client.retrieval.analysis import analyze
 from client.retrieval.base import (
     BM25_LEG,
     VECTOR_LEG,
@@ -31,16 +31,9 @@ from client.retrieval.base import (
     filter_values,
     fused_pages,
 )
+from client.retrieval.bm25 import CombinedFieldsBM25
 
 FORMAT_VERSION = 1
-# Elasticsearch's standard analyzer splits on Unicode word boundaries and lowercases; \w+ is close to it.
-_TOKEN = re.compile(r"\w+")
-BM25_K1 = 1.2
-BM25_B = 0.75
-
-
-def tokenize(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower())
 
 
 def _keywords(value: Any) -> list[str] | None:
@@ -60,7 +53,7 @@ class EmbeddedRetriever:
         self.embedding_model = ""
         self._documents: dict[str, Document] = {}
         self._vectors = np.zeros((0, 0), dtype=np.float32)
-        self._bm25: bm25s.BM25 | None = None
+        self._bm25: CombinedFieldsBM25 | None = None
         if (self.directory / "manifest.json").is_file():
             self._load()
 
@@ -123,19 +116,15 @@ class EmbeddedRetriever:
         check_query_vector(
             request, f"the embedded index in {self.directory}", self.dims, self.embedding_model
         )
-        fused = reciprocal_rank_fusion(
-            self.leg_hits(request),
-            rank_constant=request.rank_constant,
-            weights=request.weights,
-            size=request.size,
+        return fused_pages(
+            request.fuse(self.leg_hits(request)), request.page_size, self._fetch, _never_missing
         )
-        return fused_pages(fused, request.page_size, self._fetch, _never_missing)
 
     def leg_hits(self, request: SearchRequest) -> dict[str, list[LegHit]]:
         allowed = self._filter_mask(request.filters)
         legs = {}
         if BM25_LEG in request.legs:
-            scores = self._bm25_scores(request.query)
+            scores = self._bm25_scores(request.query, request.title_boost)
             # Like a match query: only documents sharing a term with the query are hits.
             legs[BM25_LEG] = _top(scores, allowed & (scores > 0), request.size, list(self._documents))
         if VECTOR_LEG in request.legs:
@@ -144,14 +133,10 @@ class EmbeddedRetriever:
             legs[VECTOR_LEG] = _top((1.0 + cosine) / 2.0, allowed, request.size, list(self._documents))
         return legs
 
-    def _bm25_scores(self, query: str) -> np.ndarray:
+    def _bm25_scores(self, query: str, title_boost: float) -> np.ndarray:
         if self._bm25 is None:
-            return np.zeros(len(self._documents), dtype=np.float32)
-        known = [token for token in tokenize(query) if token in self._bm25.vocab_dict]
-        if not known:
-            return np.zeros(len(self._documents), dtype=np.float32)
-        # Elasticsearch keeps the classic (k1 + 1) factor that Lucene's BM25 dropped; bm25s follows Lucene.
-        return np.asarray(self._bm25.get_scores(known), dtype=np.float32) * (BM25_K1 + 1.0)
+            return np.zeros(len(self._documents), dtype=np.float64)
+        return self._bm25.scores(analyze(query), (title_boost, 1.0))
 
     def _filter_mask(self, filters: Mapping[str, Any]) -> np.ndarray:
         mask = np.ones(len(self._documents), dtype=bool)
@@ -171,13 +156,16 @@ class EmbeddedRetriever:
     # ---- persistence --------------------------------------------------------------------------------
 
     def _build_bm25(self) -> None:
-        # The match leg reads `text` only, in both retrievers; titles reach the embedding and the reranker.
-        corpus = [tokenize(document.text) for document in self._documents.values()]
-        if not corpus:
+        if not self._documents:
             self._bm25 = None
             return
-        self._bm25 = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
-        self._bm25.index(corpus, show_progress=False)
+        documents = self._documents.values()
+        self._bm25 = CombinedFieldsBM25(
+            [
+                [analyze(document.title) for document in documents],
+                [analyze(document.text) for document in documents],
+            ]
+        )
 
     def _save(self) -> None:
         try:

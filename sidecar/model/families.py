@@ -14,15 +14,33 @@ from sidecar.model.tokenization import PromptFormat
 
 # The Qwen3-Reranker model card's scoring: P(yes) from the last token's yes/no logits.
 QWEN3_RERANKER = PromptFormat(
-    prefix="<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
-    'the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n',
+    prefix=(
+        "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
+        'the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+        "<|im_start|>user\n",
+    ),
     query="<Instruct>: {instruction}\n<Query>: {query}\n",
+    separator=(),
     document="<Document>: ",
-    suffix="<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    suffix=("<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",),
     default_instruction="Given a web search query, retrieve relevant passages that answer the query",
     yes="yes",
     no="no",
     max_length=8192,
+)
+# The bge-reranker-v2-gemma model card's scoring: the last token's "Yes" logit, whose sigmoid is the
+# normalized score; its "prompt" is the instruction, after the passage.
+BGE_RERANKER_GEMMA = PromptFormat(
+    prefix=("<bos>",),
+    query="A: {query}",
+    separator=("\n",),
+    document="B: ",
+    suffix=("\n", "{instruction}"),
+    default_instruction="Given a query A and a passage B, determine whether the passage contains an answer "
+    "to the query by providing a prediction of either 'Yes' or 'No'.",
+    yes="Yes",
+    no=None,
+    max_length=1024,
 )
 
 
@@ -41,6 +59,7 @@ FAMILIES = (
     Family("deberta-v2", frozenset({"deberta-v2"})),
     Family("modernbert", frozenset({"modernbert"})),
     Family("qwen3-reranker", frozenset({"qwen3"}), prompt=QWEN3_RERANKER),
+    Family("bge-reranker-gemma", frozenset({"gemma"}), prompt=BGE_RERANKER_GEMMA),
 )
 # Decoder-only architectures: scored from the last token, so the sidecar needs their prompt format.
 DECODER_MODEL_TYPES = frozenset({"qwen2", "qwen3", "gemma", "gemma2", "gemma3", "llama", "mistral", "phi3"})

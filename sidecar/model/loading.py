@@ -104,12 +104,12 @@ class TextModel:
 class CrossEncoderModel(TextModel):
     """Scores (query, document) pairs: 1 logit (relevance) or 2 (not relevant, relevant).
 
-    A decoder reranker's causal-LM checkpoint has ``answer_token_ids`` (yes, no): the network turns
-    those rows of its vocabulary projection into the one logit.
+    A decoder reranker's causal-LM checkpoint has ``answer_token_ids`` (yes, and no or None): the network
+    turns those rows of its vocabulary projection into the one logit.
     """
 
     num_labels: int
-    answer_token_ids: tuple[int, int] | None = None
+    answer_token_ids: tuple[int, int | None] | None = None
 
     kind: ClassVar[ModelKind] = ModelKind.CROSS_ENCODER
 
@@ -197,11 +197,17 @@ def load_cross_encoder(
     return CrossEncoderModel(**fields, num_labels=config.num_labels)
 
 
-def _answer_token_ids(source: ModelSource, tokenizer: PairTokenizer, family: Family) -> tuple[int, int]:
-    """The ids of the prompt's "yes" and "no" tokens, each of which must be one token."""
+def _answer_token_ids(
+    source: ModelSource, tokenizer: PairTokenizer, family: Family
+) -> tuple[int, int | None]:
+    """The ids of the prompt's "yes" and "no" tokens (no "no" where the "yes" logit alone scores), each
+    of which must be one token."""
     assert family.prompt is not None
-    ids = []
+    ids: list[int | None] = []
     for answer in (family.prompt.yes, family.prompt.no):
+        if answer is None:
+            ids.append(None)
+            continue
         token_id = tokenizer.token_id(answer)
         if token_id is None:
             raise ModelLoadError(
@@ -209,13 +215,17 @@ def _answer_token_ids(source: ModelSource, tokenizer: PairTokenizer, family: Fam
                 f"{family.name} scores with"
             )
         ids.append(token_id)
+    assert ids[0] is not None
     return ids[0], ids[1]
 
 
 def load_bi_encoder(source: ModelSource, max_length_cap: int = 0) -> BiEncoderModel:
     """Read a sentence-transformers model: its transformer config, tokenizer, pooling and length."""
     config = _load_config(source)
-    fields = _text_model_fields(source, config, max_length_cap, family_of(config.model_type))
+    family = family_of(config.model_type)
+    if family.prompt is not None:  # an embedding model reads single texts, never a reranking prompt
+        family = Family(config.model_type, family.model_types)
+    fields = _text_model_fields(source, config, max_length_cap, family)
     trained_file = _sentence_transformers_file(source, "sentence_bert_config.json")
     trained_length = json.loads(trained_file.read_text()).get("max_seq_length") if trained_file else None
     if trained_length and not max_length_cap:

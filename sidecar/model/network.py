@@ -14,7 +14,16 @@ from typing import Any
 
 import torch
 
-from sidecar.model.loading import ModelKind, ModelSource, Pooling, load_failure, read_pooling
+from sidecar.model.families import family_of
+from sidecar.model.loading import (
+    BiEncoderModel,
+    CrossEncoderModel,
+    ModelKind,
+    ModelSource,
+    Pooling,
+    load_failure,
+    read_pooling,
+)
 
 
 def _run(
@@ -92,16 +101,19 @@ class DecoderRerankerNetwork(torch.nn.Module):
         return self.head(states.gather(1, last).squeeze(1))
 
 
-def answer_head(vocabulary_projection: torch.nn.Linear, yes: int, no: int) -> torch.nn.Linear:
-    """One logit, yes minus no: its sigmoid is the softmax of [no, yes], P(yes), with no vocabulary-wide
-    matrix product."""
+def answer_head(vocabulary_projection: torch.nn.Linear, yes: int, no: int | None) -> torch.nn.Linear:
+    """One logit, with no vocabulary-wide matrix product: yes minus no, whose sigmoid is the softmax of
+    [no, yes], P(yes); or, with no ``no``, the yes logit itself."""
+
+    def row(values: torch.Tensor) -> torch.Tensor:
+        return values[yes] - values[no] if no is not None else values[yes]
+
     weight = vocabulary_projection.weight.detach()
     head = torch.nn.Linear(weight.shape[1], 1, bias=vocabulary_projection.bias is not None)
     with torch.no_grad():
-        head.weight.copy_((weight[yes] - weight[no]).unsqueeze(0))
+        head.weight.copy_(row(weight).unsqueeze(0))
         if vocabulary_projection.bias is not None:
-            bias = vocabulary_projection.bias.detach()
-            head.bias.copy_((bias[yes] - bias[no]).unsqueeze(0))
+            head.bias.copy_(row(vocabulary_projection.bias.detach()).unsqueeze(0))
     return head
 
 
@@ -114,11 +126,11 @@ def load_network(
     *,
     attn_implementation: str | None = None,
     decoder: bool = False,
-    answer_token_ids: tuple[int, int] | None = None,
+    answer_token_ids: tuple[int, int | None] | None = None,
 ) -> Network:
     """The fp32 network on the CPU, in eval mode. ``decoder`` marks a decoder LLM reranker, scored from
-    its last token; ``answer_token_ids`` (yes, no) its causal-LM checkpoint, whose vocabulary projection
-    gives way to a one-logit head."""
+    its last token; ``answer_token_ids`` (yes, no or None) its causal-LM checkpoint, whose vocabulary
+    projection gives way to a one-logit head."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     options = source.from_pretrained_kwargs()
@@ -146,6 +158,18 @@ def load_network(
     except Exception as exc:  # transformers raises OSError, ValueError or hub errors
         raise load_failure(source, "weights", exc) from exc
     return network.eval()
+
+
+def load_model_network(model: CrossEncoderModel | BiEncoderModel) -> Network:
+    """The network of a loaded model, with a decoder reranker's last-token head."""
+    if isinstance(model, BiEncoderModel):
+        return load_network(model.source, model.kind)
+    return load_network(
+        model.source,
+        model.kind,
+        decoder=family_of(model.model_type).prompt is not None,
+        answer_token_ids=model.answer_token_ids,
+    )
 
 
 # Config entries that say where or how a model was loaded, not what it computes.

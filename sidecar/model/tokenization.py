@@ -36,8 +36,9 @@ class PairSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class EncodedQuery:
-    """All pairs of one request, and which document each pair (chunk) belongs to."""
+class EncodedDocuments:
+    """A request's documents as model rows (pairs with the query, or single texts), and which document
+    each row (chunk) belongs to."""
 
     pairs: list[EncodedPair]
     document_of_pair: list[int]
@@ -48,6 +49,9 @@ class EncodedQuery:
 
 
 class PairTokenizer:
+    # What a decoder reranker is told when a request brings no instruction; empty: the model reads none.
+    instruction: str = ""
+
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self._tokenizer.no_truncation()
@@ -63,7 +67,7 @@ class PairTokenizer:
         """The smallest max_length that leaves room for one query token and one document token."""
         return self.special_tokens_per_pair + 2
 
-    def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedQuery:
+    def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         """(query, document) pairs for a cross-encoder; a long document is truncated or chunked."""
         query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
         # A long query keeps at most half the budget, so documents always get the other half.
@@ -73,14 +77,14 @@ class PairTokenizer:
         document_budget = spec.max_length - self.special_tokens_per_pair - len(query_encoding.ids)
         return self._encode_documents(documents, document_budget, spec, query_encoding)
 
-    def encode_texts(self, texts: Sequence[str], spec: PairSpec) -> EncodedQuery:
+    def encode_texts(self, texts: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         """Single texts for a bi-encoder, each truncated or chunked to ``spec.max_length``."""
         budget = spec.max_length - self._tokenizer.num_special_tokens_to_add(is_pair=False)
         return self._encode_documents(texts, budget, spec, query=None)
 
     def _encode_documents(
         self, documents: Sequence[str], budget: int, spec: PairSpec, query: Encoding | None
-    ) -> EncodedQuery:
+    ) -> EncodedDocuments:
         if spec.chunk and spec.chunk_overlap >= budget:
             raise InvalidArgument(
                 f"chunk_overlap {spec.chunk_overlap} must be smaller than the chunk length: "
@@ -96,7 +100,7 @@ class PairTokenizer:
                     merged = self._tokenizer.post_process(query, piece, add_special_tokens=True)
                 pairs.append(EncodedPair(merged.ids, merged.type_ids))
                 document_of_pair.append(index)
-        return EncodedQuery(pairs, document_of_pair)
+        return EncodedDocuments(pairs, document_of_pair)
 
     @staticmethod
     def _pieces(document: Encoding, budget: int, spec: PairSpec) -> list[Encoding]:
@@ -109,27 +113,32 @@ class PairTokenizer:
 
 @dataclass(frozen=True, slots=True)
 class PromptFormat:
-    """How a decoder LLM reranker reads a (query, document) pair: a chat prompt around an instruction,
-    the query and the document, after which the model answers ``yes`` or ``no``.
+    """How a decoder LLM reranker reads a (query, document) pair: a prompt around an instruction, the
+    query and the document, after which the model answers ``yes`` (or ``no``).
 
-    ``query`` holds ``{instruction}`` and ``{query}``; ``document`` is the text before the document.
-    Both end where the tokenizer's pre-tokenizer splits anyway (after a newline, before a space), so
-    tokenizing the parts apart gives the tokens the whole prompt would get.
+    The pair is ``prefix``, ``query`` (with ``{query}``), ``separator``, ``document`` and the document's
+    text, then ``suffix``. Each piece of a tuple is tokenized alone, as the model card does; any piece
+    may hold ``{instruction}``. ``query`` and ``document`` end where the pre-tokenizer splits anyway
+    (after a newline; before the space the document's first word carries), so tokenizing them apart
+    gives the tokens a card that tokenizes them together gets.
     """
 
-    prefix: str
+    prefix: tuple[str, ...]
     query: str
+    separator: tuple[str, ...]
     document: str
-    suffix: str
+    suffix: tuple[str, ...]
     default_instruction: str
     yes: str
-    no: str
+    # None: the score is the "yes" logit alone, not yes against no.
+    no: str | None
     # The longest prompt the model card scores with; the model's own position limit may be far longer.
     max_length: int
 
 
 class PromptPairTokenizer(PairTokenizer):
-    """Pairs for a decoder reranker: prefix + query part + document part + suffix, no special tokens.
+    """Pairs for a decoder reranker, the prompt's pieces around the query and the document, with no
+    special tokens but the prompt's own.
 
     Truncation and chunking apply to the document's tokens only; every chunk keeps the whole prompt.
     """
@@ -138,42 +147,48 @@ class PromptPairTokenizer(PairTokenizer):
         super().__init__(tokenizer)
         self.prompt = prompt
         self.instruction = instruction or prompt.default_instruction
-        self._prefix = self._ids(prompt.prefix)
-        self._suffix = self._ids(prompt.suffix)
         # The document's lead ends before the space its first word carries.
         self._lead_chars = len(prompt.document.rstrip())
-        self.special_tokens_per_pair = len(self._prefix) + len(self._suffix) + len(self._ids(prompt.document))
 
     def _ids(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+    def _pieces_ids(self, pieces: tuple[str, ...], instruction: str) -> list[int]:
+        return [token for piece in pieces for token in self._ids(piece.format(instruction=instruction))]
+
+    def _head(self, query: str, instruction: str) -> list[int]:
+        """The tokens before the document's lead."""
+        prompt = self.prompt
+        return [
+            *self._pieces_ids(prompt.prefix, instruction),
+            *self._ids(prompt.query.format(instruction=instruction, query=query)),
+            *self._pieces_ids(prompt.separator, instruction),
+        ]
+
     def min_max_length(self) -> int:
-        return len(self._query_ids("", self.instruction)) + self.special_tokens_per_pair + 2
+        fixed = self._head("", self.instruction) + self._pieces_ids(self.prompt.suffix, self.instruction)
+        return len(fixed) + len(self._ids(self.prompt.document)) + 2
 
-    def _query_ids(self, query: str, instruction: str) -> list[int]:
-        return self._ids(self.prompt.query.format(instruction=instruction, query=query))
-
-    def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedQuery:
+    def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         instruction = spec.instruction or self.instruction
-        head = self._prefix + self._query_ids(query, instruction)
-        # A long query keeps at most half the budget, cut at a token boundary of the query alone.
-        query_budget = spec.max_length // 2
-        if len(head) + len(self._suffix) > query_budget:
-            query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
-            keep = max(0, len(query_encoding.ids) - (len(head) + len(self._suffix) - query_budget))
-            cut = query_encoding.offsets[keep - 1][1] if keep else 0
-            head = self._prefix + self._query_ids(query[:cut], instruction)
+        # A long query keeps at most half the budget, cut at a token boundary of the query alone (the
+        # model cards cut the document first, or keep three quarters).
+        query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
+        if len(query_encoding.ids) > spec.max_length // 2:
+            query = query[: query_encoding.offsets[spec.max_length // 2 - 1][1]]
+        head = self._head(query, instruction)
+        suffix = self._pieces_ids(self.prompt.suffix, instruction)
         pairs: list[EncodedPair] = []
         document_of_pair: list[int] = []
         texts = [self.prompt.document + document for document in documents]
         for index, encoding in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
             lead = sum(1 for _, end in encoding.offsets if end <= self._lead_chars)
             lead_ids, document_ids = encoding.ids[:lead], encoding.ids[lead:]
-            budget = spec.max_length - len(head) - len(lead_ids) - len(self._suffix)
+            budget = spec.max_length - len(head) - len(lead_ids) - len(suffix)
             if budget < 1:
                 raise InvalidArgument(
                     f"max_length {spec.max_length} leaves no room for the document after the prompt, "
-                    f"the instruction and the query ({len(head) + len(lead_ids) + len(self._suffix)} tokens)"
+                    f"the instruction and the query ({len(head) + len(lead_ids) + len(suffix)} tokens)"
                 )
             if spec.chunk and spec.chunk_overlap >= budget:
                 raise InvalidArgument(
@@ -181,10 +196,10 @@ class PromptPairTokenizer(PairTokenizer):
                     f"{budget} document tokens fit in max_length {spec.max_length}"
                 )
             for piece in _windows(document_ids, budget, spec):
-                ids = head + lead_ids + piece + self._suffix
+                ids = head + lead_ids + piece + suffix
                 pairs.append(EncodedPair(ids, [0] * len(ids)))
                 document_of_pair.append(index)
-        return EncodedQuery(pairs, document_of_pair)
+        return EncodedDocuments(pairs, document_of_pair)
 
 
 def _windows(ids: list[int], budget: int, spec: PairSpec) -> list[list[int]]:

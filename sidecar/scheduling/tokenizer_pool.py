@@ -7,7 +7,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from sidecar.model.tokenization import EncodedQuery
+from sidecar.model.tokenization import EncodedDocuments
 
 # Below this many documents a slice costs more in thread hand-offs than it saves.
 _MIN_DOCUMENTS_PER_SLICE = 16
@@ -24,8 +24,8 @@ class TokenizerPool:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
 
     async def encode(
-        self, encode: Callable[[Sequence[str]], EncodedQuery], documents: Sequence[str]
-    ) -> EncodedQuery:
+        self, encode: Callable[[Sequence[str]], EncodedDocuments], documents: Sequence[str]
+    ) -> EncodedDocuments:
         """``encode(documents)``, run as up to ``workers`` slices in parallel and merged in order."""
         slices = min(self._workers, max(1, len(documents) // _MIN_DOCUMENTS_PER_SLICE))
         bounds = [len(documents) * index // slices for index in range(slices + 1)]
@@ -36,7 +36,7 @@ class TokenizerPool:
                 for start, end in itertools.pairwise(bounds)
             )
         )
-        merged = EncodedQuery([], [])
+        merged = EncodedDocuments([], [])
         for start, part in zip(bounds, parts, strict=False):
             merged.pairs.extend(part.pairs)
             merged.document_of_pair.extend(start + document for document in part.document_of_pair)

@@ -296,7 +296,7 @@ class ServingCore:
                 compiled=engine.compiled,
                 selection=selection_info(runtime),
                 model_family=model.family,
-                instruction=getattr(model.tokenizer, "instruction", ""),
+                instruction=model.tokenizer.instruction,
             ),
             embedding=embedding_info,
             server_version=__version__,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sidecar.errors import InvalidArgument
-from sidecar.model.tokenization import PairSpec, PromptPairTokenizer, Truncation
+from sidecar.model.tokenization import PairSpec, Truncation
 from sidecar.serving.scoring import Scorer
 from sidecar.serving.usage import Usage
 
@@ -101,7 +101,7 @@ class Reranker:
                 f"max_length {max_length} is too small: at least {self.model.tokenizer.min_max_length()} "
                 "tokens are needed for the special tokens, the query and the document"
             )
-        if options.instruction and not isinstance(self.model.tokenizer, PromptPairTokenizer):
+        if options.instruction and not self.model.tokenizer.instruction:
             raise InvalidArgument(
                 f"instruction is set, but the model ({self.model.family}) reads no instruction; only "
                 "decoder LLM rerankers do (Info.instruction is empty here)"

@@ -14,10 +14,9 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.engines import Engine
 from sidecar.model.engines.selection import EngineRequest, Selection, select_engine
 from sidecar.model.engines.torch_engine import resolve_device
-from sidecar.model.families import family_of
 from sidecar.model.hardware import describe_device
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelKind, ModelSource, load_model
-from sidecar.model.network import load_network
+from sidecar.model.network import load_model_network
 from sidecar.model.parity import bi_encoder_probe, cross_encoder_probe
 from sidecar.model.phases import PhaseTimer
 from sidecar.settings import Settings
@@ -120,12 +119,7 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     phases = PhaseTimer()
     with phases.timed("load"):
         model = load_model(source, settings.max_length, settings.instruction)
-        network = load_network(
-            source,
-            model.kind,
-            decoder=family_of(model.model_type).prompt is not None,
-            answer_token_ids=getattr(model, "answer_token_ids", None),
-        )
+        network = load_model_network(model)
     input_names = ("input_ids", "attention_mask", "token_type_ids")
     input_names = input_names if model.uses_token_type_ids else input_names[:2]
     if model.kind is ModelKind.CROSS_ENCODER:

@@ -58,7 +58,10 @@ def fake_vector(text: str) -> np.ndarray:
     vector = np.zeros(FAKE_DIMS, dtype=np.float32)
     for word in re.findall(r"\w+", text.lower()):
         digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
-        vector[digest[0] % FAKE_DIMS] += 1.0 if digest[1] % 2 else -1.0
+        # Weights spread over (0.5, 1.5): whole-number weights made exact cosine ties, which Elasticsearch's
+        # HNSW and the embedded retriever's exact search may order either way.
+        weight = 0.5 + int.from_bytes(digest[2:4]) / 65536.0
+        vector[digest[0] % FAKE_DIMS] += weight if digest[1] % 2 else -weight
     norm = float(np.linalg.norm(vector))
     return vector / norm if norm else vector
 
@@ -126,9 +129,18 @@ def synthetic_corpus(size: int = 240, seed: int = 7) -> list[Document]:
         words = TOPICS[topic].split()
         other = TOPICS[topics[(number * 3 + 1) % len(topics)]].split()
         length = rng.randint(8, 40)
-        text = " ".join(
-            rng.choice(words) if rng.random() < 0.45 else rng.choice(other if rng.random() < 0.4 else FILLER)
-            for _ in range(length)
+        # Each text opens with its topic, so every term of a title also occurs in its own text: there
+        # Lucene's combined_fields (the larger of the fields' document frequencies) and noida-db's (the
+        # fields scored as one concatenated field) give the same BM25 scores.
+        text = (
+            topic
+            + " "
+            + " ".join(
+                rng.choice(words)
+                if rng.random() < 0.45
+                else rng.choice(other if rng.random() < 0.4 else FILLER)
+                for _ in range(length)
+            )
         )
         documents.append(
             Document(

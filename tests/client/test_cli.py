@@ -13,7 +13,7 @@ from rich.console import Console
 
 from client.cli import build_parser, main
 from client.documents import Document
-from client.evaluation import ConfigurationResult, EvalReport
+from client.evaluation.report import ConfigurationResult, EvalReport
 from client.output import eval_lines, results_table
 from client.pipeline import SearchResponse, SearchResult, StageTimings
 from client.retrieval.base import Candidate

@@ -18,10 +18,16 @@ from client.cli import main
 from client.documents import Document
 from client.embedding_cache import EmbeddingCache
 from client.errors import InputInvalid
-from client.evaluation import BM25, DENSE, HYBRID, RERANK, load_beir, prepare_index, quality
+from client.evaluation.datasets import load_beir, prepare_index
+from client.evaluation.report import lossy_embedder_warning, quality
+from client.evaluation.runner import BLEND, BM25, DENSE, HYBRID, RERANK
+from client.evaluation.sweep import collect_legs, grid, sweep
+from client.pipeline import PipelineOptions
 from client.retrieval.embedded import EmbeddedRetriever
 from client.settings import EvalSettings, settings_table
-from tests.client.conftest import TOPICS, embed_fake, synthetic_corpus
+from client.sidecar_client import AsyncRerankClient
+from rerank.v1 import rerank_pb2
+from tests.client.conftest import TOPICS, RunningEmbedder, embed_fake, synthetic_corpus
 from tests.conftest import RunningSidecar
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -45,6 +51,13 @@ def write_beir(directory: Path, documents: Sequence[Document], *, queries_per_to
     (directory / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     (directory / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n")
     return directory
+
+
+def eval_on_80_documents(sidecar: RunningSidecar, tmp_path: Path) -> list[str]:
+    """``rerank-client eval`` flags for a BEIR directory of 80 synthetic documents, 20 candidates reranked."""
+    data = write_beir(tmp_path / "data", synthetic_corpus(80))
+    target = f"127.0.0.1:{sidecar.server.port}"
+    return ["eval", str(data), "--target", target, "--candidates", "20", "--eval-dir", str(tmp_path / "eval")]
 
 
 def test_quality_matches_hand_computed_values():
@@ -128,16 +141,7 @@ async def test_eval_on_the_embedded_retriever_and_elasticsearch(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ):
-    data = write_beir(tmp_path / "data", synthetic_corpus(80))
-    common = [
-        "eval",
-        str(data),
-        "--target",
-        f"127.0.0.1:{embedding_sidecar.server.port}",
-        "--candidates",
-        "20",
-    ]
-    common += ["--eval-dir", str(tmp_path / "eval")]
+    common = eval_on_80_documents(embedding_sidecar, tmp_path)
     embedded_json, es_json, plot = tmp_path / "embedded.json", tmp_path / "es.json", tmp_path / "chart.png"
 
     embedded_flags = ["--output", str(embedded_json), "--plot", str(plot), "--format", "table"]
@@ -180,3 +184,72 @@ async def test_eval_on_the_embedded_retriever_and_elasticsearch(
 def test_readme_documents_every_eval_setting():
     rows = "\n".join(settings_table(EvalSettings).splitlines()[2:])
     assert rows in README.read_text(), "README's eval settings are stale: paste `python -m client.settings`"
+
+
+async def test_eval_runs_the_chosen_configurations_concurrently_and_sweeps_fusion(
+    embedding_sidecar: RunningSidecar, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    report_path = tmp_path / "report.json"
+    flags = eval_on_80_documents(embedding_sidecar, tmp_path)
+    flags += ["--output", str(report_path), "--format", "json"]
+    flags += ["--configs", "bm25,hybrid,blend", "--rerank-blend", "0.5", "--concurrency", "3", "--sweep"]
+    assert await asyncio.to_thread(main, flags) == 0
+    capsys.readouterr()
+
+    report = json.loads(report_path.read_text())
+    configurations = {c["key"]: c for c in report["configurations"]}
+    assert list(configurations) == [BM25, HYBRID, BLEND]
+    assert report["concurrency"] == 3
+    assert "0.5 x rerank + 0.5 x stage 1" in configurations[BLEND]["label"]
+    # The blend reorders the top 20 of the hybrid list only.
+    assert configurations[BLEND]["quality"]["recall@100"] == configurations[HYBRID]["quality"]["recall@100"]
+    sweep = report["sweep"]
+    ndcg = [point["quality"]["ndcg@10"] for point in sweep]
+    assert ndcg == sorted(ndcg, reverse=True)
+    assert {point["settings"]["fusion_method"] for point in sweep} == {"rrf", "convex"}
+    # The sweep's default point fuses the same hits as the hybrid configuration did.
+    default = {"fusion_method": "rrf", "rank_constant": 60, "bm25_weight": 1.0, "vector_weight": 1.0}
+    [same] = [point for point in sweep if point["settings"] == default]
+    assert same["quality"] == pytest.approx(configurations[HYBRID]["quality"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--configs", "bm25,bm26"], "--configs takes names from bm25, dense, hybrid, rerank, blend"),
+        (["--configs", "blend"], "--configs blend needs --rerank-blend"),
+        (["--fusion", "elasticsearch", "--fusion-method", "convex"], "use --fusion client"),
+        (["--concurrency", "0"], "--concurrency must be positive"),
+    ],
+)
+def test_eval_refuses_unusable_configurations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+):
+    data = write_beir(tmp_path / "data", synthetic_corpus(5))
+    try:
+        status = main(["eval", str(data), "--target", "127.0.0.1:9", *flags])
+    except SystemExit as exc:  # a flag argparse refuses
+        status = exc.code
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_lossy_embedder_is_named():
+    lossy = rerank_pb2.EmbeddingModelInfo(model_id="m", precision="int8", device="cpu")
+    assert "lossy precision" in (lossy_embedder_warning(lossy) or "")
+    assert lossy_embedder_warning(rerank_pb2.EmbeddingModelInfo(precision="bf16", device="cuda")) is None
+    assert lossy_embedder_warning(rerank_pb2.EmbeddingModelInfo(precision="bf16", device="cpu"))
+
+
+async def test_the_sweep_fuses_in_the_client_even_when_elasticsearch_fuses_the_searches(
+    fake_embedder: RunningEmbedder, embedded_corpus_index: EmbeddedRetriever
+):
+    queries = {"brain": "brain neuron memory", "genes": "gene mutation"}
+    qrels = {"brain": {"doc-0000": 1}, "genes": {"doc-0002": 1}}
+    options = PipelineOptions(fusion="elasticsearch")
+    async with AsyncRerankClient(fake_embedder.target) as embedder:
+        legs = await collect_legs(embedded_corpus_index, embedder, options, queries, depth=50)
+    points = sweep(qrels, legs)
+    assert len(points) == len(grid())
+    assert all(request.fusion == "client" and request.size == 50 for request, _ in legs.values())
+    assert points[0].quality["ndcg@10"] >= points[-1].quality["ndcg@10"]

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from client.fusion import LegHit, reciprocal_rank_fusion
+from client.fusion import LegHit, convex_fusion, normalized, reciprocal_rank_fusion
 
 
 def hits(*ids: str) -> list[LegHit]:
@@ -34,3 +35,30 @@ def test_a_repeated_id_counts_its_best_rank_once():
 def test_rejects_invalid_parameters(rank_constant: int, weights: dict[str, float] | None):
     with pytest.raises(ValueError, match=r"rank_constant|weights"):
         reciprocal_rank_fusion({"bm25": hits("a")}, rank_constant=rank_constant, weights=weights)
+
+
+def test_convex_fusion_weighs_min_max_normalized_scores():
+    legs = {
+        "bm25": [LegHit("a", 10.0), LegHit("b", 6.0), LegHit("c", 2.0)],
+        "vector": [LegHit("c", 0.9), LegHit("d", 0.7), LegHit("a", 0.5)],
+    }
+    fused = convex_fusion(legs, weights={"bm25": 0.3, "vector": 0.7})
+    scores = {hit.id: hit.score for hit in fused}
+    # bm25 -> a 1, b 0.5, c 0; vector -> c 1, d 0.5, a 0; a leg that missed a document gives it 0.
+    assert scores == pytest.approx({"a": 0.3, "b": 0.15, "c": 0.7, "d": 0.35})
+    assert [hit.id for hit in fused] == ["c", "d", "a", "b"]
+    assert fused[0].leg_scores == {"bm25": 2.0, "vector": 0.9}
+
+
+def test_convex_fusion_with_z_scores_gives_a_missing_document_the_legs_lowest():
+    legs = {"bm25": [LegHit("a", 3.0), LegHit("b", 1.0)], "vector": [LegHit("b", 0.8)]}
+    scores = {hit.id: hit.score for hit in convex_fusion(legs, weights={}, normalization="zscore")}
+    # bm25 z-scores: a +1, b -1; the vector leg's one score has no spread: 0, and a gets that minimum too.
+    assert scores == pytest.approx({"a": 1.0, "b": -1.0})
+
+
+def test_normalized_handles_equal_scores():
+    assert normalized(np.array([2.0, 2.0])).tolist() == [1.0, 1.0]
+    assert normalized(np.array([2.0, 2.0]), "zscore").tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="minmax or zscore"):
+        normalized(np.array([1.0]), "rank")  # type: ignore[arg-type]

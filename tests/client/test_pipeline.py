@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from client.pipeline import PipelineOptions, RerankFailed, TwoStagePipeline
+from client.documents import Document
+from client.pipeline import PipelineOptions, RerankFailed, TwoStagePipeline, blended
 from client.retrieval.base import Candidate, SearchRequest
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.sidecar_client import AsyncRerankClient
@@ -86,7 +88,7 @@ async def test_scoring_starts_before_retrieval_ends(
     async with AsyncRerankClient(address(sidecar)) as reranker:
         # "the" is in nearly every document: enough BM25 hits for three full pages.
         pipeline = TwoStagePipeline(retriever, reranker, options=options)  # type: ignore[arg-type]
-        response = await pipeline.search("the brain")
+        response = await pipeline.search("study results patients effect brain")
 
     assert retriever.events == [
         "fetched page 1",
@@ -151,3 +153,49 @@ async def test_fails_open_when_the_deadline_passes(
     assert response.not_reranked is not None
     assert "DEADLINE_EXCEEDED" in response.not_reranked.reason
     assert len(response.results) == 10
+
+
+def _candidate(doc_id: str, rank: int, fused: float) -> Candidate:
+    return Candidate(document=Document(doc_id, "text"), rank=rank, fused_score=fused)
+
+
+def test_a_blend_mixes_normalized_rerank_and_stage_one_scores():
+    # Stage 1 puts a first, the reranker b; each normalized over the candidates to [0, 1].
+    scored = [
+        (_candidate("b", 2, 0.02), 0.9),
+        (_candidate("c", 3, 0.01), 0.5),
+        (_candidate("a", 1, 0.03), 0.1),
+    ]
+    order = lambda weight: [candidate.id for candidate, _ in blended(scored, weight)]  # noqa: E731
+    assert order(1.0) == ["b", "c", "a"]
+    assert order(0.0) == ["a", "b", "c"]
+    # 0.6: b 0.6 x 1 + 0.4 x 0.5 = 0.8, a 0 + 0.4 = 0.4, c 0.6 x 0.5 + 0 = 0.3.
+    assert order(0.6) == ["b", "a", "c"]
+    assert [score for _, score in blended(scored, 0.6)] == [0.9, 0.1, 0.5]  # the reranker's scores stay
+
+
+async def test_a_blended_search_returns_top_k_of_every_candidates_blend(
+    sidecar: RunningSidecar, es_corpus_index: ElasticsearchRetriever
+):
+    common = PipelineOptions(candidates=30, top_k=5, mode="bm25", rerank_timeout=60)
+    async with AsyncRerankClient(address(sidecar)) as reranker:
+        everything = await TwoStagePipeline(
+            es_corpus_index, reranker, options=replace(common, top_k=30)
+        ).search(QUERY)
+        blend = await TwoStagePipeline(
+            es_corpus_index, reranker, options=replace(common, rerank_blend=0.5)
+        ).search(QUERY)
+    expected = blended([(r.candidate, r.rerank_score or 0.0) for r in everything.results], 0.5)[:5]
+    assert [r.candidate.id for r in blend.results] == [candidate.id for candidate, _ in expected]
+    assert [r.rank for r in blend.results] == [1, 2, 3, 4, 5]
+
+
+def test_search_requests_come_from_the_options():
+    options = PipelineOptions(candidates=40, fusion="elasticsearch", fusion_method="rrf", title_boost=2.0)
+    hybrid = options.search_request("q", "hybrid", query_vector=fake_vector("q"), size=100)
+    assert (hybrid.size, hybrid.fusion, hybrid.title_boost) == (100, "elasticsearch", 2.0)
+    assert (
+        options.search_request("q", "bm25").fusion == "client"
+    )  # one leg: nothing for Elasticsearch to fuse
+    with pytest.raises(ValueError, match="rerank_blend"):
+        PipelineOptions(rerank_blend=1.5)

@@ -16,6 +16,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "deberta-v2": models.save_tiny_deberta_v2,
     "modernbert": models.save_tiny_modernbert,
     "qwen3-reranker": models.save_tiny_qwen3_reranker,
+    "bge-reranker-gemma": models.save_tiny_bge_reranker_gemma,
 }
 
 

@@ -1,4 +1,8 @@
-"""Each family's reference scoring, written as its model card or sentence-transformers does it."""
+"""Each family's reference scoring, written out as its model card or sentence-transformers does it.
+
+The prompts are copied from the model cards here, not taken from the sidecar, so a wrong prompt in the
+sidecar fails the comparison.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sidecar.model.families import QWEN3_RERANKER
+QWEN3_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+    'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+QWEN3_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+QWEN3_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+GEMMA_PROMPT = (
+    "Given a query A and a passage B, determine whether the passage contains an answer to the query by "
+    "providing a prediction of either 'Yes' or 'No'."
+)
 
 
 def cross_encoder_scores(model_dir: Path, query: str, documents: Sequence[str]) -> np.ndarray:
@@ -19,20 +32,10 @@ def cross_encoder_scores(model_dir: Path, query: str, documents: Sequence[str]) 
     return np.asarray(model.predict([(query, document) for document in documents]), dtype=np.float64)
 
 
-def qwen3_card_scores(
-    model_dir: Path, query: str, documents: Sequence[str], *, instruction: str = "", max_length: int = 8192
-) -> np.ndarray:
-    """The Qwen3-Reranker model card's scoring, step by step: left padding, the prompt around the
-    instruction, query and document, then P(yes) from the softmax of the last token's no/yes logits."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    prompt = QWEN3_RERANKER
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    prefix = tokenizer.encode(prompt.prefix, add_special_tokens=False)
-    suffix = tokenizer.encode(prompt.suffix, add_special_tokens=False)
-    instruction = instruction or prompt.default_instruction
+def qwen3_card_ids(tokenizer, query: str, documents: Sequence[str], instruction: str, max_length: int):
+    """The Qwen3-Reranker card's inputs, before padding."""
+    prefix = tokenizer.encode(QWEN3_PREFIX, add_special_tokens=False)
+    suffix = tokenizer.encode(QWEN3_SUFFIX, add_special_tokens=False)
     pairs = [f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}" for document in documents]
     inputs = tokenizer(
         pairs,
@@ -41,8 +44,21 @@ def qwen3_card_scores(
         return_attention_mask=False,
         max_length=max_length - len(prefix) - len(suffix),
     )
-    inputs["input_ids"] = [prefix + ids + suffix for ids in inputs["input_ids"]]
-    batch = tokenizer.pad(inputs, padding=True, return_tensors="pt")
+    return [prefix + ids + suffix for ids in inputs["input_ids"]]
+
+
+def qwen3_card_scores(
+    model_dir: Path, query: str, documents: Sequence[str], *, instruction: str = "", max_length: int = 8192
+) -> np.ndarray:
+    """The Qwen3-Reranker model card's scoring, step by step: left padding, the prompt around the
+    instruction, query and document, then P(yes) from the softmax of the last token's no/yes logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    ids = qwen3_card_ids(tokenizer, query, documents, instruction or QWEN3_INSTRUCTION, max_length)
+    batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
     with torch.inference_mode():
         logits = model(**batch).logits[:, -1, :]
     answers = torch.nn.functional.log_softmax(torch.stack([logits[:, no], logits[:, yes]], dim=1), dim=1)
@@ -51,10 +67,52 @@ def qwen3_card_scores(
 
 def qwen3_seq_cls_scores(model_dir: Path, query: str, documents: Sequence[str]) -> np.ndarray:
     """A seq-cls conversion as its model card scores it: CrossEncoder on the templated pair."""
-    prompt = QWEN3_RERANKER
-    templated_query = prompt.prefix + prompt.query.format(instruction=prompt.default_instruction, query=query)
-    templated = [prompt.document + document + prompt.suffix for document in documents]
     from sentence_transformers import CrossEncoder
 
+    templated_query = f"{QWEN3_PREFIX}<Instruct>: {QWEN3_INSTRUCTION}\n<Query>: {query}\n"
+    templated = [f"<Document>: {document}{QWEN3_SUFFIX}" for document in documents]
     model = CrossEncoder(str(model_dir), device="cpu")
     return np.asarray(model.predict([(templated_query, text) for text in templated]), dtype=np.float64)
+
+
+def gemma_card_ids(tokenizer, query: str, documents: Sequence[str], prompt: str, max_length: int):
+    """The bge-reranker-v2-gemma card's inputs (its get_inputs), before padding. Its max_length leaves
+    out the separator and prompt after the passage."""
+    prompt_inputs = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    sep_inputs = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    rows = []
+    for document in documents:
+        query_inputs = tokenizer(
+            f"A: {query}", add_special_tokens=False, max_length=max_length * 3 // 4, truncation=True
+        )
+        passage_inputs = tokenizer(
+            f"B: {document}", add_special_tokens=False, max_length=max_length, truncation=True
+        )
+        # The card's prepare_for_model(first, second, truncation="only_second", max_length=max_length,
+        # add_special_tokens=False), which transformers 5 no longer has: cut the second from the right.
+        first = [tokenizer.bos_token_id] + query_inputs["input_ids"]
+        second = (sep_inputs + passage_inputs["input_ids"])[: max(0, max_length - len(first))]
+        rows.append(first + second + sep_inputs + prompt_inputs)
+    return rows
+
+
+def gemma_card_scores(
+    model_dir: Path,
+    query: str,
+    documents: Sequence[str],
+    *,
+    prompt: str = GEMMA_PROMPT,
+    max_length: int = 1024,
+) -> np.ndarray:
+    """The bge-reranker-v2-gemma card's scoring: the last token's "Yes" logit, through a sigmoid
+    (FlagEmbedding's normalize=True)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    yes = tokenizer("Yes", add_special_tokens=False)["input_ids"][0]
+    ids = gemma_card_ids(tokenizer, query, documents, prompt, max_length)
+    batch = tokenizer.pad({"input_ids": ids}, padding=True, pad_to_multiple_of=8, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**batch, return_dict=True).logits[:, -1, yes].double()
+    return torch.sigmoid(logits).numpy()

@@ -16,7 +16,9 @@ from sidecar.model.engines.tensorrt_engine import (
 from sidecar.model.parity import compare
 
 
-@pytest.mark.parametrize(("pairs", "tokens", "max_length"), [(32, 8192, 512), (64, 4096, 256), (8, 1024, 40)])
+@pytest.mark.parametrize(
+    ("pairs", "tokens", "max_length"), [(32, 8192, 512), (64, 4096, 256), (8, 1024, 40), (32, 8192, 8192)]
+)
 def test_profiles_cover_every_batch_the_batcher_forms(pairs, tokens, max_length):
     profiles = shape_profiles(pairs, tokens, max_length)
     for columns in range(1, max_length + 1):
@@ -40,6 +42,8 @@ def test_profiles_split_sequence_lengths_into_buckets():
     assert profiles[-1] == ShapeProfile(1, 16, 31, 257, 512, 512)
     with pytest.raises(ValueError, match="longer than every TensorRT profile"):
         profile_index(profiles, 513)
+    long_context = shape_profiles(32, 8192, 8192)
+    assert [profile.max_columns for profile in long_context] == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
 
 
 def test_the_engine_cache_key_changes_with_each_input():

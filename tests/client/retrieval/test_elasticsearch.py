@@ -34,8 +34,9 @@ def test_index_mapping_has_text_keywords_and_an_int8_hnsw_cosine_vector(es_retri
         "mappings"
     ]
     properties = mapping["properties"]
-    assert properties["text"]["type"] == "text"
-    assert properties["title"]["type"] == "text"
+    for name in ("text", "title"):
+        assert (properties[name]["type"], properties[name]["analyzer"]) == ("text", "english")
+        assert properties[name]["fields"]["exact"]["analyzer"] == "standard"  # the original words
     vector = properties[VECTOR_FIELD]
     assert (vector["type"], vector["dims"], vector["similarity"]) == ("dense_vector", FAKE_DIMS, "cosine")
     assert vector["index_options"]["type"] == "int8_hnsw"
@@ -96,7 +97,10 @@ def test_bm25_only_ranks_by_the_match_query(es_corpus_index: ElasticsearchRetrie
     candidates = all_candidates(es_corpus_index, request)
 
     expected = es_corpus_index.client.search(
-        index=es_corpus_index.index, query={"match": {"text": QUERY}}, size=20, source=False
+        index=es_corpus_index.index,
+        query={"combined_fields": {"query": QUERY, "fields": ["title", "text"]}},
+        size=20,
+        source=False,
     )["hits"]["hits"]
     assert [c.id for c in candidates] == [hit["_id"] for hit in expected]
     assert all(c.vector_score is None and c.bm25_score is not None for c in candidates)
@@ -215,3 +219,21 @@ def test_a_missing_index_and_an_unreachable_cluster_are_named(es: Elasticsearch)
     unreachable = ElasticsearchRetriever.from_url("http://127.0.0.1:9", "documents", request_timeout=2)
     with pytest.raises(ElasticsearchUnreachable, match=r"http://127\.0\.0\.1:9 is unreachable.*--es-url"):
         unreachable.count()
+
+
+def test_an_index_with_the_old_mapping_is_refused_with_a_call_to_ingest_again(
+    es_retriever: ElasticsearchRetriever,
+):
+    # The mapping before issue 15: title and text with the standard analyzer.
+    old = {
+        "properties": {
+            "text": {"type": "text"},
+            "title": {"type": "text"},
+            VECTOR_FIELD: {"type": "dense_vector", "dims": FAKE_DIMS},
+        }
+    }
+    es_retriever.client.indices.create(index=es_retriever.index, mappings=old)
+    with pytest.raises(IndexMismatch, match=r"older mapping.*'standard'.*'english'.*ingest again"):
+        es_retriever.candidate_pages(SearchRequest(query="neuron", mode="bm25"))
+    with pytest.raises(IndexMismatch, match="older mapping"):
+        es_retriever.create_index(FAKE_DIMS)

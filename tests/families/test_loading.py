@@ -1,0 +1,89 @@
+"""What is refused at start-up: code shipped with a model unless trusted, and decoders with no known
+prompt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import ModelLoadError
+from sidecar.model.loading import ModelSource, load_model
+from sidecar.settings import parse_settings
+from tests.families.conftest import FamilyModels
+from tests.models import qwen_tokenizer
+
+
+def with_remote_code(model: Path, target: Path) -> Path:
+    shutil.copytree(model, target)
+    config = json.loads((target / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_custom.CustomBert"}
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_a_model_with_remote_code_is_refused_unless_trusted(family_models: FamilyModels, tmp_path: Path):
+    model = with_remote_code(family_models["bert"], tmp_path / "remote")
+    with pytest.raises(ModelLoadError, match=r"modeling_custom\.CustomBert.*--trust-remote-code"):
+        load_model(ModelSource(str(model)))
+    trusted = ModelSource(str(model), trust_remote_code=True)
+    assert trusted.from_pretrained_kwargs() == {"trust_remote_code": True}
+    assert load_model(trusted).family == "bert"  # past the refusal: this auto_map names no real code
+
+
+def test_trust_remote_code_is_a_flag_and_an_environment_variable():
+    assert not parse_settings([], {}).trust_remote_code
+    assert parse_settings(["--trust-remote-code"], {}).trust_remote_code
+    assert parse_settings([], {"RERANK_TRUST_REMOTE_CODE": "1"}).trust_remote_code
+
+
+def test_a_decoder_without_a_known_prompt_is_refused(tmp_path: Path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = qwen_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"decoder LLM \(llama\) with no reranking prompt"):
+        load_model(ModelSource(str(tmp_path)))
+
+
+def test_a_decoder_embedding_model_reads_no_reranking_prompt(tmp_path: Path):
+    from transformers import Qwen3Config, Qwen3Model
+
+    from sidecar.model.loading import BiEncoderModel
+    from sidecar.model.tokenization import PromptPairTokenizer
+
+    tokenizer = qwen_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen3Model(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    model = load_model(ModelSource(str(tmp_path)))
+    assert isinstance(model, BiEncoderModel)
+    assert not isinstance(model.tokenizer, PromptPairTokenizer)
+    assert model.family == "qwen3"
