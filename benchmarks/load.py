@@ -1,4 +1,4 @@
-"""Closed-loop load on the sidecar over gRPC: throughput and latency per concurrency level, and a soak.
+"""Closed-loop load on the sidecar over gRPC (or half over HTTP): throughput and latency, and a soak.
 
 Each caller sends one 100-candidate Rerank request (the engines benchmark's workload: about 230
 tokens a pair, max_length 256), waits for the answer, and sends the next, until the level's time
@@ -8,10 +8,12 @@ has MiniLM-L6 shape with real encoder weights (see benchmarks/engines.py); only 
 
     .venv/bin/python -m benchmarks.load [--levels 1 4 16 64] [--seconds 60] [--engine auto]
     .venv/bin/python -m benchmarks.load --soak-seconds 300 --soak-callers 16   # memory sampled every 10 s
+    .venv/bin/python -m benchmarks.load --mixed --levels 4 16   # half HTTP, half gRPC, one queue
 
 The sidecar runs as a subprocess on 127.0.0.1 with its own settings (queue limit included), so the
 numbers include the transport, tokenization and batching. Writes benchmarks/out/load.json and, for
-the levels, benchmarks/out/load.png.
+the levels, benchmarks/out/load.png; --mixed writes benchmarks/out/load-mixed.json, a level per
+transport, with the fewest and most answers any one caller got.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 
 from benchmarks.engines import (
@@ -34,6 +38,7 @@ from benchmarks.engines import (
     Sidecar,
     build_model,
     candidates,
+    free_port,
     hardware_record,
     start_sidecar,
 )
@@ -47,6 +52,7 @@ _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.1, 3.2
 class Level:
     callers: int
     seconds: float
+    transport: str = "grpc"
     ok: int = 0
     refused: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -55,44 +61,115 @@ class Level:
     p95_ms: float = 0.0
     p99_ms: float = 0.0
     refused_share: float = 0.0
+    # The fewest and most answers one caller got: a fewest of 0 means a caller starved.
+    fewest_per_caller: int = 0
+    most_per_caller: int = 0
+
+
+# What one call came to: "ok", "refused" (the queue was full), or the error's name.
+Call = Callable[[], Awaitable[str]]
+
+
+def grpc_call(stub: rerank_pb2_grpc.RerankerStub, request: rerank_pb2.RerankRequest) -> Call:
+    async def call() -> str:
+        try:
+            await stub.Rerank(request, timeout=600)
+        except grpc.aio.AioRpcError as error:
+            return "refused" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else error.code().name
+        return "ok"
+
+    return call
+
+
+def http_call(client: httpx.AsyncClient, request: rerank_pb2.RerankRequest) -> Call:
+    """The same request as Cohere's POST /v2/rerank (max_tokens_per_doc is the same pair budget)."""
+    body = {
+        "model": "any",
+        "query": request.query,
+        "documents": [document.text for document in request.documents],
+        "max_tokens_per_doc": request.max_length,
+    }
+
+    async def call() -> str:
+        response = await client.post("/v2/rerank", json=body, timeout=600)
+        if response.status_code == 429:
+            return "refused"
+        return "ok" if response.status_code == 200 else f"HTTP {response.status_code}"
+
+    return call
+
+
+async def closed_loop(calls: dict[str, list[Call]], documents: int, seconds: float) -> list[Level]:
+    """Each caller calls, waits for the answer, and calls again until the time is up; one Level per
+    transport (the keys of ``calls``, each with its callers)."""
+    stop_at = time.monotonic() + seconds
+
+    async def caller(call: Call, latencies: list[float], outcomes: Counter[str]) -> int:
+        backoff, answered = _FIRST_BACKOFF_S, 0
+        while time.monotonic() < stop_at:
+            started = time.monotonic()
+            outcome = await call()
+            if outcome == "refused":
+                outcomes["refused"] += 1
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(2 * backoff, _MAX_BACKOFF_S)
+                continue
+            if outcome != "ok":
+                outcomes[outcome] += 1
+                continue
+            backoff = _FIRST_BACKOFF_S
+            # Count only answers that finish inside the window, so the rate is not inflated.
+            if time.monotonic() <= stop_at:
+                answered += 1
+                latencies.append(time.monotonic() - started)
+        return answered
+
+    latencies: dict[str, list[float]] = {transport: [] for transport in calls}
+    outcomes: dict[str, Counter[str]] = {transport: Counter() for transport in calls}
+    answered = await asyncio.gather(
+        *(
+            asyncio.gather(
+                *(caller(call, latencies[transport], outcomes[transport]) for call in transport_calls)
+            )
+            for transport, transport_calls in calls.items()
+        )
+    )
+    levels = []
+    for (transport, transport_calls), per_caller in zip(calls.items(), answered, strict=True):
+        level = Level(len(transport_calls), seconds, transport)
+        level.ok = sum(per_caller)
+        level.refused = outcomes[transport].pop("refused", 0)
+        level.errors = dict(outcomes[transport])
+        level.pairs_per_s = level.ok * documents / seconds
+        if latencies[transport]:
+            p50, p95, p99 = np.percentile(latencies[transport], [50, 95, 99]) * 1000
+            level.p50_ms, level.p95_ms, level.p99_ms = float(p50), float(p95), float(p99)
+        level.refused_share = level.refused / max(1, level.refused + level.ok)
+        level.fewest_per_caller, level.most_per_caller = min(per_caller), max(per_caller)
+        levels.append(level)
+    return levels
 
 
 async def run_level(port: int, request: rerank_pb2.RerankRequest, callers: int, seconds: float) -> Level:
-    level = Level(callers, seconds)
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = rerank_pb2_grpc.RerankerStub(channel)
-        stop_at = time.monotonic() + seconds
-
-        async def caller() -> None:
-            backoff = _FIRST_BACKOFF_S
-            while time.monotonic() < stop_at:
-                started = time.monotonic()
-                try:
-                    await stub.Rerank(request, timeout=600)
-                except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        level.refused += 1
-                        await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-                        backoff = min(2 * backoff, _MAX_BACKOFF_S)
-                    else:
-                        errors[error.code().name] += 1
-                    continue
-                backoff = _FIRST_BACKOFF_S
-                # Count only answers that finish inside the window, so the rate is not inflated.
-                if time.monotonic() <= stop_at:
-                    level.ok += 1
-                    latencies.append(time.monotonic() - started)
-
-        await asyncio.gather(*(caller() for _ in range(callers)))
-    level.errors = dict(errors)
-    level.pairs_per_s = level.ok * len(request.documents) / seconds
-    if latencies:
-        p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1000
-        level.p50_ms, level.p95_ms, level.p99_ms = float(p50), float(p95), float(p99)
-    level.refused_share = level.refused / max(1, level.refused + level.ok)
+        call = grpc_call(rerank_pb2_grpc.RerankerStub(channel), request)
+        (level,) = await closed_loop({"grpc": [call] * callers}, len(request.documents), seconds)
     return level
+
+
+async def run_mixed_level(
+    port: int, http_port: int, request: rerank_pb2.RerankRequest, callers: int, seconds: float
+) -> list[Level]:
+    """Half the callers over gRPC, half over HTTP, at once, into the one queue they share."""
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as client,
+    ):
+        calls = {
+            "grpc": [grpc_call(rerank_pb2_grpc.RerankerStub(channel), request)] * (callers // 2),
+            "http": [http_call(client, request)] * (callers - callers // 2),
+        }
+        return await closed_loop(calls, len(request.documents), seconds)
 
 
 async def soak(sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int, seconds: float) -> dict:
@@ -163,6 +240,9 @@ def main() -> None:
     parser.add_argument("--max-queued-pairs", default="2048")
     parser.add_argument("--soak-seconds", type=float, default=0.0, help="run a soak instead of the levels")
     parser.add_argument("--soak-callers", type=int, default=16)
+    parser.add_argument(
+        "--mixed", action="store_true", help="half the callers over HTTP (POST /v2/rerank), half over gRPC"
+    )
     parser.add_argument("--out", type=Path, default=OUT / "load.json")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -179,6 +259,19 @@ def main() -> None:
         "threads": args.threads,
         "max-queued-pairs": args.max_queued_pairs,
     }
+    if args.mixed:
+        http_port = free_port()
+        with start_sidecar(model_dir, {**settings, "http-port": str(http_port)}) as sidecar:
+            asyncio.run(run_mixed_level(sidecar.port, http_port, request, 2, 5.0))  # warm-up, not reported
+            mixed = [
+                level
+                for callers in args.levels
+                for level in asyncio.run(
+                    run_mixed_level(sidecar.port, http_port, request, callers, args.seconds)
+                )
+            ]
+        report_mixed(mixed, sidecar.engine, args)
+        return
     with start_sidecar(model_dir, settings) as sidecar:
         asyncio.run(run_level(sidecar.port, request, 1, 5.0))  # warm-up, not reported
         if args.soak_seconds:
@@ -209,6 +302,23 @@ def main() -> None:
         )
     )
     plot(levels, sidecar.engine, args.out.with_suffix(".png"))
+
+
+def report_mixed(levels: list[Level], engine: str, args: argparse.Namespace) -> None:
+    print(f"sidecar {engine}, queue limit {args.max_queued_pairs} pairs, {args.seconds:.0f} s per level")
+    columns = ("callers (gRPC+HTTP)", "transport", "pairs/s", "p50 (s)", "p95 (s)", "p99 (s)", "refused")
+    print("| " + " | ".join((*columns, "answers per caller (fewest-most)", "other errors")) + " |")
+    print("|---" * (len(columns) + 2) + "|")
+    for grpc_level, http_level in zip(levels[::2], levels[1::2], strict=True):
+        total = f"{grpc_level.callers}+{http_level.callers}"
+        for level in (grpc_level, http_level):
+            print(
+                f"| {total} | {level.transport} | {level.pairs_per_s:.1f} | {level.p50_ms / 1000:.2f} "
+                f"| {level.p95_ms / 1000:.2f} | {level.p99_ms / 1000:.2f} | {100 * level.refused_share:.0f}% "
+                f"| {level.fewest_per_caller}-{level.most_per_caller} | {sum(level.errors.values())} |"
+            )
+    record = {"hardware": hardware_record(), "engine": engine, "levels": [asdict(level) for level in levels]}
+    args.out.with_name("load-mixed.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

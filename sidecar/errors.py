@@ -3,6 +3,10 @@ its own status codes in one table at its edge (``transport/grpc_api/status.py``)
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+Code = TypeVar("Code")
+
 
 class SidecarError(Exception):
     """An error whose message is fit for the caller: it says what went wrong and what to change."""
@@ -10,6 +14,14 @@ class SidecarError(Exception):
 
 class InvalidArgument(SidecarError):
     """The request is malformed or out of range; retrying it unchanged fails again."""
+
+
+class RequestTooLarge(InvalidArgument):
+    """The request is larger than the server accepts (--max-message-bytes)."""
+
+
+class Unauthenticated(SidecarError):
+    """The caller sent no bearer token, or the wrong one (--auth-token)."""
 
 
 class Overloaded(SidecarError):
@@ -30,3 +42,11 @@ class EngineFailure(SidecarError):
 
 class ModelLoadError(SidecarError):
     """The model could not be loaded; raised at start-up, not in a call."""
+
+
+def nearest_mapped(error: SidecarError, table: dict[type[SidecarError], Code], default: Code) -> Code:
+    """The code of the nearest class in the error's ancestry that ``table`` maps; ``default`` if none."""
+    for cls in type(error).__mro__:
+        if cls in table:
+            return table[cls]
+    return default

@@ -23,12 +23,14 @@ from sidecar.serving.runtime import Runtime, load_runtime
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.server import GrpcTransport, security_of
 from sidecar.transport.grpc_api.tracing import configure_tracing
+from sidecar.transport.http_api.server import HttpTransport
 
 logger = logging.getLogger(__name__)
 
 
 class SidecarServer:
-    """The serving core, the gRPC transport in front of it, and the metrics endpoint.
+    """The serving core, the gRPC transport and (with --http-port) the HTTP transport in front of it,
+    and the metrics endpoint.
 
     ``runtime_factory`` loads a model and its engine; tests pass their own to wrap the engine.
     """
@@ -41,6 +43,7 @@ class SidecarServer:
             configure_tracing(settings.otel_endpoint, "rerank-sidecar")
         self.core = ServingCore(settings, Metrics(), runtime_factory)
         self.grpc = GrpcTransport(self.core)
+        self.http = HttpTransport(self.core) if settings.http_port else None
         self._metrics_http: Any = None
         self.metrics_port = 0
         self._stopped = asyncio.Event()
@@ -52,16 +55,19 @@ class SidecarServer:
     async def start(self) -> None:
         """Listen, with every service NOT_SERVING until ``load`` completes."""
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
         if self.settings.metrics_port:
             self._metrics_http, _ = start_http_server(
                 self.settings.metrics_port, addr=self.settings.host, registry=self.core.metrics.registry
             )
             self.metrics_port = self._metrics_http.server_port
         logger.info(
-            "listening on %s:%d (%s)%s",
+            "listening on %s:%d (%s)%s%s",
             self.settings.host,
             self.port,
             security_of(self.settings),
+            f", HTTP on port {self.http.port}" if self.http is not None else "",
             f", metrics on port {self.metrics_port}" if self.metrics_port else "",
         )
 
@@ -76,19 +82,26 @@ class SidecarServer:
             return
         grace = self.settings.grace_period if grace is None else grace
         logger.info("draining: in-flight calls get %.1f s", grace)
-        # New calls get UNAVAILABLE, which clients retry on another replica, while the calls in flight
-        # finish; only then does gRPC stop the listener (it cancels calls that arrive as it stops).
+        # New calls get UNAVAILABLE (503 over HTTP), which clients retry on another replica, while the
+        # calls in flight finish; only then do the transports stop listening (gRPC cancels calls that
+        # arrive as it stops).
         self.core.begin_draining()
         await self.grpc.begin_draining()
+        transports: list[GrpcTransport | HttpTransport] = [self.grpc]
+        if self.http is not None:
+            transports.append(self.http)
         started = time.monotonic()
         try:
-            await asyncio.wait_for(self.grpc.idle(), timeout=grace)
+            await asyncio.wait_for(
+                asyncio.gather(*(transport.idle() for transport in transports)), timeout=grace
+            )
         except TimeoutError:
             logger.warning(
                 "%d call(s) still in flight after the grace period; cancelling them",
-                self.grpc.calls.in_flight,
+                sum(transport.calls.in_flight for transport in transports),
             )
-        await self.grpc.stop(max(0.0, grace - (time.monotonic() - started)))
+        remaining = max(0.0, grace - (time.monotonic() - started))
+        await asyncio.gather(*(transport.stop(remaining) for transport in transports))
         await self.core.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

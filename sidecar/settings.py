@@ -48,6 +48,14 @@ class Settings:
     )
     host: str = _setting("0.0.0.0", "Address to listen on.")
     port: int = _setting(50051, "gRPC port; 0 picks a free one.")
+    http_port: int = _setting(
+        0,
+        "HTTP/JSON port (on --host) for the Cohere, text-embeddings-inference and OpenAI-shaped routes, "
+        "beside gRPC on the same models and queue; 0 disables HTTP.",
+    )
+    http_metrics: bool = _setting(
+        False, "Also serve the Prometheus metrics at GET /metrics on --http-port (open, like --metrics-port)."
+    )
     engine: str = _setting(
         "auto",
         "Inference engine; auto tries tensorrt, onnxruntime, openvino, then torch, and serves one that "
@@ -105,7 +113,9 @@ class Settings:
     max_request_tokens: int = _setting(
         1_000_000, "Most tokens one request (or one stream message) may send to the model, chunks included."
     )
-    max_message_bytes: int = _setting(16 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes.")
+    max_message_bytes: int = _setting(
+        16 * 1024 * 1024, "Largest gRPC message accepted or sent, and largest HTTP request body, in bytes."
+    )
     tokenizer_workers: int = _setting(
         2,
         "Threads that tokenize requests off the event loop; a large request is split across them, at "
@@ -137,12 +147,16 @@ class Settings:
         positive += ("max_documents_per_request", "max_chunks_per_doc", "tokenizer_workers")
         positive += ("max_request_tokens", "max_message_bytes")
         require_positive(self, positive)
-        non_negative = ("port", "metrics_port", "threads", "batch_workers", "max_length", "max_batch_tokens")
-        require_non_negative(self, (*non_negative, "grace_period", "lossy_margin"))
+        non_negative = ("port", "http_port", "metrics_port", "threads", "batch_workers", "max_length")
+        require_non_negative(self, (*non_negative, "max_batch_tokens", "grace_period", "lossy_margin"))
         if self.max_batch_pairs > self.max_queued_pairs:
             raise ValueError("--max-batch-pairs must not exceed --max-queued-pairs")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("--tls-cert-file and --tls-key-file go together")
+        if self.http_metrics and not self.http_port:
+            raise ValueError("--http-metrics needs --http-port")
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            raise ValueError("--http-port must differ from --port and --metrics-port")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and --tls-key-file")
 

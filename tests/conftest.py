@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -74,11 +75,23 @@ class RunningSidecar:
         self.stub = rerank_pb2_grpc.RerankerStub(channel)
 
     @property
+    def http_url(self) -> str:
+        assert self.server.http is not None, "start it with http_port=free_port()"
+        return f"http://127.0.0.1:{self.server.http.port}"
+
+    @property
     def engine(self) -> RecordingEngine:
         assert self.server.core.ranking is not None
         engine = self.server.core.ranking.engine
         assert isinstance(engine, RecordingEngine)
         return engine
+
+
+def free_port() -> int:
+    """A port free now, for the settings where 0 disables a listener rather than picking a port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @asynccontextmanager

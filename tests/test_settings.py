@@ -26,6 +26,8 @@ def test_defaults_environment_and_flags():
     assert settings.model == "/models/x"
     assert settings.max_batch_pairs == 8
     assert settings.grace_period == 2.5
+    http = parse_settings(["--http-metrics"], {"RERANK_HTTP_PORT": "8080"})
+    assert (http.http_port, http.http_metrics, parse_settings([], {}).http_port) == (8080, True, 0)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +39,9 @@ def test_defaults_environment_and_flags():
         (["--engine", "warp-drive"], {}),
         ([], {"RERANK_PORT": "not-a-number"}),
         (["--max-batch-pairs", "64", "--max-queued-pairs", "32"], {}),
+        (["--http-metrics"], {}),
+        ([], {"RERANK_HTTP_PORT": "9400"}),
+        (["--http-port", "-1"], {}),
     ],
 )
 def test_invalid_settings_exit_with_a_usage_error(argv: list[str], environ: dict[str, str], capsys):

@@ -58,8 +58,16 @@ class Embedder:
         return PairSpec(max_length=max_length or self.model.max_length, truncation=truncation)
 
     async def embed(
-        self, texts: Sequence[str], max_length: int, truncation: Truncation, deadline: float | None
+        self,
+        texts: Sequence[str],
+        max_length: int,
+        truncation: Truncation,
+        deadline: float | None,
+        *,
+        normalize: bool = False,
     ) -> Embeddings:
+        """The model's vectors, in order; ``normalize`` scales each to unit length (the model's own
+        pooling may already have)."""
         spec = self._spec(texts, max_length, truncation)
         started = time.monotonic_ns()
         self.batcher.admit(len(texts))
@@ -76,4 +84,7 @@ class Embedder:
             rows=rows,
             started_ns=started,
         )
-        return Embeddings(rows.outputs.astype(np.float32, copy=False), usage)
+        vectors = rows.outputs.astype(np.float32, copy=False)
+        if normalize:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return Embeddings(vectors, usage)

@@ -20,7 +20,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "rerank_requests",
-            "Calls by method and gRPC status code.",
+            "Calls by method and status: the gRPC status code, or the HTTP status of http: methods.",
             ("method", "code"),
             registry=self.registry,
         )

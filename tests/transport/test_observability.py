@@ -11,13 +11,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from rerank.v1 import rerank_pb2
 from sidecar.transport.grpc_api import tracing
-from tests.conftest import docs, running_sidecar
+from tests.conftest import docs, free_port, running_sidecar
 
 
 async def test_metrics_endpoint_reports_calls_queue_batches_stages_and_engine(tiny_bert: Path):
     async with running_sidecar(tiny_bert, metrics_port=0) as running:
         assert running.server.metrics_port == 0  # 0 disables the endpoint
-    async with running_sidecar(tiny_bert, metrics_port=_free_port()) as running:
+    async with running_sidecar(tiny_bert, metrics_port=free_port()) as running:
         await running.stub.Rerank(
             rerank_pb2.RerankRequest(query="q", documents=docs("a", "b", "c")), timeout=10
         )
@@ -37,14 +37,6 @@ async def test_metrics_endpoint_reports_calls_queue_batches_stages_and_engine(ti
         f'rerank_engine_info{{device="cpu",engine="torch",kind="cross-encoder",model="{model}",precision="fp32"}}'
         in body
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_calls_are_traced_when_an_endpoint_is_set(tiny_bert: Path, monkeypatch):

@@ -8,34 +8,18 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from sidecar.errors import SidecarError
-from sidecar.serving.metrics import Metrics
-from sidecar.serving.usage import Usage
+from sidecar.transport.calls import REQUEST_ID_KEY, CallLedger, CallRecord
 from sidecar.transport.grpc_api.status import status_of
 
 logger = logging.getLogger("sidecar.access")
 
-REQUEST_ID_KEY = "x-request-id"
 _OWN_SERVICES_PREFIX = "/rerank.v1."
 _OPEN_SERVICES_PREFIX = "/grpc.health.v1.Health/"
-
-
-@dataclass
-class CallRecord:
-    """What a handler reports about its call, for the access log line."""
-
-    method: str
-    request_id: str
-    usage: Usage | None = None
-
-
-current_call: ContextVar[CallRecord] = ContextVar("current_call")
 
 
 def _request_id(details: grpc.HandlerCallDetails) -> str:
@@ -51,22 +35,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     Only this server's own services are wrapped; health and reflection pass through untouched.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    async def idle(self) -> None:
-        """Return once no call of this server's own services is in flight."""
-        await self._idle.wait()
-
-    def _begin(self, method: str, request_id: str) -> CallRecord:
-        record = CallRecord(method, request_id)
-        current_call.set(record)
-        self.in_flight += 1
-        self._idle.clear()
-        return record
+    def __init__(self, ledger: CallLedger) -> None:
+        self.ledger = ledger
 
     async def intercept_service(
         self,
@@ -96,7 +66,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self, behavior: Callable[..., Awaitable[Any]], method: str, request_id: str
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            record = self._begin(method, request_id)
+            record = self.ledger.begin(method, request_id)
             started = time.monotonic_ns()
             status = grpc.StatusCode.OK
             try:
@@ -109,7 +79,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await context.abort(status, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
             finally:
-                self._finish(record, status, started)
+                self.ledger.finish(record, status.name, started)
 
         return unary
 
@@ -117,7 +87,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self, behavior: Callable[..., AsyncIterator[Any]], method: str, request_id: str
     ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
         async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            record = self._begin(method, request_id)
+            record = self.ledger.begin(method, request_id)
             started = time.monotonic_ns()
             status = grpc.StatusCode.OK
             try:
@@ -130,17 +100,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await context.abort(status, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
             finally:
-                self._finish(record, status, started)
+                self.ledger.finish(record, status.name, started)
 
         return stream
-
-    def _finish(self, record: CallRecord, status: grpc.StatusCode, started_ns: int) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-        duration_s = (time.monotonic_ns() - started_ns) / 1e9
-        _log_call(record, status, duration_s)
-        self._metrics.record_call(record.method, status.name, record.usage, duration_s)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -211,24 +173,3 @@ def _status_for(exc: BaseException, record: CallRecord) -> tuple[grpc.StatusCode
         grpc.StatusCode.INTERNAL,
         f"internal error; the server log has the details under request id {record.request_id}",
     )
-
-
-def _log_call(record: CallRecord, status: grpc.StatusCode, duration_s: float) -> None:
-    fields: dict[str, Any] = {
-        "request_id": record.request_id,
-        "method": record.method,
-        "status": status.name,
-        "duration_ms": round(duration_s * 1e3, 3),
-    }
-    if record.usage is not None:
-        usage = record.usage
-        fields |= {
-            "pairs": usage.pairs,
-            "chunks": usage.chunks,
-            "tokens": usage.tokens,
-            "batches": usage.batches,
-            "queue_ms": round(usage.queue_ns / 1e6, 3),
-            "tokenization_ms": round(usage.tokenization_ns / 1e6, 3),
-            "inference_ms": round(usage.inference_ns / 1e6, 3),
-        }
-    logger.info("call %s %s", record.method, status.name, extra={"fields": fields})

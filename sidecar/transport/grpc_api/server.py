@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar.serving.core import ServingCore
 from sidecar.settings import Settings
+from sidecar.transport.calls import CallLedger
 from sidecar.transport.grpc_api.interceptors import BearerTokenInterceptor, CallInterceptor
 from sidecar.transport.grpc_api.servicer import EmbedderServicer, RerankerServicer
 
@@ -52,8 +53,8 @@ class GrpcTransport:
         self._services = (
             (RERANKER_SERVICE, EMBEDDER_SERVICE) if core.serves_embeddings else (RERANKER_SERVICE,)
         )
-        self.calls = CallInterceptor(core.metrics)
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.calls]
+        self.calls = CallLedger(core.metrics)
+        interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(self.calls)]
         if settings.auth_token:
             interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
         self._server = grpc.aio.server(

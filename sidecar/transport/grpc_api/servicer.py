@@ -23,7 +23,7 @@ from sidecar.serving.reranking import (
     StreamSession,
 )
 from sidecar.serving.usage import Usage
-from sidecar.transport.grpc_api.interceptors import current_call
+from sidecar.transport.calls import current_call
 
 _TRUNCATION = {
     rerank_pb2.TRUNCATION_DIRECTION_RIGHT: Truncation.RIGHT,

@@ -11,11 +11,16 @@ from sidecar.errors import (
     ModelLoadError,
     NotReady,
     Overloaded,
+    RequestTooLarge,
     SidecarError,
+    Unauthenticated,
+    nearest_mapped,
 )
 
 STATUS_OF_ERROR: dict[type[SidecarError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
@@ -26,7 +31,4 @@ STATUS_OF_ERROR: dict[type[SidecarError], grpc.StatusCode] = {
 
 def status_of(error: SidecarError) -> grpc.StatusCode:
     """The status of the nearest mapped class in the error's ancestry; INTERNAL for one unmapped."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF_ERROR:
-            return STATUS_OF_ERROR[cls]
-    return grpc.StatusCode.INTERNAL
+    return nearest_mapped(error, STATUS_OF_ERROR, grpc.StatusCode.INTERNAL)

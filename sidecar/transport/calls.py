@@ -1,0 +1,81 @@
+"""What every transport does around a call: count it in flight, log it, and record it in the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.serving.metrics import Metrics
+from sidecar.serving.usage import Usage
+
+logger = logging.getLogger("sidecar.access")
+
+REQUEST_ID_KEY = "x-request-id"
+
+
+@dataclass
+class CallRecord:
+    """What a handler reports about its call, for the access log line."""
+
+    method: str
+    request_id: str
+    usage: Usage | None = None
+    deadline: float | None = None  # time.monotonic() seconds, for transports that carry one in a header
+
+
+current_call: ContextVar[CallRecord] = ContextVar("current_call")
+
+
+class CallLedger:
+    """The calls of one transport: how many are in flight, and a log line and metrics for each."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no call is in flight."""
+        await self._idle.wait()
+
+    def begin(self, method: str, request_id: str) -> CallRecord:
+        """Start a call; the record is this context's ``current_call`` from now on."""
+        record = CallRecord(method, request_id)
+        current_call.set(record)
+        self.in_flight += 1
+        self._idle.clear()
+        return record
+
+    def finish(self, record: CallRecord, status: str, started_ns: int) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+        duration_s = (time.monotonic_ns() - started_ns) / 1e9
+        _log_call(record, status, duration_s)
+        self._metrics.record_call(record.method, status, record.usage, duration_s)
+
+
+def _log_call(record: CallRecord, status: str, duration_s: float) -> None:
+    fields: dict[str, Any] = {
+        "request_id": record.request_id,
+        "method": record.method,
+        "status": status,
+        "duration_ms": round(duration_s * 1e3, 3),
+    }
+    if record.usage is not None:
+        usage = record.usage
+        fields |= {
+            "pairs": usage.pairs,
+            "chunks": usage.chunks,
+            "tokens": usage.tokens,
+            "batches": usage.batches,
+            "queue_ms": round(usage.queue_ns / 1e6, 3),
+            "tokenization_ms": round(usage.tokenization_ns / 1e6, 3),
+            "inference_ms": round(usage.inference_ns / 1e6, 3),
+        }
+    logger.info("call %s %s", record.method, status, extra={"fields": fields})

@@ -1,0 +1,213 @@
+"""The HTTP routes: each converts its API's JSON to the serving core's types and back, nothing more."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import math
+import uuid
+from collections.abc import Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, Response
+
+from sidecar import __version__
+from sidecar.errors import InvalidArgument, SidecarError
+from sidecar.model.tokenization import Truncation
+from sidecar.serving.core import ServingCore, ServingState
+from sidecar.serving.reranking import Document, Ranking, Reranker, RerankOptions
+from sidecar.transport.calls import current_call
+from sidecar.transport.http_api.schemas import (
+    CohereApiVersion,
+    CohereBilledUnits,
+    CohereDocument,
+    CohereDocumentText,
+    CohereMeta,
+    CohereRerankResponse,
+    CohereRerankResult,
+    CohereRerankV1Request,
+    CohereRerankV2Request,
+    OpenAIEmbedding,
+    OpenAIEmbeddingsRequest,
+    OpenAIEmbeddingsResponse,
+    OpenAIUsage,
+    TeiEmbedRequest,
+    TeiRank,
+    TeiRerankRequest,
+    TruncationDirection,
+)
+from sidecar.transport.http_api.status import (
+    describe_validation_errors,
+    error_response,
+    internal_error_response,
+)
+
+# The routes that are calls: authenticated, counted, logged, and cancelled when their caller leaves.
+# Health, metrics and the API docs stay open, as gRPC health does.
+CALL_PATHS = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/embed", "/v1/embeddings", "/info"})
+
+_TRUNCATION = {TruncationDirection.RIGHT: Truncation.RIGHT, TruncationDirection.LEFT: Truncation.LEFT}
+# Cohere bills one search unit per query with up to 100 documents.
+_DOCUMENTS_PER_SEARCH_UNIT = 100
+
+
+def build_app(core: ServingCore, *, serve_metrics: bool) -> FastAPI:
+    app = FastAPI(
+        title="rerank-sidecar",
+        version=__version__,
+        description="The sidecar's models over HTTP/JSON, in the shapes of Cohere's Rerank API, "
+        "text-embeddings-inference and OpenAI's embeddings API. Send `X-Request-Timeout: <seconds>` "
+        "for a deadline; with --auth-token set, send `Authorization: Bearer <token>`.",
+    )
+
+    @app.exception_handler(SidecarError)
+    async def sidecar_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, SidecarError)
+        return error_response(request.url.path, error)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> Response:
+        call = current_call.get(None)
+        return internal_error_response(request.url.path, call.request_id if call else "(none)")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)
+        message = describe_validation_errors(error.errors())
+        return error_response(request.url.path, InvalidArgument(message))
+
+    @app.post("/v2/rerank", tags=["Cohere"], response_model_exclude_none=True)
+    async def cohere_rerank_v2(body: CohereRerankV2Request) -> CohereRerankResponse:
+        """Cohere's Rerank v2: ranks `documents` against `query`."""
+        reranker = core.require_reranker()
+        options = RerankOptions(
+            top_n=body.top_n or 0, max_length=_pair_budget(reranker, body.max_tokens_per_doc)
+        )
+        ranking = await _rerank(reranker, body.query, body.documents, options)
+        return _cohere_response(ranking, "2", len(body.documents), reranker, None)
+
+    @app.post("/v1/rerank", tags=["Cohere"], response_model_exclude_none=True)
+    async def cohere_rerank_v1(body: CohereRerankV1Request) -> CohereRerankResponse:
+        """Cohere's Rerank v1: documents as strings or objects with `text`; `return_documents` echoes them."""
+        reranker = core.require_reranker()
+        texts = [
+            document.text if isinstance(document, CohereDocument) else document for document in body.documents
+        ]
+        ranking = await _rerank(reranker, body.query, texts, RerankOptions(top_n=body.top_n or 0))
+        echoed = texts if body.return_documents else None
+        return _cohere_response(ranking, "1", len(texts), reranker, echoed)
+
+    @app.post("/rerank", tags=["text-embeddings-inference"], response_model_exclude_none=True)
+    async def tei_rerank(body: TeiRerankRequest) -> list[TeiRank]:
+        """text-embeddings-inference's /rerank: `texts` ranked against `query`, best first."""
+        reranker = core.require_reranker()
+        options = RerankOptions(
+            raw_scores=body.raw_scores,
+            truncation=_TRUNCATION[body.truncation_direction],
+            return_text=body.return_text,
+        )
+        ranking = await _rerank(reranker, body.query, body.texts, options)
+        return [
+            TeiRank(index=result.index, score=result.score, text=result.text) for result in ranking.results
+        ]
+
+    @app.post("/embed", tags=["text-embeddings-inference"], response_model=list[list[float]])
+    async def tei_embed(body: TeiEmbedRequest) -> Response:
+        """text-embeddings-inference's /embed: one vector per input, in order."""
+        embedder = core.require_embedder()
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        embeddings = await embedder.embed(
+            texts,
+            0,
+            _TRUNCATION[body.truncation_direction],
+            current_call.get().deadline,
+            normalize=body.normalize,
+        )
+        current_call.get().usage = embeddings.usage
+        return JSONResponse(embeddings.vectors.tolist())
+
+    @app.post("/v1/embeddings", tags=["OpenAI"])
+    async def openai_embeddings(body: OpenAIEmbeddingsRequest) -> OpenAIEmbeddingsResponse:
+        """OpenAI's embeddings API: `data[i].embedding` is the gRPC Embed vector of `input[i]`."""
+        embedder = core.require_embedder()
+        if body.dimensions is not None and body.dimensions != embedder.model.dims:
+            raise InvalidArgument(
+                f"dimensions {body.dimensions} is not supported: {embedder.model.source.model_id} has "
+                f"{embedder.model.dims}; leave it unset"
+            )
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        embeddings = await embedder.embed(texts, 0, Truncation.RIGHT, current_call.get().deadline)
+        current_call.get().usage = embeddings.usage
+        if body.encoding_format == "base64":
+            encoded: Sequence[list[float] | str] = [
+                base64.b64encode(vector.astype("<f4").tobytes()).decode() for vector in embeddings.vectors
+            ]
+        else:
+            encoded = embeddings.vectors.tolist()
+        tokens = embeddings.usage.tokens
+        return OpenAIEmbeddingsResponse(
+            data=[OpenAIEmbedding(index=index, embedding=vector) for index, vector in enumerate(encoded)],
+            model=embedder.model.source.model_id,
+            usage=OpenAIUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
+    @app.get("/health", tags=["Server"])
+    async def health() -> Response:
+        """200 while the models serve; 503 while they load, and once the server drains."""
+        serving = core.state is ServingState.SERVING
+        return JSONResponse({"status": core.state.value}, status_code=200 if serving else 503)
+
+    @app.get("/info", tags=["Server"])
+    async def info() -> Response:
+        """The models, engines and limits, as the gRPC Info call reports them."""
+        return JSONResponse(dataclasses.asdict(core.info()))
+
+    if serve_metrics:
+
+        @app.get("/metrics", tags=["Server"])
+        async def metrics() -> Response:
+            """Prometheus metrics, the same as on --metrics-port."""
+            return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _pair_budget(reranker: Reranker, max_tokens_per_doc: int | None) -> int:
+    """Cohere's per-document token cap as the pair's max_length: 0 (the model's limit) when the cap is
+    above it, and never below the fewest tokens a pair needs (Cohere truncates rather than refuses)."""
+    if max_tokens_per_doc is None or max_tokens_per_doc >= reranker.model.max_length:
+        return 0
+    return max(max_tokens_per_doc, reranker.model.tokenizer.min_max_length())
+
+
+async def _rerank(reranker: Reranker, query: str, texts: Sequence[str], options: RerankOptions) -> Ranking:
+    call = current_call.get()
+    documents = [Document(id="", text=text) for text in texts]
+    ranking = await reranker.rerank(query, documents, options, call.deadline)
+    call.usage = ranking.usage
+    return ranking
+
+
+def _cohere_response(
+    ranking: Ranking, api_version: str, documents: int, reranker: Reranker, echoed: Sequence[str] | None
+) -> CohereRerankResponse:
+    results = [
+        CohereRerankResult(
+            index=result.index,
+            relevance_score=result.score,
+            document=None if echoed is None else CohereDocumentText(text=echoed[result.index]),
+        )
+        for result in ranking.results
+    ]
+    search_units = math.ceil(documents / _DOCUMENTS_PER_SEARCH_UNIT)
+    return CohereRerankResponse(
+        id=str(uuid.uuid4()),
+        results=results,
+        meta=CohereMeta(
+            api_version=CohereApiVersion(version=api_version),
+            billed_units=CohereBilledUnits(search_units=search_units),
+        ),
+        model=reranker.model.source.model_id,
+    )

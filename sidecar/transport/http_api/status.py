@@ -1,0 +1,95 @@
+"""The one table from the server's errors to HTTP statuses, and the error body each API's clients expect."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from sidecar.errors import (
+    DeadlineExpired,
+    EngineFailure,
+    InvalidArgument,
+    ModelLoadError,
+    NotReady,
+    Overloaded,
+    RequestTooLarge,
+    SidecarError,
+    Unauthenticated,
+    nearest_mapped,
+)
+
+STATUS_OF_ERROR: dict[type[SidecarError], int] = {
+    InvalidArgument: 400,
+    Unauthenticated: 401,
+    RequestTooLarge: 413,
+    Overloaded: 429,
+    EngineFailure: 500,
+    NotReady: 503,
+    ModelLoadError: 503,
+    DeadlineExpired: 504,
+}
+
+# A full queue drains in about a batch's time; the caller should back off, then retry.
+RETRY_AFTER_S = 1
+
+
+def status_of(error: SidecarError) -> int:
+    """The status of the nearest mapped class in the error's ancestry; 500 for one unmapped."""
+    return nearest_mapped(error, STATUS_OF_ERROR, 500)
+
+
+class ErrorShape(enum.Enum):
+    """How each API's clients read an error: the body its reference server sends."""
+
+    COHERE = "cohere"  # {"message": ...}, and this server's own routes
+    TEI = "tei"  # {"error": ..., "error_type": ...}
+    OPENAI = "openai"  # {"error": {"message", "type", "param", "code"}}
+
+
+_SHAPE_OF_PATH = {"/rerank": ErrorShape.TEI, "/embed": ErrorShape.TEI, "/v1/embeddings": ErrorShape.OPENAI}
+_TEI_ERROR_TYPE = {401: "Unauthorized", 429: "Overloaded", 503: "Unhealthy"}
+
+
+def error_body(path: str, status: int, message: str) -> dict[str, Any]:
+    shape = _SHAPE_OF_PATH.get(path, ErrorShape.COHERE)
+    if shape is ErrorShape.TEI:
+        error_type = _TEI_ERROR_TYPE.get(status, "Validation" if status < 500 else "Backend")
+        return {"error": message, "error_type": error_type}
+    if shape is ErrorShape.OPENAI:
+        error_type = "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"message": message, "type": error_type, "param": None, "code": None}}
+    return {"message": message}
+
+
+def error_response(path: str, error: SidecarError) -> JSONResponse:
+    """The response for ``error`` on the route at ``path``, in that API's error shape."""
+    status = status_of(error)
+    headers = {}
+    if status == 429:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(path, status, str(error)), status_code=status, headers=headers)
+
+
+def internal_error_response(path: str, request_id: str) -> JSONResponse:
+    message = f"internal error; the server log has the details under request id {request_id}"
+    return JSONResponse(error_body(path, 500, message), status_code=500)
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> str:
+    """One message naming each field the request got wrong, from pydantic's error list."""
+    parts = []
+    for error in errors[:5]:
+        location = ".".join(str(part) for part in error["loc"] if part != "body")
+        if error["type"] == "json_invalid":
+            parts.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})")
+        elif not location:
+            parts.append("the body must be a JSON object (sent as Content-Type: application/json)")
+        else:
+            parts.append(f"{location}: {error['msg']}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "invalid request: " + "; ".join(parts) + more
