@@ -162,13 +162,13 @@ def load_network(
 
 def load_model_network(model: CrossEncoderModel | BiEncoderModel) -> Network:
     """The network of a loaded model, with a decoder reranker's last-token head."""
-    if isinstance(model, BiEncoderModel):
+    if model.kind is ModelKind.BI_ENCODER:
         return load_network(model.source, model.kind)
     return load_network(
         model.source,
         model.kind,
         decoder=family_of(model.model_type).prompt is not None,
-        answer_token_ids=model.answer_token_ids,
+        answer_token_ids=model.answer_token_ids,  # type: ignore[union-attr]  # a cross-encoder's
     )
 
 
