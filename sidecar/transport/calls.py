@@ -1,14 +1,17 @@
-"""What every transport does around a call: count it in flight, log it, and record it in the metrics."""
+"""What every transport does around a call: check its bearer token, count it in flight, log it, and record
+it in the metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.errors import Unauthenticated
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.usage import Usage
 
@@ -28,6 +31,24 @@ class CallRecord:
 
 
 current_call: ContextVar[CallRecord] = ContextVar("current_call")
+
+
+class BearerToken:
+    """The token every call must bring (--auth-token), compared in constant time. ``send_as`` and
+    ``carrier`` say how the transport carries it, for the refusal's message."""
+
+    def __init__(self, token: str, *, send_as: str, carrier: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._send_as = send_as
+        self._carrier = carrier
+
+    def check(self, supplied: str | bytes) -> None:
+        """Raise Unauthenticated unless ``supplied`` is ``Bearer <token>``."""
+        supplied_bytes = supplied.encode() if isinstance(supplied, str) else bytes(supplied)
+        if not supplied_bytes:
+            raise Unauthenticated(f"missing bearer token: send {self._send_as}")
+        if not hmac.compare_digest(supplied_bytes, self._expected):
+            raise Unauthenticated(f"the bearer token in the {self._carrier} is not valid")
 
 
 class CallLedger:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 import uuid
@@ -12,8 +11,8 @@ from typing import Any
 
 import grpc
 
-from sidecar.errors import SidecarError
-from sidecar.transport.calls import REQUEST_ID_KEY, CallLedger, CallRecord
+from sidecar.errors import SidecarError, Unauthenticated
+from sidecar.transport.calls import REQUEST_ID_KEY, BearerToken, CallLedger, CallRecord
 from sidecar.transport.grpc_api.status import status_of
 
 logger = logging.getLogger("sidecar.access")
@@ -109,7 +108,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` metadata; health stays open for probes."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = BearerToken(
+            token, send_as="`authorization: Bearer <token>` metadata", carrier="authorization metadata"
+        )
 
     async def intercept_service(
         self,
@@ -128,15 +129,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             ),
             "",
         )
-        supplied_bytes = supplied.encode() if isinstance(supplied, str) else bytes(supplied)
-        if hmac.compare_digest(supplied_bytes, self._expected):
-            return handler
-        message = (
-            "missing bearer token: send `authorization: Bearer <token>` metadata"
-            if not supplied
-            else "the bearer token in the authorization metadata is not valid"
-        )
-        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, message)
+        try:
+            self._token.check(supplied)
+        except Unauthenticated as refused:
+            return _refusing(handler, status_of(refused), str(refused))
+        return handler
 
 
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

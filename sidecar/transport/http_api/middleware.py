@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -14,8 +13,8 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from sidecar.errors import DeadlineExpired, InvalidArgument, RequestTooLarge, SidecarError, Unauthenticated
-from sidecar.transport.calls import REQUEST_ID_KEY, CallLedger, CallRecord
+from sidecar.errors import DeadlineExpired, InvalidArgument, RequestTooLarge, SidecarError
+from sidecar.transport.calls import REQUEST_ID_KEY, BearerToken, CallLedger, CallRecord
 from sidecar.transport.http_api.status import error_response
 
 logger = logging.getLogger("sidecar.access")
@@ -47,7 +46,15 @@ class CallMiddleware:
         self._app = app
         self._ledger = ledger
         self._call_paths = call_paths
-        self._expected_authorization = f"Bearer {auth_token}".encode() if auth_token else None
+        self._token = (
+            BearerToken(
+                auth_token,
+                send_as="an `Authorization: Bearer <token>` header",
+                carrier="Authorization header",
+            )
+            if auth_token
+            else None
+        )
         self._max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -82,12 +89,8 @@ class CallMiddleware:
 
     def _admit(self, headers: Headers, record: CallRecord) -> None:
         """Refuse, before reading the body, a call without the token, too large, or with a bad timeout."""
-        if self._expected_authorization is not None:
-            supplied = headers.get("authorization", "")
-            if not supplied:
-                raise Unauthenticated("missing bearer token: send an `Authorization: Bearer <token>` header")
-            if not hmac.compare_digest(supplied.encode(), self._expected_authorization):
-                raise Unauthenticated("the bearer token in the Authorization header is not valid")
+        if self._token is not None:
+            self._token.check(headers.get("authorization", ""))
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body_bytes:
             raise self._too_large(int(length))
