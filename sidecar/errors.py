@@ -40,6 +40,24 @@ class EngineFailure(SidecarError):
     """The model raised while running a batch; every request in that batch gets this."""
 
 
+class NonFiniteOutput(EngineFailure):
+    """The engine gave a NaN or infinite output for some of a request's rows; it is never served.
+
+    Only that request fails: the engine stays in service, since the fault is tied to the input (a
+    damaged weight row that only some tokens read, an overflow at one length), and taking the engine
+    out would fail or slow every other caller. Damaged cached artifacts are caught before serving by
+    their checksums and the parity gate; what still gets through is counted in
+    ``rerank_non_finite_requests`` and logged with the model and engine.
+    """
+
+    def __init__(self, rows: int, of_rows: int) -> None:
+        super().__init__(
+            f"the model gave a non-finite output (NaN or infinity) for {rows} of this request's {of_rows} "
+            "rows, which the server never returns as a score; the server log names the model and engine"
+        )
+        self.rows = rows
+
+
 class ModelLoadError(SidecarError):
     """The model could not be loaded; raised at start-up, not in a call."""
 

@@ -9,6 +9,11 @@ rows are filled in place, so a score can only land in its own job at its own pos
 With several workers, that many batches run at once, each on its own model thread; when fewer pairs
 wait than fill the idle workers, they are shared out among them, so a small request still uses
 every worker instead of queueing as one batch on one thread.
+
+A caller that leaves (cancelled, or its deadline passed) takes its pairs out of the queue at once, so
+they stop counting toward ``max_queued_pairs``. An output that is not finite (NaN or infinity) is never
+delivered: its request fails with ``NonFiniteOutput`` and ``on_non_finite`` hears of it; the engine
+keeps serving the other requests (see ``NonFiniteOutput``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sidecar.errors import DeadlineExpired, EngineFailure, NotReady, Overloaded, SidecarError
+from sidecar.errors import (
+    DeadlineExpired,
+    EngineFailure,
+    NonFiniteOutput,
+    NotReady,
+    Overloaded,
+    SidecarError,
+)
 from sidecar.model.batch import EncodedPair, TokenBatch, collate
 from sidecar.model.engines.base import Engine
 
@@ -100,12 +112,15 @@ class Batcher:
         with_token_type_ids: bool,
         workers: int = 1,
         on_batch: Callable[[int, int], None] | None = None,
+        on_non_finite: Callable[[Engine, int], None] | None = None,
     ) -> None:
         if workers > 1 and not engine.concurrent_forward:
             raise ValueError(f"the {engine.name} engine runs one batch at a time, not {workers}")
         self.engine = engine
         self.workers = workers
         self._on_batch = on_batch  # (pairs, padded tokens) of each batch, for metrics
+        # (the engine, the rows it gave non-finite outputs for) of each request failed for them
+        self._on_non_finite = on_non_finite
         self.limits = limits
         self._pad_token_id = pad_token_id
         self._with_token_type_ids = with_token_type_ids
@@ -141,15 +156,19 @@ class Batcher:
     async def score(self, pairs: Sequence[EncodedPair], deadline: float | None) -> ScoredRows:
         """Queue the pairs and wait for their outputs, row for row.
 
-        Raises Overloaded at once when the queue cannot take them. If the caller is cancelled
-        while waiting, its pairs still queued are dropped before they reach the model.
+        Raises Overloaded at once when the queue cannot take them, DeadlineExpired when the deadline
+        passes first. When the deadline passes or the caller is cancelled, its pairs still queued leave
+        the queue at once, before they reach the model.
         """
         job = self.submit(pairs, deadline)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            await job.future
+            await asyncio.wait_for(asyncio.shield(job.future), timeout)
+        except TimeoutError:
+            self._withdraw(job)
+            raise DeadlineExpired("the deadline passed before the request's pairs were scored") from None
         except asyncio.CancelledError:
-            if not job.future.done():
-                job.future.cancel()
+            self._withdraw(job)
             raise
         return job.scored_rows()
 
@@ -208,7 +227,7 @@ class Batcher:
             job.first_batch_ns = job.first_batch_ns or started
         loop = asyncio.get_running_loop()
         try:
-            outputs = await loop.run_in_executor(self._model_threads, self._forward, pairs)
+            engine, outputs = await loop.run_in_executor(self._model_threads, self._forward, pairs)
         except asyncio.CancelledError:  # the batcher is closing under this batch
             for job in {queued.job for queued in batch}:
                 self._fail(job, NotReady("the server is shutting down"))
@@ -219,19 +238,31 @@ class Batcher:
             for job in {queued.job for queued in batch}:
                 self._fail(job, failure)
             return
-        self._deliver(batch, outputs, time.monotonic_ns())
+        self._deliver(batch, engine, outputs, time.monotonic_ns())
 
-    def _forward(self, pairs: list[EncodedPair]) -> np.ndarray:
+    def _forward(self, pairs: list[EncodedPair]) -> tuple[Engine, np.ndarray]:
+        """The engine that ran the batch (a compiled one may take over between batches) and its outputs."""
         batch: TokenBatch = collate(pairs, self._pad_token_id, self._with_token_type_ids)
-        outputs = self.engine.forward(batch)
+        engine = self.engine
+        outputs = engine.forward(batch)
         if outputs.shape[0] != len(pairs):
             raise RuntimeError(f"the engine returned {outputs.shape[0]} rows for {len(pairs)} pairs")
         if self._on_batch is not None:
             rows, columns = batch.shape
             self._on_batch(rows, rows * columns)
-        return outputs
+        return engine, outputs
 
-    def _deliver(self, batch: list[_QueuedPair], outputs: np.ndarray, done_ns: int) -> None:
+    def _deliver(self, batch: list[_QueuedPair], engine: Engine, outputs: np.ndarray, done_ns: int) -> None:
+        finite = np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
+        non_finite_rows: dict[ScoringJob, int] = {}
+        for queued, row_finite in zip(batch, finite, strict=True):
+            if not row_finite and not queued.job.finished:
+                non_finite_rows[queued.job] = non_finite_rows.get(queued.job, 0) + 1
+        for job, rows in non_finite_rows.items():
+            self._fail(job, NonFiniteOutput(rows, len(job.pairs)))
+            self._dequeue(job)
+            if self._on_non_finite is not None:
+                self._on_non_finite(engine, rows)
         touched: set[ScoringJob] = set()
         for queued, row_output in zip(batch, outputs, strict=True):
             job = queued.job
@@ -293,6 +324,18 @@ class Batcher:
             if job.finished:
                 continue
             alive.append(queued)
+        self._queued_pairs -= len(self._queue) - len(alive)
+        self._queue = alive
+
+    def _withdraw(self, job: ScoringJob) -> None:
+        """Its caller left: cancel the job and take its pairs out of the queue now."""
+        job.future.cancel()
+        self._dequeue(job)
+
+    def _dequeue(self, job: ScoringJob) -> None:
+        """Take a finished job's pairs still queued out of the queue, so they stop counting toward the
+        limit; its rows already running are dropped when their batch comes back."""
+        alive = [queued for queued in self._queue if queued.job is not job]
         self._queued_pairs -= len(self._queue) - len(alive)
         self._queue = alive
 

@@ -169,6 +169,7 @@ class ServingCore:
             with_token_type_ids=model.uses_token_type_ids,
             workers=runtime.batch_workers,
             on_batch=self.metrics.batch_observer(source.model_id),
+            on_non_finite=self._non_finite_reporter(source.model_id),
         )
         batcher.start()
         self.metrics.watch_queue(source.model_id, lambda: batcher.queued_pairs)
@@ -189,6 +190,24 @@ class ServingCore:
             runtime.phases.describe(),
         )
         return served
+
+    def _non_finite_reporter(self, model_id: str) -> Callable[[Engine, int], None]:
+        """Logs and counts each request failed for non-finite outputs (see NonFiniteOutput)."""
+
+        def report(engine: Engine, rows: int) -> None:
+            counted = f"{engine.name}/{engine.precision}"
+            self.metrics.non_finite_requests.labels(model_id, counted).inc()
+            logger.error(
+                "%s on %s (%s) gave a non-finite output (NaN or infinity) for %d row(s) of a request; "
+                "the request fails with an internal error and the engine keeps serving. If this repeats, "
+                "restart with --reselect (or an empty --cache-dir) to rebuild and re-gate the engine",
+                model_id,
+                counted,
+                engine.device,
+                rows,
+            )
+
+        return report
 
     async def _warm_up(self, served: ServedModel) -> None:
         """Run one short input, then a full batch of full-length inputs, through the model's batcher."""

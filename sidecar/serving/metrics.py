@@ -51,6 +51,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.non_finite_requests = Counter(
+            "rerank_non_finite_requests",
+            "Requests failed because the engine gave a NaN or infinite output for them, by model and "
+            "engine (name/precision); such outputs are never served.",
+            ("model", "engine"),
+            registry=self.registry,
+        )
         self.engine = Info(
             "rerank_engine", "Engine and precision serving each model.", ("model",), registry=self.registry
         )

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import numpy as np
 import pytest
 
-from sidecar.errors import DeadlineExpired, EngineFailure, NotReady, Overloaded
+from sidecar.errors import DeadlineExpired, EngineFailure, NonFiniteOutput, NotReady, Overloaded
 from sidecar.model.batch import EncodedPair, TokenBatch
 from sidecar.model.engines.base import Engine
 from sidecar.scheduling.batcher import Batcher, BatchLimits
@@ -30,6 +30,8 @@ class SumEngine(Engine):
         self.gate.set()
         self.fail_with: Exception | None = None
         self.side_by_side: threading.Barrier | None = None  # when set, batches must run in pairs
+        self.poison: int | None = None  # when set, a row holding this token id gives poison_output
+        self.poison_output = np.nan
 
     def forward(self, batch: TokenBatch) -> np.ndarray:
         self.gate.wait(timeout=30)
@@ -38,7 +40,10 @@ class SumEngine(Engine):
         if self.fail_with is not None:
             raise self.fail_with
         self.shapes.append(batch.shape)
-        return (batch.input_ids * batch.attention_mask).sum(axis=1, keepdims=True).astype(np.float32)
+        outputs = (batch.input_ids * batch.attention_mask).sum(axis=1, keepdims=True).astype(np.float32)
+        if self.poison is not None:
+            outputs[(batch.input_ids == self.poison).any(axis=1)] = self.poison_output
+        return outputs
 
 
 def pair(*ids: int) -> EncodedPair:
@@ -164,6 +169,68 @@ async def test_expired_and_cancelled_work_is_dropped_before_the_model(engine_and
     await batcher.score([pair(2)], None)
     assert engine.shapes == [(1, 1), (1, 1)]
     assert batcher.queued_pairs == 0
+
+
+async def test_a_cancelled_caller_frees_the_queue_at_once(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    engine.gate.clear()
+    blocker = batcher.submit([pair(1)], None)
+    await asyncio.sleep(0.05)  # the blocker holds the model thread; what follows waits in the queue
+    leaving = asyncio.create_task(batcher.score(pairs_of_length(1, 60, base=10), None))
+    await asyncio.sleep(0)
+    assert batcher.queued_pairs == 60
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    # Freed before any batch is formed: the model thread is still held.
+    assert batcher.queued_pairs == 0
+    assert not blocker.finished
+    batcher.admit(100)  # a new caller may use the whole queue again
+    engine.gate.set()
+    await blocker.future
+    assert engine.shapes == [(1, 1)]
+
+
+async def test_a_passed_deadline_frees_the_queue_at_once_and_fails_the_call(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    engine.gate.clear()
+    blocker = batcher.submit([pair(1)], None)
+    await asyncio.sleep(0.05)
+    with pytest.raises(DeadlineExpired, match="deadline passed"):
+        await batcher.score(pairs_of_length(1, 60, base=10), deadline=time.monotonic() + 0.05)
+    assert batcher.queued_pairs == 0
+    assert not blocker.finished  # freed while the model was still busy, not at the next batch
+    engine.gate.set()
+    await blocker.future
+    assert engine.shapes == [(1, 1)]
+
+
+async def test_a_non_finite_output_fails_only_its_own_request(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    reported: list[tuple[str, int]] = []
+    batcher._on_non_finite = lambda failed_engine, rows: reported.append((failed_engine.name, rows))
+    engine.gate.clear()
+    engine.poison = 13
+    poisoned = asyncio.create_task(batcher.score([pair(13), pair(2), pair(13, 1)], None))
+    healthy = asyncio.create_task(batcher.score([pair(3), pair(4)], None))
+    await asyncio.sleep(0.05)
+    engine.gate.set()
+    with pytest.raises(NonFiniteOutput, match="2 of this request's 3 rows") as raised:
+        await poisoned
+    assert isinstance(raised.value, EngineFailure)  # an internal error to the caller
+    assert (await healthy).outputs[:, 0].tolist() == [3, 4]
+    assert len(engine.shapes) == 1  # both requests shared the batch
+    assert reported == [("sum", 2)]
+    assert batcher.queued_pairs == 0
+    # The engine stays in service: the next request is scored by it.
+    assert (await batcher.score([pair(5)], None)).outputs[0, 0] == 5
+
+
+async def test_infinite_outputs_are_not_served_either(engine_and_batcher):
+    engine, batcher = engine_and_batcher
+    engine.poison, engine.poison_output = 7, np.inf
+    with pytest.raises(NonFiniteOutput):
+        await batcher.score([pair(7)], None)
 
 
 async def test_an_engine_failure_reaches_every_job_in_the_batch(engine_and_batcher):

@@ -73,7 +73,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
                 return response
             except BaseException as exc:
-                status, message = _status_for(exc, record)
+                status, message = _status_for(exc, record, context)
                 if message is None:
                     raise
                 await context.abort(status, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
@@ -94,7 +94,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     yield response
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
             except BaseException as exc:
-                status, message = _status_for(exc, record)
+                status, message = _status_for(exc, record, context)
                 if message is None:
                     raise
                 await context.abort(status, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
@@ -157,10 +157,16 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
     )
 
 
-def _status_for(exc: BaseException, record: CallRecord) -> tuple[grpc.StatusCode, str | None]:
+def _status_for(
+    exc: BaseException, record: CallRecord, context: grpc.aio.ServicerContext
+) -> tuple[grpc.StatusCode, str | None]:
     """The status an error ends the call with, and the message to abort with (None: do not abort)."""
     if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED, None  # the caller left or its deadline passed: nobody to answer
+        # The caller left, or gRPC ended the call at its deadline: nobody to answer either way.
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, None
+        return grpc.StatusCode.CANCELLED, None
     if isinstance(exc, SidecarError):
         return status_of(exc), str(exc)
     if isinstance(exc, grpc.aio.AbortError):
