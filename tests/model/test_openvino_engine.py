@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sidecar.errors import ModelLoadError
+from sidecar.model.batch import TokenBatch
+from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.openvino_engine import OpenVinoEngine, openvino_precisions, unavailable_reason
 from sidecar.model.parity import compare
 from tests.conditions import needs_native_bf16
@@ -45,9 +49,10 @@ def test_batch_workers_each_get_a_request_of_their_own(tiny_exported, artifact_c
         np.testing.assert_allclose(output, tiny_reference.forward(batch), atol=1e-4, rtol=0)
 
 
-def test_its_compiled_blobs_are_cached(tiny_exported, artifact_cache):
-    openvino(tiny_exported, artifact_cache)
-    assert any((artifact_cache.root / "openvino").iterdir())
+def test_its_compiled_blob_is_cached_with_a_manifest(tmp_path: Path, tiny_exported):
+    openvino(tiny_exported, ArtifactCache(tmp_path))
+    (blob,) = tmp_path.rglob("*.blob")
+    assert (blob.parent / "manifest.json").is_file()
 
 
 def test_it_runs_on_the_cpu_only():
@@ -58,3 +63,65 @@ def test_it_runs_on_the_cpu_only():
 def test_precisions_it_does_not_run_are_refused(tiny_exported, artifact_cache):
     with pytest.raises(ModelLoadError, match="does not run int8"):
         openvino(tiny_exported, artifact_cache, "int8")
+
+
+def whole_vocabulary(vocab_size: int, row_length: int = 512) -> list[TokenBatch]:
+    """Every token id once, in rows of ``row_length``: a damaged embedding row cannot hide from it."""
+    ids = np.arange(vocab_size, dtype=np.int64)
+    rows = [ids[start : start + row_length] for start in range(0, vocab_size, row_length)]
+    batches = []
+    for start in range(0, len(rows), 16):
+        chunk = rows[start : start + 16]
+        input_ids = np.zeros((len(chunk), row_length), dtype=np.int64)
+        mask = np.zeros_like(input_ids)
+        for row, tokens in enumerate(chunk):
+            input_ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+        batches.append(TokenBatch(input_ids, mask, np.zeros_like(input_ids)))
+    return batches
+
+
+def random_bytes_in_the_middle(blob: Path) -> None:
+    """4 KiB of random bytes in the middle of the blob, where the word embeddings lie."""
+    with blob.open("r+b") as stream:
+        stream.seek(blob.stat().st_size // 2)
+        stream.write(np.random.default_rng(0).bytes(4096))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(random_bytes_in_the_middle, id="random-bytes"),
+        pytest.param(lambda blob: blob.write_bytes(blob.read_bytes()[:4096]), id="truncated"),
+        pytest.param(lambda blob: blob.write_bytes(b""), id="emptied"),
+    ],
+)
+def test_a_damaged_cached_blob_is_logged_rebuilt_and_scores_match_torch(
+    tmp_path: Path, tiny_network, tiny_exported, tiny_reference, caplog, damage
+):
+    cache = ArtifactCache(tmp_path)
+    openvino(tiny_exported, cache)
+    blobs = list(tmp_path.rglob("*.blob"))
+    assert blobs, "the engine cached no compiled blob"
+    for blob in blobs:
+        damage(blob)
+    with caplog.at_level(logging.WARNING, logger="sidecar.model.cache"):
+        engine = openvino(tiny_exported, cache)
+    assert any(str(blobs[0].parent) in record.getMessage() for record in caplog.records), caplog.text
+    vocab_size = tiny_network.model.get_input_embeddings().num_embeddings
+    for batch in whole_vocabulary(vocab_size):
+        outputs = engine.forward(batch)
+        assert np.isfinite(outputs).all()
+        np.testing.assert_allclose(outputs, tiny_reference.forward(batch), atol=1e-4, rtol=0)
+
+
+def test_a_valid_cached_blob_is_imported_not_compiled_again(
+    tmp_path: Path, tiny_exported, tiny_reference, caplog
+):
+    cache = ArtifactCache(tmp_path)
+    openvino(tiny_exported, cache)
+    with caplog.at_level(logging.INFO, logger="sidecar.model.cache"):
+        engine = openvino(tiny_exported, cache)
+    assert "reusing cached openvino" in caplog.text
+    batch = padded_batch(4, 30, seed=2)
+    np.testing.assert_allclose(engine.forward(batch), tiny_reference.forward(batch), atol=1e-4, rtol=0)

@@ -3,8 +3,10 @@
 fp32 everywhere; bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), where it measured faster than the
 compiled torch bf16 engine (benchmarks/RESULTS.md, "OpenVINO"). Each batch worker gets a stream of its
 own with its share of the threads, and an inference request per model thread; inference releases the
-GIL. OpenVINO caches its compiled blobs under ``--cache-dir/openvino``, keyed by the model, the
-configuration, its version and the device, so a restart compiles nothing.
+GIL. The compiled blob is cached like every other artifact (``ArtifactCache``: a manifest and a
+checksum, verified before each use), keyed by the model, the configuration, OpenVINO's version and the
+CPU, so a restart compiles nothing. OpenVINO's own ``CACHE_DIR`` is not used: it loads its blobs
+unchecked, and a damaged one served NaN scores for the inputs that read the damaged weights.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +27,7 @@ from sidecar.model.engines.base import Engine, require_precision
 from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
 from sidecar.model.engines.torch_engine import cpu_supports_bf16
 from sidecar.model.export import ExportedModel
+from sidecar.model.hardware import device_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +68,14 @@ class OpenVinoEngine(Engine):
         import openvino
 
         super().__init__(precision=precision, device=device)
-        core = openvino.Core()
-        core.set_property({"CACHE_DIR": str(cache.root / "openvino")})
         config = {
             "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision],
             # One stream per batch worker, each with that worker's share of the threads.
             "NUM_STREAMS": workers,
             "INFERENCE_NUM_THREADS": threads * workers,
         }
-        try:
-            self._compiled = core.compile_model(str(exported.path), "CPU", config)
-        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
-            raise ModelLoadError(f"OpenVINO could not compile {exported.path}: {exc}") from exc
+        source_key = {"onnx": exported.fingerprint, "source": exported.path.parent.name}
+        self._compiled = compile_cached(openvino.Core(), exported.path, source_key, config, cache)
         self._input_names = exported.input_names
         # An inference request is not safe to share between threads: each model thread gets its own.
         self._requests = threading.local()
@@ -93,6 +95,41 @@ class OpenVinoEngine(Engine):
         outputs = request.infer({name: feeds[name] for name in self._input_names})
         # The request reuses its output buffer on the next call: copy the rows out.
         return np.array(outputs[0], dtype=np.float32, copy=True)
+
+
+def compile_cached(
+    core: Any, model: Path, model_key: Mapping[str, str], config: Mapping[str, Any], cache: ArtifactCache
+) -> Any:
+    """``model`` compiled for this CPU with ``config``: from a verified blob in ``cache`` when one is
+    there, else compiled now and its blob cached. ``model_key`` identifies the model file's content.
+
+    The blob is an artifact like any other: a damaged, truncated or stale one is logged and rebuilt.
+    """
+    import openvino
+
+    key = {
+        **model_key,
+        "openvino": openvino.__version__,
+        **device_fingerprint("cpu"),
+        **{name: str(value) for name, value in config.items()},
+    }
+    compiled_now = []
+
+    def build(target: Path) -> None:
+        compiled_now.append(_compiled(lambda: core.compile_model(str(model), "CPU", dict(config)), model))
+        target.write_bytes(compiled_now[0].export_model().getbuffer())
+
+    blob = cache.get_or_build("openvino", key, "model.blob", build)
+    if compiled_now:
+        return compiled_now[0]
+    return _compiled(lambda: core.import_model(blob.read_bytes(), "CPU", dict(config)), blob)
+
+
+def _compiled(compile_or_import: Callable[[], Any], path: Path) -> Any:
+    try:
+        return compile_or_import()
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+        raise ModelLoadError(f"OpenVINO could not compile or load {path}: {exc}") from exc
 
 
 def _build(inputs: EngineInputs, shape: EngineShape, precision: str) -> Engine:
