@@ -72,7 +72,7 @@ def main() -> None:
         )
     engines["onnxruntime/int8 dynamic (former recipe)"] = DynamicInt8(exported.path, exported.input_names)
 
-    probe = cross_encoder_probe(model, 32)
+    probe = cross_encoder_probe(model, 32, vocab_size=network.model.get_input_embeddings().num_embeddings)
     reference = probe.scores(engines["torch/fp32"])  # type: ignore[arg-type]
     pairs = model.tokenizer.encode(QUERY, candidates(model_dir), PairSpec(max_length=256)).pairs
     crowd = pairs[_PAIRS : _PAIRS + _CROWD]

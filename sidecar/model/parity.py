@@ -12,6 +12,12 @@ Tolerances (normalized scores in [0, 1] or [-1, 1]):
 | fp32 | 1e-4 | 0.999 | the same arithmetic in another order |
 | bf16, fp16 | 0.02 | 0.995 | measured 0.9996 on MiniLM-L6 weights; catches overflow and bad casts |
 | int8 | 0.05 | 0.985 | plain dynamic int8 measures 0.91-0.97 and reorders the top 10: it must fail |
+
+Any non-finite output (NaN or infinity) fails the gate, whatever the tolerance. Besides the texts below,
+the probe sweeps the vocabulary: rows of token ids spread evenly over the whole embedding table, so a
+damaged table (a corrupt compiled artifact) shows in the probe even where no probe text reads the
+damaged rows. The sweep holds up to ``SWEEP_TOKENS`` ids: every id of a smaller vocabulary, every
+n-th of a larger one.
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp16": Tolerance(max_abs_diff=0.02, min_spearman=0.995),
     "int8": Tolerance(max_abs_diff=0.05, min_spearman=0.985),
 }
+
+# Token ids the vocabulary sweep holds at most, in rows of at most SWEEP_ROW_TOKENS: about as many tokens
+# as the probe texts, so the sweep at most doubles the gate's time.
+SWEEP_TOKENS = 4096
+SWEEP_ROW_TOKENS = 256
 
 # Queries and passages of varied topic and length, so relevant and irrelevant pairs spread the scores.
 PROBE_QUERIES = (
@@ -93,10 +104,13 @@ class Probe:
     to_scores: Callable[[np.ndarray], np.ndarray]
 
     def scores(self, engine: Engine) -> np.ndarray:
+        """Normalized scores of the engine on the probe; NaN where a row's output is not finite, which
+        normalizing alone could hide (the sigmoid of an infinite logit is 1)."""
         batched = np.concatenate([engine.forward(batch) for batch in self.batches])
-        outputs = np.empty_like(batched)
+        outputs = np.empty_like(batched, dtype=np.float64)
         outputs[self.order] = batched
-        return self.to_scores(outputs.astype(np.float64))
+        outputs[~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)] = np.nan
+        return self.to_scores(outputs)
 
     def digest(self) -> str:
         """A digest of the probe's tokens, so a remembered reference is used only for the same probe."""
@@ -124,12 +138,30 @@ def _probe(
     return Probe(batches, order, to_scores)
 
 
-def cross_encoder_probe(model: CrossEncoderModel, max_batch_pairs: int) -> Probe:
-    """Every probe query against every probe document, as the reranker would send them."""
+def vocabulary_sweep(vocab_size: int, *, pad_token_id: int, max_length: int) -> list[EncodedPair]:
+    """Rows of token ids spread evenly over ``[0, vocab_size)``, the padding id left out (position ids
+    of some models skip it): every embedding row when the vocabulary is small, else every n-th.
+
+    The rows are raw ids, no special tokens or prompt: the gate compares engines on the same inputs,
+    and every token reaches the output through attention.
+    """
+    ids = np.unique(np.linspace(0, vocab_size - 1, min(vocab_size, SWEEP_TOKENS)).round().astype(np.int64))
+    ids = ids[ids != pad_token_id]
+    row_tokens = min(max_length, SWEEP_ROW_TOKENS)
+    return [
+        EncodedPair(row.tolist(), [0] * len(row))
+        for row in (ids[start : start + row_tokens] for start in range(0, len(ids), row_tokens))
+    ]
+
+
+def cross_encoder_probe(model: CrossEncoderModel, max_batch_pairs: int, *, vocab_size: int) -> Probe:
+    """Every probe query against every probe document, as the reranker would send them, then the
+    vocabulary sweep."""
     spec = PairSpec(max_length=model.max_length)
     pairs = [
         pair for query in PROBE_QUERIES for pair in model.tokenizer.encode(query, PROBE_DOCUMENTS, spec).pairs
     ]
+    pairs += vocabulary_sweep(vocab_size, pad_token_id=model.pad_token_id, max_length=model.max_length)
 
     def to_scores(logits: np.ndarray) -> np.ndarray:
         log_odds = logits[:, 0] if model.num_labels == 1 else logits[:, 1] - logits[:, 0]
@@ -139,11 +171,19 @@ def cross_encoder_probe(model: CrossEncoderModel, max_batch_pairs: int) -> Probe
 
 
 def bi_encoder_probe(
-    tokenizer: PairTokenizer, *, max_length: int, pad_token_id: int, with_token_type_ids: bool, max_batch: int
+    tokenizer: PairTokenizer,
+    *,
+    max_length: int,
+    pad_token_id: int,
+    with_token_type_ids: bool,
+    max_batch: int,
+    vocab_size: int,
 ) -> Probe:
-    """Probe queries and documents embedded separately; scores are the cosine of every query-document pair."""
+    """Probe queries and documents embedded separately, the vocabulary sweep's rows as more documents;
+    scores are the cosine of every query-document pair."""
     texts = [*PROBE_QUERIES, *PROBE_DOCUMENTS]
     rows = tokenizer.encode_texts(texts, PairSpec(max_length=max_length)).pairs
+    rows += vocabulary_sweep(vocab_size, pad_token_id=pad_token_id, max_length=max_length)
 
     def to_scores(embeddings: np.ndarray) -> np.ndarray:
         unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -176,19 +216,29 @@ class ParityReport:
     max_abs_diff: float
     spearman: float
     tolerance: Tolerance
+    # Probe scores that are NaN or infinite; any fails the gate.
+    non_finite: int = 0
+    scored: int = 0
 
     @property
     def passed(self) -> bool:
         # NaN fails both comparisons, so a constant or broken output never passes.
         return bool(
-            self.max_abs_diff <= self.tolerance.max_abs_diff and self.spearman >= self.tolerance.min_spearman
+            self.non_finite == 0
+            and self.max_abs_diff <= self.tolerance.max_abs_diff
+            and self.spearman >= self.tolerance.min_spearman
         )
 
     def describe(self) -> str:
-        return (
+        described = (
             f"max abs diff {self.max_abs_diff:.2e} (limit {self.tolerance.max_abs_diff:g}), "
             f"Spearman {self.spearman:.4f} (limit {self.tolerance.min_spearman:g})"
         )
+        if self.non_finite:
+            return (
+                f"{self.non_finite} of {self.scored} probe scores not finite (NaN or infinity); {described}"
+            )
+        return described
 
 
 def compare(scores: np.ndarray, reference: np.ndarray, precision: str) -> ParityReport:
@@ -197,4 +247,6 @@ def compare(scores: np.ndarray, reference: np.ndarray, precision: str) -> Parity
         max_abs_diff=float(np.max(np.abs(scores - reference))),
         spearman=spearman(scores, reference),
         tolerance=TOLERANCES[precision],
+        non_finite=int(np.count_nonzero(~np.isfinite(scores))),
+        scored=len(scores),
     )

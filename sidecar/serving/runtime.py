@@ -122,8 +122,9 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
         network = load_model_network(model)
     input_names = ("input_ids", "attention_mask", "token_type_ids")
     input_names = input_names if model.uses_token_type_ids else input_names[:2]
+    vocab_size = network.model.get_input_embeddings().num_embeddings
     if model.kind is ModelKind.CROSS_ENCODER:
-        probe = cross_encoder_probe(model, settings.max_batch_pairs)  # type: ignore[arg-type]
+        probe = cross_encoder_probe(model, settings.max_batch_pairs, vocab_size=vocab_size)  # type: ignore[arg-type]
         outputs = f"{model.num_labels} label(s)"
     else:
         probe = bi_encoder_probe(
@@ -132,6 +133,7 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
             pad_token_id=model.pad_token_id,
             with_token_type_ids=model.uses_token_type_ids,
             max_batch=settings.max_batch_pairs,
+            vocab_size=vocab_size,
         )
         outputs = f"{model.dims} dims, {model.pooling.mode} pooling"
     request = engine_request(settings, device, model.max_length, threads_per_worker, workers)

@@ -37,8 +37,9 @@ def tiny_reference(tiny_network: Network) -> TorchEngine:
 
 
 @pytest.fixture(scope="session")
-def tiny_probe(tiny_model: CrossEncoderModel) -> Probe:
-    return cross_encoder_probe(tiny_model, max_batch_pairs=32)
+def tiny_probe(tiny_model: CrossEncoderModel, tiny_network: Network) -> Probe:
+    vocab_size = tiny_network.model.get_input_embeddings().num_embeddings
+    return cross_encoder_probe(tiny_model, max_batch_pairs=32, vocab_size=vocab_size)
 
 
 @pytest.fixture(scope="session")

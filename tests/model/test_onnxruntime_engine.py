@@ -63,7 +63,9 @@ def test_a_model_without_token_type_ids_matches_torch(tmp_path: Path, artifact_c
     network = load_network(source, ModelKind.CROSS_ENCODER)
     exported = export_onnx(network, content_hash(network), ("input_ids", "attention_mask"), artifact_cache)
     engine = OnnxRuntimeEngine(exported, artifact_cache, precision="fp32", device="cpu", threads=1)
-    probe = cross_encoder_probe(model, max_batch_pairs=16)
+    probe = cross_encoder_probe(
+        model, max_batch_pairs=16, vocab_size=network.model.get_input_embeddings().num_embeddings
+    )
     reference = TorchEngine(network, precision="fp32", device="cpu")
     for batch in probe.batches:
         np.testing.assert_allclose(engine.forward(batch), reference.forward(batch), atol=1e-4, rtol=0)

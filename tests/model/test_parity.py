@@ -1,9 +1,25 @@
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
+import torch
 
-from sidecar.model.parity import PROBE_DOCUMENTS, PROBE_QUERIES, compare, spearman
+from sidecar.model.batch import TokenBatch
+from sidecar.model.engines.base import Engine
+from sidecar.model.engines.torch_engine import TorchEngine
+from sidecar.model.network import Network
+from sidecar.model.parity import (
+    PROBE_DOCUMENTS,
+    PROBE_QUERIES,
+    SWEEP_ROW_TOKENS,
+    SWEEP_TOKENS,
+    compare,
+    spearman,
+    vocabulary_sweep,
+)
+from sidecar.model.tokenization import PairSpec
 
 
 def test_spearman_of_identical_reversed_and_tied_orders():
@@ -30,3 +46,78 @@ def test_fp32_noise_passes_and_a_reordered_top_fails_even_the_int8_gate():
     noisy = reference + rng.normal(0, 0.08, reference.shape)
     report = compare(noisy, reference, "int8")
     assert not report.passed, report.describe()
+
+
+def test_the_vocabulary_sweep_spreads_over_the_whole_table():
+    rows = vocabulary_sweep(250_002, pad_token_id=1, max_length=512)
+    ids = np.concatenate([row.input_ids for row in rows])
+    assert len(ids) <= SWEEP_TOKENS
+    assert ids.min() == 0
+    assert ids.max() == 250_001
+    assert 1 not in ids  # the padding id
+    assert np.diff(ids).max() <= 250_002 // SWEEP_TOKENS + 2  # no stretch of the table is skipped
+    assert all(len(row) <= SWEEP_ROW_TOKENS for row in rows)
+
+
+def test_a_small_vocabulary_is_swept_whole_within_the_model_length():
+    rows = vocabulary_sweep(1000, pad_token_id=0, max_length=64)
+    assert np.concatenate([row.input_ids for row in rows]).tolist() == list(range(1, 1000))
+    assert max(len(row) for row in rows) == 64
+
+
+def damaged_embeddings(network: Network, token_ids: list[int], values: np.ndarray) -> TorchEngine:
+    """A torch engine whose copy of the network has ``values`` in the embedding rows of ``token_ids``."""
+    damaged = copy.deepcopy(network)
+    with torch.no_grad():
+        damaged.model.get_input_embeddings().weight[token_ids] = torch.as_tensor(values, dtype=torch.float32)
+    return TorchEngine(damaged, precision="fp32", device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["nan", "garbage"])
+def test_a_damaged_embedding_row_that_no_probe_text_reads_fails_the_gate(
+    tiny_model, tiny_network, tiny_probe, tiny_reference, damage
+):
+    texts = len(PROBE_QUERIES) * len(PROBE_DOCUMENTS)
+    spec = PairSpec(max_length=tiny_model.max_length)
+    text_tokens = {
+        token
+        for query in PROBE_QUERIES
+        for pair in tiny_model.tokenizer.encode(query, PROBE_DOCUMENTS, spec).pairs
+        for token in pair.input_ids
+    }
+    sweep = vocabulary_sweep(30522, pad_token_id=0, max_length=512)
+    swept = [token for row in sweep for token in row.input_ids]
+    unread = [token for token in swept if token not in text_tokens][100:104]
+    assert len(unread) == 4
+    width = tiny_network.model.get_input_embeddings().weight.shape[1]
+    values = (
+        np.full((4, width), np.nan)
+        if damage == "nan"
+        else np.random.default_rng(0).normal(0, 50, (4, width))  # random bytes read as weights
+    )
+    engine = damaged_embeddings(tiny_network, unread, values)
+    scores, reference = tiny_probe.scores(engine), tiny_probe.scores(tiny_reference)
+    # The probe texts alone would have passed it: none of them reads the damaged rows.
+    assert compare(scores[:texts], reference[:texts], "fp32").passed
+    report = compare(scores, reference, "fp32")
+    assert not report.passed, report.describe()
+    if damage == "nan":
+        assert "not finite" in report.describe()
+
+
+def test_an_infinite_output_fails_the_gate_although_its_sigmoid_is_finite(tiny_probe, tiny_reference):
+    class InfiniteFirstRow(Engine):
+        name = "infinite"
+
+        def forward(self, batch: TokenBatch) -> np.ndarray:
+            outputs = tiny_reference.forward(batch)
+            outputs[0] = np.inf
+            return outputs
+
+    report = compare(
+        tiny_probe.scores(InfiniteFirstRow(precision="fp32", device="cpu")),
+        tiny_probe.scores(tiny_reference),
+        "fp32",
+    )
+    assert not report.passed
+    assert report.describe().startswith(f"{len(tiny_probe.batches)} of ")

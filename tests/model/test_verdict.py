@@ -15,6 +15,7 @@ from sidecar.model.engines import selection as selection_module
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
 from sidecar.model.engines.selection import EngineRequest, select_engine
 from sidecar.model.engines.verdict import Verdict, VerdictStore
+from sidecar.model.parity import cross_encoder_probe
 from sidecar.model.phases import PhaseTimer
 from tests.conftest import running_sidecar
 from tests.model.conftest import CROSS_ENCODER_INPUTS
@@ -73,6 +74,20 @@ def test_changed_settings_select_again_and_say_which(tmp_path, tiny_network, tin
         again = select_engine(request(tmp_path, threads=2), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert not again.from_cache
     assert "threads '1' -> '2'" in caplog.text
+
+
+def test_a_choice_gated_on_another_probe_is_made_again(
+    tmp_path, tiny_model, tiny_network, tiny_probe, caplog
+):
+    """A verdict remembered before the probe changed (the vocabulary sweep was added) holds reference
+    scores for other rows: it must not be reused, and the log says the probe changed."""
+    former_probe = cross_encoder_probe(tiny_model, max_batch_pairs=32, vocab_size=1000)
+    select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, former_probe)
+    with caplog.at_level(logging.INFO, logger="sidecar.model.engines.selection"):
+        again = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert not again.from_cache
+    assert f"probe '{former_probe.digest()}' -> '{tiny_probe.digest()}'" in caplog.text
+    assert again.parity.passed
 
 
 def test_reselect_ignores_the_remembered_choice(tmp_path, tiny_network, tiny_probe, monkeypatch):
