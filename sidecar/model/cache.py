@@ -1,12 +1,19 @@
-"""An on-disk cache of build artifacts (ONNX files, TensorRT plans) that is never trusted blindly.
+"""An on-disk cache of build artifacts (ONNX files, OpenVINO blobs, TensorRT plans) that is never
+trusted blindly.
 
 Each artifact lives in a directory named by the digest of its key (model content hash, library
 versions, build options). A manifest written after the artifact records the key and the artifact's
-SHA-256; on reuse both are checked, so a stale, truncated or corrupt file is rebuilt, not loaded.
+SHA-256; on reuse both are checked, so a stale, truncated or corrupt file is logged and rebuilt, not
+loaded.
+
+A cache directory that cannot be written is not an error: ``usable_cache_dir`` says so once and hands
+out a temporary directory instead, so the server still starts, only without remembering anything.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
 import logging
@@ -16,6 +23,8 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from sidecar.errors import ModelLoadError
+
 logger = logging.getLogger(__name__)
 
 _MANIFEST = "manifest.json"
@@ -24,6 +33,44 @@ _CHUNK_BYTES = 1 << 20
 
 def default_cache_dir() -> str:
     return str(Path.home() / ".cache" / "rerank-sidecar")
+
+
+@functools.cache
+def usable_cache_dir(configured: Path) -> Path:
+    """``configured`` when it can be written; otherwise, with one warning per process, a temporary
+    directory removed at exit, where this start builds what it needs and remembers nothing."""
+    problem = write_problem(configured)
+    if problem is None:
+        return configured
+    try:
+        fallback = Path(tempfile.mkdtemp(prefix="rerank-sidecar-cache-"))
+    except OSError as exc:
+        raise ModelLoadError(
+            f"--cache-dir {configured} cannot be written ({problem}), and neither can a temporary "
+            f"directory ({type(exc).__name__}: {exc}); mount a writable volume at --cache-dir, or point "
+            "TMPDIR at a writable directory"
+        ) from exc
+    atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+    logger.warning(
+        "--cache-dir %s cannot be written (%s), so nothing will be remembered: every start selects, "
+        "exports and compiles its engine afresh, this one in the temporary directory %s (removed at "
+        "exit). Mount a writable volume at --cache-dir to keep them across restarts",
+        configured,
+        problem,
+        fallback,
+    )
+    return fallback
+
+
+def write_problem(directory: Path) -> str | None:
+    """Why a file cannot be created in ``directory`` (made first if missing), or None when it can."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -60,7 +107,7 @@ class ArtifactCache:
             logger.info("reusing cached %s %s", kind, artifact)
             return artifact
         if problem != "absent":
-            logger.warning("rebuilding cached %s in %s: %s", kind, entry, problem)
+            logger.warning("rebuilding cached %s %s: %s", kind, artifact, problem)
         entry.parent.mkdir(parents=True, exist_ok=True)
         # Build in a private directory and swap it in, so a crash or a concurrent start never
         # leaves a half-written artifact under the final name.

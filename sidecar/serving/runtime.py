@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from sidecar.errors import ModelLoadError
+from sidecar.model.cache import usable_cache_dir
 from sidecar.model.engines import Engine
 from sidecar.model.engines.selection import EngineRequest, Selection, select_engine
 from sidecar.model.engines.torch_engine import resolve_device
@@ -82,7 +83,7 @@ def serving_workers(configured: int, wanted: int, engine: Engine) -> int:
 
 
 def engine_request(
-    settings: Settings, device: str, max_length: int, threads: int, workers: int
+    settings: Settings, device: str, max_length: int, threads: int, workers: int, cache_dir: Path
 ) -> EngineRequest:
     """What the settings ask of the engine chain; ``threads`` is each of the ``workers``' share."""
     return EngineRequest(
@@ -93,7 +94,7 @@ def engine_request(
         max_batch_pairs=settings.max_batch_pairs,
         max_batch_tokens=batch_token_budget(settings.max_batch_tokens, device, max_length),
         max_length=max_length,
-        cache_dir=Path(settings.cache_dir).expanduser(),
+        cache_dir=cache_dir,
         torch_compile=settings.torch_compile,
         workers=workers,
         lossy_margin=settings.lossy_margin,
@@ -111,10 +112,13 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     # worker's share, which serving then keeps (process-wide, and read when TorchInductor generates
     # kernels, so it is set before anything compiles in the background).
     torch.set_num_threads(threads)
+    # Checked before any library makes its own cache directory in it: one that cannot be written is a
+    # warning, and a temporary directory stands in (torch._dynamo creates Inductor's on import).
+    cache_dir = usable_cache_dir(Path(settings.cache_dir).expanduser())
     # TorchInductor's compiled kernels go beside the other compiled artifacts, on the mounted volume.
     # Inductor reads the variable once per process, so it is set before anything compiles or exports;
     # an operator's own setting wins.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir).expanduser() / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
     source = dataclasses.replace(source, trust_remote_code=settings.trust_remote_code)
     phases = PhaseTimer()
     with phases.timed("load"):
@@ -136,7 +140,7 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
             vocab_size=vocab_size,
         )
         outputs = f"{model.dims} dims, {model.pooling.mode} pooling"
-    request = engine_request(settings, device, model.max_length, threads_per_worker, workers)
+    request = engine_request(settings, device, model.max_length, threads_per_worker, workers, cache_dir)
     selection = select_engine(request, network, input_names, probe, phases)
     torch.set_num_threads(threads_per_worker)
     engine = selection.engine

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import onnx
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from sidecar.model import export as export_module
-from sidecar.model.cache import ArtifactCache
+from sidecar.model.cache import ArtifactCache, usable_cache_dir, write_problem
 from sidecar.model.engines import onnxruntime_engine
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, optimized_model
 from sidecar.model.export import export_onnx
@@ -137,3 +138,31 @@ def test_a_corrupt_cached_export_is_rebuilt_and_loads(tmp_path: Path, tiny_netwo
     assert len(exports) == 1
     onnx.checker.check_model(str(again.path))
     OnnxRuntimeEngine(again, cache, precision="fp32", device="cpu", threads=1)
+
+
+def unwritable(tmp_path: Path) -> Path:
+    """A cache directory no one can create, root included: its parent is a regular file."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    return blocker / "cache"
+
+
+def test_an_unwritable_cache_dir_is_one_warning_and_a_temporary_directory(tmp_path: Path, caplog):
+    configured = unwritable(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="sidecar.model.cache"):
+        first = usable_cache_dir(configured)
+        second = usable_cache_dir(configured)  # a second model of the same server
+    assert first == second != configured
+    assert write_problem(first) is None
+    (warning,) = caplog.records
+    assert str(configured) in warning.getMessage()
+    assert "nothing will be remembered" in warning.getMessage()
+    assert "NotADirectoryError" in warning.getMessage()
+
+
+def test_a_writable_cache_dir_is_used_as_it_is(tmp_path: Path, caplog):
+    with caplog.at_level(logging.WARNING, logger="sidecar.model.cache"):
+        assert usable_cache_dir(tmp_path / "fresh") == tmp_path / "fresh"
+    assert (tmp_path / "fresh").is_dir()
+    assert not caplog.records
+    assert list((tmp_path / "fresh").iterdir()) == []  # the probe leaves nothing behind

@@ -173,3 +173,42 @@ async def test_the_rust_tokenizer_pool_is_off_unless_the_operator_set_it(
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     await SidecarServer(settings).stop(grace=0)
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+
+
+async def test_a_cache_dir_that_cannot_be_written_serves_with_one_warning(tiny_bert: Path, tmp_path: Path):
+    """Before, torch._dynamo created Inductor's cache in --cache-dir on import and the start failed,
+    blaming the model's weights; now a temporary directory stands in, removed at exit."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")  # a directory under a regular file cannot be created, even by root
+    port = free_port()
+    env = {
+        **sidecar_env(tiny_bert, tmp_path, port),
+        "RERANK_CACHE_DIR": str(blocker / "cache"),
+        "RERANK_TORCH_COMPILE": "off",
+        "RERANK_LOG_FORMAT": "text",
+    }
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    log_path = tmp_path / "sidecar.log"
+    with log_path.open("w") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", env=env, stderr=log_file
+        )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await wait_until_serving(channel, log_path)
+            response = await rerank_pb2_grpc.RerankerStub(channel).Rerank(
+                rerank_pb2.RerankRequest(query="q", documents=docs("a", "b")), timeout=30
+            )
+            assert len(response.results) == 2
+        process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.wait_for(process.wait(), timeout=60)
+        log = log_path.read_text()
+        assert exit_code == 0, log
+        assert log.count("cannot be written") == 1, log
+        assert "nothing will be remembered" in log
+        temporary = log.split("in the temporary directory ")[1].split()[0]
+        assert not await asyncio.to_thread(Path(temporary).exists)  # removed at exit
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
