@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -180,3 +182,108 @@ async def test_engine_failure_reaches_every_caller_and_the_server_recovers(small
         rerank_pb2.RerankRequest(query="q", documents=docs("a")), timeout=30
     )
     assert len(response.results) == 1
+
+
+def sample(running: RunningSidecar, name: str, **labels: str) -> float:
+    value = running.server.core.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def access_log_statuses(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.fields["status"] for record in caplog.records if record.name == "sidecar.access"]  # type: ignore[attr-defined]
+
+
+async def test_a_passed_deadline_frees_the_queue_at_once_and_is_recorded_as_deadline_exceeded(
+    small_queue: RunningSidecar, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="sidecar.access")
+    engine = small_queue.engine
+    batcher = small_queue.server.core.reranker.batcher  # type: ignore[union-attr]
+    engine.open.clear()
+    engine.entered.clear()
+    blocker = small_queue.stub.Rerank(rerank_pb2.RerankRequest(query="q", documents=docs("hold")), timeout=60)
+    try:
+        await wait_until(engine.entered.is_set)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await small_queue.stub.Rerank(
+                rerank_pb2.RerankRequest(query="elephant", documents=docs(*["giraffe"] * 6)), timeout=0.3
+            )
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Freed while the model still holds the blocker's batch, not when the next batch is formed.
+        await wait_until(lambda: batcher.queued_pairs == 0)
+        assert not blocker.done()
+        await wait_until(lambda: "DEADLINE_EXCEEDED" in access_log_statuses(caplog))
+        assert "CANCELLED" not in access_log_statuses(caplog)
+    finally:
+        engine.open.set()
+    await blocker
+    method = "/rerank.v1.Reranker/Rerank"
+    assert sample(small_queue, "rerank_requests_total", method=method, code="DEADLINE_EXCEEDED") == 1
+    assert sample(small_queue, "rerank_requests_total", method=method, code="CANCELLED") == 0
+
+
+async def test_a_cancelled_call_frees_the_queue_while_the_model_is_busy(small_queue: RunningSidecar):
+    engine = small_queue.engine
+    batcher = small_queue.server.core.reranker.batcher  # type: ignore[union-attr]
+    engine.open.clear()
+    engine.entered.clear()
+    blocker = small_queue.stub.Rerank(rerank_pb2.RerankRequest(query="q", documents=docs("hold")), timeout=60)
+    try:
+        await wait_until(engine.entered.is_set)
+        leaving = small_queue.stub.Rerank(
+            rerank_pb2.RerankRequest(query="elephant", documents=docs(*["giraffe"] * 6)), timeout=60
+        )
+        await wait_until(lambda: batcher.queued_pairs == 6)
+        leaving.cancel()
+        await wait_until(lambda: batcher.queued_pairs == 0)
+        assert not blocker.done()
+        # The queue has room for a full request again while the model is still busy.
+        after = small_queue.stub.Rerank(
+            rerank_pb2.RerankRequest(query="q", documents=docs(*[f"p {i}" for i in range(7)])), timeout=60
+        )
+        await wait_until(lambda: batcher.queued_pairs == 7)
+    finally:
+        engine.open.set()
+    await blocker
+    assert len((await after).results) == 7
+
+
+async def test_a_non_finite_score_is_an_internal_error_counted_and_logged(
+    small_queue: RunningSidecar, caplog: pytest.LogCaptureFixture
+):
+    engine = small_queue.engine
+    poison = marker_token(small_queue, "elephant")
+    original = engine.inner.forward
+
+    def nan_for_the_marker(batch):
+        outputs = original(batch)
+        outputs[(batch.input_ids == poison).any(axis=1)] = np.nan
+        return outputs
+
+    engine.inner.forward = nan_for_the_marker  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.ERROR, logger="sidecar.serving.core"):
+            poisoned = small_queue.stub.Rerank(
+                rerank_pb2.RerankRequest(query="q", documents=docs("a", "elephant")), timeout=30
+            )
+            healthy = small_queue.stub.Rerank(
+                rerank_pb2.RerankRequest(query="q", documents=docs("b", "c")), timeout=30
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await poisoned
+            assert len((await healthy).results) == 2
+    finally:
+        engine.inner.forward = original  # type: ignore[method-assign]
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert "non-finite" in raised.value.details()
+    model = small_queue.server.settings.model
+    assert sample(small_queue, "rerank_non_finite_requests_total", model=model, engine="torch/fp32") == 1
+    (logged,) = [record.getMessage() for record in caplog.records if "non-finite" in record.getMessage()]
+    assert model in logged
+    assert "torch/fp32" in logged
+    # The engine stays in service (NonFiniteOutput says why): the next request is served.
+    response = await small_queue.stub.Rerank(
+        rerank_pb2.RerankRequest(query="q", documents=docs("a")), timeout=30
+    )
+    assert len(response.results) == 1
+    assert small_queue.server.core.state.value == "serving"
