@@ -87,7 +87,9 @@ class Settings:
     )
     cache_dir: str = _setting(
         "~/.cache/rerank-sidecar",
-        "Directory for the ONNX export and compiled engines, reused across restarts (mount it as a volume).",
+        "Directory for the ONNX export and compiled engines, reused across restarts (mount it as a volume). "
+        "One that cannot be written is a warning: the server then builds in a temporary directory and "
+        "remembers nothing.",
     )
     device: str = _setting("auto", "Device: auto (CUDA when present), cpu, cuda or cuda:N.")
     threads: int = _setting(0, "Threads of the engine, shared among its batch workers; 0 uses every core.")
