@@ -113,19 +113,21 @@ def compile_cached(
         **device_fingerprint("cpu"),
         **{name: str(value) for name, value in config.items()},
     }
-    compiled_now = []
+    compiled_now: list[Any] = []
 
     def build(target: Path) -> None:
-        compiled_now.append(_compiled(lambda: core.compile_model(str(model), "CPU", dict(config)), model))
-        target.write_bytes(compiled_now[0].export_model().getbuffer())
+        compiled = _load_error_if_failing(lambda: core.compile_model(str(model), "CPU", dict(config)), model)
+        target.write_bytes(compiled.export_model().getbuffer())
+        compiled_now.append(compiled)
 
     blob = cache.get_or_build("openvino", key, "model.blob", build)
     if compiled_now:
         return compiled_now[0]
-    return _compiled(lambda: core.import_model(blob.read_bytes(), "CPU", dict(config)), blob)
+    return _load_error_if_failing(lambda: core.import_model(blob.read_bytes(), "CPU", dict(config)), blob)
 
 
-def _compiled(compile_or_import: Callable[[], Any], path: Path) -> Any:
+def _load_error_if_failing(compile_or_import: Callable[[], Any], path: Path) -> Any:
+    """What ``compile_or_import`` returns; its failure as a ModelLoadError naming ``path``."""
     try:
         return compile_or_import()
     except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own

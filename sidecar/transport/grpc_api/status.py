@@ -9,6 +9,7 @@ from sidecar.errors import (
     EngineFailure,
     InvalidArgument,
     ModelLoadError,
+    NonFiniteOutput,
     NotReady,
     Overloaded,
     RequestTooLarge,
@@ -25,6 +26,7 @@ STATUS_OF_ERROR: dict[type[SidecarError], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     EngineFailure: grpc.StatusCode.INTERNAL,
+    NonFiniteOutput: grpc.StatusCode.INTERNAL,
     ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
