@@ -46,8 +46,8 @@ TOLERANCES: dict[str, Tolerance] = {
     "int8": Tolerance(max_abs_diff=0.05, min_spearman=0.985),
 }
 
-# Token ids the vocabulary sweep holds at most, in rows of at most SWEEP_ROW_TOKENS: about as many tokens
-# as the probe texts, so the sweep at most doubles the gate's time.
+# Token ids the vocabulary sweep holds at most, in rows of at most SWEEP_ROW_TOKENS: every few rows of a
+# BERT vocabulary, for about as many tokens as the cross-encoder probe's texts.
 SWEEP_TOKENS = 4096
 SWEEP_ROW_TOKENS = 256
 
@@ -217,8 +217,8 @@ class ParityReport:
     spearman: float
     tolerance: Tolerance
     # Probe scores that are NaN or infinite; any fails the gate.
-    non_finite: int = 0
-    scored: int = 0
+    non_finite: int
+    scored: int
 
     @property
     def passed(self) -> bool:
