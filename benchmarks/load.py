@@ -85,7 +85,7 @@ def grpc_call(
             response = await stub.Rerank(request, timeout=600)
         except grpc.aio.AioRpcError as error:
             return "refused" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else error.code().name
-        queue_waits.append(response.usage.queue_nanoseconds / 1e9)
+        queue_waits.append(response.usage.queue_ns / 1e9)
         return "ok"
 
     return call
