@@ -15,8 +15,10 @@ from tests.conftest import free_port, running_sidecar
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
-def prometheus_queries(document: dict[str, Any]) -> list[str]:
+def prometheus_queries(document: Any) -> list[str]:
     """The PromQL of a KEDA ScaledObject's prometheus triggers, or of prometheus-adapter rules."""
+    if not isinstance(document, dict):  # a JSON patch, or an empty document
+        return []
     if document.get("kind") == "ScaledObject":
         return [t["metadata"]["query"] for t in document["spec"]["triggers"] if t["type"] == "prometheus"]
     rules = (document.get("rules") or {}).get("custom") or []
@@ -27,7 +29,7 @@ def metric_names_the_manifests_query() -> set[str]:
     names: set[str] = set()
     for path in DEPLOY.rglob("*.yaml"):
         for document in yaml.safe_load_all(path.read_text()):
-            for query in prometheus_queries(document or {}):
+            for query in prometheus_queries(document):
                 names |= set(re.findall(r"\brerank_[a-z0-9_]+", query))
     return names
 
