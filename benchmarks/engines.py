@@ -383,10 +383,18 @@ class Sidecar:
     process: subprocess.Popen[bytes]
     port: int
     engine: str
+    metrics_port: int = 0
+    start_s: float = 0.0  # from the process start to answering Info (SERVING)
 
     def rss_bytes(self) -> int:
+        return self._status_bytes("VmRSS:")
+
+    def peak_rss_bytes(self) -> int:
+        return self._status_bytes("VmHWM:")
+
+    def _status_bytes(self, field: str) -> int:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
-        kilobytes = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        kilobytes = next(line.split()[1] for line in status.splitlines() if line.startswith(field))
         return int(kilobytes) * 1024
 
 
@@ -406,6 +414,7 @@ def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar
         **settings,
     }
     command = [sys.executable, "-m", "sidecar", *(part for f, v in flags.items() for part in (f"--{f}", v))]
+    started = time.monotonic()
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -414,6 +423,7 @@ def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar
             while True:
                 try:
                     info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
+                    start_s = time.monotonic() - started
                     break
                 except grpc.RpcError:
                     if time.monotonic() > deadline or process.poll() is not None:
@@ -433,7 +443,8 @@ def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar
             f"{info.selection.from_cache}); notes: {list(info.engine_notes)}",
             flush=True,
         )
-        yield Sidecar(process, port, f"{info.engine}/{info.precision}")
+        metrics_port = int(flags["metrics-port"])
+        yield Sidecar(process, port, f"{info.engine}/{info.precision}", metrics_port, start_s)
     finally:
         process.terminate()
         process.wait(timeout=120)

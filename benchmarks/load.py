@@ -64,18 +64,28 @@ class Level:
     # The fewest and most answers one caller got: a fewest of 0 means a caller starved.
     fewest_per_caller: int = 0
     most_per_caller: int = 0
+    # What an autoscaler sees (gRPC levels): the mean pairs queued over the level, from the rate of
+    # rerank_queued_pair_seconds_total, and each answered request's queue wait (its Usage).
+    mean_queued_pairs: float = 0.0
+    queue_wait_p50_ms: float = 0.0
+    queue_wait_p99_ms: float = 0.0
 
 
 # What one call came to: "ok", "refused" (the queue was full), or the error's name.
 Call = Callable[[], Awaitable[str]]
 
 
-def grpc_call(stub: rerank_pb2_grpc.RerankerStub, request: rerank_pb2.RerankRequest) -> Call:
+def grpc_call(
+    stub: rerank_pb2_grpc.RerankerStub, request: rerank_pb2.RerankRequest, queue_waits: list[float]
+) -> Call:
+    """A Rerank call that appends each answer's queue wait (seconds) to ``queue_waits``."""
+
     async def call() -> str:
         try:
-            await stub.Rerank(request, timeout=600)
+            response = await stub.Rerank(request, timeout=600)
         except grpc.aio.AioRpcError as error:
             return "refused" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else error.code().name
+        queue_waits.append(response.usage.queue_ns / 1e9)
         return "ok"
 
     return call
@@ -150,10 +160,29 @@ async def closed_loop(calls: dict[str, list[Call]], documents: int, seconds: flo
     return levels
 
 
-async def run_level(port: int, request: rerank_pb2.RerankRequest, callers: int, seconds: float) -> Level:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = grpc_call(rerank_pb2_grpc.RerankerStub(channel), request)
+def queued_pair_seconds(metrics_port: int) -> float:
+    """The sidecar's rerank_queued_pair_seconds_total, summed over its models."""
+    body = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith("rerank_queued_pair_seconds_total{")
+    )
+
+
+async def run_level(
+    sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int, seconds: float
+) -> Level:
+    queue_waits: list[float] = []
+    area_before, started = queued_pair_seconds(sidecar.metrics_port), time.monotonic()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        call = grpc_call(rerank_pb2_grpc.RerankerStub(channel), request, queue_waits)
         (level,) = await closed_loop({"grpc": [call] * callers}, len(request.documents), seconds)
+    elapsed = time.monotonic() - started
+    level.mean_queued_pairs = (queued_pair_seconds(sidecar.metrics_port) - area_before) / elapsed
+    if queue_waits:
+        p50, p99 = np.percentile(queue_waits, [50, 99]) * 1000
+        level.queue_wait_p50_ms, level.queue_wait_p99_ms = float(p50), float(p99)
     return level
 
 
@@ -166,7 +195,7 @@ async def run_mixed_level(
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as client,
     ):
         calls = {
-            "grpc": [grpc_call(rerank_pb2_grpc.RerankerStub(channel), request)] * (callers // 2),
+            "grpc": [grpc_call(rerank_pb2_grpc.RerankerStub(channel), request, [])] * (callers // 2),
             "http": [http_call(client, request)] * (callers - callers // 2),
         }
         return await closed_loop(calls, len(request.documents), seconds)
@@ -177,7 +206,7 @@ async def soak(sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int
 
     Memory is compared from the first sample, taken after a warm-up minute at the same load.
     """
-    await run_level(sidecar.port, request, callers, min(60.0, seconds / 5))
+    await run_level(sidecar, request, callers, min(60.0, seconds / 5))
     samples: list[tuple[float, int]] = []
     started = time.monotonic()
 
@@ -187,7 +216,7 @@ async def soak(sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int
             await asyncio.sleep(10.0)
 
     sampler = asyncio.create_task(sample())
-    level = await run_level(sidecar.port, request, callers, seconds)
+    level = await run_level(sidecar, request, callers, seconds)
     sampler.cancel()
     samples.append((time.monotonic() - started, sidecar.rss_bytes()))
     first, last = samples[0][1], samples[-1][1]
@@ -238,6 +267,9 @@ def main() -> None:
     parser.add_argument("--threads", default="2")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--max-queued-pairs", default="2048")
+    parser.add_argument(
+        "--embed-model", default="", help="embedding model the sidecar serves too; empty serves none"
+    )
     parser.add_argument("--soak-seconds", type=float, default=0.0, help="run a soak instead of the levels")
     parser.add_argument("--soak-callers", type=int, default=16)
     parser.add_argument(
@@ -258,6 +290,8 @@ def main() -> None:
         "precision": args.precision,
         "threads": args.threads,
         "max-queued-pairs": args.max_queued_pairs,
+        "embed-model": args.embed_model,
+        "metrics-port": str(free_port()),
     }
     if args.mixed:
         http_port = free_port()
@@ -273,7 +307,7 @@ def main() -> None:
         report_mixed(mixed, sidecar.engine, args)
         return
     with start_sidecar(model_dir, settings) as sidecar:
-        asyncio.run(run_level(sidecar.port, request, 1, 5.0))  # warm-up, not reported
+        asyncio.run(run_level(sidecar, request, 1, 5.0))  # warm-up, not reported
         if args.soak_seconds:
             result = asyncio.run(soak(sidecar, request, args.soak_callers, args.soak_seconds))
             result["engine"] = sidecar.engine
@@ -281,11 +315,15 @@ def main() -> None:
             record = {"hardware": hardware_record(), **result}
             args.out.with_name("soak.json").write_text(json.dumps(record, indent=2))
             return
-        levels = [asyncio.run(run_level(sidecar.port, request, n, args.seconds)) for n in args.levels]
+        levels = [asyncio.run(run_level(sidecar, request, n, args.seconds)) for n in args.levels]
+        peak_rss_mib = sidecar.peak_rss_bytes() / 2**20
     print(
-        f"sidecar {sidecar.engine}, queue limit {args.max_queued_pairs} pairs, {args.seconds:.0f} s per level"
+        f"sidecar {sidecar.engine}, queue limit {args.max_queued_pairs} pairs, "
+        f"{args.seconds:.0f} s per level; SERVING {sidecar.start_s:.1f} s after it started, "
+        f"peak RSS {peak_rss_mib:.0f} MiB"
     )
     columns = ("callers", "pairs/s", "vs 1 caller", "p50 (s)", "p95 (s)", "p99 (s)", "RESOURCE_EXHAUSTED")
+    columns += ("mean queued pairs", "queue wait p50 / p99 (s)")
     print("| " + " | ".join((*columns, "other errors")) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for level in levels:
@@ -293,14 +331,18 @@ def main() -> None:
         print(
             f"| {level.callers} | {level.pairs_per_s:.1f} | {ratio:.2f}x | {level.p50_ms / 1000:.2f} "
             f"| {level.p95_ms / 1000:.2f} | {level.p99_ms / 1000:.2f} | {100 * level.refused_share:.0f}% "
-            f"| {sum(level.errors.values())} |"
+            f"| {level.mean_queued_pairs:.0f} | {level.queue_wait_p50_ms / 1000:.2f} / "
+            f"{level.queue_wait_p99_ms / 1000:.2f} | {sum(level.errors.values())} |"
         )
-    args.out.write_text(
-        json.dumps(
-            {"hardware": hardware_record(), "engine": sidecar.engine, "levels": [asdict(x) for x in levels]},
-            indent=2,
-        )
-    )
+    record = {
+        "hardware": hardware_record(),
+        "engine": sidecar.engine,
+        "settings": settings,
+        "start_s": sidecar.start_s,
+        "peak_rss_mib": peak_rss_mib,
+        "levels": [asdict(x) for x in levels],
+    }
+    args.out.write_text(json.dumps(record, indent=2))
     plot(levels, sidecar.engine, args.out.with_suffix(".png"))
 
 

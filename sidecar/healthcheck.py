@@ -1,8 +1,8 @@
 """``rerank-sidecar-healthcheck``: exit 0 when the local server reports SERVING through grpc.health.v1.
 
-For container health checks (Dockerfile.gpu); it imports neither torch nor the model code. It reads the
-server's own ``RERANK_*`` variables, so it speaks TLS, mutual TLS and the bearer token exactly when the
-server asks for them:
+For container health checks (both Dockerfiles, and the probes of deploy/'s tls component); it imports
+neither torch nor the model code. It reads the server's own ``RERANK_*`` variables, so it speaks TLS,
+mutual TLS and the bearer token exactly when the server asks for them:
 - TLS when ``RERANK_TLS_CERT_FILE`` is set. The server is verified against ``--tls-root-certs``, by
   default the client CA and the server's own certificate (a self-signed certificate, or one CA for
   servers and clients), under the first DNS name of the server's certificate (``--server-name``), since

@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,33 @@ class _QueuedPair:
     sequence: int
 
 
+class QueueArea:
+    """The queue's depth integrated over time, in pair-seconds: its increase over any window, divided by
+    the window, is the mean depth there, however seldom it is read (the metrics thread reads it)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pair_seconds = 0.0
+        self._depth = 0
+        self._since = clock()
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def set_depth(self, depth: int) -> None:
+        with self._lock:
+            now = self._clock()
+            self._pair_seconds += self._depth * (now - self._since)
+            self._depth, self._since = depth, now
+
+    @property
+    def pair_seconds(self) -> float:
+        with self._lock:
+            return self._pair_seconds + self._depth * (self._clock() - self._since)
+
+
 class Batcher:
     def __init__(
         self,
@@ -125,7 +153,7 @@ class Batcher:
         self._pad_token_id = pad_token_id
         self._with_token_type_ids = with_token_type_ids
         self._queue: list[_QueuedPair] = []  # arrival order
-        self._queued_pairs = 0
+        self._queue_area = QueueArea()
         self._sequence = itertools.count()
         self._work_available = asyncio.Event()
         self._model_threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model")
@@ -136,6 +164,19 @@ class Batcher:
     @property
     def queued_pairs(self) -> int:
         return self._queued_pairs
+
+    @property
+    def queued_pair_seconds(self) -> float:
+        """Pairs queued, integrated over time since the batcher was made (see ``QueueArea``)."""
+        return self._queue_area.pair_seconds
+
+    @property
+    def _queued_pairs(self) -> int:
+        return self._queue_area.depth
+
+    @_queued_pairs.setter
+    def _queued_pairs(self, depth: int) -> None:  # every change of the depth is integrated
+        self._queue_area.set_depth(depth)
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="batcher")

@@ -172,7 +172,9 @@ class ServingCore:
             on_non_finite=self._non_finite_reporter(source.model_id),
         )
         batcher.start()
-        self.metrics.watch_queue(source.model_id, lambda: batcher.queued_pairs)
+        self.metrics.watch_queue(
+            source.model_id, lambda: batcher.queued_pairs, lambda: batcher.queued_pair_seconds
+        )
         engine = runtime.engine
         self.metrics.describe_engine(
             source.model_id, engine.name, engine.precision, engine.device, model.kind.value

@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from sidecar.serving.usage import Usage
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _PAIR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class QueuedPairSeconds(Collector):
+    """``rerank_queued_pair_seconds_total{model}``: pairs waiting for the model, integrated over time.
+
+    Its rate is the mean queue depth over the rate's window, exact whatever the scrape interval,
+    where a sampled gauge sees only the instants of its scrapes: the signal autoscalers use.
+    """
+
+    def __init__(self) -> None:
+        self._readers: dict[str, Callable[[], float]] = {}
+
+    def watch(self, model: str, pair_seconds: Callable[[], float]) -> None:
+        self._readers[model] = pair_seconds
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "rerank_queued_pair_seconds",
+            "Pairs waiting for the model, integrated over time (pair-seconds), by model: its rate is "
+            "the mean number of pairs queued.",
+            labels=("model",),
+        )
+        for model, read in self._readers.items():
+            family.add_metric((model,), read())
+        yield family
 
 
 class Metrics:
@@ -30,6 +57,8 @@ class Metrics:
             ("model",),
             registry=self.registry,
         )
+        self.queued_pair_seconds = QueuedPairSeconds()
+        self.registry.register(self.queued_pair_seconds)
         self.batch_pairs = Histogram(
             "rerank_batch_pairs",
             "Pairs per model batch.",
@@ -81,8 +110,11 @@ class Metrics:
 
         return observe
 
-    def watch_queue(self, model: str, queued_pairs: Callable[[], int]) -> None:
+    def watch_queue(
+        self, model: str, queued_pairs: Callable[[], int], queued_pair_seconds: Callable[[], float]
+    ) -> None:
         self.queued_pairs.labels(model).set_function(queued_pairs)
+        self.queued_pair_seconds.watch(model, queued_pair_seconds)
 
     def describe_engine(self, model: str, engine: str, precision: str, device: str, kind: str) -> None:
         self.engine.labels(model).info(
