@@ -88,6 +88,8 @@ def _quantize(
     import openvino
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
+    # NNCF prints a line to stdout for every node it leaves unquantized; the sidecar logs a summary.
+    nncf.set_log_level(logging.WARNING)
     model = openvino.Core().read_model(str(exported.path))
     names = [op.get_friendly_name() for op in model.get_ops()]
     kept = [pattern for pattern in higher_precision if any(re.fullmatch(pattern, name) for name in names)]
