@@ -557,7 +557,9 @@ def main() -> None:
             precision = next((p for p in ("int8", "bf16") if p in name), "fp32")
             scores = np.asarray(scores, dtype=np.float64)
             rho, top10 = spearman_top10(scores, reference.astype(np.float64))
-            max_abs = float(np.max(np.abs(_sigmoid(scores) - _sigmoid(reference.astype(np.float64)))))
+            # CrossEncoder.predict returns the sigmoid already; the sidecar (raw_scores) and engines logits.
+            normalized = scores if name.startswith(("baseline", "CrossEncoder")) else _sigmoid(scores)
+            max_abs = float(np.max(np.abs(normalized - _sigmoid(reference.astype(np.float64)))))
             rows.append(
                 Row(
                     name,
