@@ -63,6 +63,14 @@ def test_cross_encoder_rows_are_unpadded_pairs_and_overlong_ones_are_left_out(ti
     assert calibration.digest() == same_rows.digest()
 
 
+def test_a_long_set_is_thinned_evenly(tiny_model):
+    pairs = tuple(CalibrationPair(f"query {index}", f"text {index}", index) for index in range(1, 304))
+    calibration = model_calibration(tiny_model, CalibrationSet("test", pairs))
+    assert len(calibration.rows) == 152
+    expected = model_calibration(tiny_model, CalibrationSet("test", pairs[::2]))
+    assert calibration.digest() == expected.digest()
+
+
 def test_pairs_all_longer_than_the_limit_stop_the_start(tiny_model):
     overlong = CalibrationPair("what do cats eat", "meat " * (tiny_model.max_length + 10), 4)
     with pytest.raises(ModelLoadError, match=r"test line 4: every pair is longer than the model's limit"):

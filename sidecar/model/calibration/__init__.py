@@ -5,7 +5,7 @@ The sidecar ships a set of generic English pairs (``pairs.jsonl``, written by ``
 string fields ``query`` and ``text``. A file that cannot be read, holds no pairs, has a malformed line,
 or whose pairs are all longer than the model's limit stops the start with one line naming the file
 and the line. Each pair becomes one unpadded row (padding would enter the activation statistics), in
-file order, so calibration sees the same inputs on every start.
+file order, thinned evenly to at most ``MAX_ROWS``, so calibration sees the same inputs on every start.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from sidecar.model.tokenization import PairSpec
 logger = logging.getLogger(__name__)
 
 PACKAGED = "pairs.jsonl"
+# Calibration runs the fp32 model over every row twice (SmoothQuant's statistics, then the ranges), the
+# largest part of a cold start: a longer set is thinned evenly to about this many rows. Half the packaged
+# pairs measured the same fidelity as all of them (benchmarks/RESULTS.md, "Static int8").
+MAX_ROWS = 152
 # Long enough that nothing is cut: a pair's full length is compared with the model's limit.
 _UNCUT = 1 << 30
 
@@ -113,5 +117,6 @@ def model_calibration(model: TextModel, calibration: CalibrationSet) -> Calibrat
         )
     if longest != (0, 0):
         logger.info("calibration: left out the pairs longer than %d tokens", model.max_length)
-    batches = tuple(collate([row], model.pad_token_id, model.uses_token_type_ids) for row in rows)
+    step = -(-len(rows) // MAX_ROWS)
+    batches = tuple(collate([row], model.pad_token_id, model.uses_token_type_ids) for row in rows[::step])
     return Calibration(calibration.source, batches)
