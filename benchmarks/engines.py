@@ -75,6 +75,8 @@ class Row:
     peak_percent: float = 0.0
     spearman: float = 1.0
     top10: int = 10
+    # Largest change of a normalized score (the sigmoid of the logit) against torch fp32 in process.
+    max_abs: float = 0.0
 
 
 def build_model(directory: Path) -> Path:
@@ -167,20 +169,23 @@ def spearman_top10(scores: np.ndarray, reference: np.ndarray) -> tuple[float, in
 
 
 def registered_engines(
+    model: Any,
     network: Any,
-    uses_token_type_ids: bool,
     cache: Any,
     threads: int,
     wanted: Callable[[str], bool] = lambda label: True,
 ) -> dict[str, Any]:
     """Every engine and precision the registry offers on this CPU, built as the sidecar builds them
-    (one worker of ``threads``), under labels such as "onnxruntime int8"; only those ``wanted``."""
+    (one worker of ``threads``; static int8 calibrated on the packaged pairs), under labels such as
+    "onnxruntime int8"; only those ``wanted``."""
+    from sidecar.model.calibration import model_calibration, read_calibration
     from sidecar.model.engines import ENGINE_CHAIN
     from sidecar.model.engines.registry import EngineInputs, EngineShape, engine_spec
     from sidecar.model.network import content_hash
 
-    input_names = ("input_ids", "attention_mask", "token_type_ids")[: 3 if uses_token_type_ids else 2]
-    inputs = EngineInputs(network, content_hash(network), input_names, cache)
+    input_names = ("input_ids", "attention_mask", "token_type_ids")[: 3 if model.uses_token_type_ids else 2]
+    calibration = model_calibration(model, read_calibration(""))
+    inputs = EngineInputs(network, content_hash(network), input_names, cache, calibration=calibration)
     shape = EngineShape(device="cpu", threads=threads)
     engines: dict[str, Any] = {}
     for name in ENGINE_CHAIN:
@@ -214,7 +219,7 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
         for chunk in np.array_split(order, range(rows, len(order), rows))
     ]
     network = load_network(source, ModelKind.CROSS_ENCODER)
-    engines = registered_engines(network, model.uses_token_type_ids, ArtifactCache(OUT / "cache"), threads)
+    engines = registered_engines(model, network, ArtifactCache(OUT / "cache"), threads)
     # TorchInductor's compiled torch, warmed up on a full batch as the sidecar's is (see select_engine).
     for precision in ("fp32", "bf16"):
         if f"torch {precision}" in engines:
@@ -321,7 +326,7 @@ def family_rows(names: list[str], texts: list[str], args: argparse.Namespace) ->
         def wanted(label: str) -> bool:
             return not args.engines or any(label.startswith(prefix) for prefix in args.engines)
 
-        engines = registered_engines(network, model.uses_token_type_ids, cache, args.threads, wanted)
+        engines = registered_engines(model, network, cache, args.threads, wanted)
 
         def scorer(engine: object, batches: list = batches) -> Callable[[], np.ndarray]:
             return lambda: np.concatenate([engine.forward(batch) for batch in batches])  # type: ignore[attr-defined]
@@ -370,6 +375,10 @@ def hardware_record() -> dict[str, object]:
         "torch": torch.__version__,
         "onnxruntime": importlib.metadata.version("onnxruntime"),
     }
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
 
 
 def free_port() -> int:
@@ -538,9 +547,14 @@ def main() -> None:
         per_pair = flops_per_pair(measured["config"], measured["tokens"])
         runs = dict(measured["runs"])
         with ExitStack() as servers:
-            # The defaults, alone and under concurrent callers; and torch fp32 uncompiled, the like of
-            # the in-process "torch fp32" row, so the two differ by the transport and the batcher alone.
-            sidecars = (("auto", "auto", "auto", args.callers), ("torch", "fp32", "off", 0))
+            # The defaults, alone and under concurrent callers; torch fp32 uncompiled, the like of the
+            # in-process "torch fp32" row, so the two differ by the transport and the batcher alone; and
+            # OpenVINO's static int8 pinned, whether or not auto chose it.
+            sidecars = (
+                ("auto", "auto", "auto", args.callers),
+                ("torch", "fp32", "off", 0),
+                ("openvino", "int8", "off", 0),
+            )
             for engine, precision, torch_compile, callers in sidecars:
                 sidecar = sidecar_run(
                     model_dir, texts, max_length, args.threads, engine, precision, torch_compile, callers
@@ -552,7 +566,11 @@ def main() -> None:
         for name, (seconds, scores) in results.items():
             rate = runs[name].pairs / seconds
             precision = next((p for p in ("int8", "bf16") if p in name), "fp32")
-            rho, top10 = spearman_top10(np.asarray(scores, dtype=np.float64), reference.astype(np.float64))
+            scores = np.asarray(scores, dtype=np.float64)
+            rho, top10 = spearman_top10(scores, reference.astype(np.float64))
+            # CrossEncoder.predict returns the sigmoid already; the sidecar (raw_scores) and engines logits.
+            normalized = scores if name.startswith(("baseline", "CrossEncoder")) else _sigmoid(scores)
+            max_abs = float(np.max(np.abs(normalized - _sigmoid(reference.astype(np.float64)))))
             rows.append(
                 Row(
                     name,
@@ -563,6 +581,7 @@ def main() -> None:
                     100 * rate * per_pair / peaks[precision],
                     rho,
                     top10,
+                    max_abs,
                 )
             )
         tokens = measured["tokens"]
@@ -573,8 +592,8 @@ def main() -> None:
     )
     # Latency: one call of 100 candidates; in the rows with several callers, until the last answers.
     header = ("max_length", "variant", "pairs/s", "latency (ms)", "vs baseline", "% of peak")
-    print("| " + " | ".join((*header, "Spearman vs fp32", "top-10 kept")) + " |")
-    print("|---" * (len(header) + 2) + "|")
+    print("| " + " | ".join((*header, "Spearman vs fp32", "top-10 kept", "max abs")) + " |")
+    print("|---" * (len(header) + 3) + "|")
     for row in rows:
         cells = (row.max_length, row.variant, f"{row.pairs_per_s:.1f}", f"{row.latency_ms:.0f}")
         cells += (
@@ -582,6 +601,7 @@ def main() -> None:
             f"{row.peak_percent:.0f}%",
             f"{row.spearman:.4f}",
             f"{row.top10}/10",
+            f"{row.max_abs:.1e}",
         )
         print("| " + " | ".join(map(str, cells)) + " |")
     hardware = hardware_record()

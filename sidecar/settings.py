@@ -72,6 +72,12 @@ class Settings:
         "Under --precision auto, a lossy precision (int8; bf16 and fp16 on a CPU) serves only when it is at "
         "least this fraction faster than the fastest lossless candidate that passed the parity gate.",
     )
+    calibration_file: str = _setting(
+        "",
+        "JSONL file of (query, text) pairs, one JSON object a line with string fields query and text, that "
+        "static int8 calibrates its activation scales on; empty uses the packaged set of generic English "
+        "pairs. Use a few hundred pairs like the deployment's traffic.",
+    )
     reselect: bool = _setting(
         False,
         "Select the engine afresh (load, gate and time every candidate) even when the choice for this "

@@ -12,6 +12,7 @@ import torch
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.cache import usable_cache_dir
+from sidecar.model.calibration import model_calibration, read_calibration
 from sidecar.model.engines import Engine
 from sidecar.model.engines.selection import EngineRequest, Selection, select_engine
 from sidecar.model.engines.torch_engine import resolve_device
@@ -120,6 +121,7 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     # an operator's own setting wins.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
     source = dataclasses.replace(source, trust_remote_code=settings.trust_remote_code)
+    calibration_set = read_calibration(settings.calibration_file)  # a bad file stops the start first
     phases = PhaseTimer()
     with phases.timed("load"):
         model = load_model(source, settings.max_length, settings.instruction)
@@ -141,7 +143,8 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
         )
         outputs = f"{model.dims} dims, {model.pooling.mode} pooling"
     request = engine_request(settings, device, model.max_length, threads_per_worker, workers, cache_dir)
-    selection = select_engine(request, network, input_names, probe, phases)
+    calibration = model_calibration(model, calibration_set)
+    selection = select_engine(request, network, input_names, probe, phases, calibration)
     torch.set_num_threads(threads_per_worker)
     engine = selection.engine
     workers = serving_workers(settings.batch_workers, workers, engine)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.model.cache import ArtifactCache
+from sidecar.model.calibration import Calibration, model_calibration, read_calibration
 from sidecar.model.engines.torch_engine import TorchEngine
 from sidecar.model.export import ExportedModel, export_onnx
 from sidecar.model.loading import CrossEncoderModel, ModelKind, ModelSource, load_cross_encoder
@@ -45,3 +46,8 @@ def tiny_probe(tiny_model: CrossEncoderModel, tiny_network: Network) -> Probe:
 @pytest.fixture(scope="session")
 def tiny_exported(tiny_network: Network, artifact_cache: ArtifactCache) -> ExportedModel:
     return export_onnx(tiny_network, content_hash(tiny_network), CROSS_ENCODER_INPUTS, artifact_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tiny_model: CrossEncoderModel) -> Calibration:
+    return model_calibration(tiny_model, read_calibration(""))

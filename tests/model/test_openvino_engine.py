@@ -61,8 +61,8 @@ def test_it_runs_on_the_cpu_only():
 
 
 def test_precisions_it_does_not_run_are_refused(tiny_exported, artifact_cache):
-    with pytest.raises(ModelLoadError, match="does not run int8"):
-        openvino(tiny_exported, artifact_cache, "int8")
+    with pytest.raises(ModelLoadError, match="does not run fp16"):
+        openvino(tiny_exported, artifact_cache, "fp16")
 
 
 def whole_vocabulary(vocab_size: int, row_length: int = 512) -> list[TokenBatch]:

@@ -121,3 +121,20 @@ def test_an_infinite_output_fails_the_gate_although_its_sigmoid_is_finite(tiny_p
     )
     assert not report.passed
     assert report.describe().startswith(f"{len(tiny_probe.batches)} of ")
+
+
+def test_int8_must_keep_nine_of_the_top_ten_even_when_the_order_elsewhere_holds():
+    reference = np.linspace(0.0, 1.0, 96)
+    two_dropped = reference.copy()
+    # The two best fall just below the old 12th; the rest keep their order.
+    two_dropped[[-1, -2]] = reference[-12] - np.array([1e-3, 2e-3])
+    report = compare(two_dropped, reference, "int8")
+    assert report.top_kept == 8
+    assert report.spearman > 0.995
+    assert not report.passed
+    assert "top 10 kept 8 (limit 9)" in report.describe()
+    one_dropped = reference.copy()
+    one_dropped[-1] = reference[-11] - 1e-3  # just below the old 11th
+    kept = compare(one_dropped, reference, "int8")
+    assert kept.top_kept == 9
+    assert compare(reference, reference, "fp32").describe().endswith("top 10 kept 10")

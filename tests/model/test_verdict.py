@@ -3,6 +3,7 @@ when anything the choice depends on changed or the remembered engine no longer p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from rerank.v1 import rerank_pb2
 from sidecar.model.engines import selection as selection_module
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
-from sidecar.model.engines.selection import EngineRequest, select_engine
+from sidecar.model.engines.selection import EngineRequest, select_engine, verdict_key
 from sidecar.model.engines.verdict import Verdict, VerdictStore
 from sidecar.model.parity import cross_encoder_probe
 from sidecar.model.phases import PhaseTimer
@@ -130,7 +131,16 @@ def test_the_key_names_the_hardware_and_libraries(tmp_path, tiny_network, tiny_p
     (path,) = (tmp_path / "verdicts").glob("*.json")
     key = json.loads(path.read_text())["key"]
     assert {"model", "probe", "cpu", "cpu_features", "torch", "onnxruntime", "threads", "workers"} <= set(key)
-    assert {"max_length", "max_batch_tokens", "max_batch_pairs", "lossy_margin"} <= set(key)
+    assert {"max_length", "max_batch_tokens", "max_batch_pairs", "lossy_margin", "nncf"} <= set(key)
+
+
+def test_another_calibration_set_selects_again(tmp_path, tiny_probe, tiny_calibration):
+    model_hash = "0" * 64
+    packaged = verdict_key(request(tmp_path), model_hash, tiny_probe, tiny_calibration)
+    fewer = dataclasses.replace(tiny_calibration, rows=tiny_calibration.rows[:10])
+    other = verdict_key(request(tmp_path), model_hash, tiny_probe, fewer)
+    changed = {name for name in packaged if packaged[name] != other[name]}
+    assert changed == {"calibration"}
 
 
 def test_recall_names_each_changed_field(tmp_path):

@@ -1,12 +1,15 @@
 """OpenVINO Runtime: a compiled CPU engine that runs the plain ONNX export through its own graph compiler.
 
 fp32 everywhere; bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), where it measured faster than the
-compiled torch bf16 engine (benchmarks/RESULTS.md, "OpenVINO"). Each batch worker gets a stream of its
-own with its share of the threads, and an inference request per model thread; inference releases the
-GIL. The compiled blob is cached like every other artifact (``ArtifactCache``: a manifest and a
-checksum, verified before each use), keyed by the model, the configuration, OpenVINO's version and the
-CPU, so a restart compiles nothing. OpenVINO's own ``CACHE_DIR`` is not used: it loads its blobs
-unchecked, and a damaged one served NaN scores for the inputs that read the damaged weights.
+compiled torch bf16 engine (benchmarks/RESULTS.md, "OpenVINO"). int8 is static: NNCF's post-training
+quantization (``openvino_int8``) gives the weights and the activations int8 with scales fixed by
+calibration, so the matrix products run on the CPU's int8 dot products and a pair's score does not
+depend on its batch companions. Each batch worker gets a stream of its own with its share of the
+threads, and an inference request per model thread; inference releases the GIL. The compiled blob is
+cached like every other artifact (``ArtifactCache``: a manifest and a checksum, verified before each
+use), keyed by the model, the configuration, OpenVINO's version and the CPU, so a restart compiles
+nothing. OpenVINO's own ``CACHE_DIR`` is not used: it loads its blobs unchecked, and a damaged one
+served NaN scores for the inputs that read the damaged weights.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import numpy as np
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
+from sidecar.model.calibration import Calibration
 from sidecar.model.engines.base import Engine, require_precision
+from sidecar.model.engines.openvino_int8 import nncf_unavailable_reason, static_int8_model
 from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
 from sidecar.model.engines.torch_engine import cpu_supports_bf16
 from sidecar.model.export import ExportedModel
@@ -35,10 +40,12 @@ _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
 def openvino_precisions(device: str) -> tuple[str, ...]:
-    """Precisions this engine offers on the device, fastest first."""
+    """Precisions this engine offers on the device, fastest first. Static int8 is offered on every CPU,
+    with or without int8 dot products: the parity gate and the timing decide whether it serves."""
     if device != "cpu":
         return ()
-    return ("bf16", "fp32") if cpu_supports_bf16() else ("fp32",)
+    int8 = () if nncf_unavailable_reason() else ("int8",)
+    return (*int8, "bf16", "fp32") if cpu_supports_bf16() else (*int8, "fp32")
 
 
 def unavailable_reason(device: str) -> str | None:
@@ -48,6 +55,12 @@ def unavailable_reason(device: str) -> str | None:
     if importlib.util.find_spec("openvino") is None:
         return "the openvino package is not installed"
     return None
+
+
+def _int8_rest_precision() -> str:
+    """What the int8 model runs outside int8 (the parts kept in higher precision, softmax, LayerNorm):
+    bf16 where the CPU has it natively, which measured faster at the same fidelity, else fp32."""
+    return "bf16" if cpu_supports_bf16() else "f32"
 
 
 class OpenVinoEngine(Engine):
@@ -63,19 +76,22 @@ class OpenVinoEngine(Engine):
         device: str,
         threads: int,
         workers: int,
+        calibration: Calibration | None = None,
     ) -> None:
         require_precision(self.name, precision, device, openvino_precisions(device))
         import openvino
 
         super().__init__(precision=precision, device=device)
         config = {
-            "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision],
+            "INFERENCE_PRECISION_HINT": _PRECISION_HINTS.get(precision, _int8_rest_precision()),
             # One stream per batch worker, each with that worker's share of the threads.
             "NUM_STREAMS": workers,
             "INFERENCE_NUM_THREADS": threads * workers,
         }
-        source_key = {"onnx": exported.fingerprint, "source": exported.path.parent.name}
-        self._compiled = compile_cached(openvino.Core(), exported.path, source_key, config, cache)
+        path = exported.path if precision != "int8" else static_int8_model(exported, calibration, cache)
+        # The directory names the artifact's cache key (for int8 it covers the calibration too).
+        source_key = {"onnx": exported.fingerprint, "source": path.parent.name}
+        self._compiled = compile_cached(openvino.Core(), path, source_key, config, cache)
         self._input_names = exported.input_names
         # An inference request is not safe to share between threads: each model thread gets its own.
         self._requests = threading.local()
@@ -142,9 +158,15 @@ def _build(inputs: EngineInputs, shape: EngineShape, precision: str) -> Engine:
         device=shape.device,
         threads=shape.threads,
         workers=shape.workers,
+        calibration=inputs.calibration,
     )
 
 
+def _withheld(device: str) -> dict[str, str]:
+    reason = nncf_unavailable_reason() if device == "cpu" else None
+    return {"int8": reason} if reason else {}
+
+
 SPEC = EngineSpec(
-    "openvino", lambda device: unavailable_reason(device) or openvino_precisions(device), _build
+    "openvino", lambda device: unavailable_reason(device) or openvino_precisions(device), _build, _withheld
 )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sidecar.model.cache import ArtifactCache
+from sidecar.model.calibration import Calibration
 from sidecar.model.engines import ENGINE_CHAIN
 from sidecar.model.engines.base import Engine
 from sidecar.model.export import ExportedModel, export_onnx
@@ -28,9 +29,12 @@ class EngineInputs:
         cache: ArtifactCache,
         *,
         on_export: Callable[[Callable[[], ExportedModel]], ExportedModel] = lambda export: export(),
+        calibration: Calibration | None = None,
     ) -> None:
         self.network = network
         self.cache = cache
+        # The rows static int8 calibrates on; None where no candidate needs them.
+        self.calibration = calibration
         self._model_hash = model_hash
         self._input_names = input_names
         self._on_export = on_export  # e.g. times the export as a loading phase

@@ -27,6 +27,7 @@ import torch
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
+from sidecar.model.calibration import Calibration
 from sidecar.model.engines import ENGINE_CHAIN, ENGINE_CHOICES, PRECISION_CHOICES
 from sidecar.model.engines.base import Engine
 from sidecar.model.engines.registry import EngineInputs, EngineShape, engine_spec
@@ -190,8 +191,10 @@ def select_engine(
     input_names: tuple[str, ...],
     probe: Probe,
     phases: PhaseTimer | None = None,
+    calibration: Calibration | None = None,
 ) -> Selection:
-    """The engine that serves: the remembered choice when it still holds, else a fresh selection."""
+    """The engine that serves: the remembered choice when it still holds, else a fresh selection.
+    ``calibration`` is what static int8 calibrates on."""
     phases = phases or PhaseTimer()
     specs = {name: engine_spec(name) for name in ENGINE_CHAIN}
     candidates, notes = plan_candidates(
@@ -203,7 +206,7 @@ def select_engine(
     for note in notes:
         logger.warning("engine skipped: %s", note)
     model_hash = content_hash(network)
-    key = verdict_key(request, model_hash, probe)
+    key = verdict_key(request, model_hash, probe, calibration)
     store = VerdictStore(request.cache_dir)
     reference = TorchEngine(network, precision="fp32", device="cpu")
 
@@ -212,7 +215,12 @@ def select_engine(
             return export()
 
     inputs = EngineInputs(
-        network, model_hash, input_names, ArtifactCache(request.cache_dir), on_export=timed_export
+        network,
+        model_hash,
+        input_names,
+        ArtifactCache(request.cache_dir),
+        on_export=timed_export,
+        calibration=calibration,
     )
     builder = _Builder(request, inputs, reference, probe)
     selection: Selection | None = None
@@ -271,7 +279,7 @@ def worker_threads(threads: int) -> Iterator[None]:
 def engine_library_versions() -> dict[str, str]:
     """The versions of every library whose kernels an engine runs, installed or not."""
     versions = library_versions()
-    for package in ("onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt"):
+    for package in ("onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "tensorrt"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -279,8 +287,10 @@ def engine_library_versions() -> dict[str, str]:
     return versions
 
 
-def verdict_key(request: EngineRequest, model_hash: str, probe: Probe) -> dict[str, str]:
-    """Everything a selection's outcome depends on."""
+def verdict_key(
+    request: EngineRequest, model_hash: str, probe: Probe, calibration: Calibration | None = None
+) -> dict[str, str]:
+    """Everything a selection's outcome depends on: static int8's scores depend on its calibration."""
     settings = {
         "engine": request.engine,
         "precision": request.precision,
@@ -295,6 +305,7 @@ def verdict_key(request: EngineRequest, model_hash: str, probe: Probe) -> dict[s
     return {
         "model": model_hash,
         "probe": probe.digest(),
+        "calibration": calibration.digest() if calibration is not None else "none",
         **device_fingerprint(request.device),
         **engine_library_versions(),
         **{name: str(value) for name, value in settings.items()},
