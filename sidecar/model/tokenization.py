@@ -70,8 +70,9 @@ class PairTokenizer:
     def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         """(query, document) pairs for a cross-encoder; a long document is truncated or chunked."""
         query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
-        # A long query keeps at most half the budget, so documents always get the other half.
-        query_budget = spec.max_length // 2
+        # A long query keeps at most half the budget, and is cut further where the special tokens would
+        # leave the document no token: a pair always holds at least one token of its document.
+        query_budget = min(spec.max_length // 2, spec.max_length - self.special_tokens_per_pair - 1)
         if len(query_encoding.ids) > query_budget:
             query_encoding.truncate(query_budget, direction="right")
         document_budget = spec.max_length - self.special_tokens_per_pair - len(query_encoding.ids)
@@ -167,29 +168,23 @@ class PromptPairTokenizer(PairTokenizer):
 
     def min_max_length(self) -> int:
         fixed = self._head("", self.instruction) + self._pieces_ids(self.prompt.suffix, self.instruction)
-        return len(fixed) + len(self._ids(self.prompt.document)) + 2
+        return len(fixed) + len(self._ids(self.prompt.document.rstrip())) + 2
 
     def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         instruction = spec.instruction or self.instruction
-        # A long query keeps at most half the budget, cut at a token boundary of the query alone (the
-        # model cards cut the document first, or keep three quarters).
-        query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
-        if len(query_encoding.ids) > spec.max_length // 2:
-            query = query[: query_encoding.offsets[spec.max_length // 2 - 1][1]]
-        head = self._head(query, instruction)
         suffix = self._pieces_ids(self.prompt.suffix, instruction)
+        texts = [self.prompt.document + document for document in documents]
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        # A token that starts in the lead is the lead's, even where it runs into the document's text.
+        leads = [sum(1 for start, _ in piece.offsets if start < self._lead_chars) for piece in encodings]
+        # What no request can cut: the prompt with the instruction, the suffix and the longest lead.
+        fixed = len(self._head("", instruction)) + len(suffix) + max(leads, default=0)
+        head = self._query_head(query, instruction, spec.max_length, fixed)
         pairs: list[EncodedPair] = []
         document_of_pair: list[int] = []
-        texts = [self.prompt.document + document for document in documents]
-        for index, encoding in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
-            lead = sum(1 for _, end in encoding.offsets if end <= self._lead_chars)
+        for index, (encoding, lead) in enumerate(zip(encodings, leads, strict=True)):
             lead_ids, document_ids = encoding.ids[:lead], encoding.ids[lead:]
-            budget = spec.max_length - len(head) - len(lead_ids) - len(suffix)
-            if budget < 1:
-                raise InvalidArgument(
-                    f"max_length {spec.max_length} leaves no room for the document after the prompt, "
-                    f"the instruction and the query ({len(head) + len(lead_ids) + len(suffix)} tokens)"
-                )
+            budget = spec.max_length - len(head) - lead - len(suffix)
             if spec.chunk and spec.chunk_overlap >= budget:
                 raise InvalidArgument(
                     f"chunk_overlap {spec.chunk_overlap} must be smaller than the chunk length: "
@@ -200,6 +195,26 @@ class PromptPairTokenizer(PairTokenizer):
                 pairs.append(EncodedPair(ids, [0] * len(ids)))
                 document_of_pair.append(index)
         return EncodedDocuments(pairs, document_of_pair)
+
+    def _query_head(self, query: str, instruction: str, max_length: int, fixed: int) -> list[int]:
+        """The head with as much of the query as leaves every document one token, and at most half of
+        ``max_length``; cut at a token boundary of the query alone (the model cards cut the document
+        first, or keep three quarters), a token more while the cut query tokenizes longer in the prompt."""
+        room = max_length - fixed - 1  # the query's tokens, leaving one for each document
+        offsets = self._tokenizer.encode(query, add_special_tokens=False).offsets
+        if not offsets and room >= 0:
+            return self._head(query, instruction)
+        empty_head = len(self._head("", instruction))
+        for keep in range(min(len(offsets), max_length // 2, room), 0, -1):
+            cut = query if keep == len(offsets) else query[: offsets[keep - 1][1]]
+            head = self._head(cut, instruction)
+            if len(head) - empty_head <= room:
+                return head
+        raise InvalidArgument(
+            f"max_length {max_length} is too small for this request: the prompt and the instruction take "
+            f"{fixed} tokens, so at least {fixed + 2} are needed for one token of the query and one of "
+            "each document"
+        )
 
 
 def _windows(ids: list[int], budget: int, spec: PairSpec) -> list[list[int]]:
