@@ -172,7 +172,7 @@ async def test_health_info_metrics_and_openapi(http_sidecar: RunningSidecar):
         (
             "/v2/rerank",
             {"model": "m", "query": "q", "documents": [{"text": "a"}]},
-            "documents.0: Input should",
+            "documents[0]: Input should",
         ),
         ("/v1/rerank", {"query": "q"}, "documents: Field required"),
         ("/v1/embeddings", {"model": "m", "input": [[1, 2]]}, "input"),

@@ -8,17 +8,34 @@ so existing clients send what they always send.
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON can escape a lone UTF-16 surrogate (``\\ud800``), which is no Unicode character: refuse it
+    here, naming the field, rather than fail in the tokenizer."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"character {error.start} is a lone UTF-16 surrogate (\\u{ord(text[error.start]):04x}); "
+            "send valid Unicode text"
+        ) from None
+    return text
+
+
+# A text the models read.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class CohereRerankV2Request(BaseModel):
     model: str = Field(
         "", description="Accepted and ignored: the sidecar serves one model, named in the answer."
     )
-    query: str
-    documents: list[str] = Field(min_length=1, description="The texts to rank.")
+    query: Text
+    documents: list[Text] = Field(min_length=1, description="The texts to rank.")
     top_n: int | None = Field(None, ge=1, description="Return only the best N; all when unset.")
     max_tokens_per_doc: int | None = Field(
         None,
@@ -30,15 +47,15 @@ class CohereRerankV2Request(BaseModel):
 class CohereDocument(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    text: str
+    text: Text
 
 
 class CohereRerankV1Request(BaseModel):
     model: str = Field(
         "", description="Accepted and ignored: the sidecar serves one model, named in the answer."
     )
-    query: str
-    documents: list[str | CohereDocument] = Field(
+    query: Text
+    documents: list[Text | CohereDocument] = Field(
         min_length=1, description="The texts to rank, as strings or as objects with a `text` field."
     )
     top_n: int | None = Field(None, ge=1, description="Return only the best N; all when unset.")
@@ -81,8 +98,8 @@ class TruncationDirection(enum.StrEnum):
 
 
 class TeiRerankRequest(BaseModel):
-    query: str
-    texts: list[str] = Field(min_length=1)
+    query: Text
+    texts: list[Text] = Field(min_length=1)
     raw_scores: bool = Field(False, description="The log-odds (the gRPC raw_scores) instead of [0, 1].")
     return_text: bool = False
     truncate: bool | None = Field(
@@ -99,7 +116,7 @@ class TeiRank(BaseModel):
 
 
 class TeiEmbedRequest(BaseModel):
-    inputs: str | list[str]
+    inputs: Text | list[Text]
     normalize: bool = Field(
         True, description="Scale vectors to unit length; false returns the model's own pooling output."
     )
@@ -111,7 +128,7 @@ class TeiEmbedRequest(BaseModel):
 
 
 class OpenAIEmbeddingsRequest(BaseModel):
-    input: str | list[str] = Field(description="A text or a list of texts (token arrays are not accepted).")
+    input: Text | list[Text] = Field(description="A text or a list of texts (token arrays are not accepted).")
     model: str = Field(
         "", description="Accepted and ignored: the sidecar serves one model, named in the answer."
     )

@@ -82,14 +82,48 @@ def internal_error_response(path: str, request_id: str) -> JSONResponse:
 
 def describe_validation_errors(errors: Sequence[Any]) -> str:
     """One message naming each field the request got wrong, from pydantic's error list."""
+    located = [(field_path(error["loc"]), error) for error in errors]
+    # A value that fits no member of a union gets an error per member; where one member got further
+    # (a string that is no valid text, an object without its field), that one is the caller's mistake.
+    detailed = {location for location, error in located if not error["type"].endswith("_type")}
+    errors = [
+        error
+        for location, error in located
+        if not error["type"].endswith("_type") or not any(_within(other, location) for other in detailed)
+    ]
     parts = []
     for error in errors[:5]:
-        location = ".".join(str(part) for part in error["loc"] if part != "body")
+        location = field_path(error["loc"])
         if error["type"] == "json_invalid":
             parts.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})")
         elif not location:
             parts.append("the body must be a JSON object (sent as Content-Type: application/json)")
+        elif error["type"] == "value_error":
+            parts.append(f"{location}: {error['ctx']['error']}")
         else:
             parts.append(f"{location}: {error['msg']}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "invalid request: " + "; ".join(parts) + more
+
+
+def field_path(location: Sequence[str | int]) -> str:
+    """A field as the caller wrote it, from pydantic's location: ``documents[2].text``. A union's
+    member names (``list[str]``, ``CohereDocument``) are pydantic's, not the caller's, and are left out."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "body" and not _is_type_name(part):
+            path += f".{part}" if path else part
+    return path
+
+
+def _within(path: str, location: str) -> bool:
+    return path == location or path.startswith((f"{location}.", f"{location}["))
+
+
+def _is_type_name(part: str) -> bool:
+    return "[" in part or part[:1].isupper() or part in _TYPE_NAMES
+
+
+_TYPE_NAMES = frozenset({"str", "int", "bool", "float", "function-after"})
