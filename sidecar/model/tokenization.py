@@ -33,6 +33,8 @@ class PairSpec:
     chunk_overlap: int = 0
     # A decoder reranker's instruction for this request; empty uses the tokenizer's.
     instruction: str = ""
+    # False: a text past its budget is refused rather than cut (text-embeddings-inference's truncate).
+    truncate: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class PairTokenizer:
     @staticmethod
     def _pieces(document: Encoding, budget: int, spec: PairSpec) -> list[Encoding]:
         if not spec.chunk:
+            check_fits(len(document.ids), budget, spec)
             document.truncate(budget, direction=spec.truncation.value)
             return [document]
         document.truncate(budget, stride=spec.chunk_overlap, direction="right")
@@ -221,7 +224,18 @@ def _windows(ids: list[int], budget: int, spec: PairSpec) -> list[list[int]]:
     """The document tokens a pair keeps: truncated to ``budget``, or chunks of it sharing
     ``chunk_overlap`` tokens, as the Rust tokenizer's truncation with a stride cuts them."""
     if not spec.chunk:
+        check_fits(len(ids), budget, spec)
         return [ids[:budget] if spec.truncation is Truncation.RIGHT else ids[max(0, len(ids) - budget) :]]
     step = budget - spec.chunk_overlap
     starts = range(0, max(1, len(ids) - spec.chunk_overlap), step)
     return [ids[start : start + budget] for start in starts][: spec.max_chunks_per_doc]
+
+
+def check_fits(tokens: int, budget: int, spec: PairSpec) -> None:
+    """Refuse a text past its budget when truncation is off."""
+    if not spec.truncate and tokens > budget:
+        raise InvalidArgument(
+            f"a text has {tokens} tokens, more than the {budget} that fit in max_length {spec.max_length} "
+            "beside the special tokens (and the query), and truncation is off (truncate: false); shorten "
+            "it, or send truncate: true to cut it"
+        )
