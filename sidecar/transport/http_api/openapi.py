@@ -72,6 +72,8 @@ def openapi_document(app: FastAPI, core: ServingCore) -> dict[str, Any]:
         dims = {"dimensions": {"enum": [core.embedder.model.dims]}}
         limits["TeiEmbedRequest"] |= dims
         limits["OpenAIEmbeddingsRequest"] |= dims
+        if core.embedder.model.pooling.normalize:  # its own Normalize module: only normalized vectors
+            limits["TeiEmbedRequest"]["normalize"] = {"enum": [True]}
     for name, fields in limits.items():
         if name not in schemas:
             continue
@@ -88,12 +90,17 @@ def openapi_document(app: FastAPI, core: ServingCore) -> dict[str, Any]:
     return document
 
 
-_KEYWORD_TYPE = {"maxItems": "array", "maximum": "integer", "enum": "integer"}
-
-
 def _constrain(schema: dict[str, Any], constraints: dict[str, Any]) -> None:
     """Add each constraint to the member of the field's schema (or of its anyOf) of the type it fits."""
     for member in schema.get("anyOf", [schema]):
         for keyword, value in constraints.items():
-            if member.get("type") == _KEYWORD_TYPE[keyword]:
+            if member.get("type") == _fitting_type(keyword, value):
                 member[keyword] = value
+
+
+def _fitting_type(keyword: str, value: Any) -> str:
+    if keyword == "maxItems":
+        return "array"
+    if keyword == "enum":
+        return "boolean" if isinstance(value[0], bool) else "integer"
+    return "integer"

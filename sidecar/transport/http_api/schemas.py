@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 
 def _valid_unicode(text: str) -> str:
@@ -27,10 +27,19 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+def _json_integer(value: object) -> object:
+    """JSON Schema's integer: a number without a fraction (4.0 too), never a boolean or a string."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be an integer, not {type(value).__name__} {value!r}")
+    return value
+
+
+# A count, at least 1: JSON Schema's integer.
+Count = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
 # A text the models read.
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 # A query: a text with something in it besides whitespace.
-Query = Annotated[Text, Field(pattern=r"\S")]
+Query = Annotated[str, Field(pattern=r"\S"), AfterValidator(_valid_unicode)]
 # OpenAI refuses an empty input.
 NonEmptyText = Annotated[Text, Field(min_length=1)]
 
@@ -45,10 +54,9 @@ class CohereRerankV2Request(Request):
     model: str = Field("", description=_MODEL_DESCRIPTION)
     query: Query
     documents: list[Text] = Field(min_length=1, description="The texts to rank.")
-    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N; all when unset.")
-    max_tokens_per_doc: StrictInt | None = Field(
+    top_n: Count | None = Field(None, description="Return only the best N; all when unset.")
+    max_tokens_per_doc: Count | None = Field(
         None,
-        ge=1,
         description="Caps each (query, document) pair at this many tokens, below the model's own limit; "
         "a long query is cut so that each document keeps at least one token.",
     )
@@ -69,7 +77,7 @@ class CohereRerankV1Request(Request):
     documents: list[Text | CohereDocument] = Field(
         min_length=1, description="The texts to rank, as strings or as objects with a `text` field."
     )
-    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N; all when unset.")
+    top_n: Count | None = Field(None, description="Return only the best N; all when unset.")
     return_documents: StrictBool = Field(False, description="Echo each document's text in its result.")
     rank_fields: list[str] | None = Field(
         None,
@@ -77,9 +85,8 @@ class CohereRerankV1Request(Request):
         description="The fields of each document object that are ranked, in this order, as "
         "`field: value` lines; a field a document lacks is left out. A string document's field is `text`.",
     )
-    max_chunks_per_doc: StrictInt | None = Field(
+    max_chunks_per_doc: Count | None = Field(
         None,
-        ge=1,
         description="Split a long document into up to this many chunks, scored by its best; unset: "
         "truncated to the model's limit.",
     )
@@ -156,7 +163,7 @@ class TeiEmbedRequest(Request):
     prompt_name: None = Field(
         None, description="Refused when set: the sidecar applies no sentence-transformers prompts."
     )
-    dimensions: StrictInt | None = Field(None, ge=1, description="Must be the model's dimensions when set.")
+    dimensions: Count | None = Field(None, description="Must be the model's dimensions when set.")
 
 
 class OpenAIEmbeddingsRequest(Request):
@@ -165,7 +172,7 @@ class OpenAIEmbeddingsRequest(Request):
     )
     model: str = Field("", description=_MODEL_DESCRIPTION)
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: StrictInt | None = Field(None, ge=1, description="Must be the model's dimensions when set.")
+    dimensions: Count | None = Field(None, description="Must be the model's dimensions when set.")
     user: str | None = Field(None, description="Accepted and unused.")
 
 
