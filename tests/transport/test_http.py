@@ -175,7 +175,7 @@ async def test_health_info_metrics_and_openapi(http_sidecar: RunningSidecar):
         (
             "/v2/rerank",
             {"query": "q", "documents": ["a"], "top_n": True},
-            "top_n: Input should be a valid integer",
+            "top_n: must be an integer, not bool",
         ),
         (
             "/rerank",
@@ -351,7 +351,19 @@ async def test_bearer_token_is_required_but_health_stays_open(tiny_bert: Path):
             missing = await client.post("/v2/rerank", json=body)
             wrong = await client.post("/v2/rerank", json=body, headers={"Authorization": "Bearer guess"})
             right = await client.post("/v2/rerank", json=body, headers={"Authorization": "Bearer s3cret"})
+            # The scheme is case-insensitive (RFC 7235); the token is not.
+            cases = [
+                await client.post("/v2/rerank", json=body, headers={"Authorization": f"{scheme} s3cret"})
+                for scheme in ("bearer", "BEARER", "BeArEr")
+            ]
+            wrong_case = await client.post(
+                "/v2/rerank", json=body, headers={"Authorization": "Bearer S3CRET"}
+            )
+            basic = await client.post("/v2/rerank", json=body, headers={"Authorization": "Basic s3cret"})
             health = await client.get("/health")
+        assert [response.status_code for response in cases] == [200, 200, 200]
+        assert wrong_case.status_code == 401
+        assert "uses the scheme 'Basic', not Bearer" in basic.json()["message"]
         assert missing.status_code == 401
         assert missing.headers["www-authenticate"] == "Bearer"
         assert "missing bearer token" in missing.json()["message"]

@@ -77,3 +77,142 @@ async def test_grpc_text_that_is_not_utf8_is_invalid_argument(http_sidecar: Runn
         assert "must be valid UTF-8" in (error.details() or "")
     response = await http_sidecar.stub.Rerank(rerank_pb2.RerankRequest(query="q", documents=docs("a")))
     assert len(response.results) == 1
+
+
+async def post_raw(sidecar: RunningSidecar, path: str, content: bytes) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=sidecar.http_url) as client:
+        return await client.post(path, content=content, headers={"content-type": "application/json"})
+
+
+async def test_bodies_that_do_not_parse_say_why_in_the_routes_shape(http_sidecar: RunningSidecar):
+    not_utf8 = await post_raw(http_sidecar, "/rerank", b'{"query": "q\xff", "texts": ["a"]}')
+    nested = await post_raw(http_sidecar, "/v1/embeddings", b"[" * 1000 + b"]" * 1000)
+    syntax = await post_raw(http_sidecar, "/v2/rerank", b'{"query": "q",, "documents": ["a"]}')
+    assert not_utf8.status_code == 400
+    assert not_utf8.json()["error_type"] == "Validation"
+    assert "not valid UTF-8: byte 12 (0xff)" in not_utf8.json()["error"]
+    assert nested.status_code == 400
+    assert "nests too deeply" in nested.json()["error"]["message"]
+    assert syntax.status_code == 400
+    assert "at character 14" in syntax.json()["message"]
+
+
+async def test_unknown_routes_and_methods_answer_in_the_routes_shape(http_sidecar: RunningSidecar):
+    async with httpx.AsyncClient(base_url=http_sidecar.http_url) as client:
+        missing = await client.post("/v3/rerank", json={})
+        wrong_method = await client.get("/embed")
+        openai_method = await client.get("/v1/embeddings")
+    assert missing.status_code == 404
+    assert "no route /v3/rerank" in missing.json()["message"]
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"] == "GET is not allowed on /embed; use POST"
+    assert openai_method.json()["error"]["message"] == "GET is not allowed on /v1/embeddings; use POST"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "phrase"),
+    [
+        ({"input": ""}, "input", "input: String should have at least 1 character"),
+        ({"input": ["a", ""]}, "input[1]", "input[1]: String should have at least 1 character"),
+        ({"input": "a", "dimensions": 3}, "dimensions", "dimensions 3 is not supported"),
+        ({"input": "a", "dimensions": True}, "dimensions", "must be an integer, not bool True"),
+    ],
+)
+async def test_openai_errors_name_the_param(
+    http_sidecar: RunningSidecar, body: dict, param: str, phrase: str
+):
+    async with httpx.AsyncClient(base_url=http_sidecar.http_url) as client:
+        response = await client.post("/v1/embeddings", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert phrase in error["message"]
+
+
+async def test_tei_truncate_false_refuses_what_truncate_true_cuts(http_sidecar: RunningSidecar):
+    long_text = "cats eat meat " * 400
+    async with httpx.AsyncClient(base_url=http_sidecar.http_url) as client:
+        cut = await client.post("/rerank", json={"query": "q", "texts": [long_text], "truncate": True})
+        refused = await client.post(
+            "/rerank", json={"query": "q", "texts": ["a", long_text], "truncate": False}
+        )
+        short = await client.post("/rerank", json={"query": "q", "texts": ["a"], "truncate": False})
+        embed_refused = await client.post("/embed", json={"inputs": long_text, "truncate": False})
+        embed_cut = await client.post("/embed", json={"inputs": long_text})
+    assert cut.status_code == 200
+    assert short.status_code == 200
+    for response in (refused, embed_refused):
+        assert response.status_code == 400
+        assert "truncation is off (truncate: false)" in response.json()["error"]
+    assert embed_cut.status_code == 200
+
+
+async def test_tei_reads_both_spellings_of_the_direction(http_sidecar: RunningSidecar):
+    texts = ["cats eat meat " * 200 + "dogs", "the sea " * 300]
+    scores = {}
+    async with httpx.AsyncClient(base_url=http_sidecar.http_url) as client:
+        for direction in ("Left", "left", "Right", "right"):
+            body = {"query": "q", "texts": texts, "truncation_direction": direction, "raw_scores": True}
+            response = await client.post("/rerank", json=body)
+            assert response.status_code == 200, response.text
+            scores[direction] = sorted((rank["index"], rank["score"]) for rank in response.json())
+        embed = await client.post("/embed", json={"inputs": texts, "truncation_direction": "left"})
+        unknown = await client.post("/embed", json={"inputs": "a", "prompt_name": "query"})
+    assert scores["Left"] == scores["left"] != scores["Right"] == scores["right"]
+    assert embed.status_code == 200
+    assert unknown.status_code == 400
+    assert "prompt_name: not supported here" in unknown.json()["error"]
+
+
+async def test_cohere_v2_return_documents_and_v1_rank_fields(http_sidecar: RunningSidecar):
+    documents = [
+        {"title": "Cats", "body": "Cats are obligate carnivores."},
+        {"title": "Soup", "body": "A recipe for vegetable soup."},
+        {"title": "Stocks", "body": "The market fell on Tuesday."},
+    ]
+    texts = [f"title: {document['title']}\nbody: {document['body']}" for document in documents]
+    async with httpx.AsyncClient(base_url=http_sidecar.http_url) as client:
+        v2 = await client.post(
+            "/v2/rerank", json={"query": "what do cats eat", "documents": texts, "return_documents": True}
+        )
+        v1 = await client.post(
+            "/v1/rerank",
+            json={
+                "query": "what do cats eat",
+                "documents": documents,
+                "rank_fields": ["title", "body", "missing"],
+                "return_documents": True,
+            },
+        )
+        chunked = await client.post(
+            "/v1/rerank",
+            json={"query": "q", "documents": ["cats eat meat " * 400], "max_chunks_per_doc": 3},
+        )
+        too_many_chunks = await client.post(
+            "/v1/rerank", json={"query": "q", "documents": ["a"], "max_chunks_per_doc": 1000}
+        )
+    assert v2.status_code == 200
+    by_v2 = {result["index"]: result for result in v2.json()["results"]}
+    assert [by_v2[index]["document"]["text"] for index in range(3)] == texts
+    # rank_fields ranks exactly the text v2 got: the fields in order, as "field: value" lines.
+    assert v1.status_code == 200
+    by_v1 = {result["index"]: result for result in v1.json()["results"]}
+    assert [by_v1[index]["relevance_score"] for index in range(3)] == [
+        by_v2[index]["relevance_score"] for index in range(3)
+    ]
+    assert len({result["relevance_score"] for result in v1.json()["results"]}) == 3
+    assert chunked.status_code == 200
+    assert chunked.json()["results"][0]["index"] == 0
+    assert too_many_chunks.status_code == 400
+    assert "max_chunks_per_doc 1000 is out of range" in too_many_chunks.json()["message"]
+
+
+async def test_answers_and_metrics_name_the_model_not_its_path(http_sidecar: RunningSidecar):
+    model_path = str(http_sidecar.server.settings.model)
+    async with httpx.AsyncClient(base_url=http_sidecar.http_url) as client:
+        answer = (await client.post("/v2/rerank", json={"query": "q", "documents": ["a"]})).json()
+        v1 = (await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]})).json()
+    metrics = http_sidecar.server.core.metrics.registry
+    labels = [sample.labels for family in metrics.collect() for sample in family.samples]
+    assert answer["model"] == v1["model"] == Path(model_path).name
+    assert all(model_path not in str(label) for label in labels)

@@ -11,20 +11,21 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 
-def _valid_unicode(text: str) -> str:
+def _valid_unicode(value: object) -> object:
     """JSON can escape a lone UTF-16 surrogate (``\\ud800``), which is no Unicode character: refuse it
     here, naming the field, rather than fail in the tokenizer."""
-    try:
-        text.encode()
-    except UnicodeEncodeError as error:
-        raise ValueError(
-            f"character {error.start} is a lone UTF-16 surrogate (\\u{ord(text[error.start]):04x}); "
-            "send valid Unicode text"
-        ) from None
-    return text
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"character {error.start} is a lone UTF-16 surrogate (\\u{ord(value[error.start]):04x}); "
+                "send valid Unicode text"
+            ) from None
+    return value
 
 
 def _json_integer(value: object) -> object:
@@ -37,11 +38,11 @@ def _json_integer(value: object) -> object:
 # A count, at least 1: JSON Schema's integer.
 Count = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
 # A text the models read.
-Text = Annotated[str, AfterValidator(_valid_unicode)]
+Text = Annotated[str, BeforeValidator(_valid_unicode)]
 # A query: a text with something in it besides whitespace.
-Query = Annotated[str, Field(pattern=r"\S"), AfterValidator(_valid_unicode)]
+Query = Annotated[str, Field(pattern=r"\S"), BeforeValidator(_valid_unicode)]
 # OpenAI refuses an empty input.
-NonEmptyText = Annotated[Text, Field(min_length=1)]
+NonEmptyText = Annotated[str, Field(min_length=1), BeforeValidator(_valid_unicode)]
 
 _MODEL_DESCRIPTION = "Accepted and unused: the sidecar serves one model, named in the answer."
 
