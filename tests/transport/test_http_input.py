@@ -216,3 +216,39 @@ async def test_answers_and_metrics_name_the_model_not_its_path(http_sidecar: Run
     labels = [sample.labels for family in metrics.collect() for sample in family.samples]
     assert answer["model"] == v1["model"] == Path(model_path).name
     assert all(model_path not in str(label) for label in labels)
+
+
+async def test_megabyte_documents_are_read_only_as_far_as_the_pairs_use(http_sidecar: RunningSidecar):
+    from tests.families.test_bounded_tokenization import SENTENCE, RecordingTokenizer
+
+    tokenizer = http_sidecar.server.core.reranker.model.tokenizer  # type: ignore[union-attr]
+    recording = RecordingTokenizer(tokenizer._tokenizer)
+    tokenizer._tokenizer = recording  # type: ignore[assignment]
+    megabyte = SENTENCE * ((1 << 20) // len(SENTENCE))
+    prefix = megabyte[: 64 * 1024]  # far more than 512 tokens: the same pairs as the megabyte
+    try:
+        grpc_scores = [
+            (
+                await http_sidecar.stub.Rerank(
+                    rerank_pb2.RerankRequest(query="what do cats eat", documents=docs(text), raw_scores=True),
+                    timeout=60,
+                )
+            )
+            .results[0]
+            .score
+            for text in (megabyte, prefix)
+        ]
+        async with httpx.AsyncClient(base_url=http_sidecar.http_url, timeout=60) as client:
+            http_scores = [
+                (
+                    await client.post(
+                        "/rerank", json={"query": "what do cats eat", "texts": [text], "raw_scores": True}
+                    )
+                ).json()[0]["score"]
+                for text in (megabyte, prefix)
+            ]
+    finally:
+        tokenizer._tokenizer = recording._inner
+    assert grpc_scores[0] == grpc_scores[1] == http_scores[0] == http_scores[1]
+    max_length = http_sidecar.server.core.reranker.model.max_length  # type: ignore[union-attr]
+    assert recording.longest <= (max_length + 8) * 16
