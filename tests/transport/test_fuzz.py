@@ -14,12 +14,19 @@ from hypothesis import strategies as st
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from tests.conftest import RunningSidecar
 
+# Combining marks stacked on one letter, right-to-left text with its marks, and a megabyte.
+UNUSUAL = (
+    "e" + "\u0301\u0308\u0323" * 200,
+    "\u202e\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627\u200f",
+    "cats " * 200_000,
+)
 # Any Unicode, control characters and lone surrogates' neighbours included, short or long.
 texts = st.one_of(
     st.text(max_size=40),
     st.text(alphabet=st.characters(codec="utf-8"), min_size=0, max_size=3000),
     st.just(""),
     st.just("\x00\x01\x1b[31m\r\n\t"),
+    st.sampled_from(UNUSUAL),
 )
 documents = st.lists(
     st.builds(rerank_pb2.Document, id=st.one_of(st.just(""), st.text(max_size=8)), text=texts), max_size=60

@@ -4,6 +4,8 @@ and bytes that are not UTF-8 over gRPC, are the caller's 400 (INVALID_ARGUMENT) 
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -252,3 +254,40 @@ async def test_megabyte_documents_are_read_only_as_far_as_the_pairs_use(http_sid
     assert grpc_scores[0] == grpc_scores[1] == http_scores[0] == http_scores[1]
     max_length = http_sidecar.server.core.reranker.model.max_length  # type: ignore[union-attr]
     assert recording.longest <= (max_length + 8) * 16
+
+
+async def test_random_text_in_every_http_text_field_is_200_or_400(http_sidecar: RunningSidecar):
+    """Hypothesis: any code point (lone surrogates, NULs included), combining marks, right-to-left text
+    and a megabyte, in each text field of each route; never a 500, and the server keeps serving."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.transport.test_fuzz import UNUSUAL
+
+    text = st.one_of(
+        st.text(st.characters(codec=None, categories=None), max_size=60),
+        st.sampled_from(["\x00", "\ud800", "a\udfffb", *UNUSUAL]),
+    )
+    routes = {
+        "/v2/rerank": lambda query, texts: {"query": query, "documents": texts},
+        "/v1/rerank": lambda query, texts: {"query": query, "documents": [{"text": t} for t in texts]},
+        "/rerank": lambda query, texts: {"query": query, "texts": texts},
+        "/embed": lambda query, texts: {"inputs": [query, *texts]},
+        "/v1/embeddings": lambda query, texts: {"input": [query, *texts]},
+    }
+    statuses: list[int] = []
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(route=st.sampled_from(sorted(routes)), query=text, texts=st.lists(text, min_size=1, max_size=4))
+    def example(route: str, query: str, texts: list[str]) -> None:
+        body = json.dumps(routes[route](query, texts)).encode()  # ASCII: surrogates as \\u escapes
+        with httpx.Client(base_url=http_sidecar.http_url, timeout=120) as client:
+            response = client.post(route, content=body, headers={"content-type": "application/json"})
+        assert response.status_code in (200, 400), (route, response.status_code, response.text[:500])
+        statuses.append(response.status_code)
+
+    await asyncio.get_running_loop().run_in_executor(None, example)
+    assert len(statuses) >= 40
+    assert {200, 400} <= set(statuses)
+    async with httpx.AsyncClient(base_url=http_sidecar.http_url) as client:
+        assert (await client.get("/health")).status_code == 200
