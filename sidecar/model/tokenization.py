@@ -8,6 +8,7 @@ only ever call ``encode``/``post_process`` on it. Mutating a shared fast tokeniz
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,13 @@ from tokenizers import Encoding, Tokenizer
 
 from sidecar.errors import InvalidArgument
 from sidecar.model.batch import EncodedPair
+
+# Before a text is tokenized it is cut to this many characters per token a pair may use, so a
+# megabyte document costs what its budget reads, not a megabyte's encoding. Tokens are almost never
+# this long; where the cut left too few tokens, the whole text is tokenized, so the result is exact.
+_CHARS_PER_TOKEN = 16
+# Tokens beyond the most a pair may use, so those at the cut (a word cut in two) are never used.
+_CUT_MARGIN_TOKENS = 8
 
 
 class Truncation(enum.Enum):
@@ -33,6 +41,17 @@ class PairSpec:
     chunk_overlap: int = 0
     # A decoder reranker's instruction for this request; empty uses the tokenizer's.
     instruction: str = ""
+    # False: a text past its budget is refused rather than cut (text-embeddings-inference's truncate).
+    truncate: bool = True
+
+    def tokens_used(self) -> int:
+        """The most tokens of one document that its pairs can hold: one pair's, or every chunk's."""
+        return self.max_length * (self.max_chunks_per_doc if self.chunk else 1)
+
+    @property
+    def keeps_end(self) -> bool:
+        """Whether a long document keeps its end (chunks always start at its start)."""
+        return self.truncation is Truncation.LEFT and not self.chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +88,10 @@ class PairTokenizer:
 
     def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         """(query, document) pairs for a cross-encoder; a long document is truncated or chunked."""
-        query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
-        # A long query keeps at most half the budget, so documents always get the other half.
-        query_budget = spec.max_length // 2
+        (query_encoding,) = self._encode_bounded([query], spec.max_length // 2, keep_end=False)
+        # A long query keeps at most half the budget, and is cut further where the special tokens would
+        # leave the document no token: a pair always holds at least one token of its document.
+        query_budget = min(spec.max_length // 2, spec.max_length - self.special_tokens_per_pair - 1)
         if len(query_encoding.ids) > query_budget:
             query_encoding.truncate(query_budget, direction="right")
         document_budget = spec.max_length - self.special_tokens_per_pair - len(query_encoding.ids)
@@ -92,7 +112,8 @@ class PairTokenizer:
             )
         pairs: list[EncodedPair] = []
         document_of_pair: list[int] = []
-        for index, document in enumerate(self._tokenizer.encode_batch(documents, add_special_tokens=False)):
+        encodings = self._encode_bounded(documents, spec.tokens_used(), spec.keeps_end)
+        for index, document in enumerate(encodings):
             for piece in self._pieces(document, budget, spec):
                 if query is None:
                     merged = self._tokenizer.post_process(piece, add_special_tokens=True)
@@ -102,9 +123,23 @@ class PairTokenizer:
                 document_of_pair.append(index)
         return EncodedDocuments(pairs, document_of_pair)
 
+    def _encode_bounded(
+        self, texts: Sequence[str], tokens: int, keep_end: bool, lead: str = ""
+    ) -> list[Encoding]:
+        """Each ``lead + text`` tokenized from only as much of the text as ``tokens`` tokens can span (its
+        end with ``keep_end``); the same tokens as tokenizing it whole, where a pair uses no more."""
+        chars = (tokens + _CUT_MARGIN_TOKENS) * _CHARS_PER_TOKEN
+        cuts = [_cut(text, chars, keep_end) for text in texts]
+        encodings = self._tokenizer.encode_batch([lead + cut for cut in cuts], add_special_tokens=False)
+        for index, (text, cut) in enumerate(zip(texts, cuts, strict=True)):
+            if len(cut) < len(text) and len(encodings[index].ids) < tokens + _CUT_MARGIN_TOKENS:
+                encodings[index] = self._tokenizer.encode(lead + text, add_special_tokens=False)
+        return encodings
+
     @staticmethod
     def _pieces(document: Encoding, budget: int, spec: PairSpec) -> list[Encoding]:
         if not spec.chunk:
+            check_fits(len(document.ids), budget, spec)
             document.truncate(budget, direction=spec.truncation.value)
             return [document]
         document.truncate(budget, stride=spec.chunk_overlap, direction="right")
@@ -167,29 +202,23 @@ class PromptPairTokenizer(PairTokenizer):
 
     def min_max_length(self) -> int:
         fixed = self._head("", self.instruction) + self._pieces_ids(self.prompt.suffix, self.instruction)
-        return len(fixed) + len(self._ids(self.prompt.document)) + 2
+        return len(fixed) + len(self._ids(self.prompt.document.rstrip())) + 2
 
     def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         instruction = spec.instruction or self.instruction
-        # A long query keeps at most half the budget, cut at a token boundary of the query alone (the
-        # model cards cut the document first, or keep three quarters).
-        query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
-        if len(query_encoding.ids) > spec.max_length // 2:
-            query = query[: query_encoding.offsets[spec.max_length // 2 - 1][1]]
-        head = self._head(query, instruction)
         suffix = self._pieces_ids(self.prompt.suffix, instruction)
+        lead = self.prompt.document
+        encodings = self._encode_bounded(documents, spec.tokens_used(), spec.keeps_end, lead=lead)
+        # A token that starts in the lead is the lead's, even where it runs into the document's text.
+        leads = [sum(1 for start, _ in piece.offsets if start < self._lead_chars) for piece in encodings]
+        # What no request can cut: the prompt with the instruction, the suffix and the longest lead.
+        fixed = len(self._head("", instruction)) + len(suffix) + max(leads, default=0)
+        head = self._query_head(query, instruction, spec.max_length, fixed)
         pairs: list[EncodedPair] = []
         document_of_pair: list[int] = []
-        texts = [self.prompt.document + document for document in documents]
-        for index, encoding in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
-            lead = sum(1 for _, end in encoding.offsets if end <= self._lead_chars)
+        for index, (encoding, lead) in enumerate(zip(encodings, leads, strict=True)):
             lead_ids, document_ids = encoding.ids[:lead], encoding.ids[lead:]
-            budget = spec.max_length - len(head) - len(lead_ids) - len(suffix)
-            if budget < 1:
-                raise InvalidArgument(
-                    f"max_length {spec.max_length} leaves no room for the document after the prompt, "
-                    f"the instruction and the query ({len(head) + len(lead_ids) + len(suffix)} tokens)"
-                )
+            budget = spec.max_length - len(head) - lead - len(suffix)
             if spec.chunk and spec.chunk_overlap >= budget:
                 raise InvalidArgument(
                     f"chunk_overlap {spec.chunk_overlap} must be smaller than the chunk length: "
@@ -201,12 +230,62 @@ class PromptPairTokenizer(PairTokenizer):
                 document_of_pair.append(index)
         return EncodedDocuments(pairs, document_of_pair)
 
+    def _query_head(self, query: str, instruction: str, max_length: int, fixed: int) -> list[int]:
+        """The head with as much of the query as leaves every document one token, and at most half of
+        ``max_length``; cut at a token boundary of the query alone (the model cards cut the document
+        first, or keep three quarters), a token more while the cut query tokenizes longer in the prompt."""
+        room = max_length - fixed - 1  # the query's tokens, leaving one for each document
+        (encoding,) = self._encode_bounded([query], max_length // 2, keep_end=False)
+        offsets = encoding.offsets
+        if not offsets and room >= 0:
+            return self._head(query, instruction)
+        empty_head = len(self._head("", instruction))
+        for keep in range(min(len(offsets), max_length // 2, room), 0, -1):
+            cut = query if keep == len(offsets) else query[: offsets[keep - 1][1]]
+            head = self._head(cut, instruction)
+            if len(head) - empty_head <= room:
+                return head
+        raise InvalidArgument(
+            f"max_length {max_length} is too small for this request: the prompt and the instruction take "
+            f"{fixed} tokens, so at least {fixed + 2} are needed for one token of the query and one of "
+            "each document"
+        )
+
 
 def _windows(ids: list[int], budget: int, spec: PairSpec) -> list[list[int]]:
     """The document tokens a pair keeps: truncated to ``budget``, or chunks of it sharing
     ``chunk_overlap`` tokens, as the Rust tokenizer's truncation with a stride cuts them."""
     if not spec.chunk:
+        check_fits(len(ids), budget, spec)
         return [ids[:budget] if spec.truncation is Truncation.RIGHT else ids[max(0, len(ids) - budget) :]]
     step = budget - spec.chunk_overlap
     starts = range(0, max(1, len(ids) - spec.chunk_overlap), step)
     return [ids[start : start + budget] for start in starts][: spec.max_chunks_per_doc]
+
+
+def check_fits(tokens: int, budget: int, spec: PairSpec) -> None:
+    """Refuse a text past its budget when truncation is off."""
+    if not spec.truncate and tokens > budget:
+        raise InvalidArgument(
+            f"a text is longer than the {budget} tokens that fit in max_length {spec.max_length} beside the "
+            "special tokens (and the query), and truncation is off (truncate: false); shorten it, or send "
+            "truncate: true to cut it"
+        )
+
+
+def _cut(text: str, chars: int, keep_end: bool) -> str:
+    """The first ``chars`` characters of ``text`` (the last, with ``keep_end``), ending (starting) at a
+    whitespace where one lies in the outer quarter, so no word is cut in two."""
+    if len(text) <= chars:
+        return text
+    if keep_end:
+        part = text[-chars:]
+        first = _WHITESPACE.search(part, 0, chars // 4)
+        return part[first.start() :] if first else part
+    part = text[:chars]
+    last = _LAST_WHITESPACE.search(part, chars - chars // 4)
+    return part[: last.start()] if last else part
+
+
+_WHITESPACE = re.compile(r"\s")
+_LAST_WHITESPACE = re.compile(r"\s(?=\S*\Z)")

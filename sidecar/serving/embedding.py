@@ -40,7 +40,9 @@ class Embedder:
         self.max_request_tokens = max_request_tokens
         self._tokenizer_pool = tokenizer_pool
 
-    def _spec(self, texts: Sequence[str], max_length: int, truncation: Truncation) -> PairSpec:
+    def _spec(
+        self, texts: Sequence[str], max_length: int, truncation: Truncation, truncate: bool
+    ) -> PairSpec:
         if not texts:
             raise InvalidArgument("texts is empty; send at least one text to embed")
         if len(texts) > self.max_texts:
@@ -55,7 +57,9 @@ class Embedder:
             )
         if max_length and max_length < 2:
             raise InvalidArgument(f"max_length {max_length} is too small: at least 2 tokens are needed")
-        return PairSpec(max_length=max_length or self.model.max_length, truncation=truncation)
+        return PairSpec(
+            max_length=max_length or self.model.max_length, truncation=truncation, truncate=truncate
+        )
 
     async def embed(
         self,
@@ -65,10 +69,11 @@ class Embedder:
         deadline: float | None,
         *,
         normalize: bool = False,
+        truncate: bool = True,
     ) -> Embeddings:
         """The model's vectors, in order; ``normalize`` scales each to unit length (the model's own
-        pooling may already have)."""
-        spec = self._spec(texts, max_length, truncation)
+        pooling may already have); ``truncate`` False refuses a text past max_length."""
+        spec = self._spec(texts, max_length, truncation, truncate)
         started = time.monotonic_ns()
         self.batcher.admit(len(texts))
         encode_texts = partial(self.model.tokenizer.encode_texts, spec=spec)

@@ -35,6 +35,8 @@ class RerankOptions:
     chunk_overlap: int = 0
     return_text: bool = False
     instruction: str = ""
+    # False: a document past max_length is refused rather than truncated.
+    truncate: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,7 @@ class Reranker:
             max_chunks_per_doc=options.max_chunks_per_doc or self.limits.max_chunks_per_doc,
             chunk_overlap=options.chunk_overlap,
             instruction=options.instruction,
+            truncate=options.truncate,
         )
 
     def check_documents(self, documents: Sequence[Document], seen_ids: dict[str, int], offset: int) -> None:

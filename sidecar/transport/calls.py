@@ -38,16 +38,23 @@ class BearerToken:
     ``carrier`` say how the transport carries it, for the refusal's message."""
 
     def __init__(self, token: str, *, send_as: str, carrier: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._send_as = send_as
         self._carrier = carrier
 
     def check(self, supplied: str | bytes) -> None:
-        """Raise Unauthenticated unless ``supplied`` is ``Bearer <token>``."""
+        """Raise Unauthenticated unless ``supplied`` is ``Bearer <token>``; the scheme's case is free
+        (RFC 7235)."""
         supplied_bytes = supplied.encode() if isinstance(supplied, str) else bytes(supplied)
         if not supplied_bytes:
             raise Unauthenticated(f"missing bearer token: send {self._send_as}")
-        if not hmac.compare_digest(supplied_bytes, self._expected):
+        scheme, _, token = supplied_bytes.partition(b" ")
+        if scheme.lower() != b"bearer":
+            raise Unauthenticated(
+                f"the {self._carrier} uses the scheme {scheme[:20].decode(errors='replace')!r}, not Bearer: "
+                f"send {self._send_as}"
+            )
+        if not hmac.compare_digest(token.strip(b" "), self._expected):
             raise Unauthenticated(f"the bearer token in the {self._carrier} is not valid")
 
 

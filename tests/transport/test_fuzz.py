@@ -14,15 +14,27 @@ from hypothesis import strategies as st
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from tests.conftest import RunningSidecar
 
+# Combining marks stacked on one letter, right-to-left text with its marks, and a megabyte.
+UNUSUAL = (
+    "e" + "\u0301\u0308\u0323" * 200,
+    "\u202e\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627\u200f",
+    "cats " * 200_000,
+)
 # Any Unicode, control characters and lone surrogates' neighbours included, short or long.
 texts = st.one_of(
     st.text(max_size=40),
     st.text(alphabet=st.characters(codec="utf-8"), min_size=0, max_size=3000),
     st.just(""),
     st.just("\x00\x01\x1b[31m\r\n\t"),
+    st.sampled_from(UNUSUAL[:2]),
 )
-documents = st.lists(
-    st.builds(rerank_pb2.Document, id=st.one_of(st.just(""), st.text(max_size=8)), text=texts), max_size=60
+queries = st.one_of(texts, st.just(UNUSUAL[2]))
+documents = st.one_of(
+    st.lists(
+        st.builds(rerank_pb2.Document, id=st.one_of(st.just(""), st.text(max_size=8)), text=texts),
+        max_size=60,
+    ),
+    st.just([rerank_pb2.Document(text=UNUSUAL[2]), rerank_pb2.Document(text="cats")]),
 )
 options = st.fixed_dictionaries(
     {},
@@ -64,7 +76,7 @@ async def test_random_rerank_requests(sidecar: RunningSidecar):
         return grpc.StatusCode.OK, ""
 
     @FUZZ
-    @given(query=texts, docs=documents, fields=options)
+    @given(query=queries, docs=documents, fields=options)
     def example(query: str, docs: list[rerank_pb2.Document], fields: dict) -> None:
         run(outcome(rerank_pb2.RerankRequest(query=query, documents=docs, **fields)))
 
@@ -81,7 +93,7 @@ async def test_random_streams(sidecar: RunningSidecar):
     stub = rerank_pb2_grpc.RerankerStub(channel)
 
     @FUZZ
-    @given(query=texts, pages=st.lists(documents, max_size=4), fields=options)
+    @given(query=queries, pages=st.lists(documents, max_size=4), fields=options)
     def example(query: str, pages: list[list[rerank_pb2.Document]], fields: dict) -> None:
         first = rerank_pb2.RerankStreamRequest(query=query, **fields)
         messages = [first, *(rerank_pb2.RerankStreamRequest(documents=page) for page in pages)]

@@ -133,17 +133,21 @@ async def test_tei_embed_takes_one_or_many_inputs_and_normalizes(http_sidecar: R
     expected = await stub.Embed(rerank_pb2.EmbedRequest(texts=TEXTS[:2]), timeout=30)
     async with httpx.AsyncClient(base_url=http_sidecar.http_url) as client:
         many = (await client.post("/embed", json={"inputs": TEXTS[:2]})).json()
-        one = (await client.post("/embed", json={"inputs": TEXTS[0], "normalize": False})).json()
+        one = (await client.post("/embed", json={"inputs": TEXTS[0]})).json()
+        # The model normalizes in its own Normalize module: its unnormalized pooling is not to be had.
+        unnormalized = await client.post("/embed", json={"inputs": TEXTS[0], "normalize": False})
     np.testing.assert_allclose(many, [embedding.values for embedding in expected.embeddings], atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(many, axis=1), 1.0, atol=1e-6)
     np.testing.assert_array_equal(np.array(one, dtype=np.float32), [expected.embeddings[0].values])
+    assert unnormalized.status_code == 400
+    assert "normalize: false is not available" in unnormalized.json()["error"]
 
 
 async def test_health_info_metrics_and_openapi(http_sidecar: RunningSidecar):
     async with httpx.AsyncClient(base_url=http_sidecar.http_url) as client:
         assert (await client.get("/health")).json() == {"status": "serving"}
         info = (await client.get("/info")).json()
-        assert info["ranking"]["model_id"] == str(http_sidecar.server.settings.model)
+        assert info["ranking"]["model_id"] == Path(http_sidecar.server.settings.model).name
         assert info["embedding"]["dims"] == 384
         await client.post("/v2/rerank", json={"model": "m", "query": QUERY, "documents": DOCUMENTS})
         metrics = (await client.get("/metrics")).text
@@ -168,11 +172,21 @@ async def test_health_info_metrics_and_openapi(http_sidecar: RunningSidecar):
             "top_n: Input should be",
         ),
         ("/v2/rerank", {"model": "m", "query": " ", "documents": ["a"]}, "query is empty"),
+        (
+            "/v2/rerank",
+            {"query": "q", "documents": ["a"], "top_n": True},
+            "top_n: must be an integer, not bool",
+        ),
+        (
+            "/rerank",
+            {"query": "q", "texts": ["a"], "truncate": 0},
+            "truncate: Input should be a valid boolean",
+        ),
         ("/v2/rerank", {"model": "m", "query": "q", "documents": ["a"] * 1001}, "limit per request"),
         (
             "/v2/rerank",
             {"model": "m", "query": "q", "documents": [{"text": "a"}]},
-            "documents.0: Input should",
+            "documents[0]: Input should",
         ),
         ("/v1/rerank", {"query": "q"}, "documents: Field required"),
         ("/v1/embeddings", {"model": "m", "input": [[1, 2]]}, "input"),
@@ -186,7 +200,9 @@ async def test_bad_input_is_400_naming_the_field(
         response = await client.post(path, json=body)
     assert response.status_code == 400
     error = response.json()
-    message = error["error"]["message"] if path == "/v1/embeddings" else error["message"]
+    message = {"/v1/embeddings": lambda: error["error"]["message"], "/rerank": lambda: error["error"]}.get(
+        path, lambda: error["message"]
+    )()
     assert phrase in message
     assert response.headers["x-request-id"]
 
@@ -208,7 +224,8 @@ async def test_errors_come_in_each_apis_shape(http_sidecar: RunningSidecar):
     assert "the body is not valid JSON" in not_json.json()["message"]
     assert not_json.headers["x-request-id"] == "abc-1"
     assert openai_error.json()["error"]["type"] == "invalid_request_error"
-    assert "texts is empty" in openai_error.json()["error"]["message"]
+    assert "input: List should have at least 1 item" in openai_error.json()["error"]["message"]
+    assert openai_error.json()["error"]["param"] == "input"
     assert timeout.status_code == 400
     assert "X-Request-Timeout 'soon' is not a positive number" in timeout.json()["error"]
 
@@ -334,7 +351,19 @@ async def test_bearer_token_is_required_but_health_stays_open(tiny_bert: Path):
             missing = await client.post("/v2/rerank", json=body)
             wrong = await client.post("/v2/rerank", json=body, headers={"Authorization": "Bearer guess"})
             right = await client.post("/v2/rerank", json=body, headers={"Authorization": "Bearer s3cret"})
+            # The scheme is case-insensitive (RFC 7235); the token is not.
+            cases = [
+                await client.post("/v2/rerank", json=body, headers={"Authorization": f"{scheme} s3cret"})
+                for scheme in ("bearer", "BEARER", "BeArEr")
+            ]
+            wrong_case = await client.post(
+                "/v2/rerank", json=body, headers={"Authorization": "Bearer S3CRET"}
+            )
+            basic = await client.post("/v2/rerank", json=body, headers={"Authorization": "Basic s3cret"})
             health = await client.get("/health")
+        assert [response.status_code for response in cases] == [200, 200, 200]
+        assert wrong_case.status_code == 401
+        assert "uses the scheme 'Basic', not Bearer" in basic.json()["message"]
         assert missing.status_code == 401
         assert missing.headers["www-authenticate"] == "Bearer"
         assert "missing bearer token" in missing.json()["message"]

@@ -82,7 +82,7 @@ async def test_results_are_sorted_descending_and_carry_ids(sidecar: RunningSidec
     assert sorted(result.index for result in response.results) == list(range(len(TEXTS)))
     assert all(result.id == f"doc-{result.index}" for result in response.results)
     assert all(not result.HasField("text") for result in response.results)
-    assert response.model_id == sidecar.server.settings.model
+    assert response.model_id == Path(sidecar.server.settings.model).name
 
 
 async def test_ties_are_broken_by_index(sidecar: RunningSidecar):
@@ -224,7 +224,7 @@ async def test_chunking_respects_max_chunks_per_doc(sidecar: RunningSidecar):
 
 async def test_info_describes_the_model_and_limits(sidecar: RunningSidecar):
     info = await sidecar.stub.Info(rerank_pb2.InfoRequest(), timeout=10)
-    assert info.model_id == sidecar.server.settings.model
+    assert info.model_id == Path(sidecar.server.settings.model).name
     assert info.model_kind == "cross-encoder"
     assert info.engine == "torch"
     assert info.precision == "fp32"

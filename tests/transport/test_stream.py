@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -64,7 +65,7 @@ async def test_each_batch_is_answered_before_the_stream_closes(
     assert [r.index for r in final.final.results] == best.tolist()
     assert final.final.usage.pairs == len(all_texts)
     assert final.final.usage.batches >= len(PAGES)
-    assert final.final.model_id == sidecar.server.settings.model
+    assert final.final.model_id == Path(sidecar.server.settings.model).name
 
 
 async def test_stream_matches_unary_rerank(sidecar: RunningSidecar):

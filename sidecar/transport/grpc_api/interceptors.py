@@ -7,11 +7,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from sidecar.errors import SidecarError, Unauthenticated
+from sidecar.errors import InvalidArgument, SidecarError, Unauthenticated
 from sidecar.transport.calls import REQUEST_ID_KEY, BearerToken, CallLedger, CallRecord
 from sidecar.transport.grpc_api.status import status_of
 
@@ -47,16 +49,17 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(_OWN_SERVICES_PREFIX):
             return handler
         request_id = _request_id(handler_call_details)
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, request_id),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 self._wrap_stream(handler.stream_stream, method, request_id),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         raise TypeError(f"{method}: only unary and bidirectional-stream methods are wrapped")
@@ -69,7 +72,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             started = time.monotonic_ns()
             status = grpc.StatusCode.OK
             try:
-                response = await behavior(request, context)
+                response = await behavior(_decoded(request), context)
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
                 return response
             except BaseException as exc:
@@ -90,7 +93,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             started = time.monotonic_ns()
             status = grpc.StatusCode.OK
             try:
-                async for response in behavior(request_iterator, context):
+                async for response in behavior(_decoded_stream(request_iterator), context):
                     yield response
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
             except BaseException as exc:
@@ -102,6 +105,42 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 self.ledger.finish(record, status.name, started)
 
         return stream
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """A message that did not parse, such as one whose text is not valid UTF-8."""
+
+    error: DecodeError
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The deserializer, returning an _Undecodable for bytes that do not parse: grpc would answer
+    UNKNOWN, where a malformed message is the caller's INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return _Undecodable(error)
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            f"the request does not parse ({request.error}); every text field (query, documents[].text, "
+            "texts, instruction) must be valid UTF-8"
+        )
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -1,48 +1,96 @@
 """Request and response bodies, field by field as their reference APIs define them: Cohere's Rerank (v1
 and v2), text-embeddings-inference's /rerank and /embed, and OpenAI's /v1/embeddings.
 
-Fields the sidecar has no use for (Cohere's ``rank_fields``, OpenAI's ``user``) are accepted and ignored,
-so existing clients send what they always send.
+Every field an API defines is honoured or refused with a 400 naming it; only OpenAI's ``user`` (an id for
+OpenAI's abuse monitoring) and each request's ``model`` (the sidecar serves one) are accepted and unused.
+Types are strict, as each API's JSON is: ``true`` is no count, ``0`` no boolean.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 
-class CohereRerankV2Request(BaseModel):
-    model: str = Field(
-        "", description="Accepted and ignored: the sidecar serves one model, named in the answer."
-    )
-    query: str
-    documents: list[str] = Field(min_length=1, description="The texts to rank.")
-    top_n: int | None = Field(None, ge=1, description="Return only the best N; all when unset.")
-    max_tokens_per_doc: int | None = Field(
+def _valid_unicode(value: object) -> object:
+    """JSON can escape a lone UTF-16 surrogate (``\\ud800``), which is no Unicode character: refuse it
+    here, naming the field, rather than fail in the tokenizer."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"character {error.start} is a lone UTF-16 surrogate (\\u{ord(value[error.start]):04x}); "
+                "send valid Unicode text"
+            ) from None
+    return value
+
+
+def _json_integer(value: object) -> object:
+    """JSON Schema's integer: a number without a fraction (4.0 too), never a boolean or a string."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be an integer, not {type(value).__name__} {value!r}")
+    return value
+
+
+# A count, at least 1: JSON Schema's integer.
+Count = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
+# A text the models read.
+Text = Annotated[str, BeforeValidator(_valid_unicode)]
+# A query: a text with something in it besides whitespace.
+Query = Annotated[str, Field(pattern=r"\S"), BeforeValidator(_valid_unicode)]
+# OpenAI refuses an empty input.
+NonEmptyText = Annotated[str, Field(min_length=1), BeforeValidator(_valid_unicode)]
+
+_MODEL_DESCRIPTION = "Accepted and unused: the sidecar serves one model, named in the answer."
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(regex_engine="python-re")
+
+
+class CohereRerankV2Request(Request):
+    model: str = Field("", description=_MODEL_DESCRIPTION)
+    query: Query
+    documents: list[Text] = Field(min_length=1, description="The texts to rank.")
+    top_n: Count | None = Field(None, description="Return only the best N; all when unset.")
+    max_tokens_per_doc: Count | None = Field(
         None,
-        ge=1,
-        description="Caps each (query, document) pair at this many tokens, below the model's own limit.",
+        description="Caps each (query, document) pair at this many tokens, below the model's own limit; "
+        "a long query is cut so that each document keeps at least one token.",
     )
+    return_documents: StrictBool = Field(False, description="Echo each document's text in its result.")
 
 
 class CohereDocument(BaseModel):
+    """A document as an object: its `text`, and other fields that `rank_fields` may name."""
+
     model_config = ConfigDict(extra="allow")
 
-    text: str
+    text: Text = ""
 
 
-class CohereRerankV1Request(BaseModel):
-    model: str = Field(
-        "", description="Accepted and ignored: the sidecar serves one model, named in the answer."
-    )
-    query: str
-    documents: list[str | CohereDocument] = Field(
+class CohereRerankV1Request(Request):
+    model: str = Field("", description=_MODEL_DESCRIPTION)
+    query: Query
+    documents: list[Text | CohereDocument] = Field(
         min_length=1, description="The texts to rank, as strings or as objects with a `text` field."
     )
-    top_n: int | None = Field(None, ge=1, description="Return only the best N; all when unset.")
-    return_documents: bool = Field(False, description="Echo each document's text in its result.")
+    top_n: Count | None = Field(None, description="Return only the best N; all when unset.")
+    return_documents: StrictBool = Field(False, description="Echo each document's text in its result.")
+    rank_fields: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="The fields of each document object that are ranked, in this order, as "
+        "`field: value` lines; a field a document lacks is left out. A string document's field is `text`.",
+    )
+    max_chunks_per_doc: Count | None = Field(
+        None,
+        description="Split a long document into up to this many chunks, scored by its best; unset: "
+        "truncated to the model's limit.",
+    )
 
 
 class CohereDocumentText(BaseModel):
@@ -72,23 +120,29 @@ class CohereRerankResponse(BaseModel):
     id: str
     results: list[CohereRerankResult]
     meta: CohereMeta
-    model: str = Field(description="The served model's id.")
+    model: str = Field(description="The served model's id, or its directory's name.")
 
 
 class TruncationDirection(enum.StrEnum):
+    # text-embeddings-inference reads both spellings.
     RIGHT = "Right"  # keep the start of the text
     LEFT = "Left"  # keep the end of the text
+    RIGHT_LOWER = "right"
+    LEFT_LOWER = "left"
 
 
-class TeiRerankRequest(BaseModel):
-    query: str
-    texts: list[str] = Field(min_length=1)
-    raw_scores: bool = Field(False, description="The log-odds (the gRPC raw_scores) instead of [0, 1].")
-    return_text: bool = False
-    truncate: bool | None = Field(
-        None,
-        description="Accepted; inputs past the model's limit are always truncated (TEI's --auto-truncate).",
-    )
+_TRUNCATE_DESCRIPTION = (
+    "Unset or true: inputs past the model's limit are truncated (TEI's --auto-truncate); false: they are "
+    "refused with a 400."
+)
+
+
+class TeiRerankRequest(Request):
+    query: Query
+    texts: list[Text] = Field(min_length=1)
+    raw_scores: StrictBool = Field(False, description="The log-odds (the gRPC raw_scores) instead of [0, 1].")
+    return_text: StrictBool = False
+    truncate: StrictBool | None = Field(None, description=_TRUNCATE_DESCRIPTION)
     truncation_direction: TruncationDirection = TruncationDirection.RIGHT
 
 
@@ -98,25 +152,29 @@ class TeiRank(BaseModel):
     text: str | None = None
 
 
-class TeiEmbedRequest(BaseModel):
-    inputs: str | list[str]
-    normalize: bool = Field(
-        True, description="Scale vectors to unit length; false returns the model's own pooling output."
+class TeiEmbedRequest(Request):
+    inputs: Text | Annotated[list[Text], Field(min_length=1)]
+    normalize: StrictBool = Field(
+        True,
+        description="Scale vectors to unit length. False returns the model's own pooling output, and is "
+        "refused for a model that normalizes in the model itself (Info: normalized).",
     )
-    truncate: bool | None = Field(
-        None,
-        description="Accepted; inputs past the model's limit are always truncated (TEI's --auto-truncate).",
-    )
+    truncate: StrictBool | None = Field(None, description=_TRUNCATE_DESCRIPTION)
     truncation_direction: TruncationDirection = TruncationDirection.RIGHT
-
-
-class OpenAIEmbeddingsRequest(BaseModel):
-    input: str | list[str] = Field(description="A text or a list of texts (token arrays are not accepted).")
-    model: str = Field(
-        "", description="Accepted and ignored: the sidecar serves one model, named in the answer."
+    prompt_name: None = Field(
+        None, description="Refused when set: the sidecar applies no sentence-transformers prompts."
     )
+    dimensions: Count | None = Field(None, description="Must be the model's dimensions when set.")
+
+
+class OpenAIEmbeddingsRequest(Request):
+    input: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] = Field(
+        description="A text or a list of texts, none empty (token arrays are not accepted)."
+    )
+    model: str = Field("", description=_MODEL_DESCRIPTION)
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="Must be the model's dimensions when set.")
+    dimensions: Count | None = Field(None, description="Must be the model's dimensions when set.")
+    user: str | None = Field(None, description="Accepted and unused.")
 
 
 class OpenAIEmbedding(BaseModel):
@@ -135,3 +193,27 @@ class OpenAIEmbeddingsResponse(BaseModel):
     data: list[OpenAIEmbedding]
     model: str
     usage: OpenAIUsage
+
+
+class CohereError(BaseModel):
+    message: str
+
+
+class TeiError(BaseModel):
+    error: str
+    error_type: str
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["loading", "serving", "draining", "stopped"]
