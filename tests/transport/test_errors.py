@@ -276,7 +276,7 @@ async def test_a_non_finite_score_is_an_internal_error_counted_and_logged(
         engine.inner.forward = original  # type: ignore[method-assign]
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert "non-finite" in raised.value.details()
-    model = small_queue.server.settings.model
+    model = Path(small_queue.server.settings.model).name  # a local model is reported by its name
     assert sample(small_queue, "rerank_non_finite_requests_total", model=model, engine="torch/fp32") == 1
     (logged,) = [record.getMessage() for record in caplog.records if "non-finite" in record.getMessage()]
     assert model in logged
