@@ -25,9 +25,8 @@ from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine, require_precision
 from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
-from sidecar.model.engines.torch_engine import cpu_supports_bf16
 from sidecar.model.export import ExportedModel
-from sidecar.model.hardware import device_fingerprint
+from sidecar.model.hardware import cpu_info, device_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def openvino_precisions(device: str) -> tuple[str, ...]:
     """Precisions this engine offers on the device, fastest first."""
     if device != "cpu":
         return ()
-    return ("bf16", "fp32") if cpu_supports_bf16() else ("fp32",)
+    return ("bf16", "fp32") if cpu_info().has_native_bf16 else ("fp32",)
 
 
 def unavailable_reason(device: str) -> str | None:
