@@ -178,7 +178,7 @@ def _warm_runtime(
     request = engine_request(
         settings, device, model.max_length, max(1, threads // workers), workers, cache_dir
     )
-    probe, outputs = _probe(model, settings, record.vocab_size)
+    probe, outputs = _probe(model, settings, record.vocab_size, request.max_batch_tokens)
     cache = ArtifactCache(cache_dir, reuse_only=True)
     try:
         exported = cached_export(record.export, record.input_names, cache)
@@ -190,6 +190,7 @@ def _warm_runtime(
     if selection is None:
         logger.warning("loading %s in full, as on a first start: %s", source.model_id, why_not)
         return None
+    release_unused_memory()
     return _serving_runtime(settings, source, model, selection, request, workers, phases, outputs)
 
 
@@ -220,8 +221,8 @@ def _cold_runtime(settings: Settings, source: ModelSource, cache_dir: Path, phas
     input_names = ("input_ids", "attention_mask", "token_type_ids")
     input_names = input_names if model.uses_token_type_ids else input_names[:2]
     vocab_size = network.model.get_input_embeddings().num_embeddings
-    probe, outputs = _probe(model, settings, vocab_size)
     request = engine_request(settings, device, model.max_length, threads_per_worker, workers, cache_dir)
+    probe, outputs = _probe(model, settings, vocab_size, request.max_batch_tokens)
     selection = select_engine(request, network, input_names, probe, phases)
     torch.set_num_threads(threads_per_worker)
     del network  # the fp32 reference: the engine that serves holds what it needs
@@ -243,11 +244,14 @@ def _cold_runtime(settings: Settings, source: ModelSource, cache_dir: Path, phas
 
 
 def _probe(
-    model: CrossEncoderModel | BiEncoderModel, settings: Settings, vocab_size: int
+    model: CrossEncoderModel | BiEncoderModel, settings: Settings, vocab_size: int, max_batch_tokens: int
 ) -> tuple[Probe, str]:
-    """The parity gate's probe for the model, and how its outputs are described in the log."""
+    """The parity gate's probe for the model, in the batcher's batch shapes, and how its outputs are
+    described in the log."""
     if isinstance(model, CrossEncoderModel):
-        probe = cross_encoder_probe(model, settings.max_batch_pairs, vocab_size=vocab_size)
+        probe = cross_encoder_probe(
+            model, settings.max_batch_pairs, vocab_size=vocab_size, max_batch_tokens=max_batch_tokens
+        )
         return probe, f"{model.num_labels} label(s)"
     probe = bi_encoder_probe(
         model.tokenizer,
@@ -256,6 +260,7 @@ def _probe(
         with_token_type_ids=model.uses_token_type_ids,
         max_batch=settings.max_batch_pairs,
         vocab_size=vocab_size,
+        max_batch_tokens=max_batch_tokens,
     )
     return probe, f"{model.dims} dims, {model.pooling.mode} pooling"
 
