@@ -172,6 +172,14 @@ class WarmStore:
         name = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:24]
         return self.directory / f"{name}.json"
 
+    def remembers(self, model_dir: Path) -> bool:
+        """Whether a record exists for the model directory, whatever its key."""
+        return self._path(model_dir).is_file()
+
+    def forget(self, model_dir: Path) -> None:
+        """Remove the record for the model directory, if any."""
+        self._path(model_dir).unlink(missing_ok=True)
+
     def recall(
         self, model_dir: Path, files: Mapping[str, str], key: Mapping[str, str]
     ) -> tuple[WarmRecord | None, str]:

@@ -171,7 +171,9 @@ def _warm_runtime(
             except ModelLoadError as exc:
                 record, why_not = None, str(exc)
     if record is None:
-        logger.warning("loading %s in full, as on a first start: %s", source.model_id, why_not)
+        # A first start is no surprise; a record that no longer holds is.
+        level = logging.WARNING if store.remembers(model_dir) else logging.INFO
+        logger.log(level, "loading %s in full, as on a first start: %s", source.model_id, why_not)
         return None
     threads = settings.threads or record.default_threads
     workers = batch_workers(settings.batch_workers, device, threads)
@@ -203,8 +205,7 @@ def _cold_runtime(settings: Settings, source: ModelSource, cache_dir: Path, phas
     from sidecar.model.network import load_model_network
 
     device = resolve_device(settings.device)
-    default_threads = _default_threads()
-    threads = settings.threads or default_threads
+    threads = settings.threads or _default_threads()
     workers = batch_workers(settings.batch_workers, device, threads)
     threads_per_worker = max(1, threads // workers)
     # Loading and the parity gates use every thread; the selection times candidates and compiles on one
@@ -226,21 +227,39 @@ def _cold_runtime(settings: Settings, source: ModelSource, cache_dir: Path, phas
     selection = select_engine(request, network, input_names, probe, phases)
     torch.set_num_threads(threads_per_worker)
     del network  # the fp32 reference: the engine that serves holds what it needs
-    if selection.exported is not None and selection.engine.name != "torch" and source.is_local:
+    if source.is_local:
         model_dir = Path(source.name)
-        files = model_files(model_dir)
-        record = record_of(
-            model,
-            model_hash=selection.model_hash,
-            vocab_size=vocab_size,
-            input_names=input_names,
-            default_threads=default_threads,
-            exported=selection.exported,
-        )
-        key = warm_key(files, max_length_cap=settings.max_length, instruction=settings.instruction)
-        WarmStore(cache_dir).remember(model_dir, files, key, record, model.tokenizer)
+        _remember_for_warm_starts(settings, model_dir, cache_dir, model, selection, vocab_size, input_names)
     release_unused_memory()
     return _serving_runtime(settings, source, model, selection, request, workers, phases, outputs)
+
+
+def _remember_for_warm_starts(
+    settings: Settings,
+    model_dir: Path,
+    cache_dir: Path,
+    model: CrossEncoderModel | BiEncoderModel,
+    selection: Selection,
+    vocab_size: int,
+    input_names: tuple[str, ...],
+) -> None:
+    """What the next start needs to serve this engine without torch; nothing (and no stale record)
+    when the engine is torch or was built from no export."""
+    store = WarmStore(cache_dir)
+    if selection.exported is None or selection.engine.name == "torch":
+        store.forget(model_dir)
+        return
+    files = model_files(model_dir)
+    record = record_of(
+        model,
+        model_hash=selection.model_hash,
+        vocab_size=vocab_size,
+        input_names=input_names,
+        default_threads=_default_threads(),
+        exported=selection.exported,
+    )
+    key = warm_key(files, max_length_cap=settings.max_length, instruction=settings.instruction)
+    store.remember(model_dir, files, key, record, model.tokenizer)
 
 
 def _probe(

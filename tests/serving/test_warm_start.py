@@ -246,3 +246,12 @@ def test_model_files_names_what_changed(tmp_path: Path) -> None:
     assert f"missing: {tmp_path / 'tokenizer.json'}" in described
     assert f"changed: {tmp_path / 'config.json'}" in described
     assert f"added: {tmp_path / 'vocab.txt'}" in described
+
+
+def test_a_torch_verdict_leaves_no_record_for_warm_starts(
+    model_dir: Path, cache_copy: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = cache_copy["openvino"]
+    assert list((cache / "warm").glob("*.json"))
+    start(model_dir, cache, "torch")  # the model now served by torch: the warm record goes stale
+    assert not list((cache / "warm").glob("*.json"))
