@@ -7,7 +7,7 @@ SHA-256; on reuse both are checked, so a stale, truncated or corrupt file is log
 loaded.
 
 A reuse-only cache (``reuse_only=True``: a warm start without the libraries that build) raises
-``ArtifactUnavailable`` with the reason where it would build, so the start can go the full way instead.
+a ModelLoadError with the reason where it would build, so the start can go the full way instead.
 
 A cache directory that cannot be written is not an error: ``usable_cache_dir`` says so once and hands
 out a temporary directory instead, so the server still starts, only without remembering anything.
@@ -88,10 +88,6 @@ def key_digest(key: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:24]
 
 
-class ArtifactUnavailable(ModelLoadError):
-    """A reuse-only cache holds no valid artifact for a key; the message says which file and why."""
-
-
 class ArtifactCache:
     def __init__(self, root: Path, *, reuse_only: bool = False) -> None:
         self.root = root
@@ -101,11 +97,12 @@ class ArtifactCache:
         return self.root / f"{kind}-{key_digest(key)}"
 
     def cached(self, kind: str, key: Mapping[str, str], filename: str) -> Path:
-        """The path of a verified artifact for ``key``; ArtifactUnavailable when there is none."""
+        """The path of a verified artifact for ``key``; when there is none, a ModelLoadError naming the
+        file and why."""
         artifact = self.entry_dir(kind, key) / filename
         problem = self._verify(self.entry_dir(kind, key), key, filename)
         if problem is not None:
-            raise ArtifactUnavailable(f"the cached {kind} {artifact} is unusable: {problem}")
+            raise ModelLoadError(f"the cached {kind} {artifact} is unusable: {problem}")
         logger.info("reusing cached %s %s", kind, artifact)
         return artifact
 

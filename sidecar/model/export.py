@@ -70,7 +70,7 @@ def cached_export(
 ) -> ExportedModel:
     """The export an earlier start made, found again in ``cache`` with no network to export from:
     ``description`` holds its fields but the path. A missing, damaged or stale file raises
-    ArtifactUnavailable."""
+    a ModelLoadError."""
     fields = {**description, "input_names": tuple(description["input_names"])}
     path = cache.cached("onnx", _export_key(fields["fingerprint"], input_names), "model.onnx")
     return ExportedModel(path=path, **fields)

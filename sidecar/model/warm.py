@@ -216,7 +216,7 @@ class WarmStore:
         return record, ""
 
     def tokenizer(self, key: Mapping[str, str]) -> Tokenizer:
-        """The cached Rust tokenizer; ArtifactUnavailable (naming the file) when it is missing or damaged."""
+        """The cached Rust tokenizer; a ModelLoadError (naming the file) when it is missing or damaged."""
         path = self.cache.cached("tokenizer", tokenizer_key(key), _TOKENIZER_FILE)
         try:
             return Tokenizer.from_file(str(path))

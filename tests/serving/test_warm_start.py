@@ -255,3 +255,21 @@ def test_a_torch_verdict_leaves_no_record_for_warm_starts(
     assert list((cache / "warm").glob("*.json"))
     start(model_dir, cache, "torch")  # the model now served by torch: the warm record goes stale
     assert not list((cache / "warm").glob("*.json"))
+
+
+def test_a_warm_engine_is_gated_against_the_remembered_scores(
+    model_dir: Path, cache_copy: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = cache_copy["onnxruntime"]
+    (verdict_path,) = (cache / "verdicts").glob("*.json")
+    verdict = json.loads(verdict_path.read_text())
+    scores = verdict["verdict"]["reference_scores"]
+    verdict["verdict"]["reference_scores"] = scores[::-1]  # scores the engine cannot match
+    verdict_path.write_text(json.dumps(verdict))
+    with caplog.at_level(logging.INFO):
+        runtime = start(model_dir, cache, "onnxruntime")
+    fallback = [r.getMessage() for r in caplog.records if "in full, as on a first start" in r.getMessage()]
+    assert len(fallback) == 1
+    assert "failed the parity gate" in fallback[0]
+    assert not runtime.selection.from_cache  # the full load selected afresh, against torch itself
+    runtime.engine.close()
