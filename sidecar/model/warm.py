@@ -131,13 +131,17 @@ def threads_environment() -> str:
     return f"cpus={os.cpu_count()},affinity={affinity},{variables}"
 
 
-def warm_key(files: Mapping[str, str], *, max_length_cap: int, instruction: str) -> dict[str, str]:
-    """Everything the loaded model depends on besides the code of this package's version."""
+def warm_key(
+    files: Mapping[str, str], *, max_length_cap: int, instruction: str, trust_remote_code: bool
+) -> dict[str, str]:
+    """Everything the loaded model depends on: its files, the settings that shape it (and whether its
+    own code was trusted to load it), and the versions of this package and of what read it."""
     versions = {package: importlib.metadata.version(package) for package in ("transformers", "tokenizers")}
     return {
         "model_files": key_digest(files),
         "max_length_cap": str(max_length_cap),
         "instruction": instruction,
+        "trust_remote_code": str(trust_remote_code),
         "sidecar": __version__,
         "threads_environment": threads_environment(),
         **versions,

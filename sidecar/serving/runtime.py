@@ -163,7 +163,7 @@ def _warm_runtime(
     store = WarmStore(cache_dir)
     with phases.timed("load"):
         files = model_files(model_dir)
-        key = warm_key(files, max_length_cap=settings.max_length, instruction=settings.instruction)
+        key = _warm_key(settings, files)
         record, why_not = store.recall(model_dir, files, key)
         if record is not None:
             try:
@@ -258,8 +258,17 @@ def _remember_for_warm_starts(
         default_threads=_default_threads(),
         exported=selection.exported,
     )
-    key = warm_key(files, max_length_cap=settings.max_length, instruction=settings.instruction)
+    key = _warm_key(settings, files)
     store.remember(model_dir, files, key, record, model.tokenizer)
+
+
+def _warm_key(settings: Settings, files: dict[str, str]) -> dict[str, str]:
+    return warm_key(
+        files,
+        max_length_cap=settings.max_length,
+        instruction=settings.instruction,
+        trust_remote_code=settings.trust_remote_code,
+    )
 
 
 def _probe(
