@@ -8,6 +8,12 @@ directory (warm). Time to SERVING is measured from spawning the process; the pha
 from the sidecar's own log line per model (load, export, build, gate, timing, warm-up), and with
 ``--wait-compiled`` the warm run also waits for the background compile to take over.
 
+Memory: once SERVING, each start serves three reranks of 100 SciFact passages (the engines
+benchmark's workload), then its resident memory is read from ``/proc``: the peak (``VmHWM``) and the
+settled figure a second later (``VmRSS``), and whether ``libtorch_cpu`` is mapped at all. Apart from the
+starts, each heavy library is imported alone in a fresh interpreter, several times: the median seconds
+and resident megabytes it adds to a bare interpreter.
+
     .venv/bin/python -m benchmarks.startup [--runs 3] [--out benchmarks/out/startup.json]
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -27,7 +34,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.engines import OUT, REPO, build_model, free_port, hardware_record
+from benchmarks.engines import OUT, QUERY, REPO, build_model, candidates, free_port, hardware_record
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+
+# The libraries whose import a start may pay, in the order a cold start imports them.
+HEAVY_LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "openvino", "tokenizers")
+_RERANKS = 3
+_IMPORT_RUNS = 3
 
 _READY = re.compile(
     r"(?P<model>\S+) ready on (?P<engine>\S+) in (?P<total>[\d.]+) s: (?P<phases>.*)$", re.MULTILINE
@@ -44,20 +57,85 @@ class Start:
     models: dict[str, dict[str, object]] = field(default_factory=dict)
     # Per model: seconds the background compile took, once it took over (--wait-compiled).
     compiled_after: dict[str, float] = field(default_factory=dict)
+    # Resident memory, MB: the most the process held, and what it held a second after the reranks.
+    peak_rss_mb: float = 0.0
+    settled_rss_mb: float = 0.0
+    # Whether libtorch_cpu was mapped into the serving process.
+    torch_loaded: bool = False
 
 
-def start(model_dir: Path, cache_dir: Path, kind: str, wait_compiled: bool) -> Start:
+def _status_mb(pid: int, field_name: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field_name}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/{pid}/status has no {field_name}")
+
+
+def _rerank(port: int, passages: list[str]) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rerank_pb2_grpc.RerankerStub(channel)
+        documents = [rerank_pb2.Document(text=text) for text in passages]
+        for _ in range(_RERANKS):
+            stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=documents), timeout=300)
+
+
+def _measure_memory(result: Start, process: subprocess.Popen[bytes], port: int, passages: list[str]) -> None:
+    _rerank(port, passages)
+    time.sleep(1.0)
+    result.settled_rss_mb = _status_mb(process.pid, "VmRSS")
+    result.peak_rss_mb = _status_mb(process.pid, "VmHWM")
+    result.torch_loaded = "libtorch_cpu" in Path(f"/proc/{process.pid}/maps").read_text()
+
+
+def import_costs(runs: int = _IMPORT_RUNS) -> dict[str, dict[str, float]]:
+    """Median seconds and resident MB each library's import adds to a bare interpreter."""
+    probe = (
+        "import importlib, sys, time\n"
+        "def rss():\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:'))\n"
+        "before = rss(); started = time.perf_counter()\n"
+        "importlib.import_module(sys.argv[1])\n"
+        "print(time.perf_counter() - started, (rss() - before) / 1024)\n"
+    )
+    costs = {}
+    for library in HEAVY_LIBRARIES:
+        samples = [
+            [
+                float(value)
+                for value in subprocess.check_output([sys.executable, "-c", probe, library]).split()
+            ]
+            for _ in range(runs)
+        ]
+        costs[library] = {
+            "seconds": statistics.median(seconds for seconds, _ in samples),
+            "rss_mb": statistics.median(megabytes for _, megabytes in samples),
+        }
+    return costs
+
+
+def start(
+    model_dir: Path,
+    cache_dir: Path,
+    kind: str,
+    wait_compiled: bool,
+    passages: list[str],
+    extra: list[str],
+    env: dict[str, str],
+) -> Start:
     port = free_port()
     log_path = cache_dir.parent / f"{kind}.log"
     command = [sys.executable, "-m", "sidecar", "--model", str(model_dir), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--metrics-port", "0", "--cache-dir", str(cache_dir)]
-    command += ["--log-format", "text"]
+    command += ["--log-format", "text", *extra]
     with log_path.open("w") as log:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
         try:
             seconds = _wait_serving(port, process, started)
             result = Start(kind, seconds)
+            _measure_memory(result, process, port, passages)
             # Only a torch engine compiles in the background (--torch-compile auto).
             compiling = {model for model, engine in _ready(log_path).items() if engine.startswith("torch/")}
             deadline = time.monotonic() + 600
@@ -113,32 +191,75 @@ def main() -> None:
         default=True,
         help="let the warm run go on until the background compile takes over, and time it",
     )
+    parser.add_argument(
+        "--embed-model",
+        default=None,
+        help="the sidecar's --embed-model (its default, the packaged embedder, when not given; '' for none)",
+    )
+    parser.add_argument(
+        "--malloc-arena-max", type=int, default=0, help="MALLOC_ARENA_MAX for the sidecar; 0 leaves glibc's"
+    )
     parser.add_argument("--out", type=Path, default=OUT / "startup.json")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(OUT / "minilm-l6-cross-encoder")
+    passages = candidates(model_dir)
+    extra = [] if args.embed_model is None else ["--embed-model", args.embed_model]
+    env = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
     starts: list[Start] = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="rerank-startup-") as scratch:
             cache_dir = Path(scratch) / "cache"
             for kind in ("cold", "warm"):
                 result = start(
-                    model_dir, cache_dir, kind, wait_compiled=args.wait_compiled and kind == "warm"
+                    model_dir,
+                    cache_dir,
+                    kind,
+                    args.wait_compiled and kind == "warm",
+                    passages,
+                    extra,
+                    env,
                 )
                 starts.append(result)
-                print(f"run {run + 1} {kind}: {result.seconds_to_serving:.1f} s to SERVING", flush=True)
+                print(
+                    f"run {run + 1} {kind}: {result.seconds_to_serving:.1f} s to SERVING, RSS peak "
+                    f"{result.peak_rss_mb:.0f} MB, settled {result.settled_rss_mb:.0f} MB, torch "
+                    f"{'loaded' if result.torch_loaded else 'not loaded'}",
+                    flush=True,
+                )
                 for model, phases in result.models.items():
                     print(f"  {model}: {phases}", flush=True)
                 if result.compiled_after:
                     print(f"  compiled in the background: {result.compiled_after}", flush=True)
+    imports = import_costs()
     hardware = hardware_record()
+    load_average = Path("/proc/loadavg").read_text().split()[:3]
     print(f"hardware: {hardware['cpu']} ({hardware['isa_class']}), {hardware['cores']} cores")
-    print("| start | median s to SERVING | min | max |")
-    print("|---|---|---|---|")
+    print(f"load average at the end: {' '.join(load_average)}")
+    print("| start | median s to SERVING | min | max | peak RSS MB | settled RSS MB | torch loaded |")
+    print("|---|---|---|---|---|---|---|")
     for kind in ("cold", "warm"):
-        seconds = [result.seconds_to_serving for result in starts if result.kind == kind]
-        print(f"| {kind} | {statistics.median(seconds):.1f} | {min(seconds):.1f} | {max(seconds):.1f} |")
-    args.out.write_text(json.dumps({"hardware": hardware, "starts": [asdict(s) for s in starts]}, indent=2))
+        runs = [result for result in starts if result.kind == kind]
+        seconds = [result.seconds_to_serving for result in runs]
+        peak = statistics.median(result.peak_rss_mb for result in runs)
+        settled = statistics.median(result.settled_rss_mb for result in runs)
+        loaded = sum(result.torch_loaded for result in runs)
+        print(
+            f"| {kind} | {statistics.median(seconds):.1f} | {min(seconds):.1f} | {max(seconds):.1f} | "
+            f"{peak:.0f} | {settled:.0f} | {loaded} of {len(runs)} |"
+        )
+    print("| library | import s (median) | resident MB added |")
+    print("|---|---|---|")
+    for library, cost in imports.items():
+        print(f"| {library} | {cost['seconds']:.2f} | {cost['rss_mb']:.0f} |")
+    record = {
+        "hardware": hardware,
+        "load_average": load_average,
+        "settings": {"embed_model": args.embed_model, "malloc_arena_max": args.malloc_arena_max},
+        "imports": imports,
+        "starts": [asdict(s) for s in starts],
+    }
+    args.out.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ versions, build options). A manifest written after the artifact records the key 
 SHA-256; on reuse both are checked, so a stale, truncated or corrupt file is logged and rebuilt, not
 loaded.
 
+A reuse-only cache (``reuse_only=True``: a warm start without the libraries that build) raises
+a ModelLoadError with the reason where it would build, so the start can go the full way instead.
+
 A cache directory that cannot be written is not an error: ``usable_cache_dir`` says so once and hands
 out a temporary directory instead, so the server still starts, only without remembering anything.
 """
@@ -86,11 +89,22 @@ def key_digest(key: Mapping[str, str]) -> str:
 
 
 class ArtifactCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, reuse_only: bool = False) -> None:
         self.root = root
+        self.reuse_only = reuse_only
 
     def entry_dir(self, kind: str, key: Mapping[str, str]) -> Path:
         return self.root / f"{kind}-{key_digest(key)}"
+
+    def cached(self, kind: str, key: Mapping[str, str], filename: str) -> Path:
+        """The path of a verified artifact for ``key``; when there is none, a ModelLoadError naming the
+        file and why."""
+        artifact = self.entry_dir(kind, key) / filename
+        problem = self._verify(self.entry_dir(kind, key), key, filename)
+        if problem is not None:
+            raise ModelLoadError(f"the cached {kind} {artifact} is unusable: {problem}")
+        logger.info("reusing cached %s %s", kind, artifact)
+        return artifact
 
     def get_or_build(
         self, kind: str, key: Mapping[str, str], filename: str, build: Callable[[Path], None]
@@ -100,6 +114,8 @@ class ArtifactCache:
         ``build`` may write companion files beside ``path`` (ONNX external data); only ``path``
         itself is checksummed.
         """
+        if self.reuse_only:
+            return self.cached(kind, key, filename)
         entry = self.entry_dir(kind, key)
         artifact = entry / filename
         problem = self._verify(entry, key, filename)

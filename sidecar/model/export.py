@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.cache import ArtifactCache
-from sidecar.model.network import BiEncoderNetwork, Network
+
+if TYPE_CHECKING:
+    from sidecar.model.network import Network
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +40,19 @@ class ExportedModel:
 
 
 def library_versions() -> dict[str, str]:
-    import onnx
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__}
+    """The versions of the libraries an export depends on, read from their package metadata, so a
+    warm start learns them without importing torch."""
+    return {package: importlib.metadata.version(package) for package in ("torch", "transformers", "onnx")}
 
 
 def export_onnx(
     network: Network, fingerprint: str, input_names: tuple[str, ...], cache: ArtifactCache
 ) -> ExportedModel:
     """The network as ONNX (fp32 outputs, dynamic batch and sequence axes), from the cache when valid."""
+    from sidecar.model.network import BiEncoderNetwork
+
     config = network.model.config
-    key = {"model": fingerprint, "inputs": ",".join(input_names), "opset": str(OPSET), **library_versions()}
+    key = _export_key(fingerprint, input_names)
     path = cache.get_or_build("onnx", key, "model.onnx", lambda target: _export(network, input_names, target))
     return ExportedModel(
         path=path,
@@ -61,6 +65,21 @@ def export_onnx(
     )
 
 
+def cached_export(
+    description: Mapping[str, Any], input_names: tuple[str, ...], cache: ArtifactCache
+) -> ExportedModel:
+    """The export an earlier start made, found again in ``cache`` with no network to export from:
+    ``description`` holds its fields but the path. A missing, damaged or stale file raises
+    a ModelLoadError."""
+    fields = {**description, "input_names": tuple(description["input_names"])}
+    path = cache.cached("onnx", _export_key(fields["fingerprint"], input_names), "model.onnx")
+    return ExportedModel(path=path, **fields)
+
+
+def _export_key(fingerprint: str, input_names: tuple[str, ...]) -> dict[str, str]:
+    return {"model": fingerprint, "inputs": ",".join(input_names), "opset": str(OPSET), **library_versions()}
+
+
 def graph_inputs(path: Path) -> tuple[str, ...]:
     """The names of the inputs an ONNX file declares, read without its weights."""
     import onnx
@@ -71,6 +90,8 @@ def graph_inputs(path: Path) -> tuple[str, ...]:
 
 
 def _export(network: Network, input_names: tuple[str, ...], target: Path) -> None:
+    import torch
+
     logger.info("exporting the model to ONNX (opset %d) at %s", OPSET, target)
     # ONNX Runtime's BERT fusion recognises the eager attention pattern, not the SDPA one, and only
     # in graphs from the TorchScript exporter; the copy keeps the served network untouched.

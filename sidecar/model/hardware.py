@@ -21,6 +21,8 @@ SPEED_FEATURES = (
     "amx_bf16",
     "amx_int8",
 )
+# bf16 arithmetic in hardware, not emulated in fp32.
+_NATIVE_BF16_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
 # int8 dot products without saturation: VNNI on x86, the dot-product extension on Arm.
 _INT8_DOT_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
 
@@ -49,6 +51,11 @@ class CpuInfo:
         """Whether int8 GEMMs have dot-product instructions; without them ONNX Runtime's u8s8 x86
         kernels can saturate their 16-bit intermediate sums, which moves scores (its quantization guide)."""
         return bool(self.features & _INT8_DOT_FEATURES)
+
+    @property
+    def has_native_bf16(self) -> bool:
+        """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX), read without importing torch."""
+        return bool(self.features & _NATIVE_BF16_FEATURES)
 
     def describe(self) -> str:
         return f"{self.model} ({self.isa_class})"

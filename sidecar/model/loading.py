@@ -329,6 +329,7 @@ def _text_model_fields(
         )
     if tokenizer.pad_token_id is None:
         raise ModelLoadError(f"The tokenizer of {source.name!r} defines no padding token.")
+    _require_vocabulary_file(source, tokenizer)
     limit = _model_max_length(config, tokenizer.model_max_length)
     if family.prompt is not None:
         limit = min(limit, family.prompt.max_length)
@@ -351,6 +352,21 @@ def _text_model_fields(
         "tokenizer": pair_tokenizer,
         "revision": source.revision or getattr(config, "_commit_hash", None) or "",
     }
+
+
+def _require_vocabulary_file(source: ModelSource, tokenizer: Any) -> None:
+    """Refuse a tokenizer built from none of its files: without tokenizer.json or a vocabulary file,
+    transformers builds one of special tokens alone, which reads every word as unknown."""
+    names = ["tokenizer.json", *sorted(set(getattr(tokenizer, "vocab_files_names", {}).values()))]
+    names = list(dict.fromkeys(names))
+    if any(_sentence_transformers_file(source, name) is not None for name in names):
+        return
+    where = Path(source.name) if source.is_local else None
+    missing = ", ".join(str(where / name) if where else name for name in names)
+    raise ModelLoadError(
+        f"The tokenizer of {source.name!r} has no vocabulary: {missing} "
+        f"{'is' if len(names) == 1 else 'are all'} missing. Restore the model's tokenizer.json."
+    )
 
 
 def _model_max_length(config: Any, tokenizer_max_length: int) -> int:

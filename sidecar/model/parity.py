@@ -133,13 +133,18 @@ def _probe(
     with_token_type_ids: bool,
     max_batch_pairs: int,
     to_scores: Callable[[np.ndarray], np.ndarray],
+    max_batch_tokens: int = 0,
 ) -> Probe:
     order = np.argsort([len(row.input_ids) for row in rows], kind="stable")
     ordered = [rows[index] for index in order]
-    batches = tuple(
-        collate(ordered[start : start + max_batch_pairs], pad_token_id, with_token_type_ids)
-        for start in range(0, len(ordered), max_batch_pairs)
-    )
+    groups: list[list[EncodedPair]] = [[]]
+    for row in ordered:
+        # Rows grow in length, so the padded size of a batch is its rows times this row's length.
+        padded = (len(groups[-1]) + 1) * len(row.input_ids)
+        if groups[-1] and (len(groups[-1]) == max_batch_pairs or 0 < max_batch_tokens < padded):
+            groups.append([])
+        groups[-1].append(row)
+    batches = tuple(collate(group, pad_token_id, with_token_type_ids) for group in groups)
     return Probe(batches, order, to_scores)
 
 
@@ -159,9 +164,12 @@ def vocabulary_sweep(vocab_size: int, *, pad_token_id: int, max_length: int) -> 
     ]
 
 
-def cross_encoder_probe(model: CrossEncoderModel, max_batch_pairs: int, *, vocab_size: int) -> Probe:
+def cross_encoder_probe(
+    model: CrossEncoderModel, max_batch_pairs: int, *, vocab_size: int, max_batch_tokens: int = 0
+) -> Probe:
     """Every probe query against every probe document, as the reranker would send them, then the
-    vocabulary sweep."""
+    vocabulary sweep; batched as the batcher would, within ``max_batch_tokens`` when given, so the gate
+    leaves an engine's scratch memory no larger than serving does."""
     spec = PairSpec(max_length=model.max_length)
     pairs = [
         pair for query in PROBE_QUERIES for pair in model.tokenizer.encode(query, PROBE_DOCUMENTS, spec).pairs
@@ -172,7 +180,9 @@ def cross_encoder_probe(model: CrossEncoderModel, max_batch_pairs: int, *, vocab
         log_odds = logits[:, 0] if model.num_labels == 1 else logits[:, 1] - logits[:, 0]
         return 1.0 / (1.0 + np.exp(-log_odds))
 
-    return _probe(pairs, model.pad_token_id, model.uses_token_type_ids, max_batch_pairs, to_scores)
+    return _probe(
+        pairs, model.pad_token_id, model.uses_token_type_ids, max_batch_pairs, to_scores, max_batch_tokens
+    )
 
 
 def bi_encoder_probe(
@@ -183,6 +193,7 @@ def bi_encoder_probe(
     with_token_type_ids: bool,
     max_batch: int,
     vocab_size: int,
+    max_batch_tokens: int = 0,
 ) -> Probe:
     """Probe queries and documents embedded separately, the vocabulary sweep's rows as more documents;
     scores are the cosine of every query-document pair."""
@@ -195,7 +206,7 @@ def bi_encoder_probe(
         queries, documents = unit[: len(PROBE_QUERIES)], unit[len(PROBE_QUERIES) :]
         return (queries @ documents.T).ravel()
 
-    return _probe(rows, pad_token_id, with_token_type_ids, max_batch, to_scores)
+    return _probe(rows, pad_token_id, with_token_type_ids, max_batch, to_scores, max_batch_tokens)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -77,6 +77,11 @@ class PairTokenizer:
         self._tokenizer.no_padding()
         self.special_tokens_per_pair = self._tokenizer.num_special_tokens_to_add(is_pair=True)
 
+    def serialized(self) -> str:
+        """The Rust tokenizer as tokenizer.json text, from which a warm start rebuilds it without
+        transformers (``Tokenizer.from_str``)."""
+        return self._tokenizer.to_str()
+
     def token_id(self, token: str) -> int | None:
         """The id of ``token`` when the tokenizer encodes it as exactly that one token."""
         ids = self._tokenizer.encode(token, add_special_tokens=False).ids

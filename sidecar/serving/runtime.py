@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from sidecar.errors import ModelLoadError
-from sidecar.model.cache import usable_cache_dir
-from sidecar.model.calibration import model_calibration, read_calibration
+from sidecar.model.cache import ArtifactCache, usable_cache_dir
+from sidecar.model.calibration import CalibrationSet, model_calibration, read_calibration
 from sidecar.model.engines import Engine
-from sidecar.model.engines.selection import EngineRequest, Selection, select_engine
-from sidecar.model.engines.torch_engine import resolve_device
+from sidecar.model.engines.registry import EngineInputs
+from sidecar.model.engines.selection import EngineRequest, Selection, select_engine, select_remembered
+from sidecar.model.export import cached_export
 from sidecar.model.hardware import describe_device
-from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelKind, ModelSource, load_model
-from sidecar.model.network import load_model_network
-from sidecar.model.parity import bi_encoder_probe, cross_encoder_probe
+from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource
+from sidecar.model.memory import release_unused_memory
+from sidecar.model.parity import Probe, bi_encoder_probe, cross_encoder_probe
 from sidecar.model.phases import PhaseTimer
+from sidecar.model.warm import WarmStore, model_files, rebuild_model, record_of, warm_key
 from sidecar.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,16 @@ class Runtime:
 # cache (benchmarks/RESULTS.md, "Engines and precisions", AMX runs 8-9).
 _CPU_BATCH_TOKENS = 4096
 _CUDA_BATCH_TOKENS = 8192
-# Torch's own default (one per core, or OMP_NUM_THREADS), read before the server changes it.
-_DEFAULT_THREADS = torch.get_num_threads()
+# Loaded by the NVIDIA driver: where it is absent, --device auto means the CPU without asking torch.
+_NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
+
+
+@functools.cache
+def _default_threads() -> int:
+    """Torch's own default (one per core, or OMP_NUM_THREADS), read once, before the server changes it."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def batch_token_budget(configured: int, device: str, max_length: int) -> int:
@@ -104,51 +113,219 @@ def engine_request(
 
 
 def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
-    """Blocking: reads files and weights, exports and compiles. The server calls it on a worker thread."""
+    """Blocking: reads files and weights, exports and compiles. The server calls it on a worker thread.
+
+    A warm start (see ``_warm_runtime``) reads the model's tokenizer and a compiled engine from the
+    cache without importing torch or transformers; when it cannot, the start loads the model in full.
+    """
+    # Checked before any library makes its own cache directory in it: one that cannot be written is a
+    # warning, and a temporary directory stands in (torch._dynamo creates Inductor's on import).
+    cache_dir = usable_cache_dir(Path(settings.cache_dir).expanduser())
+    source = dataclasses.replace(source, trust_remote_code=settings.trust_remote_code)
+    calibration_set = read_calibration(settings.calibration_file)  # a bad file stops the start first
+    phases = PhaseTimer()
+    warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
+    if warm is not None:
+        return warm
+    return _cold_runtime(settings, source, cache_dir, calibration_set, phases)
+
+
+def _warm_obstacle(settings: Settings, source: ModelSource) -> str | None:
+    """Why this start cannot be a warm one whatever the cache holds, or None."""
+    if settings.engine == "torch":
+        return "--engine torch"
+    if settings.reselect:
+        return "--reselect"
+    if not source.is_local:
+        return f"{source.name} is not a local directory"
+    if warm_device(settings.device) is None:
+        return f"--device {settings.device}: which device serves is for torch to say"
+    return None
+
+
+def warm_device(requested: str) -> str | None:
+    """The device as ``resolve_device`` would name it, where that needs no torch: the CPU when asked for
+    or when no NVIDIA driver is loaded; None otherwise."""
+    if requested == "cpu" or (requested == "auto" and not _NVIDIA_DRIVER.exists()):
+        return "cpu"
+    return None
+
+
+def _warm_runtime(
+    settings: Settings,
+    source: ModelSource,
+    cache_dir: Path,
+    calibration_set: CalibrationSet,
+    phases: PhaseTimer,
+) -> Runtime | None:
+    """The runtime rebuilt from what a cold start remembered, or None (the reason logged)."""
+    obstacle = _warm_obstacle(settings, source)
+    if obstacle is not None:
+        logger.info("loading %s in full: %s", source.model_id, obstacle)
+        return None
+    device = warm_device(settings.device)
+    assert device is not None
+    model_dir = Path(source.name)
+    store = WarmStore(cache_dir)
+    with phases.timed("load"):
+        files = model_files(model_dir)
+        key = _warm_key(settings, files)
+        record, why_not = store.recall(model_dir, files, key)
+        if record is not None:
+            try:
+                model = rebuild_model(record, source, store.tokenizer(key), settings.instruction)
+            except ModelLoadError as exc:
+                record, why_not = None, str(exc)
+    if record is None:
+        # A first start is no surprise; a record that no longer holds is.
+        level = logging.WARNING if store.remembers(model_dir) else logging.INFO
+        logger.log(level, "loading %s in full, as on a first start: %s", source.model_id, why_not)
+        return None
+    threads = settings.threads or record.default_threads
+    workers = batch_workers(settings.batch_workers, device, threads)
+    request = engine_request(
+        settings, device, model.max_length, max(1, threads // workers), workers, cache_dir
+    )
+    probe, outputs = _probe(model, settings, record.vocab_size, request.max_batch_tokens)
+    cache = ArtifactCache(cache_dir, reuse_only=True)
+    try:
+        exported = cached_export(record.export, record.input_names, cache)
+    except ModelLoadError as exc:
+        logger.warning("loading %s in full, as on a first start: %s", source.model_id, exc)
+        return None
+    inputs = EngineInputs(
+        None,
+        record.model_hash,
+        record.input_names,
+        cache,
+        exported=exported,
+        calibration=model_calibration(model, calibration_set),
+    )
+    selection, why_not = select_remembered(request, inputs, probe, phases)
+    if selection is None:
+        logger.warning("loading %s in full, as on a first start: %s", source.model_id, why_not)
+        return None
+    release_unused_memory()
+    return _serving_runtime(settings, source, model, selection, request, workers, phases, outputs)
+
+
+def _cold_runtime(
+    settings: Settings,
+    source: ModelSource,
+    cache_dir: Path,
+    calibration_set: CalibrationSet,
+    phases: PhaseTimer,
+) -> Runtime:
+    """The model loaded through transformers and the engine selected (or remembered) with torch at hand."""
+    import torch
+
+    from sidecar.model.engines.torch_engine import resolve_device
+    from sidecar.model.loading import load_model
+    from sidecar.model.network import load_model_network
+
     device = resolve_device(settings.device)
-    threads = settings.threads or _DEFAULT_THREADS
+    threads = settings.threads or _default_threads()
     workers = batch_workers(settings.batch_workers, device, threads)
     threads_per_worker = max(1, threads // workers)
     # Loading and the parity gates use every thread; the selection times candidates and compiles on one
     # worker's share, which serving then keeps (process-wide, and read when TorchInductor generates
     # kernels, so it is set before anything compiles in the background).
     torch.set_num_threads(threads)
-    # Checked before any library makes its own cache directory in it: one that cannot be written is a
-    # warning, and a temporary directory stands in (torch._dynamo creates Inductor's on import).
-    cache_dir = usable_cache_dir(Path(settings.cache_dir).expanduser())
     # TorchInductor's compiled kernels go beside the other compiled artifacts, on the mounted volume.
     # Inductor reads the variable once per process, so it is set before anything compiles or exports;
     # an operator's own setting wins.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
-    source = dataclasses.replace(source, trust_remote_code=settings.trust_remote_code)
-    calibration_set = read_calibration(settings.calibration_file)  # a bad file stops the start first
-    phases = PhaseTimer()
     with phases.timed("load"):
         model = load_model(source, settings.max_length, settings.instruction)
         network = load_model_network(model)
     input_names = ("input_ids", "attention_mask", "token_type_ids")
     input_names = input_names if model.uses_token_type_ids else input_names[:2]
     vocab_size = network.model.get_input_embeddings().num_embeddings
-    if model.kind is ModelKind.CROSS_ENCODER:
-        probe = cross_encoder_probe(model, settings.max_batch_pairs, vocab_size=vocab_size)  # type: ignore[arg-type]
-        outputs = f"{model.num_labels} label(s)"
-    else:
-        probe = bi_encoder_probe(
-            model.tokenizer,
-            max_length=model.max_length,
-            pad_token_id=model.pad_token_id,
-            with_token_type_ids=model.uses_token_type_ids,
-            max_batch=settings.max_batch_pairs,
-            vocab_size=vocab_size,
-        )
-        outputs = f"{model.dims} dims, {model.pooling.mode} pooling"
     request = engine_request(settings, device, model.max_length, threads_per_worker, workers, cache_dir)
+    probe, outputs = _probe(model, settings, vocab_size, request.max_batch_tokens)
     calibration = model_calibration(model, calibration_set)
     selection = select_engine(request, network, input_names, probe, phases, calibration)
     torch.set_num_threads(threads_per_worker)
+    del network  # the fp32 reference: the engine that serves holds what it needs
+    if source.is_local:
+        model_dir = Path(source.name)
+        _remember_for_warm_starts(settings, model_dir, cache_dir, model, selection, vocab_size, input_names)
+    release_unused_memory()
+    return _serving_runtime(settings, source, model, selection, request, workers, phases, outputs)
+
+
+def _remember_for_warm_starts(
+    settings: Settings,
+    model_dir: Path,
+    cache_dir: Path,
+    model: CrossEncoderModel | BiEncoderModel,
+    selection: Selection,
+    vocab_size: int,
+    input_names: tuple[str, ...],
+) -> None:
+    """What the next start needs to serve this engine without torch; nothing (and no stale record)
+    when the engine is torch or was built from no export."""
+    store = WarmStore(cache_dir)
+    if selection.exported is None or selection.engine.name == "torch":
+        store.forget(model_dir)
+        return
+    files = model_files(model_dir)
+    record = record_of(
+        model,
+        model_hash=selection.model_hash,
+        vocab_size=vocab_size,
+        input_names=input_names,
+        default_threads=_default_threads(),
+        exported=selection.exported,
+    )
+    key = _warm_key(settings, files)
+    store.remember(model_dir, files, key, record, model.tokenizer)
+
+
+def _warm_key(settings: Settings, files: dict[str, str]) -> dict[str, str]:
+    return warm_key(
+        files,
+        max_length_cap=settings.max_length,
+        instruction=settings.instruction,
+        trust_remote_code=settings.trust_remote_code,
+    )
+
+
+def _probe(
+    model: CrossEncoderModel | BiEncoderModel, settings: Settings, vocab_size: int, max_batch_tokens: int
+) -> tuple[Probe, str]:
+    """The parity gate's probe for the model, in the batcher's batch shapes, and how its outputs are
+    described in the log."""
+    if isinstance(model, CrossEncoderModel):
+        probe = cross_encoder_probe(
+            model, settings.max_batch_pairs, vocab_size=vocab_size, max_batch_tokens=max_batch_tokens
+        )
+        return probe, f"{model.num_labels} label(s)"
+    probe = bi_encoder_probe(
+        model.tokenizer,
+        max_length=model.max_length,
+        pad_token_id=model.pad_token_id,
+        with_token_type_ids=model.uses_token_type_ids,
+        max_batch=settings.max_batch_pairs,
+        vocab_size=vocab_size,
+        max_batch_tokens=max_batch_tokens,
+    )
+    return probe, f"{model.dims} dims, {model.pooling.mode} pooling"
+
+
+def _serving_runtime(
+    settings: Settings,
+    source: ModelSource,
+    model: CrossEncoderModel | BiEncoderModel,
+    selection: Selection,
+    request: EngineRequest,
+    workers: int,
+    phases: PhaseTimer,
+    outputs: str,
+) -> Runtime:
     engine = selection.engine
     workers = serving_workers(settings.batch_workers, workers, engine)
-    hardware = describe_device(device)
+    hardware = describe_device(request.device)
     logger.info(
         "loaded %s (%s %s, %s, max_length %d) on %s/%s/%s (%s%s), batches of up to %d tokens on %d "
         "worker(s) of %d thread(s); parity %s",

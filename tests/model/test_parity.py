@@ -16,6 +16,7 @@ from sidecar.model.parity import (
     SWEEP_ROW_TOKENS,
     SWEEP_TOKENS,
     compare,
+    cross_encoder_probe,
     spearman,
     vocabulary_sweep,
 )
@@ -138,3 +139,12 @@ def test_int8_must_keep_nine_of_the_top_ten_even_when_the_order_elsewhere_holds(
     kept = compare(one_dropped, reference, "int8")
     assert kept.top_kept == 9
     assert compare(reference, reference, "fp32").describe().endswith("top 10 kept 10")
+
+
+def test_the_probe_keeps_to_the_batch_token_budget_and_scores_the_same_rows(tiny_model, tiny_reference):
+    unbounded = cross_encoder_probe(tiny_model, 32, vocab_size=30522)
+    bounded = cross_encoder_probe(tiny_model, 32, vocab_size=30522, max_batch_tokens=1024)
+    assert any(batch.input_ids.size > 1024 for batch in unbounded.batches)
+    assert all(batch.input_ids.size <= 1024 for batch in bounded.batches)
+    assert sum(len(batch.input_ids) for batch in bounded.batches) == len(unbounded.order)
+    np.testing.assert_allclose(bounded.scores(tiny_reference), unbounded.scores(tiny_reference), atol=1e-5)

@@ -30,9 +30,8 @@ from sidecar.model.calibration import Calibration
 from sidecar.model.engines.base import Engine, require_precision
 from sidecar.model.engines.openvino_int8 import nncf_unavailable_reason, static_int8_model
 from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
-from sidecar.model.engines.torch_engine import cpu_supports_bf16
 from sidecar.model.export import ExportedModel
-from sidecar.model.hardware import device_fingerprint
+from sidecar.model.hardware import cpu_info, device_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ def openvino_precisions(device: str) -> tuple[str, ...]:
     if device != "cpu":
         return ()
     int8 = () if nncf_unavailable_reason() else ("int8",)
-    return (*int8, "bf16", "fp32") if cpu_supports_bf16() else (*int8, "fp32")
+    return (*int8, "bf16", "fp32") if cpu_info().has_native_bf16 else (*int8, "fp32")
 
 
 def unavailable_reason(device: str) -> str | None:
@@ -60,7 +59,7 @@ def unavailable_reason(device: str) -> str | None:
 def _int8_rest_precision() -> str:
     """What the int8 model runs outside int8 (the parts kept in higher precision, softmax, LayerNorm):
     bf16 where the CPU has it natively, which measured faster at the same fidelity, else fp32."""
-    return "bf16" if cpu_supports_bf16() else "f32"
+    return "bf16" if cpu_info().has_native_bf16 else "f32"
 
 
 class OpenVinoEngine(Engine):

@@ -9,41 +9,63 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from sidecar.errors import ModelLoadError
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.calibration import Calibration
 from sidecar.model.engines import ENGINE_CHAIN
 from sidecar.model.engines.base import Engine
 from sidecar.model.export import ExportedModel, export_onnx
-from sidecar.model.network import Network
+
+if TYPE_CHECKING:
+    from sidecar.model.network import Network
 
 
 class EngineInputs:
-    """What any engine is built from: the network, and its ONNX export, made once on first use."""
+    """What any engine is built from: the network, and its ONNX export, made once on first use.
+
+    A warm start has no network: it passes the export an earlier start made (``exported``, found
+    again in a reuse-only cache), and an engine that needs the network cannot be built from it.
+    """
 
     def __init__(
         self,
-        network: Network,
+        network: Network | None,
         model_hash: str,
         input_names: tuple[str, ...],
         cache: ArtifactCache,
         *,
         on_export: Callable[[Callable[[], ExportedModel]], ExportedModel] = lambda export: export(),
         calibration: Calibration | None = None,
+        exported: ExportedModel | None = None,
     ) -> None:
-        self.network = network
+        self._network = network
         self.cache = cache
         # The rows static int8 calibrates on; None where no candidate needs them.
         self.calibration = calibration
-        self._model_hash = model_hash
+        self.model_hash = model_hash
         self._input_names = input_names
         self._on_export = on_export  # e.g. times the export as a loading phase
-        self._exported: ExportedModel | None = None
+        self._exported = exported
+
+    @property
+    def network(self) -> Network:
+        if self._network is None:
+            raise ModelLoadError(
+                "this start has no PyTorch network: it rebuilds engines from cached artifacts"
+            )
+        return self._network
+
+    @property
+    def made_export(self) -> ExportedModel | None:
+        """The export, when some engine asked for it."""
+        return self._exported
 
     def exported(self) -> ExportedModel:
         if self._exported is None:
             self._exported = self._on_export(
-                lambda: export_onnx(self.network, self._model_hash, self._input_names, self.cache)
+                lambda: export_onnx(self.network, self.model_hash, self._input_names, self.cache)
             )
         return self._exported
 

@@ -9,6 +9,9 @@ The verdict is remembered in the cache (``verdict``): a restart on the same mode
 and settings loads and gates only the chosen engine. When torch serves and ``--torch-compile`` asks,
 the winner is compiled and gated again: before serving with ``on``, in the background with ``auto``.
 The reason each candidate was skipped is kept as a note for ``Info``.
+
+A warm start (``select_remembered``) rebuilds a remembered engine other than torch from its cached
+artifacts alone and gates it against the remembered reference scores: no network, no torch.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
@@ -31,13 +34,14 @@ from sidecar.model.calibration import Calibration
 from sidecar.model.engines import ENGINE_CHAIN, ENGINE_CHOICES, PRECISION_CHOICES
 from sidecar.model.engines.base import Engine
 from sidecar.model.engines.registry import EngineInputs, EngineShape, engine_spec
-from sidecar.model.engines.torch_engine import TorchEngine, compile_wanted
 from sidecar.model.engines.verdict import Verdict, VerdictStore
 from sidecar.model.export import ExportedModel, library_versions
 from sidecar.model.hardware import device_fingerprint
-from sidecar.model.network import Network, content_hash
 from sidecar.model.parity import ParityReport, Probe, compare
 from sidecar.model.phases import PhaseTimer
+
+if TYPE_CHECKING:
+    from sidecar.model.network import Network
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +97,10 @@ class Selection:
     speedup_over_lossless: float = 0.0
     # Set when --torch-compile auto leaves the compile for after the server is SERVING.
     upgrade: Upgrade | None = None
+    # The content hash of the network, and its ONNX export when an engine was built from one: what a
+    # later warm start finds the verdict and the artifacts by.
+    model_hash: str = ""
+    exported: ExportedModel | None = None
 
 
 def is_lossy(precision: str, device: str) -> bool:
@@ -143,13 +151,14 @@ def plan_candidates(
 
 
 class _Builder:
-    """Builds candidate engines through the registry; the reference (torch fp32 on the CPU) is reused."""
+    """Builds candidate engines through the registry; the reference (torch fp32 on the CPU), when there
+    is one, is reused."""
 
     def __init__(
         self,
         request: EngineRequest,
         inputs: EngineInputs,
-        reference: Engine,
+        reference: Engine | None,
         probe: Probe,
     ) -> None:
         self.request = request
@@ -167,7 +176,7 @@ class _Builder:
 
     def build(self, candidate: Candidate) -> Engine:
         reference = self.reference
-        if (candidate.engine, candidate.precision, self.request.device) == (
+        if reference is not None and (candidate.engine, candidate.precision, self.request.device) == (
             reference.name,
             reference.precision,
             reference.device,
@@ -177,6 +186,8 @@ class _Builder:
 
     def compiled_torch(self, candidate: Candidate) -> Engine:
         """The torch engine at the candidate's precision, compiled by TorchInductor."""
+        from sidecar.model.engines.torch_engine import TorchEngine
+
         return TorchEngine(
             self.inputs.network,
             precision=candidate.precision,
@@ -195,6 +206,9 @@ def select_engine(
 ) -> Selection:
     """The engine that serves: the remembered choice when it still holds, else a fresh selection.
     ``calibration`` is what static int8 calibrates on."""
+    from sidecar.model.engines.torch_engine import TorchEngine, compile_wanted
+    from sidecar.model.network import content_hash
+
     phases = phases or PhaseTimer()
     specs = {name: engine_spec(name) for name in ENGINE_CHAIN}
     candidates, notes = plan_candidates(
@@ -261,13 +275,41 @@ def select_engine(
         else:
             selection.upgrade = compile_step
     logger.info("serving with %s%s", candidate, " (remembered)" if selection.from_cache else "")
+    selection.model_hash = model_hash
+    selection.exported = inputs.made_export
     return selection
+
+
+def select_remembered(
+    request: EngineRequest, inputs: EngineInputs, probe: Probe, phases: PhaseTimer
+) -> tuple[Selection | None, str]:
+    """A warm start: the remembered engine, when it is not torch, rebuilt from what ``inputs`` hold (an
+    earlier start's export and a reuse-only cache) and gated against the remembered reference scores;
+    or None and why not, for the start to go through ``select_engine`` instead."""
+    if request.reselect:
+        return None, "--reselect"
+    model_hash = inputs.model_hash
+    key = verdict_key(request, model_hash, probe, inputs.calibration)
+    remembered, why_not = VerdictStore(request.cache_dir).recall(model_hash, request.device, key)
+    if remembered is None:
+        return None, why_not
+    if remembered.engine == "torch":
+        return None, f"the remembered engine is {remembered.candidate}, which needs the PyTorch network"
+    builder = _Builder(request, inputs, None, probe)
+    selection, why_not = _remembered(remembered, builder, np.asarray(remembered.reference_scores), phases)
+    if selection is not None:
+        logger.info("serving with %s (remembered, rebuilt from cached artifacts)", remembered.candidate)
+        selection.model_hash = model_hash
+        selection.exported = inputs.made_export
+    return selection, why_not
 
 
 @contextmanager
 def worker_threads(threads: int) -> Iterator[None]:
     """Torch's threads set to one batch worker's share: what candidates are timed and kernels generated
     with, while loading and gating use every thread. Process-wide, so only for use while loading."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -1,0 +1,275 @@
+"""A warm start from a filled cache serves a compiled engine without torch or transformers; whatever in
+the cache or the model directory no longer holds sends the start through the full load, logged with
+the reason."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import ModelLoadError
+from sidecar.model.loading import ModelSource
+from sidecar.model.warm import differing_files, model_files
+from sidecar.serving.runtime import Runtime, load_runtime
+from sidecar.settings import Settings
+from tests.models import save_tiny_bert
+
+REPO = Path(__file__).resolve().parents[2]
+COMPILED_ENGINES = ("onnxruntime", "openvino")
+
+
+def settings_for(model_dir: Path, cache_dir: Path, engine: str) -> Settings:
+    return Settings(
+        model=str(model_dir),
+        cache_dir=str(cache_dir),
+        engine=engine,
+        precision="fp32",
+        embed_model="",
+        batch_workers=1,
+        torch_compile="off",
+    )
+
+
+def start(model_dir: Path, cache_dir: Path, engine: str) -> Runtime:
+    return load_runtime(settings_for(model_dir, cache_dir, engine), ModelSource(str(model_dir)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("warm") / "bert")
+
+
+@pytest.fixture(scope="module")
+def filled_caches(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A cache per compiled engine, filled by a cold start."""
+    caches = {}
+    for engine in COMPILED_ENGINES:
+        caches[engine] = tmp_path_factory.mktemp(f"cache-{engine}")
+        runtime = start(model_dir, caches[engine], engine)
+        assert not runtime.selection.from_cache
+        runtime.engine.close()
+    return caches
+
+
+@pytest.fixture
+def cache_copy(filled_caches: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    """The filled caches, copied, so a test may damage its own."""
+    return {
+        engine: Path(shutil.copytree(cache, tmp_path / engine)) for engine, cache in filled_caches.items()
+    }
+
+
+_WARM_START = textwrap.dedent(
+    """
+    import asyncio, json, sys
+
+    import grpc
+
+    from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+    from sidecar.server import SidecarServer
+    from sidecar.settings import Settings
+
+    async def main() -> None:
+        settings = Settings(**json.loads(sys.argv[1]))
+        server = SidecarServer(settings)
+        await server.start()
+        await server.load()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = rerank_pb2_grpc.RerankerStub(channel)
+            documents = [rerank_pb2.Document(text=text) for text in ("a cat sat", "the stock market")]
+            reply = await stub.Rerank(rerank_pb2.RerankRequest(query="where is the cat", documents=documents))
+            info = await stub.Info(rerank_pb2.InfoRequest())
+        await server.stop(grace=1.0)
+        print(json.dumps({
+            "engine": info.engine,
+            "from_cache": info.selection.from_cache,
+            "scores": [result.score for result in reply.results],
+            "imported": sorted(name for name in ("torch", "transformers") if name in sys.modules),
+        }))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("engine", COMPILED_ENGINES)
+def test_a_warm_start_serves_without_importing_torch(
+    engine: str, model_dir: Path, filled_caches: dict[str, Path]
+) -> None:
+    options = {
+        "model": str(model_dir),
+        "cache_dir": str(filled_caches[engine]),
+        "engine": engine,
+        "precision": "fp32",
+        "embed_model": "",
+        "batch_workers": 1,
+        "torch_compile": "off",
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+    }
+    finished = subprocess.run(
+        [sys.executable, "-c", _WARM_START, json.dumps(options)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr
+    served = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert served["engine"] == engine
+    assert served["from_cache"]
+    assert served["imported"] == []
+    assert len(served["scores"]) == 2
+
+
+def _openvino_blob(cache: Path) -> Path:
+    (blob,) = cache.glob("openvino-*/model.blob")
+    return blob
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _stale_manifest(path: Path) -> None:
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["key"]["openvino"] = "2020.1.0"  # written by another OpenVINO
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (Path.unlink, "the artifact file is missing"),
+        (_truncate, "checksum does not match"),
+        (_stale_manifest, "its key differs"),
+    ],
+    ids=["missing", "truncated", "other-version"],
+)
+def test_a_damaged_artifact_sends_the_start_through_the_full_load(
+    damage, reason: str, model_dir: Path, cache_copy: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = cache_copy["openvino"]
+    blob = _openvino_blob(cache)
+    damage(blob)
+    with caplog.at_level(logging.INFO):
+        runtime = start(model_dir, cache, "openvino")
+    fallback = [r.getMessage() for r in caplog.records if "in full, as on a first start" in r.getMessage()]
+    assert len(fallback) == 1
+    assert str(blob) in fallback[0]
+    assert reason in fallback[0]
+    # The full load rebuilt the blob, so the remembered engine serves, and the next start is warm again.
+    assert runtime.engine.name == "openvino"
+    assert runtime.selection.from_cache
+    runtime.engine.close()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        start(model_dir, cache, "openvino").engine.close()
+    assert "rebuilt from cached artifacts" in caplog.text
+
+
+def test_a_verdict_of_another_library_version_selects_afresh(
+    model_dir: Path, cache_copy: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = cache_copy["onnxruntime"]
+    (verdict_path,) = (cache / "verdicts").glob("*.json")
+    verdict = json.loads(verdict_path.read_text())
+    verdict["key"]["onnxruntime"] = "1.0.0"
+    verdict_path.write_text(json.dumps(verdict))
+    with caplog.at_level(logging.INFO):
+        runtime = start(model_dir, cache, "onnxruntime")
+    assert "onnxruntime '1.0.0' -> " in caplog.text
+    assert "selecting an engine afresh" in caplog.text
+    assert not runtime.selection.from_cache
+    runtime.engine.close()
+
+
+def test_a_deleted_tokenizer_file_is_reported_with_its_path(
+    model_dir: Path, cache_copy: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The record is per model directory: the copy is cold-started on the same cache, then damaged.
+    copied = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    cache = cache_copy["openvino"]
+    start(copied, cache, "openvino").engine.close()
+    (copied / "tokenizer.json").unlink()
+    # The warm start says which file went; the full load then refuses a tokenizer with no vocabulary.
+    with caplog.at_level(logging.INFO), pytest.raises(ModelLoadError, match="no vocabulary") as raised:
+        start(copied, cache, "openvino")
+    assert f"missing: {copied / 'tokenizer.json'}" in caplog.text
+    assert str(copied / "tokenizer.json") in str(raised.value)
+
+
+def test_a_deleted_cached_tokenizer_is_reported_and_rebuilt(
+    model_dir: Path, cache_copy: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = cache_copy["onnxruntime"]
+    (cached,) = cache.glob("tokenizer-*/tokenizer.json")
+    cached.unlink()
+    with caplog.at_level(logging.INFO):
+        runtime = start(model_dir, cache, "onnxruntime")
+    assert f"the cached tokenizer {cached} is unusable" in caplog.text
+    assert runtime.selection.from_cache
+    runtime.engine.close()
+    assert cached.is_file()
+
+
+def test_the_torch_engine_loads_in_full(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        runtime = start(model_dir, tmp_path, "torch")
+    assert "in full: --engine torch" in caplog.text
+    assert runtime.engine.name == "torch"
+    assert not (tmp_path / "warm").exists()
+
+
+def test_model_files_names_what_changed(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "lock").write_text("")
+    before = model_files(tmp_path)
+    assert set(before) == {"config.json", "tokenizer.json"}
+    (tmp_path / "config.json").write_text('{"hidden_size": 8}')
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.txt").write_text("a")
+    described = differing_files(tmp_path, before, model_files(tmp_path))
+    assert f"missing: {tmp_path / 'tokenizer.json'}" in described
+    assert f"changed: {tmp_path / 'config.json'}" in described
+    assert f"added: {tmp_path / 'vocab.txt'}" in described
+
+
+def test_a_torch_verdict_leaves_no_record_for_warm_starts(
+    model_dir: Path, cache_copy: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = cache_copy["openvino"]
+    assert list((cache / "warm").glob("*.json"))
+    start(model_dir, cache, "torch")  # the model now served by torch: the warm record goes stale
+    assert not list((cache / "warm").glob("*.json"))
+
+
+def test_a_warm_engine_is_gated_against_the_remembered_scores(
+    model_dir: Path, cache_copy: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = cache_copy["onnxruntime"]
+    (verdict_path,) = (cache / "verdicts").glob("*.json")
+    verdict = json.loads(verdict_path.read_text())
+    scores = verdict["verdict"]["reference_scores"]
+    verdict["verdict"]["reference_scores"] = scores[::-1]  # scores the engine cannot match
+    verdict_path.write_text(json.dumps(verdict))
+    with caplog.at_level(logging.INFO):
+        runtime = start(model_dir, cache, "onnxruntime")
+    fallback = [r.getMessage() for r in caplog.records if "in full, as on a first start" in r.getMessage()]
+    assert len(fallback) == 1
+    assert "failed the parity gate" in fallback[0]
+    assert not runtime.selection.from_cache  # the full load selected afresh, against torch itself
+    runtime.engine.close()
