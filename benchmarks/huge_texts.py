@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,9 @@ from benchmarks.engines import OUT, QUERY, build_model, candidates, free_port, h
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 MEGABYTE = 1 << 20
+# RSS is read this long after the last answer: past the sidecar's default --heap-trim-interval, so
+# what is measured is what stays, not what the last request still holds.
+SETTLE_S = 2.0
 
 
 def main() -> None:
@@ -73,6 +77,7 @@ def main() -> None:
             scores(texts, call)
         for call in range(args.requests):
             scores(texts, call)
+        time.sleep(SETTLE_S)
         ordinary_rss = sidecar.rss_bytes()
         load_before = os.getloadavg()
         expected = scores([huge[: 64 * 1024], *texts[1:]], 0)[0]
@@ -80,6 +85,7 @@ def main() -> None:
             score = scores([huge, *texts[1:]], call)[0]
             if abs(score - expected) > 1e-6:
                 raise AssertionError(f"the 1 MB document scored {score}, its first 64 kB {expected}")
+        time.sleep(SETTLE_S)
         huge_rss = sidecar.rss_bytes()
         load_after = os.getloadavg()
     ratio = huge_rss / ordinary_rss
@@ -93,6 +99,7 @@ def main() -> None:
         "ordinary_rss_bytes": ordinary_rss,
         "huge_rss_bytes": huge_rss,
         "huge_over_ordinary": ratio,
+        "heap_trim_interval": os.environ.get("RERANK_HEAP_TRIM_INTERVAL", "default"),
         "load_average_before": load_before,
         "load_average_after": load_after,
     }

@@ -133,6 +133,12 @@ class Settings:
     grace_period: float = _setting(
         10.0, "Seconds in-flight calls get to finish after SIGTERM or SIGINT before they are cancelled."
     )
+    heap_trim_interval: float = _setting(
+        1.0,
+        "Seconds after a batch before freed heap memory is returned to the operating system (glibc "
+        "malloc_trim), at most once per interval and only while requests come, so resident memory settles "
+        "after large requests instead of staying at its peak; 0 disables it.",
+    )
     metrics_port: int = _setting(9400, "Port of the Prometheus metrics endpoint (on --host); 0 disables it.")
     tls_cert_file: str = _setting("", "PEM certificate chain of the server; with --tls-key-file, serves TLS.")
     tls_key_file: str = _setting("", "PEM private key of the server certificate.")
@@ -156,7 +162,8 @@ class Settings:
         positive += ("max_request_tokens", "max_message_bytes")
         require_positive(self, positive)
         non_negative = ("port", "http_port", "metrics_port", "threads", "batch_workers", "max_length")
-        require_non_negative(self, (*non_negative, "max_batch_tokens", "grace_period", "lossy_margin"))
+        non_negative += ("max_batch_tokens", "grace_period", "heap_trim_interval", "lossy_margin")
+        require_non_negative(self, non_negative)
         if self.max_batch_pairs > self.max_queued_pairs:
             raise ValueError("--max-batch-pairs must not exceed --max-queued-pairs")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -1,8 +1,10 @@
-"""Handing back to the operating system what loading left behind.
+"""Handing back to the operating system what loading, and then serving, left behind.
 
 A cold start holds the fp32 reference network, the candidates that lost, export buffers and the
 parser state of several libraries; once they are unreferenced, the collector frees the cycles among
 them, and glibc's ``malloc_trim`` returns the freed heap pages, which glibc otherwise keeps mapped.
+Serving leaves the same behind on a smaller scale (request bodies, decoded texts, batch tensors, in
+several threads' arenas), which ``HeapTrimmer`` hands back while requests come.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import threading
 from collections.abc import Callable
 
 
@@ -34,3 +37,45 @@ def release_unused_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+class HeapTrimmer:
+    """Returns freed heap pages to the operating system while requests are served: ``interval_s`` after
+    work was noted, at most once per ``interval_s``, and never while idle. Without it, glibc keeps the
+    pages of a large request's freed allocations mapped, and resident memory ratchets up to the largest
+    requests seen (benchmarks/RESULTS.md, "Memory after huge documents")."""
+
+    def __init__(self, interval_s: float, trim: Callable[[int], int] | None = None) -> None:
+        self._interval_s = interval_s
+        self._trim = trim or _malloc_trim()  # None under another C library
+        self._worked = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start trimming; nothing happens with an interval of 0 or under another C library."""
+        if self._interval_s > 0 and self._trim is not None:
+            self._thread = threading.Thread(
+                target=self._run, args=(self._trim,), name="heap-trim", daemon=True
+            )
+            self._thread.start()
+
+    def note_work(self) -> None:
+        """Some work ended (a batch): memory may have been freed. Safe from any thread."""
+        self._worked.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._worked.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self, trim: Callable[[int], int]) -> None:
+        while True:
+            self._worked.wait()
+            # The interval lets the request that did the work finish and release its memory, and
+            # coalesces the batches of a busy period into one trim.
+            if self._stopped.wait(self._interval_s):
+                return
+            self._worked.clear()
+            trim(0)

@@ -19,6 +19,7 @@ from sidecar import __version__
 from sidecar.errors import ModelLoadError, NotReady
 from sidecar.model.engines import Engine
 from sidecar.model.loading import ModelKind, ModelSource
+from sidecar.model.memory import HeapTrimmer
 from sidecar.model.tokenization import PairSpec
 from sidecar.scheduling.batcher import Batcher, BatchLimits
 from sidecar.scheduling.tokenizer_pool import TokenizerPool
@@ -85,6 +86,7 @@ class ServingCore:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._created = time.monotonic()
         self._compiling: threading.Thread | None = None
+        self._heap_trimmer = HeapTrimmer(settings.heap_trim_interval)
 
     @property
     def serves_embeddings(self) -> bool:
@@ -140,6 +142,7 @@ class ServingCore:
             )
         self.ranking, self.reranker, self.embedding, self.embedder = ranking, reranker, embedding, embedder
         self.state = ServingState.SERVING
+        self._heap_trimmer.start()
         self._upgrade_in_background()
         logger.info(
             "serving %s (%s)%s, %.1f s after the server started",
@@ -168,7 +171,7 @@ class ServingCore:
             pad_token_id=model.pad_token_id,
             with_token_type_ids=model.uses_token_type_ids,
             workers=runtime.batch_workers,
-            on_batch=self.metrics.batch_observer(source.model_id),
+            on_batch=self._batch_observer(source.model_id),
             on_non_finite=self._non_finite_reporter(source.model_id),
         )
         batcher.start()
@@ -192,6 +195,16 @@ class ServingCore:
             runtime.phases.describe(),
         )
         return served
+
+    def _batch_observer(self, model_id: str) -> Callable[[int, int], None]:
+        """Counts each batch in the metrics, and tells the heap trimmer that memory may have been freed."""
+        count = self.metrics.batch_observer(model_id)
+
+        def observe(pairs: int, padded_tokens: int) -> None:
+            count(pairs, padded_tokens)
+            self._heap_trimmer.note_work()
+
+        return observe
 
     def _non_finite_reporter(self, model_id: str) -> Callable[[Engine, int], None]:
         """Logs and counts each request failed for non-finite outputs (see NonFiniteOutput)."""
@@ -269,6 +282,7 @@ class ServingCore:
     async def close(self) -> None:
         """Fail whatever still waits, stop the batchers, and release the engines and threads."""
         self.state = ServingState.STOPPED
+        self._heap_trimmer.stop()
         for served in self.served:
             await served.batcher.close()
             served.engine.close()
