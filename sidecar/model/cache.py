@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from sidecar.errors import ModelLoadError
 
@@ -74,6 +75,16 @@ def write_problem(directory: Path) -> str | None:
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
+    """``data`` as JSON at ``path``, swapped in whole, so a reader never sees half a file; OSError when
+    the directory cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        json.dump(data, stream, indent=2, sort_keys=True)
+    os.replace(staging, path)
 
 
 def file_sha256(path: Path) -> str:

@@ -20,7 +20,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from tokenizers import Tokenizer
 
 from sidecar import __version__
 from sidecar.errors import ModelLoadError
-from sidecar.model.cache import ArtifactCache, file_sha256, key_digest
+from sidecar.model.cache import ArtifactCache, file_sha256, key_digest, write_json_atomically
 from sidecar.model.export import ExportedModel
 from sidecar.model.families import FAMILIES
 from sidecar.model.loading import (
@@ -246,11 +245,7 @@ class WarmStore:
                 _TOKENIZER_FILE,
                 lambda target: target.write_text(tokenizer.serialized()),
             )
-            self.directory.mkdir(parents=True, exist_ok=True)
-            handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=self.directory)
-            with os.fdopen(handle, "w") as stream:
-                json.dump(stored, stream, indent=2, sort_keys=True)
-            os.replace(staging, path)
+            write_json_atomically(path, stored)
         except OSError as exc:
             logger.warning("could not remember the loaded model in %s: %s", path, exc)
 

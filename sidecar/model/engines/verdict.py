@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sidecar.model.cache import write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,6 @@ class VerdictStore:
         path = self._path(model_hash, device)
         record = {"format": _FORMAT, "key": dict(key), "verdict": asdict(verdict)}
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=self.directory)
-            with os.fdopen(handle, "w") as stream:
-                json.dump(record, stream, indent=2, sort_keys=True)
-            os.replace(staging, path)
+            write_json_atomically(path, record)
         except OSError as exc:
             logger.warning("could not remember the engine choice in %s: %s", path, exc)
