@@ -357,16 +357,11 @@ class Batcher:
 
     def _drop_dead_work(self) -> None:
         now = time.monotonic()
-        alive: list[_QueuedPair] = []
         for queued in self._queue:
             job = queued.job
             if not job.finished and job.expired(now):
                 self._fail(job, DeadlineExpired("the deadline passed while the request waited in the queue"))
-            if job.finished:
-                continue
-            alive.append(queued)
-        self._queued_pairs -= len(self._queue) - len(alive)
-        self._queue = alive
+        self._keep_queued(lambda queued: not queued.job.finished)
 
     def _withdraw(self, job: ScoringJob) -> None:
         """Its caller left: cancel the job and take its pairs out of the queue now."""
@@ -376,7 +371,11 @@ class Batcher:
     def _dequeue(self, job: ScoringJob) -> None:
         """Take a finished job's pairs still queued out of the queue, so they stop counting toward the
         limit; its rows already running are dropped when their batch comes back."""
-        alive = [queued for queued in self._queue if queued.job is not job]
+        self._keep_queued(lambda queued: queued.job is not job)
+
+    def _keep_queued(self, keep: Callable[[_QueuedPair], bool]) -> None:
+        """Only the queued pairs ``keep`` holds stay queued, and counted."""
+        alive = [queued for queued in self._queue if keep(queued)]
         self._queued_pairs -= len(self._queue) - len(alive)
         self._queue = alive
 
