@@ -394,6 +394,8 @@ class Sidecar:
     engine: str
     metrics_port: int = 0
     start_s: float = 0.0  # from the process start to answering Info (SERVING)
+    compiled: bool = False
+    engine_notes: tuple[str, ...] = ()
 
     def rss_bytes(self) -> int:
         return self._status_bytes("VmRSS:")
@@ -408,8 +410,13 @@ class Sidecar:
 
 
 @contextmanager
-def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar]:
-    """The sidecar as a subprocess on a free 127.0.0.1 port, once it answers Info; stopped on exit."""
+def start_sidecar(
+    model_dir: Path, settings: dict[str, str], deadline_s: float = 900.0, compile_wait_s: float = 900.0
+) -> Iterator[Sidecar]:
+    """The sidecar as a subprocess on a free 127.0.0.1 port, once it answers Info; stopped on exit.
+
+    It must answer within ``deadline_s``; a background compile is waited for at most ``compile_wait_s``
+    after that, then the sidecar is measured as it is, and its Info says whether it compiled."""
     port = free_port()
     flags = {
         "model": str(model_dir),
@@ -424,11 +431,12 @@ def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar
     }
     command = [sys.executable, "-m", "sidecar", *(part for f, v in flags.items() for part in (f"--{f}", v))]
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": path})
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = rerank_pb2_grpc.RerankerStub(channel)
-            deadline = time.monotonic() + 900
+            deadline = time.monotonic() + deadline_s
             while True:
                 try:
                     info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
@@ -438,13 +446,16 @@ def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar
                     if time.monotonic() > deadline or process.poll() is not None:
                         raise
                     time.sleep(1)
+            compile_deadline = time.monotonic() + compile_wait_s
             # --torch-compile auto compiles after SERVING: measure once the compiled engine took over
             # (or its compile failed and said so), as a long-running replica would serve.
             while settings.get("torch-compile", "auto") != "off" and info.engine == "torch":
                 if info.compiled or any(" compiled: " in note for note in info.engine_notes):
                     break
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the sidecar's background compile never finished")
+                if process.poll() is not None:
+                    raise RuntimeError("the sidecar stopped during its background compile")
+                if time.monotonic() > compile_deadline:
+                    break
                 time.sleep(1)
                 info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
         print(
@@ -453,7 +464,15 @@ def start_sidecar(model_dir: Path, settings: dict[str, str]) -> Iterator[Sidecar
             flush=True,
         )
         metrics_port = int(flags["metrics-port"])
-        yield Sidecar(process, port, f"{info.engine}/{info.precision}", metrics_port, start_s)
+        yield Sidecar(
+            process,
+            port,
+            f"{info.engine}/{info.precision}",
+            metrics_port,
+            start_s,
+            info.compiled,
+            tuple(info.engine_notes),
+        )
     finally:
         process.terminate()
         process.wait(timeout=120)
