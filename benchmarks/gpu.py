@@ -186,7 +186,10 @@ def build_xlm_r(payload: Path, directory: Path, layers: int = 0) -> Path:
         initializer_range=0.02,
     )
     torch.manual_seed(0)
-    XLMRobertaForSequenceClassification(config).eval().save_pretrained(directory)
+    model = XLMRobertaForSequenceClassification(config).eval()
+    with torch.no_grad():  # a unit-scale head, as build_model's: scores spread enough to rank by
+        model.classifier.out_proj.weight.normal_(0.0, 1.0)
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     shutil.copy2(payload / XLM_R_TOKENIZER / "texts.json", directory / "texts.json")
     return directory
@@ -497,7 +500,7 @@ def cpu_engines(payload: Path, threads: int, repeats: int, candidates: int = CAN
         row = {
             "engine": label,
             "threads": threads,
-            "ms_per_100_pairs": ms,
+            "ms_per_request": ms,
             "pairs_per_s": 1000 * len(pairs) / ms,
         }
         row.update(fidelity(run(), reference))
@@ -592,7 +595,7 @@ def main() -> None:
     parser.add_argument(
         "--dry-run", type=int, choices=[0, 1], default=0, help="merge: the record is a dry run's"
     )
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.step == "prepare":
         result = prepare(args.payload)

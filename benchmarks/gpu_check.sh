@@ -33,13 +33,14 @@ else
     PYTHON=${PYTHON:-python3}
     DEVICE=cuda
     TOTAL_S=${GPU_CHECK_TOTAL_S:-470}
-    WHEELS_S=30 HARDWARE_S=30 TESTS_S=45 IN_PROCESS_S=110 SERVE_S=100 CPU_S=60
+    WHEELS_S=20 HARDWARE_S=20 TESTS_S=40 IN_PROCESS_S=100 SERVE_S=120 CPU_S=50
     REPEATS=30 LEVELS=(1 16) LEVEL_S=12 THREADS=$(nproc) CANDIDATES=100
     SERVE_SIZES=()
 fi
 # The device has no network: never ask the Hugging Face Hub.
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 mkdir -p "$OUT"
+rm -f "$OUT/gpu_check.json" "$OUT/gpu_check.log"
 PARTS=$(mktemp -d)
 STARTED=$(date +%s)
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
@@ -65,8 +66,8 @@ step() {
     local timed_out=false
     ((rc == 124 || rc == 137)) && timed_out=true
     echo "== $name: exit $rc after ${took} s"
-    echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $took, \"limit_s\": $limit, \"timed_out\": $timed_out}" \
-        >>"$PARTS/steps.jsonl"
+    local fields="\"rc\": $rc, \"seconds\": $took, \"limit_s\": $limit, \"timed_out\": $timed_out"
+    echo "{\"step\": \"$name\", $fields}" >>"$PARTS/steps.jsonl"
 }
 
 # 1. Wheels, into a folder first on the path, so they stand in for the image's older or missing ones.
@@ -88,8 +89,8 @@ fi
 
 # 2. The gpu-marked tests, in the files that hold them (the others need packages the device lacks).
 mapfile -t GPU_TESTS < <(grep -rl "mark.gpu" tests --include "*.py" | sort)
-step tests "$TESTS_S" bash -c "'$PYTHON' -m pytest -m gpu -q -p no:cacheprovider --timeout 120 ${GPU_TESTS[*]} \
-    2>&1 | tee '$PARTS/tests.txt'; exit \${PIPESTATUS[0]}"
+PYTEST="'$PYTHON' -m pytest -m gpu -q -p no:cacheprovider --timeout 120 ${GPU_TESTS[*]}"
+step tests "$TESTS_S" bash -c "$PYTEST 2>&1 | tee '$PARTS/tests.txt'; exit \${PIPESTATUS[0]}"
 
 # 3. Engines in process, MiniLM-L6 shape, one 100-pair batch.
 step in-process "$IN_PROCESS_S" "${BENCH[@]}" in-process --device "$DEVICE" --repeats "$REPEATS" \
@@ -98,8 +99,9 @@ step in-process "$IN_PROCESS_S" "${BENCH[@]}" in-process --device "$DEVICE" --re
 # 4. The sidecar over gRPC with its defaults on the device, for each model.
 for model in minilm-l6 xlm-r-base; do
     step "serve $model" "$SERVE_S" "${BENCH[@]}" serve --device "$DEVICE" --model "$model" \
-        --candidates "$CANDIDATES" --levels "${LEVELS[@]}" --seconds "$LEVEL_S" --deadline-s $((SERVE_S - 2 * LEVEL_S - 20)) \
-        "${SERVE_SIZES[@]}" --out "$PARTS/serve_${model//-/_}.json"
+        --candidates "$CANDIDATES" --levels "${LEVELS[@]}" --seconds "$LEVEL_S" \
+        --deadline-s $((SERVE_S - 2 * LEVEL_S - 20)) "${SERVE_SIZES[@]}" \
+        --out "$PARTS/serve_${model//-/_}.json"
 done
 
 # 5. The CPU engines on every core of the machine.
@@ -108,6 +110,6 @@ step cpu "$CPU_S" "${BENCH[@]}" cpu --threads "$THREADS" --repeats "$REPEATS" --
 
 PART_NAMES=(hardware.json tests.txt in_process.json serve_minilm_l6.json serve_xlm_r_base.json cpu.json)
 "${BENCH[@]}" merge --steps "$PARTS/steps.jsonl" --dry-run "$DRY_RUN" --out "$OUT/gpu_check.json" \
-    "${PART_NAMES[@]/#/$PARTS/}"
+    "${PART_NAMES[@]/#/$PARTS/}" || echo "gpu_check: the merge failed; the parts are in $PARTS"
 echo "gpu_check: done in $(($(date +%s) - STARTED)) s; $OUT/gpu_check.json"
-rm -rf "$PARTS"
+[[ -f "$OUT/gpu_check.json" ]] && rm -rf "$PARTS"
