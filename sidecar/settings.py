@@ -130,10 +130,10 @@ class Settings:
         16 * 1024 * 1024, "Largest gRPC message accepted or sent, and largest HTTP request body, in bytes."
     )
     tokenizer_workers: int = _setting(
-        2,
+        0,
         "Threads that tokenize requests off the event loop; a large request is split across them, at "
         "least 16 documents each. They replace the tokenizer's own thread pool "
-        "(TOKENIZERS_PARALLELISM=false unless set).",
+        "(TOKENIZERS_PARALLELISM=false unless set). 0 uses one per core the process may run on, at most 8.",
     )
     grace_period: float = _setting(
         10.0, "Seconds in-flight calls get to finish after SIGTERM or SIGINT before they are cancelled."
@@ -163,11 +163,11 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive = ("max_queued_pairs", "max_documents_per_request", "max_chunks_per_doc")
-        positive += ("tokenizer_workers", "max_request_tokens", "max_message_bytes")
+        positive += ("max_request_tokens", "max_message_bytes")
         require_positive(self, positive)
         non_negative = ("port", "http_port", "metrics_port", "threads", "batch_workers", "max_length")
         non_negative += ("max_batch_tokens", "max_batch_pairs", "grace_period", "heap_trim_interval")
-        non_negative += ("lossy_margin",)
+        non_negative += ("lossy_margin", "tokenizer_workers")
         require_non_negative(self, non_negative)
         if self.max_batch_pairs > self.max_queued_pairs:
             raise ValueError("--max-batch-pairs must not exceed --max-queued-pairs")

@@ -22,7 +22,7 @@ from sidecar.model.loading import ModelKind, ModelSource
 from sidecar.model.memory import HeapTrimmer
 from sidecar.model.tokenization import PairSpec
 from sidecar.scheduling.batcher import Batcher, BatchLimits
-from sidecar.scheduling.tokenizer_pool import TokenizerPool
+from sidecar.scheduling.tokenizer_pool import TokenizerPool, tokenizer_workers
 from sidecar.serving.embedding import Embedder
 from sidecar.serving.info import EmbeddingInfo, RankingInfo, SelectionInfo, ServingInfo
 from sidecar.serving.metrics import Metrics
@@ -79,7 +79,7 @@ class ServingCore:
         self.reranker: Reranker | None = None
         self.embedder: Embedder | None = None
         self.served: list[ServedModel] = []
-        self._tokenizer_pool = TokenizerPool(settings.tokenizer_workers)
+        self._tokenizer_pool = TokenizerPool(tokenizer_workers(settings.tokenizer_workers))
         # Requests are tokenized by that pool; the Rust tokenizer's own thread pool would also take
         # every core for each request and preempt the engine's threads under concurrent callers
         # (measured with benchmarks/load.py). An operator's setting wins.
