@@ -69,6 +69,12 @@ class Level:
     mean_queued_pairs: float = 0.0
     queue_wait_p50_ms: float = 0.0
     queue_wait_p99_ms: float = 0.0
+    # Where an answered request's time went inside the server (gRPC levels, medians of its Usage):
+    # tokenizing, the model batches that carried it, and all of it; the caller's latency less the
+    # server's total is the transport's and the client's share.
+    tokenization_p50_ms: float = 0.0
+    inference_p50_ms: float = 0.0
+    server_total_p50_ms: float = 0.0
 
 
 # What one call came to: "ok", "refused" (the queue was full), or the error's name.
@@ -76,16 +82,16 @@ Call = Callable[[], Awaitable[str]]
 
 
 def grpc_call(
-    stub: rerank_pb2_grpc.RerankerStub, request: rerank_pb2.RerankRequest, queue_waits: list[float]
+    stub: rerank_pb2_grpc.RerankerStub, request: rerank_pb2.RerankRequest, usages: list[rerank_pb2.Usage]
 ) -> Call:
-    """A Rerank call that appends each answer's queue wait (seconds) to ``queue_waits``."""
+    """A Rerank call that appends each answer's Usage (its server-side timings) to ``usages``."""
 
     async def call() -> str:
         try:
             response = await stub.Rerank(request, timeout=600)
         except grpc.aio.AioRpcError as error:
             return "refused" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else error.code().name
-        queue_waits.append(response.usage.queue_ns / 1e9)
+        usages.append(response.usage)
         return "ok"
 
     return call
@@ -173,16 +179,19 @@ def queued_pair_seconds(metrics_port: int) -> float:
 async def run_level(
     sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int, seconds: float
 ) -> Level:
-    queue_waits: list[float] = []
+    usages: list[rerank_pb2.Usage] = []
     area_before, started = queued_pair_seconds(sidecar.metrics_port), time.monotonic()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        call = grpc_call(rerank_pb2_grpc.RerankerStub(channel), request, queue_waits)
+        call = grpc_call(rerank_pb2_grpc.RerankerStub(channel), request, usages)
         (level,) = await closed_loop({"grpc": [call] * callers}, len(request.documents), seconds)
     elapsed = time.monotonic() - started
     level.mean_queued_pairs = (queued_pair_seconds(sidecar.metrics_port) - area_before) / elapsed
-    if queue_waits:
-        p50, p99 = np.percentile(queue_waits, [50, 99]) * 1000
+    if usages:
+        p50, p99 = np.percentile([usage.queue_ns for usage in usages], [50, 99]) / 1e6
         level.queue_wait_p50_ms, level.queue_wait_p99_ms = float(p50), float(p99)
+        level.tokenization_p50_ms = float(np.median([usage.tokenization_ns for usage in usages])) / 1e6
+        level.inference_p50_ms = float(np.median([usage.inference_ns for usage in usages])) / 1e6
+        level.server_total_p50_ms = float(np.median([usage.total_ns for usage in usages])) / 1e6
     return level
 
 

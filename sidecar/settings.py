@@ -85,10 +85,12 @@ class Settings:
     )
     torch_compile: str = _setting(
         "auto",
-        "Compile the torch engine with TorchInductor (frozen weights, fused kernels, one graph for every "
-        "batch shape): auto compiles on the CPU in the background once the server is SERVING, and the "
-        "compiled graph takes over when it passes the parity gate (a failed compile keeps the uncompiled "
-        "engine and says why in Info); on compiles before serving and fails the start if compiling fails.",
+        "Compile the torch engine with TorchInductor when torch serves. On the CPU: frozen weights, fused "
+        "kernels, one graph for every batch shape; auto compiles in the background once the server is "
+        "SERVING, and the compiled graph takes over when it passes the parity gate. On CUDA: one graph "
+        "replayed as a CUDA graph per batch shape bucket (the batcher pads each batch to one), compiled "
+        "and captured before serving. Under auto a failed compile keeps the uncompiled engine and says why "
+        "in Info; on fails the start instead; off never compiles.",
         choices=TORCH_COMPILE_CHOICES,
     )
     cache_dir: str = _setting(
@@ -103,16 +105,19 @@ class Settings:
         0,
         "Batches the engine runs at once, each on its own model thread with its share of --threads; 0 "
         "picks for the device: 2 on a CPU with at least 2 threads (single-threaded batches never wait "
-        "at each other's thread barriers), 1 on CUDA. TensorRT runs one at a time.",
+        "at each other's thread barriers), 2 on CUDA (one batch is packed and copied while the other "
+        "runs). TensorRT runs one at a time.",
     )
     max_length: int = _setting(0, "Cap on tokens per (query, document) pair; 0 uses the model's limit.")
     max_batch_tokens: int = _setting(
         0,
         "Token budget of one model batch, counted with padding (longest pair x pairs); 0 picks it for "
-        "the device: 4096 on the CPU, where smaller batches stay in cache and run faster per pair, 8192 "
-        "on CUDA, and never below the model's max length.",
+        "the device: 4096 on the CPU, where smaller batches stay in cache and run faster per pair, 32768 "
+        "on CUDA, where larger batches keep the GPU busy, and never below the model's max length.",
     )
-    max_batch_pairs: int = _setting(32, "Most pairs in one model batch.")
+    max_batch_pairs: int = _setting(
+        0, "Most pairs in one model batch; 0 picks it for the device: 32 on the CPU, 256 on CUDA."
+    )
     max_queued_pairs: int = _setting(
         4096, "Most pairs waiting for the model; past it requests fail at once with RESOURCE_EXHAUSTED."
     )
@@ -125,10 +130,10 @@ class Settings:
         16 * 1024 * 1024, "Largest gRPC message accepted or sent, and largest HTTP request body, in bytes."
     )
     tokenizer_workers: int = _setting(
-        2,
+        0,
         "Threads that tokenize requests off the event loop; a large request is split across them, at "
         "least 16 documents each. They replace the tokenizer's own thread pool "
-        "(TOKENIZERS_PARALLELISM=false unless set).",
+        "(TOKENIZERS_PARALLELISM=false unless set). 0 uses one per core the process may run on, at most 8.",
     )
     grace_period: float = _setting(
         10.0, "Seconds in-flight calls get to finish after SIGTERM or SIGINT before they are cancelled."
@@ -157,12 +162,12 @@ class Settings:
     log_format: str = _setting("json", "Log line format.", choices=("json", "text"))
 
     def __post_init__(self) -> None:
-        positive = ("max_batch_pairs", "max_queued_pairs")
-        positive += ("max_documents_per_request", "max_chunks_per_doc", "tokenizer_workers")
+        positive = ("max_queued_pairs", "max_documents_per_request", "max_chunks_per_doc")
         positive += ("max_request_tokens", "max_message_bytes")
         require_positive(self, positive)
         non_negative = ("port", "http_port", "metrics_port", "threads", "batch_workers", "max_length")
-        non_negative += ("max_batch_tokens", "grace_period", "heap_trim_interval", "lossy_margin")
+        non_negative += ("max_batch_tokens", "max_batch_pairs", "grace_period", "heap_trim_interval")
+        non_negative += ("lossy_margin", "tokenizer_workers")
         require_non_negative(self, non_negative)
         if self.max_batch_pairs > self.max_queued_pairs:
             raise ValueError("--max-batch-pairs must not exceed --max-queued-pairs")

@@ -10,7 +10,7 @@ import pytest
 from envflags import env_name, flag_name, settings_table
 from sidecar.errors import ModelLoadError
 from sidecar.model.engines.base import Engine
-from sidecar.serving.runtime import batch_token_budget, batch_workers, serving_workers
+from sidecar.serving.runtime import batch_pair_limit, batch_token_budget, batch_workers, serving_workers
 from sidecar.settings import ENV_PREFIX, Settings, parse_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -33,7 +33,7 @@ def test_defaults_environment_and_flags():
 @pytest.mark.parametrize(
     ("argv", "environ"),
     [
-        (["--max-batch-pairs", "0"], {}),
+        (["--max-batch-pairs", "-1"], {}),
         (["--max-batch-tokens", "-1"], {}),
         (["--batch-workers", "-1"], {}),
         (["--engine", "warp-drive"], {}),
@@ -54,17 +54,25 @@ def test_invalid_settings_exit_with_a_usage_error(argv: list[str], environ: dict
 def test_batch_token_budget_defaults_by_device_and_fits_one_full_input():
     assert parse_settings([], {}).max_batch_tokens == 0  # picked for the device at load
     assert batch_token_budget(0, "cpu", 512) == 4096
-    assert batch_token_budget(0, "cuda", 512) == 8192
-    assert batch_token_budget(0, "cuda:1", 512) == 8192
+    assert batch_token_budget(0, "cuda", 512) == 32768
+    assert batch_token_budget(0, "cuda:1", 512) == 32768
     assert batch_token_budget(0, "cpu", 8192) == 8192  # a long-context model still fits one input
     assert batch_token_budget(2048, "cpu", 512) == 2048  # an operator's value is kept as given
+
+
+def test_batch_pairs_default_by_device():
+    assert parse_settings([], {}).max_batch_pairs == 0  # picked for the device at load
+    assert batch_pair_limit(0, "cpu") == 32
+    assert batch_pair_limit(0, "cuda:0") == 256
+    assert batch_pair_limit(8, "cuda") == 8
 
 
 def test_batch_workers_default_by_device_and_engine():
     assert parse_settings([], {}).batch_workers == 0  # picked for the device at load
     assert batch_workers(0, "cpu", 2) == 2
     assert batch_workers(0, "cpu", 1) == 1
-    assert batch_workers(0, "cuda", 16) == 1
+    assert batch_workers(0, "cuda", 16) == 2
+    assert batch_workers(0, "cuda", 1) == 2  # the GPU does the arithmetic, whatever the CPU threads
     assert batch_workers(3, "cpu", 2) == 3
 
     class OneAtATime(Engine):

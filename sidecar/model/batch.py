@@ -39,12 +39,38 @@ class TokenBatch:
             arrays["token_type_ids"] = self.token_type_ids
         return arrays
 
+    def rows(self, start: int, stop: int) -> TokenBatch:
+        """Rows ``start`` to ``stop`` (exclusive), keeping every column."""
+        token_type_ids = None if self.token_type_ids is None else self.token_type_ids[start:stop]
+        return TokenBatch(self.input_ids[start:stop], self.attention_mask[start:stop], token_type_ids)
 
-def collate(pairs: Sequence[EncodedPair], pad_token_id: int, with_token_type_ids: bool) -> TokenBatch:
-    longest = max(len(pair) for pair in pairs)
-    input_ids = np.full((len(pairs), longest), pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros((len(pairs), longest), dtype=np.int64)
-    token_type_ids = np.zeros((len(pairs), longest), dtype=np.int64) if with_token_type_ids else None
+    def padded_to(self, rows: int, columns: int, pad_token_id: int) -> TokenBatch:
+        """The batch grown to ``rows`` x ``columns`` (see ``collate`` for what padding holds)."""
+        if (rows, columns) == self.shape:
+            return self
+        had_rows, had_columns = self.shape
+        grow = ((0, rows - had_rows), (0, columns - had_columns))
+        attention_mask = np.pad(self.attention_mask, grow)
+        attention_mask[had_rows:, 0] = 1
+        token_type_ids = None if self.token_type_ids is None else np.pad(self.token_type_ids, grow)
+        input_ids = np.pad(self.input_ids, grow, constant_values=pad_token_id)
+        return TokenBatch(input_ids, attention_mask, token_type_ids)
+
+
+def collate(
+    pairs: Sequence[EncodedPair],
+    pad_token_id: int,
+    with_token_type_ids: bool,
+    shape: tuple[int, int] | None = None,
+) -> TokenBatch:
+    """The pairs right-padded to the longest; with ``shape``, to that many rows and columns. A padding
+    row attends to one padding token, so no row is all mask (which some attention kernels turn into
+    NaN); its output is dropped."""
+    rows, columns = shape or (len(pairs), max(len(pair) for pair in pairs))
+    input_ids = np.full((rows, columns), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((rows, columns), dtype=np.int64)
+    attention_mask[len(pairs) :, 0] = 1
+    token_type_ids = np.zeros((rows, columns), dtype=np.int64) if with_token_type_ids else None
     for row, pair in enumerate(pairs):
         length = len(pair)
         input_ids[row, :length] = pair.input_ids
@@ -52,6 +78,69 @@ def collate(pairs: Sequence[EncodedPair], pad_token_id: int, with_token_type_ids
         if token_type_ids is not None:
             token_type_ids[row, :length] = pair.token_type_ids
     return TokenBatch(input_ids, attention_mask, token_type_ids)
+
+
+def bucket_bounds(smallest: int, largest: int) -> tuple[int, ...]:
+    """Sizes from ``smallest`` up to ``largest`` (always included), doubling up to 8 and then in quarter
+    octaves: each at most a quarter above the one before from 32 on, so padding a size up to the next
+    wastes little."""
+    bounds = []
+    size = smallest
+    while size < largest:
+        bounds.append(size)
+        octave = 1 << (size.bit_length() - 1)
+        size = size * 2 if size < 8 else size + max(8, octave // 4)
+    return (*bounds, largest)
+
+
+@dataclass(frozen=True)
+class ShapeBuckets:
+    """The batch shapes (pairs x tokens) an engine is built for, e.g. one CUDA graph each: a batch runs
+    padded to the smallest bucket that holds it.
+
+    Every batch the batcher can form fits one: at most ``max_batch_pairs`` rows, and rows times the
+    longest row within ``max_batch_tokens`` (or one row of up to ``max_length``). Rows start at 2, since
+    compiled graphs specialize a size of 1.
+    """
+
+    max_batch_pairs: int
+    max_batch_tokens: int
+    max_length: int
+
+    @property
+    def column_bounds(self) -> tuple[int, ...]:
+        return bucket_bounds(min(8, self.max_length), self.max_length)
+
+    def row_limit(self, columns: int) -> int:
+        """The most rows a batch whose longest row is ``columns`` tokens can have."""
+        return max(1, min(self.max_batch_pairs, self.max_batch_tokens // columns))
+
+    def row_bounds(self, column_bound: int) -> tuple[int, ...]:
+        """Row buckets of a column bucket: up to the rows its shortest member length allows."""
+        bounds = self.column_bounds
+        position = bounds.index(column_bound)
+        shortest = bounds[position - 1] + 1 if position else 1
+        return bucket_bounds(2, max(2, self.row_limit(shortest)))
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int], ...]:
+        """Every bucket, largest first."""
+        every = [(rows, columns) for columns in self.column_bounds for rows in self.row_bounds(columns)]
+        return tuple(sorted(every, key=lambda shape: (shape[0] * shape[1], shape), reverse=True))
+
+    def fit(self, rows: int, columns: int) -> tuple[int, int]:
+        """The smallest bucket holding a batch of ``rows`` x ``columns``; a ValueError for a batch the
+        batcher cannot form."""
+        column_bound = next((bound for bound in self.column_bounds if bound >= columns), None)
+        if column_bound is None:
+            raise ValueError(f"a batch row of {columns} tokens is over the max length {self.max_length}")
+        row_bound = next((bound for bound in self.row_bounds(column_bound) if bound >= rows), None)
+        if row_bound is None:
+            raise ValueError(
+                f"a batch of {rows} rows of up to {columns} tokens is larger than any bucket "
+                f"(at most {self.row_limit(columns)} rows of that length)"
+            )
+        return row_bound, column_bound
 
 
 def batches_digest(batches: Sequence[TokenBatch]) -> str:

@@ -282,16 +282,21 @@ class Batcher:
         self._deliver(batch, engine, outputs, time.monotonic_ns())
 
     def _forward(self, pairs: list[EncodedPair]) -> tuple[Engine, np.ndarray]:
-        """The engine that ran the batch (a compiled one may take over between batches) and its outputs."""
-        batch: TokenBatch = collate(pairs, self._pad_token_id, self._with_token_type_ids)
+        """The engine that ran the batch (a compiled one may take over between batches) and its outputs.
+
+        An engine built for fixed batch shapes gets the batch padded to the smallest that holds it; the
+        padding rows' outputs are dropped."""
         engine = self.engine
+        buckets = engine.shape_buckets
+        shape = None if buckets is None else buckets.fit(len(pairs), max(len(pair) for pair in pairs))
+        batch: TokenBatch = collate(pairs, self._pad_token_id, self._with_token_type_ids, shape)
         outputs = engine.forward(batch)
-        if outputs.shape[0] != len(pairs):
-            raise RuntimeError(f"the engine returned {outputs.shape[0]} rows for {len(pairs)} pairs")
+        rows, columns = batch.shape
+        if outputs.shape[0] != rows:
+            raise RuntimeError(f"the engine returned {outputs.shape[0]} rows for a batch of {rows}")
         if self._on_batch is not None:
-            rows, columns = batch.shape
-            self._on_batch(rows, rows * columns)
-        return engine, outputs
+            self._on_batch(len(pairs), rows * columns)
+        return engine, outputs[: len(pairs)]
 
     def _deliver(self, batch: list[_QueuedPair], engine: Engine, outputs: np.ndarray, done_ns: int) -> None:
         finite = np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +12,16 @@ from sidecar.model.tokenization import EncodedDocuments
 
 # Below this many documents a slice costs more in thread hand-offs than it saves.
 _MIN_DOCUMENTS_PER_SLICE = 16
+# Past this many threads, slicing a request further saves less than the hand-offs cost.
+_MOST_DEFAULT_WORKERS = 8
+
+
+def tokenizer_workers(configured: int) -> int:
+    """``--tokenizer-workers``, or when it is 0 one per core this process may run on, at most 8: a GPU
+    host's cores tokenize while the GPU scores, and a 2-core pod keeps 2."""
+    if configured:
+        return configured
+    return max(1, min(_MOST_DEFAULT_WORKERS, len(os.sched_getaffinity(0))))
 
 
 class TokenizerPool:

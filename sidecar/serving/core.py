@@ -22,7 +22,7 @@ from sidecar.model.loading import ModelKind, ModelSource
 from sidecar.model.memory import HeapTrimmer
 from sidecar.model.tokenization import PairSpec
 from sidecar.scheduling.batcher import Batcher, BatchLimits
-from sidecar.scheduling.tokenizer_pool import TokenizerPool
+from sidecar.scheduling.tokenizer_pool import TokenizerPool, tokenizer_workers
 from sidecar.serving.embedding import Embedder
 from sidecar.serving.info import EmbeddingInfo, RankingInfo, SelectionInfo, ServingInfo
 from sidecar.serving.metrics import Metrics
@@ -79,7 +79,7 @@ class ServingCore:
         self.reranker: Reranker | None = None
         self.embedder: Embedder | None = None
         self.served: list[ServedModel] = []
-        self._tokenizer_pool = TokenizerPool(settings.tokenizer_workers)
+        self._tokenizer_pool = TokenizerPool(tokenizer_workers(settings.tokenizer_workers))
         # Requests are tokenized by that pool; the Rust tokenizer's own thread pool would also take
         # every core for each request and preempt the engine's threads under concurrent callers
         # (measured with benchmarks/load.py). An operator's setting wins.
@@ -165,9 +165,7 @@ class ServingCore:
             )
         batcher = Batcher(
             runtime.engine,
-            BatchLimits(
-                runtime.max_batch_tokens, self.settings.max_batch_pairs, self.settings.max_queued_pairs
-            ),
+            BatchLimits(runtime.max_batch_tokens, runtime.max_batch_pairs, self.settings.max_queued_pairs),
             pad_token_id=model.pad_token_id,
             with_token_type_ids=model.uses_token_type_ids,
             workers=runtime.batch_workers,
@@ -229,7 +227,7 @@ class ServingCore:
         model = served.runtime.model
         spec = PairSpec(max_length=model.max_length)
         full_batch = max(
-            1, min(self.settings.max_batch_pairs, served.runtime.max_batch_tokens // model.max_length)
+            1, min(served.runtime.max_batch_pairs, served.runtime.max_batch_tokens // model.max_length)
         )
         for texts in (["warm-up"], [_WARMUP_TEXT] * full_batch):
             encoded = await served.scorer.encode("warm-up", texts, spec)
@@ -323,7 +321,7 @@ class ServingCore:
                 num_labels=model.num_labels if model.kind is ModelKind.CROSS_ENCODER else 0,  # type: ignore[attr-defined]
                 max_batch_tokens=runtime.max_batch_tokens,
                 batch_workers=runtime.batch_workers,
-                max_batch_pairs=self.settings.max_batch_pairs,
+                max_batch_pairs=runtime.max_batch_pairs,
                 max_queued_pairs=self.settings.max_queued_pairs,
                 max_documents_per_request=reranker.limits.max_documents_per_request,
                 max_chunks_per_doc=reranker.limits.max_chunks_per_doc,

@@ -35,6 +35,8 @@ class Runtime:
     engine: Engine
     # The batcher's token budget: the configured one, or the device's default (see batch_token_budget).
     max_batch_tokens: int
+    # The most pairs in a batch: the configured number, or the device's default (see batch_pair_limit).
+    max_batch_pairs: int
     # Batches the engine runs at once (see batch_workers), each with its share of the threads.
     batch_workers: int
     # How the engine was chosen; its notes say why engines ahead of the serving one were skipped.
@@ -47,9 +49,12 @@ class Runtime:
 
 
 # On a CPU, batches of about 4096 tokens ran faster per pair than batches of 8192, which spill out of
-# cache (benchmarks/RESULTS.md, "Engines and precisions", AMX runs 8-9).
+# cache (benchmarks/RESULTS.md, "Engines and precisions", AMX runs 8-9). A GPU needs larger batches to
+# keep its multiprocessors busy: a 100-candidate request of passages fits one batch ("NVIDIA H200").
 _CPU_BATCH_TOKENS = 4096
-_CUDA_BATCH_TOKENS = 8192
+_CUDA_BATCH_TOKENS = 32768
+_CPU_BATCH_PAIRS = 32
+_CUDA_BATCH_PAIRS = 256
 # Loaded by the NVIDIA driver: where it is absent, --device auto means the CPU without asking torch.
 _NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
 
@@ -70,14 +75,22 @@ def batch_token_budget(configured: int, device: str, max_length: int) -> int:
     return max(default, max_length)
 
 
+def batch_pair_limit(configured: int, device: str) -> int:
+    """``--max-batch-pairs``, or when it is 0 the device's default."""
+    if configured:
+        return configured
+    return _CPU_BATCH_PAIRS if device == "cpu" else _CUDA_BATCH_PAIRS
+
+
 def batch_workers(configured: int, device: str, threads: int) -> int:
     """``--batch-workers``, or when it is 0 the device's default: 2 on a CPU with 2 threads or more,
     where single-threaded batches never wait at each other's thread barriers (benchmarks/RESULTS.md,
-    "Engines and precisions", AMX runs 8-9), and 1 on CUDA, whose kernels one stream serializes.
+    "Engines and precisions", AMX runs 8-9), and 2 on CUDA, where one batch is packed, copied in and
+    read back while the GPU runs the other's kernels.
     """
     if configured:
         return configured
-    return 2 if device == "cpu" and threads >= 2 else 1
+    return 2 if device != "cpu" or threads >= 2 else 1
 
 
 def serving_workers(configured: int, wanted: int, engine: Engine) -> int:
@@ -101,7 +114,7 @@ def engine_request(
         precision=settings.precision,
         device=device,
         threads=threads,
-        max_batch_pairs=settings.max_batch_pairs,
+        max_batch_pairs=batch_pair_limit(settings.max_batch_pairs, device),
         max_batch_tokens=batch_token_budget(settings.max_batch_tokens, device, max_length),
         max_length=max_length,
         cache_dir=cache_dir,
@@ -186,7 +199,7 @@ def _warm_runtime(
     request = engine_request(
         settings, device, model.max_length, max(1, threads // workers), workers, cache_dir
     )
-    probe, outputs = _probe(model, settings, record.vocab_size, request.max_batch_tokens)
+    probe, outputs = _probe(model, record.vocab_size, request)
     cache = ArtifactCache(cache_dir, reuse_only=True)
     try:
         exported = cached_export(record.export, record.input_names, cache)
@@ -242,7 +255,7 @@ def _cold_runtime(
     input_names = input_names if model.uses_token_type_ids else input_names[:2]
     vocab_size = network.model.get_input_embeddings().num_embeddings
     request = engine_request(settings, device, model.max_length, threads_per_worker, workers, cache_dir)
-    probe, outputs = _probe(model, settings, vocab_size, request.max_batch_tokens)
+    probe, outputs = _probe(model, vocab_size, request)
     calibration = model_calibration(model, calibration_set)
     selection = select_engine(request, network, input_names, probe, phases, calibration)
     torch.set_num_threads(threads_per_worker)
@@ -292,13 +305,13 @@ def _warm_key(settings: Settings, files: dict[str, str]) -> dict[str, str]:
 
 
 def _probe(
-    model: CrossEncoderModel | BiEncoderModel, settings: Settings, vocab_size: int, max_batch_tokens: int
+    model: CrossEncoderModel | BiEncoderModel, vocab_size: int, request: EngineRequest
 ) -> tuple[Probe, str]:
     """The parity gate's probe for the model, in the batcher's batch shapes, and how its outputs are
     described in the log."""
     if isinstance(model, CrossEncoderModel):
         probe = cross_encoder_probe(
-            model, settings.max_batch_pairs, vocab_size=vocab_size, max_batch_tokens=max_batch_tokens
+            model, request.max_batch_pairs, vocab_size=vocab_size, max_batch_tokens=request.max_batch_tokens
         )
         return probe, f"{model.num_labels} label(s)"
     probe = bi_encoder_probe(
@@ -306,9 +319,9 @@ def _probe(
         max_length=model.max_length,
         pad_token_id=model.pad_token_id,
         with_token_type_ids=model.uses_token_type_ids,
-        max_batch=settings.max_batch_pairs,
+        max_batch=request.max_batch_pairs,
         vocab_size=vocab_size,
-        max_batch_tokens=max_batch_tokens,
+        max_batch_tokens=request.max_batch_tokens,
     )
     return probe, f"{model.dims} dims, {model.pooling.mode} pooling"
 
@@ -348,6 +361,7 @@ def _serving_runtime(
         model,
         engine,
         request.max_batch_tokens,
+        request.max_batch_pairs,
         workers,
         selection,
         phases,

@@ -172,3 +172,37 @@ async def test_tensorrt_serves_every_family(
         for result in response.results:
             scores[result.index] = result.score
         np.testing.assert_allclose(scores, reference_scores(family), atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["bert", "qwen3-reranker"])  # an encoder and a decoder
+async def test_compiled_torch_serves_families_on_cuda_as_their_reference_ranks(
+    family: str,
+    family_models: FamilyModels,
+    family_cache: Path,
+    reference_scores: Callable[[str], np.ndarray],
+):
+    """On a GPU without TensorRT: the family compiles for the shape buckets, each captured as a CUDA
+    graph, and with batches padded to buckets scores as the reference does."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    request = rerank_pb2.RerankRequest(query=QUERY, documents=docs(*TEXTS, ids=IDS))
+    async with running_sidecar(
+        family_models[family],
+        engine="torch",
+        precision="fp32",
+        device="cuda",
+        torch_compile="on",
+        max_batch_pairs=16,
+        max_batch_tokens=2048,
+        cache_dir=str(family_cache),
+    ) as sidecar:
+        info = await sidecar.stub.Info(rerank_pb2.InfoRequest(), timeout=10)
+        response = await sidecar.stub.Rerank(request, timeout=60)
+    assert (info.engine, info.precision, info.device, info.compiled) == ("torch", "fp32", "cuda", True)
+    scores = np.full(len(TEXTS), np.nan)
+    for result in response.results:
+        scores[result.index] = result.score
+    np.testing.assert_allclose(scores, reference_scores(family), atol=1e-3, rtol=0)

@@ -305,3 +305,49 @@ async def test_torch_compile_auto_serves_at_once_then_the_compiled_engine_takes_
     np.testing.assert_allclose(
         [result.score for result in after.results], [result.score for result in before.results], atol=1e-5
     )
+
+
+def test_on_cuda_torch_is_compiled_for_shape_buckets_before_serving(
+    tmp_path, tiny_network, tiny_probe, monkeypatch
+):
+    # A CPU stand-in for a CUDA device without TensorRT: the torch spec and the compiled engine are
+    # built on the CPU, everything else takes the CUDA path.
+    from sidecar.model.batch import ShapeBuckets
+    from sidecar.model.engines import selection as selection_module
+    from sidecar.model.engines import torch_engine
+    from sidecar.model.engines.registry import EngineSpec
+    from sidecar.model.engines.torch_buckets import BucketedTorchEngine
+
+    built: list[ShapeBuckets] = []
+
+    def compiled_on_the_cpu(network, *, precision, shape, sample, input_names):
+        buckets = ShapeBuckets(shape.max_batch_pairs, shape.max_batch_tokens, shape.max_length)
+        built.append(buckets)
+        return BucketedTorchEngine(
+            network, precision=precision, device="cpu", buckets=buckets, input_names=input_names
+        )
+
+    eager = EngineSpec(
+        "torch", lambda device: ("fp32",), lambda inputs, shape, p: TorchEngine(inputs.network)
+    )
+    monkeypatch.setattr(torch_engine, "SPEC", eager)
+    monkeypatch.setattr(torch_engine, "compiled_torch_engine", compiled_on_the_cpu)
+    monkeypatch.setattr(selection_module, "device_fingerprint", lambda device: {"gpu": "stand-in"})
+    on_cuda = EngineRequest(
+        engine="auto",
+        precision="auto",
+        device="cuda",
+        threads=1,
+        max_batch_pairs=32,
+        max_batch_tokens=2048,
+        max_length=512,
+        cache_dir=tmp_path,
+        torch_compile="auto",
+    )
+    selection = select_engine(on_cuda, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert isinstance(selection.engine, BucketedTorchEngine)
+    assert selection.upgrade is None  # compiled before serving, not in the background as on a CPU
+    assert selection.parity.passed
+    assert built == [ShapeBuckets(32, 2048, 512)]
+    assert selection.engine.shape_buckets == built[0]
+    assert selection.notes[0].startswith("tensorrt: unavailable")

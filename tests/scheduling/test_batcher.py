@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sidecar.errors import DeadlineExpired, EngineFailure, NonFiniteOutput, NotReady, Overloaded
-from sidecar.model.batch import EncodedPair, TokenBatch
+from sidecar.model.batch import EncodedPair, ShapeBuckets, TokenBatch
 from sidecar.model.engines.base import Engine
 from sidecar.scheduling.batcher import Batcher, BatchLimits
 
@@ -299,3 +299,27 @@ async def test_the_scored_rows_cannot_be_changed_by_their_caller(engine_and_batc
     scored = await batcher.score([pair(1)], None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         scored.batches = 7  # type: ignore[misc]
+
+
+async def test_an_engine_built_for_shape_buckets_gets_each_batch_padded_to_one():
+    engine = SumEngine()
+    engine.shape_buckets = ShapeBuckets(max_batch_pairs=8, max_batch_tokens=64, max_length=32)
+    counted: list[tuple[int, int]] = []
+    batcher = Batcher(
+        engine,
+        BatchLimits(64, 8, 100),
+        pad_token_id=0,
+        with_token_type_ids=True,
+        on_batch=lambda pairs, tokens: counted.append((pairs, tokens)),
+    )
+    batcher.start()
+    try:
+        sent = [pairs_of_length(3, 5, base=1), pairs_of_length(11, 1, base=50)]
+        results = [await batcher.score(pairs, None) for pairs in sent]
+    finally:
+        await batcher.close()
+    # 5 rows of 3 tokens run as the (8, 8) bucket, 1 row of 11 as (2, 16); padding rows are dropped.
+    assert engine.shapes == [(8, 8), (2, 16)]
+    assert results[0].outputs[:, 0].tolist() == [3.0 * (1 + i) for i in range(5)]
+    assert results[1].outputs[:, 0].tolist() == [11.0 * 50]
+    assert counted == [(5, 64), (1, 32)]  # real pairs, and the tokens the engine ran, padding included

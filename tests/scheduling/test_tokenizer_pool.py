@@ -24,3 +24,15 @@ async def test_a_large_request_split_across_threads_encodes_as_one_call(tiny_ber
         assert len(whole.pairs) > len(documents)  # the chunked case really chunked
     finally:
         pool.shutdown()
+
+
+def test_tokenizer_workers_default_to_the_usable_cores_at_most_8(monkeypatch):
+    import os
+
+    from sidecar.scheduling.tokenizer_pool import tokenizer_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert tokenizer_workers(0) == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert tokenizer_workers(0) == 2
+    assert tokenizer_workers(3) == 3  # an operator's value is kept as given

@@ -152,9 +152,7 @@ async def test_concurrent_callers_each_get_their_own_results_from_merged_batches
     try:
         total_pairs = sum(len(d) for d in documents)
         batcher = sidecar.server.core.reranker.batcher  # type: ignore[union-attr]
-        await wait_until(
-            lambda: batcher.queued_pairs + sidecar.server.settings.max_batch_pairs >= total_pairs
-        )
+        await wait_until(lambda: batcher.queued_pairs + batcher.limits.max_batch_pairs >= total_pairs)
     finally:
         engine.open.set()
     responses = await asyncio.gather(*calls)
@@ -232,7 +230,7 @@ async def test_info_describes_the_model_and_limits(sidecar: RunningSidecar):
     assert not info.compiled  # torch, with --torch-compile off in the test sidecar
     assert info.max_length == 512
     assert info.num_labels == 1
-    assert info.limits.max_batch_pairs == sidecar.server.settings.max_batch_pairs
+    assert info.limits.max_batch_pairs == 32  # the CPU's default, since none was set
     assert info.limits.max_batch_tokens == 4096  # the CPU's default budget, since none was set
     assert info.limits.batch_workers == 1  # as the test sidecar asks
     assert info.limits.max_documents_per_request == sidecar.server.settings.max_documents_per_request

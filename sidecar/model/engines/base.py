@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from sidecar.errors import ModelLoadError
-from sidecar.model.batch import TokenBatch
+from sidecar.model.batch import ShapeBuckets, TokenBatch
 
 
 def require_precision(engine: str, precision: str, device: str, offered: tuple[str, ...]) -> None:
@@ -34,6 +34,8 @@ class Engine(ABC):
     compiled: bool = False
     # Whether forward may run from several threads at once (the batcher's workers).
     concurrent_forward: ClassVar[bool] = True
+    # The batch shapes the engine was built for, when it was: the batcher pads each batch to one.
+    shape_buckets: ShapeBuckets | None = None
 
     def __init__(self, *, precision: str, device: str) -> None:
         self.precision = precision

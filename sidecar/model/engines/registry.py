@@ -45,7 +45,7 @@ class EngineInputs:
         # The rows static int8 calibrates on; None where no candidate needs them.
         self.calibration = calibration
         self.model_hash = model_hash
-        self._input_names = input_names
+        self.input_names = input_names
         self._on_export = on_export  # e.g. times the export as a loading phase
         self._exported = exported
 
@@ -65,7 +65,7 @@ class EngineInputs:
     def exported(self) -> ExportedModel:
         if self._exported is None:
             self._exported = self._on_export(
-                lambda: export_onnx(self.network, self.model_hash, self._input_names, self.cache)
+                lambda: export_onnx(self.network, self.model_hash, self.input_names, self.cache)
             )
         return self._exported
 

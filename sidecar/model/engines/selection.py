@@ -7,7 +7,8 @@ candidate the device offers is loaded and gated, then timed on a batch shaped li
 fastest serves, except that a lossy precision must beat the fastest lossless one by ``--lossy-margin``.
 The verdict is remembered in the cache (``verdict``): a restart on the same model, hardware, libraries
 and settings loads and gates only the chosen engine. When torch serves and ``--torch-compile`` asks,
-the winner is compiled and gated again: before serving with ``on``, in the background with ``auto``.
+the winner is compiled and gated again: before serving with ``on`` and on CUDA, in the background
+with ``auto`` on a CPU.
 The reason each candidate was skipped is kept as a note for ``Info``.
 
 A warm start (``select_remembered``) rebuilds a remembered engine other than torch from its cached
@@ -186,13 +187,14 @@ class _Builder:
 
     def compiled_torch(self, candidate: Candidate) -> Engine:
         """The torch engine at the candidate's precision, compiled by TorchInductor."""
-        from sidecar.model.engines.torch_engine import TorchEngine
+        from sidecar.model.engines.torch_engine import compiled_torch_engine
 
-        return TorchEngine(
+        return compiled_torch_engine(
             self.inputs.network,
             precision=candidate.precision,
-            device=self.request.device,
-            compile_sample=typical_batch(self.request, self.probe),
+            shape=self.shape,
+            sample=typical_batch(self.request, self.probe),
+            input_names=self.inputs.input_names,
         )
 
 
@@ -267,11 +269,12 @@ def select_engine(
     candidate = Candidate(selection.engine.name, selection.engine.precision)
     if candidate.engine == "torch" and compile_wanted(request.torch_compile, request.device):
         compile_step = _compile_step(builder, candidate, selection, probe, reference_scores)
-        if request.torch_compile == "on":
+        # On CUDA the compile comes before serving, so the graphs are captured with the GPU to themselves.
+        if request.torch_compile == "on" or request.device != "cpu":
             with phases.timed("compile"), worker_threads(request.threads):
                 upgraded = compile_step()
-            assert upgraded is not None  # with --torch-compile on a failure raises
-            selection.engine, selection.parity = upgraded
+            if upgraded is not None:  # None under auto: the note says why, and the eager engine serves
+                selection.engine, selection.parity = upgraded
         else:
             selection.upgrade = compile_step
     logger.info("serving with %s%s", candidate, " (remembered)" if selection.from_cache else "")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sidecar.errors import ModelLoadError
-from sidecar.model.batch import TokenBatch
+from sidecar.model.batch import ShapeBuckets, TokenBatch
 from sidecar.model.engines import TORCH_COMPILE_CHOICES
 from sidecar.model.engines.base import Engine, require_precision
 from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
@@ -19,7 +19,7 @@ from sidecar.model.network import Network
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(requested: str) -> str:
@@ -43,13 +43,29 @@ def torch_precisions(device: str) -> tuple[str, ...]:
 
 
 def compile_wanted(setting: str, device: str) -> bool:
-    """Whether ``--torch-compile`` asks for TorchInductor on ``device``: auto compiles on the CPU only,
-    since GPUs are served by TensorRT and a CUDA compile adds minutes to the start."""
+    """Whether ``--torch-compile`` asks for TorchInductor: auto compiles wherever torch serves, on the CPU
+    in the background once the server is SERVING, on CUDA before it (see ``compiled_torch_engine``)."""
     if setting not in TORCH_COMPILE_CHOICES:
         raise ModelLoadError(
             f"unknown --torch-compile {setting!r}; choose one of {', '.join(TORCH_COMPILE_CHOICES)}"
         )
-    return setting == "on" or (setting == "auto" and device == "cpu")
+    return setting in ("on", "auto")
+
+
+def compiled_torch_engine(
+    network: Network, *, precision: str, shape: EngineShape, sample: TokenBatch, input_names: tuple[str, ...]
+) -> Engine:
+    """The torch engine compiled by TorchInductor for ``shape``'s device: on CUDA for the batcher's shape
+    buckets, each a CUDA graph (``BucketedTorchEngine``); on a CPU with dynamic shapes, tuned on
+    ``sample``, since padding to buckets would cost a CPU the padded tokens' arithmetic."""
+    if not shape.device.startswith("cuda"):
+        return TorchEngine(network, precision=precision, device=shape.device, compile_sample=sample)
+    from sidecar.model.engines.torch_buckets import BucketedTorchEngine
+
+    buckets = ShapeBuckets(shape.max_batch_pairs, shape.max_batch_tokens, shape.max_length)
+    return BucketedTorchEngine(
+        network, precision=precision, device=shape.device, buckets=buckets, input_names=input_names
+    )
 
 
 class TorchEngine(Engine):
@@ -75,7 +91,7 @@ class TorchEngine(Engine):
         """
         require_precision(self.name, precision, device, torch_precisions(device))
         super().__init__(precision=precision, device=device)
-        dtype = _DTYPES[precision]
+        dtype = TORCH_DTYPES[precision]
         if dtype == torch.float32 and device == "cpu" and compile_sample is None:
             self._network = network
         else:
