@@ -26,7 +26,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
     # Seconds per step, then the step's sizes: few repeats, short levels, 16 candidates, a 2-layer XLM-R
     # and the torch engine alone in the sidecar, whose full CPU chain takes minutes to choose.
     WHEELS_S=60 HARDWARE_S=120 TESTS_S=300 IN_PROCESS_S=400 SERVE_S=240 CPU_S=400
-    REPEATS=3 LEVELS=(1 2) LEVEL_S=3 THREADS=$(nproc) CANDIDATES=16
+    REPEATS=3 CPU_REPEATS=3 LEVELS=(1 2) LEVEL_S=3 THREADS=$(nproc) CANDIDATES=16
     SERVE_SIZES=(--layers 2 --setting engine=torch --setting torch-compile=off)
 else
     : "${OUT:?set OUT to the folder the results go to}"
@@ -34,7 +34,7 @@ else
     DEVICE=cuda
     TOTAL_S=${GPU_CHECK_TOTAL_S:-470}
     WHEELS_S=20 HARDWARE_S=20 TESTS_S=40 IN_PROCESS_S=100 SERVE_S=120 CPU_S=50
-    REPEATS=30 LEVELS=(1 16) LEVEL_S=12 THREADS=$(nproc) CANDIDATES=100
+    REPEATS=30 CPU_REPEATS=10 LEVELS=(1 16) LEVEL_S=12 THREADS=$(nproc) CANDIDATES=100
     SERVE_SIZES=()
 fi
 # The device has no network: never ask the Hugging Face Hub.
@@ -105,7 +105,7 @@ for model in minilm-l6 xlm-r-base; do
 done
 
 # 5. The CPU engines on every core of the machine.
-step cpu "$CPU_S" "${BENCH[@]}" cpu --threads "$THREADS" --repeats "$REPEATS" --candidates "$CANDIDATES" \
+step cpu "$CPU_S" "${BENCH[@]}" cpu --threads "$THREADS" --repeats "$CPU_REPEATS" --candidates "$CANDIDATES" \
     --out "$PARTS/cpu.json"
 
 PART_NAMES=(hardware.json tests.txt in_process.json serve_minilm_l6.json serve_xlm_r_base.json cpu.json)
