@@ -105,18 +105,30 @@ def candidates(model_dir: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = corpus_texts()
+    if not texts:
+        filler = "The study measured outcomes in a randomized cohort of adults over two years. " * 20
+        return [filler[: 1000 + index] for index in range(CANDIDATES)]
+    return closest_to_target(tokenizer, texts)
+
+
+def closest_to_target(tokenizer: Any, texts: list[str]) -> list[str]:
+    """The CANDIDATES passages whose pair with the query is closest to TARGET_TOKENS tokens."""
+    lengths = [len(ids) for ids in tokenizer([QUERY] * len(texts), texts)["input_ids"]]
+    closest = np.argsort(np.abs(np.asarray(lengths) - TARGET_TOKENS), kind="stable")[:CANDIDATES]
+    return [texts[index] for index in sorted(closest)]
+
+
+def corpus_texts() -> list[str]:
+    """SciFact's passages (title and abstract) when ../shared/data/scifact is present, else none."""
     scifact = next(
         (p for p in (Path("/work/shared/data/scifact"), REPO.parent / "shared/data/scifact") if p.is_dir()),
         None,
     )
     if scifact is None:
-        filler = "The study measured outcomes in a randomized cohort of adults over two years. " * 20
-        return [filler[: 1000 + index] for index in range(CANDIDATES)]
+        return []
     with (scifact / "corpus.jsonl").open() as lines:
-        texts = [f"{row['title']} {row['text']}" for row in map(json.loads, lines)]
-    lengths = [len(ids) for ids in tokenizer([QUERY] * len(texts), texts)["input_ids"]]
-    closest = np.argsort(np.abs(np.asarray(lengths) - TARGET_TOKENS), kind="stable")[:CANDIDATES]
-    return [texts[index] for index in sorted(closest)]
+        return [f"{row['title']} {row['text']}" for row in map(json.loads, lines)]
 
 
 def interleaved(runs: dict[str, Run], repeats: int) -> dict[str, tuple[float, np.ndarray]]:

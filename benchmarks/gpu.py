@@ -49,9 +49,10 @@ from benchmarks.engines import (
     OUT,
     QUERY,
     REPO,
-    TARGET_TOKENS,
     build_model,
     candidates,
+    closest_to_target,
+    corpus_texts,
     free_port,
     hardware_record,
     registered_engines,
@@ -63,7 +64,7 @@ MINILM, XLM_R_TOKENIZER, SITE = "minilm-l6", "xlm-r-base-tokenizer", "site"
 # What each model's weights are, as every record of it says.
 WEIGHTS = {
     MINILM: "real: the all-MiniLM-L6-v2 encoder and a seeded head, stored in fp16 and served as fp32",
-    "xlm-r-base": "seeded random weights: timing only, the scores mean nothing",
+    "xlm-r-base": "seeded random weights, a unit-scale head: timing only, the scores mean nothing",
 }
 # The request's pair budget, as benchmarks/load.py sends it.
 MAX_LENGTH = 256
@@ -119,18 +120,6 @@ def prepare(payload: Path) -> dict[str, Any]:
     return {"payload": str(payload), "bytes": sum(sizes.values()), "files": sizes}
 
 
-def corpus_texts() -> list[str]:
-    """SciFact's passages (title and abstract) when ../shared/data/scifact is present, else none."""
-    scifact = next(
-        (p for p in (Path("/work/shared/data/scifact"), REPO.parent / "shared/data/scifact") if p.is_dir()),
-        None,
-    )
-    if scifact is None:
-        return []
-    with (scifact / "corpus.jsonl").open() as lines:
-        return [f"{row['title']} {row['text']}" for row in map(json.loads, lines)]
-
-
 def train_xlm_r_tokenizer(texts: list[str]) -> Any:
     """XLM-R's tokenizer kind (Unigram, Metaspace, NFKC; <s> A </s></s> B </s>), trained on ``texts``
     with a vocabulary large enough that a passage splits into about as many tokens as a real one."""
@@ -149,13 +138,6 @@ def train_xlm_r_tokenizer(texts: list[str]) -> Any:
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
     )
     return XLMRobertaTokenizerFast(tokenizer_object=backend, model_max_length=512)
-
-
-def closest_to_target(tokenizer: Any, texts: list[str]) -> list[str]:
-    """The CANDIDATES passages whose pair with the query is closest to TARGET_TOKENS tokens."""
-    lengths = [len(ids) for ids in tokenizer([QUERY] * len(texts), texts)["input_ids"]]
-    closest = np.argsort(np.abs(np.asarray(lengths) - TARGET_TOKENS), kind="stable")[:CANDIDATES]
-    return [texts[index] for index in sorted(closest)]
 
 
 # --- on the device ---
