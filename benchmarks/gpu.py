@@ -205,6 +205,8 @@ def hardware() -> dict[str, Any]:
         ).stdout.strip()
     for engine in ("tensorrt", "openvino"):
         record[engine] = _version_or_absent(engine)
+    # Shared by every step when set: later compiles of the same graph reuse earlier kernels.
+    record["torchinductor_cache_dir"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     return record
 
 
@@ -260,6 +262,7 @@ def in_process(
     from sidecar.model.network import load_network
     from sidecar.model.parity import compare, cross_encoder_probe
     from sidecar.model.tokenization import PairSpec
+    from sidecar.serving.runtime import batch_pair_limit, batch_token_budget
 
     started = time.monotonic()
     directory = payload / MINILM
@@ -270,12 +273,12 @@ def in_process(
     batch = collate(pairs, model.pad_token_id, model.uses_token_type_ids)
     network = load_network(source, ModelKind.CROSS_ENCODER)
     probe = cross_encoder_probe(model, len(pairs), vocab_size=network.model.config.vocab_size)
-    # Buckets up to the whole 100-pair batch, which one compiled call then serves.
+    # The sidecar's batch limits on this device (a 100-pair batch is one compiled call there).
     shape = EngineShape(
         device=device,
         threads=torch.get_num_threads(),
-        max_batch_pairs=len(pairs),
-        max_batch_tokens=len(pairs) * MAX_LENGTH,
+        max_batch_pairs=batch_pair_limit(0, device),
+        max_batch_tokens=batch_token_budget(0, device, MAX_LENGTH),
         max_length=MAX_LENGTH,
     )
     offered_arguments = {
@@ -314,6 +317,8 @@ def in_process(
             gate = compare(probe_scores, probe_reference, precision)  # type: ignore[arg-type]
             row["parity_gate"] = {"passed": gate.passed, "report": gate.describe()}
             row["compiled"] = bool(getattr(engine, "compiled", False))
+            if label == "torch fp16 compiled":
+                row["pairs_per_s_by_batch_rows"] = batch_sweep(engine, batch, shape, repeats)
             engine.close()
         except Exception as error:  # each engine's failure is a row; the others still run
             row["error"] = f"{type(error).__name__}: {error}"
@@ -357,6 +362,24 @@ def in_process(
         "tokens_per_pair": _tokens(pairs),
         "rows": rows,
     }
+
+
+def batch_sweep(engine: Any, batch: Any, shape: Any, repeats: int) -> dict[int, float]:
+    """Pairs per second at growing batch sizes within the device's default budget: whether that budget
+    is where the GPU stops gaining from larger batches."""
+    columns = batch.shape[1]
+    most = shape.max_batch_tokens // columns
+    by_rows: dict[int, float] = {}
+    for rows in sorted({16, 32, 64, most // 2, most}):
+        tiled = np.resize(np.arange(batch.shape[0]), rows)
+        sample = type(batch)(
+            batch.input_ids[tiled],
+            batch.attention_mask[tiled],
+            None if batch.token_type_ids is None else batch.token_type_ids[tiled],
+        )
+        by_rows[rows] = 1000 * rows / median_ms(lambda s=sample: engine.forward(s), repeats, 2)
+    print(json.dumps({"pairs_per_s_by_batch_rows": by_rows}), flush=True)
+    return by_rows
 
 
 def _compiled_torch_engine() -> Callable[..., Any] | str:
