@@ -105,8 +105,8 @@ class Settings:
         0,
         "Batches the engine runs at once, each on its own model thread with its share of --threads; 0 "
         "picks for the device: 2 on a CPU with at least 2 threads (single-threaded batches never wait "
-        "at each other's thread barriers), 2 on CUDA (one batch is packed and copied while the other "
-        "runs). TensorRT runs one at a time.",
+        "at each other's thread barriers), 1 on CUDA, whose batches run one at a time. TensorRT runs one "
+        "at a time.",
     )
     max_length: int = _setting(0, "Cap on tokens per (query, document) pair; 0 uses the model's limit.")
     max_batch_tokens: int = _setting(

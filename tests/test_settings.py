@@ -71,8 +71,7 @@ def test_batch_workers_default_by_device_and_engine():
     assert parse_settings([], {}).batch_workers == 0  # picked for the device at load
     assert batch_workers(0, "cpu", 2) == 2
     assert batch_workers(0, "cpu", 1) == 1
-    assert batch_workers(0, "cuda", 16) == 2
-    assert batch_workers(0, "cuda", 1) == 2  # the GPU does the arithmetic, whatever the CPU threads
+    assert batch_workers(0, "cuda", 16) == 1  # one batch at a time on the GPU, whatever the CPU threads
     assert batch_workers(3, "cpu", 2) == 3
 
     class OneAtATime(Engine):

@@ -67,6 +67,75 @@ class EncodedDocuments:
         return sum(len(pair) for pair in self.pairs)
 
 
+@dataclass(frozen=True, slots=True)
+class SpecialTokenLayout:
+    """Where the tokenizer's post-processor puts special tokens around one sequence (a text) or two (a
+    query and a document), and the token type of each part: learned once, so a pair is assembled by
+    list concatenation. ``post_process`` per pair holds the GIL, which at a GPU's pace was the
+    serving path's largest share of it (benchmarks/RESULTS.md, "NVIDIA H200")."""
+
+    # Special tokens (ids, type ids) before the first sequence, between the two, and after the last.
+    before: tuple[tuple[int, ...], tuple[int, ...]]
+    between: tuple[tuple[int, ...], tuple[int, ...]]
+    after: tuple[tuple[int, ...], tuple[int, ...]]
+    # The type id of each sequence's own tokens.
+    sequence_type_ids: tuple[int, ...]
+
+    @classmethod
+    def learn(cls, tokenizer: Tokenizer, *, pair: bool) -> SpecialTokenLayout | None:
+        """The layout ``post_process`` follows, as the one way to place the sequences in its output that
+        two probes of different lengths agree on; None where they do not (a post-processor that is not
+        a fixed template)."""
+        agreed: set[SpecialTokenLayout] | None = None
+        for texts in (("alpha beta gamma", "delta"), ("alpha", "delta epsilon zeta eta")):
+            encodings = [tokenizer.encode(text, add_special_tokens=False) for text in texts[: 1 + pair]]
+            merged = tokenizer.post_process(*encodings, add_special_tokens=True)
+            found = cls._placements(merged.ids, merged.type_ids, [encoding.ids for encoding in encodings])
+            agreed = found if agreed is None else agreed & found
+        return next(iter(agreed)) if agreed is not None and len(agreed) == 1 else None
+
+    @classmethod
+    def _placements(
+        cls, ids: list[int], types: list[int], sequences: list[list[int]]
+    ) -> set[SpecialTokenLayout]:
+        """Every layout that puts ``sequences``, in order and each with one type id, into ``ids``."""
+
+        def starts(sequence: list[int], lowest: int) -> list[int]:
+            width = len(sequence)
+            return [at for at in range(lowest, len(ids) - width + 1) if ids[at : at + width] == sequence]
+
+        def part(begin: int, end: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+            return tuple(ids[begin:end]), tuple(types[begin:end])
+
+        first, *rest = sequences
+        layouts = set()
+        for a in starts(first, 0):
+            a_end = a + len(first)
+            for b in starts(rest[0], a_end) if rest else [a_end]:
+                b_end = b + len(rest[0]) if rest else a_end
+                spans = [(a, a_end), (b, b_end)] if rest else [(a, a_end)]
+                sequence_types = [set(types[begin:end]) for begin, end in spans]
+                if all(len(kinds) == 1 for kinds in sequence_types):
+                    between = part(a_end, b) if rest else ((), ())
+                    kinds = tuple(kinds.pop() for kinds in sequence_types)
+                    layouts.add(cls(part(0, a), between, part(b_end, len(ids)), kinds))
+        return layouts
+
+    def head(self, query_ids: list[int] | None) -> tuple[list[int], list[int]]:
+        """What comes before a document: the leading special tokens, and the query with what follows it."""
+        ids, types = list(self.before[0]), list(self.before[1])
+        if query_ids is not None:
+            ids += [*query_ids, *self.between[0]]
+            types += [self.sequence_type_ids[0]] * len(query_ids) + list(self.between[1])
+        return ids, types
+
+    def assemble(self, head: tuple[list[int], list[int]], document_ids: list[int]) -> EncodedPair:
+        """One row: ``head``, the document, and the closing special tokens."""
+        ids = [*head[0], *document_ids, *self.after[0]]
+        types = [*head[1], *[self.sequence_type_ids[-1]] * len(document_ids), *self.after[1]]
+        return EncodedPair(ids, types)
+
+
 class PairTokenizer:
     # What a decoder reranker is told when a request brings no instruction; empty: the model reads none.
     instruction: str = ""
@@ -76,6 +145,8 @@ class PairTokenizer:
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
         self.special_tokens_per_pair = self._tokenizer.num_special_tokens_to_add(is_pair=True)
+        self._pair_layout = SpecialTokenLayout.learn(self._tokenizer, pair=True)
+        self._single_layout = SpecialTokenLayout.learn(self._tokenizer, pair=False)
 
     def serialized(self) -> str:
         """The Rust tokenizer as tokenizer.json text, from which a warm start rebuilds it without
@@ -118,13 +189,15 @@ class PairTokenizer:
         pairs: list[EncodedPair] = []
         document_of_pair: list[int] = []
         encodings = self._encode_bounded(documents, spec.tokens_used(), spec.keeps_end)
+        layout = self._single_layout if query is None else self._pair_layout
+        head = None if layout is None else layout.head(None if query is None else query.ids)
         for index, document in enumerate(encodings):
             for piece in self._pieces(document, budget, spec):
-                if query is None:
-                    merged = self._tokenizer.post_process(piece, add_special_tokens=True)
-                else:
-                    merged = self._tokenizer.post_process(query, piece, add_special_tokens=True)
-                pairs.append(EncodedPair(merged.ids, merged.type_ids))
+                if layout is not None and head is not None:
+                    pairs.append(layout.assemble(head, piece.ids))
+                else:  # a post-processor whose layout could not be learned: it assembles each pair
+                    merged = self._tokenizer.post_process(*(query, piece) if query else (piece,))
+                    pairs.append(EncodedPair(merged.ids, merged.type_ids))
                 document_of_pair.append(index)
         return EncodedDocuments(pairs, document_of_pair)
 

@@ -85,12 +85,13 @@ def batch_pair_limit(configured: int, device: str) -> int:
 def batch_workers(configured: int, device: str, threads: int) -> int:
     """``--batch-workers``, or when it is 0 the device's default: 2 on a CPU with 2 threads or more,
     where single-threaded batches never wait at each other's thread barriers (benchmarks/RESULTS.md,
-    "Engines and precisions", AMX runs 8-9), and 2 on CUDA, where one batch is packed, copied in and
-    read back while the GPU runs the other's kernels.
+    "Engines and precisions", AMX runs 8-9), and 1 on CUDA: the GPU runs one batch at a time, and a
+    request shared out among idle workers would run as several smaller batches one after the other
+    (benchmarks/RESULTS.md, "NVIDIA H200").
     """
     if configured:
         return configured
-    return 2 if device != "cpu" or threads >= 2 else 1
+    return 2 if device == "cpu" and threads >= 2 else 1
 
 
 def serving_workers(configured: int, wanted: int, engine: Engine) -> int:

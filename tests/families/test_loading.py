@@ -11,6 +11,7 @@ import pytest
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.loading import ModelSource, load_model
+from sidecar.model.tokenization import PairSpec, SpecialTokenLayout, Truncation
 from sidecar.settings import parse_settings
 from tests.families.conftest import FamilyModels
 from tests.models import qwen_tokenizer
@@ -87,3 +88,28 @@ def test_a_decoder_embedding_model_reads_no_reranking_prompt(tmp_path: Path):
     assert isinstance(model, BiEncoderModel)
     assert not isinstance(model.tokenizer, PromptPairTokenizer)
     assert model.family == "qwen3"
+
+
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta", "electra", "deberta-v2", "modernbert"])
+def test_pairs_assembled_from_the_learned_layout_equal_the_post_processor_s(
+    family: str, family_models: FamilyModels
+):
+    # Every encoder family's template is learned, and a request's pairs (truncated and chunked) come out
+    # token for token as the tokenizer's post-processor makes them.
+
+    tokenizer = load_model(ModelSource(str(family_models[family]))).tokenizer
+    assert tokenizer._pair_layout is not None
+    assert tokenizer._single_layout is not None
+    documents = ["short", "a much longer document about heat pumps and rivers " * 20, "x"]
+    specs = [PairSpec(max_length=32), PairSpec(max_length=24, truncation=Truncation.LEFT)]
+    specs.append(PairSpec(max_length=20, chunk=True, max_chunks_per_doc=4, chunk_overlap=3))
+    for spec in specs:
+        assembled = tokenizer.encode("why do cats eat meat", documents, spec)
+        texts = tokenizer.encode_texts(documents, spec)
+        tokenizer._pair_layout = tokenizer._single_layout = None
+        try:
+            assert tokenizer.encode("why do cats eat meat", documents, spec) == assembled
+            assert tokenizer.encode_texts(documents, spec) == texts
+        finally:
+            tokenizer._pair_layout = SpecialTokenLayout.learn(tokenizer._tokenizer, pair=True)
+            tokenizer._single_layout = SpecialTokenLayout.learn(tokenizer._tokenizer, pair=False)
