@@ -418,10 +418,12 @@ def serve(
     candidates: int = CANDIDATES,
     layers: int = 0,
     settings: dict[str, str] | None = None,
+    gil_profile_s: float = 0.0,
 ) -> dict[str, Any]:
     """The sidecar on ``device`` with its defaults (engine, precision and compile auto) unless
     ``settings`` says otherwise, under closed-loop load of requests of ``candidates`` passages at each
-    number of callers; ``layers`` (when not 0) shortens the XLM-R model, for the dry run."""
+    number of callers; ``layers`` (when not 0) shortens the XLM-R model, for the dry run. With
+    ``gil_profile_s``, py-spy samples which code holds the sidecar's GIL for that long in the last level."""
     from benchmarks.load import run_level
     from rerank.v1 import rerank_pb2
 
@@ -453,11 +455,64 @@ def serve(
         asyncio.run(run_level(sidecar, request, 1, min(5.0, seconds)))  # warm-up, not reported
         record["levels"] = []
         for callers in levels:
+            # The last level's GIL is sampled, when asked: where the serving path's Python time goes.
+            sampler = gil_sampler(sidecar.process.pid, gil_profile_s) if callers == levels[-1] else None
             level = asdict(asyncio.run(run_level(sidecar, request, callers, seconds)))
+            if sampler is not None:
+                level["gil_profile"] = gil_summary(sampler, gil_profile_s)
             print(json.dumps(level), flush=True)
             record["levels"].append(level)
         record["peak_rss_mib"] = sidecar.peak_rss_bytes() / 2**20
     return record
+
+
+def gil_sampler(pid: int, seconds: float) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """py-spy recording, for ``seconds``, only the thread that holds ``pid``'s GIL, without pausing it;
+    None when py-spy is not installed or no seconds are asked."""
+    # Beside this interpreter, or in the bin folder of a `pip install --target` site on the path.
+    places = [Path(sys.executable).parent / "py-spy"]
+    places += [Path(entry) / "bin" / "py-spy" for entry in sys.path if entry]
+    found = shutil.which("py-spy") or next((str(place) for place in places if place.is_file()), None)
+    if not seconds or found is None:
+        return None
+    raw = OUT / f"gil-{pid}.txt"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    command = [found, "record", "--gil", "--nonblocking", "--rate", "200", "--duration", str(int(seconds))]
+    command += ["--format", "raw", "--output", str(raw), "--pid", str(pid)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw
+
+
+def gil_summary(sampler: tuple[subprocess.Popen[bytes], Path], seconds: float) -> dict[str, Any]:
+    """The share of time the GIL was held, and the functions holding it most (self and inclusive)."""
+    process, raw = sampler
+    try:
+        process.wait(timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return {"error": "py-spy did not finish"}
+    if not raw.is_file():
+        return {"error": f"py-spy wrote nothing (exit {process.returncode})"}
+    leaves: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        samples += int(count)
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
+        for function in {frame.split(" (")[0] for frame in frames}:
+            inclusive[function] = inclusive.get(function, 0) + int(count)
+
+    def top(counts: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda item: -item[1])[:20]
+        return [(name, round(count / samples, 4)) for name, count in ranked]
+
+    return {
+        "samples": samples,
+        "gil_held_share": round(samples / (200 * seconds), 3),
+        "self": top(leaves) if samples else [],
+        "inclusive": top(inclusive) if samples else [],
+    }
 
 
 def cpu_engines(payload: Path, threads: int, repeats: int, candidates: int = CANDIDATES) -> dict[str, Any]:
@@ -591,6 +646,12 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=CANDIDATES, help="passages a request or batch")
     parser.add_argument("--layers", type=int, default=0, help="serve: XLM-R layers, 0 for all 12")
     parser.add_argument(
+        "--gil-profile-s",
+        type=float,
+        default=0.0,
+        help="serve: seconds py-spy samples the GIL in the last level",
+    )
+    parser.add_argument(
         "--setting",
         action="append",
         default=[],
@@ -619,6 +680,7 @@ def main() -> None:
             candidates=args.candidates,
             layers=args.layers,
             settings=dict(setting.split("=", 1) for setting in args.setting),
+            gil_profile_s=args.gil_profile_s,
         )
     elif args.step == "cpu":
         result = cpu_engines(args.payload, args.threads, args.repeats, args.candidates)

@@ -25,16 +25,19 @@ if [[ "$DRY_RUN" == 1 ]]; then
     TOTAL_S=${GPU_CHECK_TOTAL_S:-1500}
     # Seconds per step, then the step's sizes: few repeats, short levels, 16 candidates, a 2-layer XLM-R
     # and the torch engine alone in the sidecar, whose full CPU chain takes minutes to choose.
-    WHEELS_S=60 HARDWARE_S=120 TESTS_S=300 IN_PROCESS_S=400 SERVE_S=240 CPU_S=400
-    REPEATS=3 CPU_REPEATS=3 LEVELS=(1 2) LEVEL_S=3 THREADS=$(nproc) CANDIDATES=16
+    WHEELS_S=60 HARDWARE_S=120 TESTS_S=300 IN_PROCESS_S=400 CPU_S=400
+    declare -A SERVE_S=([minilm-l6]=240 [xlm-r-base]=240)
+    REPEATS=3 CPU_REPEATS=3 LEVELS=(1 2) LEVEL_S=3 THREADS=$(nproc) CANDIDATES=16 GIL_PROFILE_S=2
     SERVE_SIZES=(--layers 2 --setting engine=torch --setting torch-compile=off)
 else
     : "${OUT:?set OUT to the folder the results go to}"
     PYTHON=${PYTHON:-python3}
     DEVICE=cuda
     TOTAL_S=${GPU_CHECK_TOTAL_S:-470}
-    WHEELS_S=20 HARDWARE_S=20 TESTS_S=40 IN_PROCESS_S=100 SERVE_S=120 CPU_S=50
-    REPEATS=30 CPU_REPEATS=10 LEVELS=(1 16) LEVEL_S=12 THREADS=$(nproc) CANDIDATES=100
+    # XLM-R base starts slowest: a 1.1 GB model built and saved there, then a 12-layer compile.
+    WHEELS_S=15 HARDWARE_S=15 TESTS_S=40 IN_PROCESS_S=90 CPU_S=40
+    declare -A SERVE_S=([minilm-l6]=100 [xlm-r-base]=170)
+    REPEATS=30 CPU_REPEATS=10 LEVELS=(1 16) LEVEL_S=12 THREADS=$(nproc) CANDIDATES=100 GIL_PROFILE_S=8
     SERVE_SIZES=()
     # One TorchInductor kernel cache for every step (the sidecar keeps an operator's setting), so the
     # served MiniLM reuses the in-process step's compile and the check fits its time; the record says so.
@@ -51,9 +54,15 @@ echo "gpu_check: device $DEVICE, dry run $DRY_RUN, $(date -u +%FT%TZ), at most $
 
 # Run a step under `timeout` (which signals the step's whole process group, a sidecar included) for at
 # most its own seconds or what is left of the total, less a reserve for the merge; record its status.
+# GPU_CHECK_STEPS (names, space-separated) runs only those steps, for a second call on what the first
+# left unmeasured.
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n "${GPU_CHECK_STEPS:-}" && " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+        echo "== $name: not asked for (GPU_CHECK_STEPS)"
+        return
+    fi
     local left=$((STARTED + TOTAL_S - 15 - $(date +%s)))
     ((limit > left)) && limit=$left
     if ((limit < 10)); then
@@ -101,10 +110,11 @@ step in-process "$IN_PROCESS_S" "${BENCH[@]}" in-process --device "$DEVICE" --re
 
 # 4. The sidecar over gRPC with its defaults on the device, for each model.
 for model in minilm-l6 xlm-r-base; do
-    step "serve $model" "$SERVE_S" "${BENCH[@]}" serve --device "$DEVICE" --model "$model" \
+    limit=${SERVE_S[$model]}
+    step "serve-$model" "$limit" "${BENCH[@]}" serve --device "$DEVICE" --model "$model" \
         --candidates "$CANDIDATES" --levels "${LEVELS[@]}" --seconds "$LEVEL_S" \
-        --deadline-s $((SERVE_S - 2 * LEVEL_S - 20)) "${SERVE_SIZES[@]}" \
-        --out "$PARTS/serve_${model//-/_}.json"
+        --deadline-s $((limit - 2 * LEVEL_S - GIL_PROFILE_S - 20)) --gil-profile-s "$GIL_PROFILE_S" \
+        "${SERVE_SIZES[@]}" --out "$PARTS/serve_${model//-/_}.json"
 done
 
 # 5. The CPU engines on every core of the machine.

@@ -26,14 +26,14 @@ def test_merge_gathers_the_parts_and_judges_each_goal(tmp_path: Path):
     (tmp_path / "in_process.json").write_text(json.dumps(in_process))
     (tmp_path / "tests.txt").write_text("3 passed, 17 skipped")
     steps = tmp_path / "steps.jsonl"
-    steps.write_text('{"step": "serve xlm-r-base", "rc": 124, "timed_out": true}\n')
+    steps.write_text('{"step": "serve-xlm-r-base", "rc": 124, "timed_out": true}\n')
     parts = ["serve_minilm_l6.json", "serve_xlm_r_base.json", "in_process.json", "tests.txt"]
 
     record = merge([tmp_path / name for name in parts], steps, dry_run=False)
 
     assert record["serve_xlm_r_base"]["error"].startswith("no result: FileNotFoundError")
     assert record["tests"] == {"output_tail": "3 passed, 17 skipped"}
-    assert record["steps"] == [{"step": "serve xlm-r-base", "rc": 124, "timed_out": True}]
+    assert record["steps"] == [{"step": "serve-xlm-r-base", "rc": 124, "timed_out": True}]
     goals = record["goals"]
     assert goals["minilm-l6, 16 callers, pairs/s"] == {"goal": ">= 15000", "measured": 12000.0, "met": False}
     assert goals["minilm-l6, 1 caller, p50 ms"] == {"goal": "<= 15", "measured": 14.0, "met": True}
