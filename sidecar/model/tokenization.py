@@ -192,12 +192,15 @@ class PairTokenizer:
         layout = self._single_layout if query is None else self._pair_layout
         head = None if layout is None else layout.head(None if query is None else query.ids)
         for index, document in enumerate(encodings):
+            if layout is not None and head is not None:
+                for piece_ids in self._piece_ids(document, budget, spec):
+                    pairs.append(layout.assemble(head, piece_ids))
+                    document_of_pair.append(index)
+                continue
             for piece in self._pieces(document, budget, spec):
-                if layout is not None and head is not None:
-                    pairs.append(layout.assemble(head, piece.ids))
-                else:  # a post-processor whose layout could not be learned: it assembles each pair
-                    merged = self._tokenizer.post_process(*(query, piece) if query else (piece,))
-                    pairs.append(EncodedPair(merged.ids, merged.type_ids))
+                # A post-processor whose layout could not be learned assembles each pair itself.
+                merged = self._tokenizer.post_process(*(query, piece) if query else (piece,))
+                pairs.append(EncodedPair(merged.ids, merged.type_ids))
                 document_of_pair.append(index)
         return EncodedDocuments(pairs, document_of_pair)
 
@@ -210,14 +213,24 @@ class PairTokenizer:
         cuts = [_cut(text, chars, keep_end) for text in texts]
         encodings = self._tokenizer.encode_batch([lead + cut for cut in cuts], add_special_tokens=False)
         for index, (text, cut) in enumerate(zip(texts, cuts, strict=True)):
-            if len(cut) < len(text) and len(encodings[index].ids) < tokens + _CUT_MARGIN_TOKENS:
+            if len(cut) < len(text) and len(encodings[index]) < tokens + _CUT_MARGIN_TOKENS:
                 encodings[index] = self._tokenizer.encode(lead + text, add_special_tokens=False)
         return encodings
+
+    @classmethod
+    def _piece_ids(cls, document: Encoding, budget: int, spec: PairSpec) -> list[list[int]]:
+        """The token ids of each piece ``_pieces`` cuts; a truncated document's by slicing its ids, which
+        holds the GIL far less than truncating the Encoding (offsets, token strings and all)."""
+        if spec.chunk:
+            return [piece.ids for piece in cls._pieces(document, budget, spec)]
+        ids = document.ids
+        check_fits(len(ids), budget, spec)
+        return [ids[:budget] if spec.truncation is Truncation.RIGHT else ids[max(0, len(ids) - budget) :]]
 
     @staticmethod
     def _pieces(document: Encoding, budget: int, spec: PairSpec) -> list[Encoding]:
         if not spec.chunk:
-            check_fits(len(document.ids), budget, spec)
+            check_fits(len(document), budget, spec)
             document.truncate(budget, direction=spec.truncation.value)
             return [document]
         document.truncate(budget, stride=spec.chunk_overlap, direction="right")
