@@ -33,20 +33,28 @@ class TokenizerPool:
     def __init__(self, workers: int) -> None:
         self._workers = workers
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
+        self._slices_running = 0  # touched on the event loop only
 
     async def encode(
         self, encode: Callable[[Sequence[str]], EncodedDocuments], documents: Sequence[str]
     ) -> EncodedDocuments:
-        """``encode(documents)``, run as up to ``workers`` slices in parallel and merged in order."""
-        slices = min(self._workers, max(1, len(documents) // _MIN_DOCUMENTS_PER_SLICE))
+        """``encode(documents)``, run as slices in parallel on the idle workers (at least one slice) and
+        merged in order. Under load no worker is idle and a request is one slice: splitting it then
+        shortens nothing and costs each slice's hand-offs, which hold the GIL."""
+        idle = max(1, self._workers - self._slices_running)
+        slices = min(idle, max(1, len(documents) // _MIN_DOCUMENTS_PER_SLICE))
         bounds = [len(documents) * index // slices for index in range(slices + 1)]
         loop = asyncio.get_running_loop()
-        parts = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._executor, encode, documents[start:end])
-                for start, end in itertools.pairwise(bounds)
+        self._slices_running += slices
+        try:
+            parts = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._executor, encode, documents[start:end])
+                    for start, end in itertools.pairwise(bounds)
+                )
             )
-        )
+        finally:
+            self._slices_running -= slices
         merged = EncodedDocuments([], [])
         for start, part in zip(bounds, parts, strict=False):
             merged.pairs.extend(part.pairs)

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from sidecar.model.batch import EncodedPair
 from sidecar.model.loading import ModelSource, load_cross_encoder
-from sidecar.model.tokenization import PairSpec
+from sidecar.model.tokenization import EncodedDocuments, PairSpec
 from sidecar.scheduling.tokenizer_pool import TokenizerPool
 
 
@@ -36,3 +40,29 @@ def test_tokenizer_workers_default_to_the_usable_cores_at_most_8(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert tokenizer_workers(0) == 2
     assert tokenizer_workers(3) == 3  # an operator's value is kept as given
+
+
+async def test_under_load_a_request_is_tokenized_as_one_slice():
+    sizes: list[int] = []
+    release = threading.Event()
+
+    def encode(documents: Sequence[str]) -> EncodedDocuments:
+        sizes.append(len(documents))
+        release.wait(timeout=10)
+        return EncodedDocuments(
+            [EncodedPair([len(text)], [0]) for text in documents], list(range(len(documents)))
+        )
+
+    pool = TokenizerPool(workers=3)
+    try:
+        first = asyncio.create_task(pool.encode(encode, ["a"] * 48))
+        await asyncio.sleep(0.05)  # its three slices now hold every worker
+        second = asyncio.create_task(pool.encode(encode, ["bb"] * 48))
+        await asyncio.sleep(0.05)
+        release.set()
+        merged = await asyncio.gather(first, second)
+    finally:
+        pool.shutdown()
+    assert sorted(sizes) == [16, 16, 16, 48]
+    assert [pair.input_ids for pair in merged[1].pairs] == [[2]] * 48
+    assert merged[0].document_of_pair == list(range(48))
