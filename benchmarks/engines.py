@@ -192,7 +192,7 @@ def registered_engines(
     "onnxruntime int8"; only those ``wanted``."""
     from sidecar.model.calibration import model_calibration, read_calibration
     from sidecar.model.engines import ENGINE_CHAIN
-    from sidecar.model.engines.registry import EngineInputs, EngineShape, engine_spec
+    from sidecar.model.engines.registry import EngineInputs, EngineShape, Unavailable, engine_spec
     from sidecar.model.network import content_hash
 
     input_names = ("input_ids", "attention_mask", "token_type_ids")[: 3 if model.uses_token_type_ids else 2]
@@ -203,7 +203,7 @@ def registered_engines(
     for name in ENGINE_CHAIN:
         spec = engine_spec(name)
         offered = spec.precisions("cpu")
-        for precision in () if isinstance(offered, str) else offered:
+        for precision in () if isinstance(offered, Unavailable) else offered:
             if wanted(label := f"{name} {precision}"):
                 engines[label] = spec.build(inputs, shape, precision)
     return engines

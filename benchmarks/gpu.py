@@ -255,7 +255,7 @@ def in_process(
     import torch
 
     from sidecar.model.batch import collate
-    from sidecar.model.engines.registry import EngineShape, engine_spec
+    from sidecar.model.engines.registry import EngineShape, Unavailable, engine_spec
     from sidecar.model.engines.tensorrt_engine import unavailable_reason as tensorrt_unavailable_reason
     from sidecar.model.engines.torch_engine import TorchEngine, torch_precisions
     from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
@@ -353,7 +353,7 @@ def in_process(
         inputs = _engine_inputs(model, network)
         spec = engine_spec("tensorrt")
         offered = spec.precisions(device)
-        for precision in () if isinstance(offered, str) else offered:
+        for precision in () if isinstance(offered, Unavailable) else offered:
             measure(f"tensorrt {precision}", lambda p=precision: spec.build(inputs, shape, p), precision)
     return {
         "model": MINILM,
@@ -522,7 +522,7 @@ def cpu_engines(payload: Path, threads: int, repeats: int, candidates: int = CAN
 
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
-    from sidecar.model.engines.registry import engine_spec
+    from sidecar.model.engines.registry import Unavailable, engine_spec
     from sidecar.model.loading import ModelSource, load_cross_encoder
     from sidecar.model.network import load_model_network
     from sidecar.model.tokenization import PairSpec
@@ -569,8 +569,10 @@ def cpu_engines(payload: Path, threads: int, repeats: int, candidates: int = CAN
     absent = {}
     for name in ("openvino", "tensorrt"):
         offered = engine_spec(name).precisions("cpu")
-        if isinstance(offered, str) or not offered:
-            absent[name] = offered or "offers nothing on the CPU"
+        if isinstance(offered, Unavailable):
+            absent[name] = offered.reason
+        elif not offered:
+            absent[name] = "offers nothing on the CPU"
     return {
         "model": MINILM,
         "threads": threads,

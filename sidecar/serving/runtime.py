@@ -12,7 +12,7 @@ from pathlib import Path
 from sidecar.errors import ModelLoadError
 from sidecar.model.cache import ArtifactCache, usable_cache_dir
 from sidecar.model.calibration import CalibrationSet, model_calibration, read_calibration
-from sidecar.model.engines import Engine
+from sidecar.model.engines import NETWORK_ENGINES, Engine
 from sidecar.model.engines.registry import EngineInputs
 from sidecar.model.engines.selection import EngineRequest, Selection, select_engine, select_remembered
 from sidecar.model.export import cached_export
@@ -146,8 +146,8 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
 
 def _warm_obstacle(settings: Settings, source: ModelSource) -> str | None:
     """Why this start cannot be a warm one whatever the cache holds, or None."""
-    if settings.engine == "torch":
-        return "--engine torch"
+    if settings.engine in NETWORK_ENGINES:
+        return f"--engine {settings.engine}, which runs the PyTorch network"
     if settings.reselect:
         return "--reselect"
     if not source.is_local:
@@ -280,7 +280,7 @@ def _remember_for_warm_starts(
     """What the next start needs to serve this engine without torch; nothing (and no stale record)
     when the engine is torch or was built from no export."""
     store = WarmStore(cache_dir)
-    if selection.exported is None or selection.engine.name == "torch":
+    if selection.exported is None or selection.engine.name in NETWORK_ENGINES:
         store.forget(model_dir)
         return
     files = model_files(model_dir)

@@ -7,7 +7,7 @@ import pytest
 from sidecar.errors import ModelLoadError
 from sidecar.model import hardware
 from sidecar.model.engines.onnxruntime_engine import int8_withheld_reason, onnxruntime_precisions
-from sidecar.model.engines.registry import engine_spec
+from sidecar.model.engines.registry import Unavailable, engine_spec
 from sidecar.model.engines.selection import plan_candidates
 from sidecar.model.hardware import CpuInfo, parse_cpuinfo
 
@@ -63,7 +63,12 @@ def test_without_int8_dot_products_int8_is_not_offered_and_says_why(cpu_without_
     assert reason is not None
     assert "AMD EPYC 7R32 (avx2)" in reason
     assert "VNNI" in reason
-    offers = {"tensorrt": "no GPU", "onnxruntime": ("fp32",), "openvino": ("fp32",), "torch": ("fp32",)}
+    offers = {
+        "tensorrt": Unavailable("no GPU"),
+        "onnxruntime": ("fp32",),
+        "openvino": ("fp32",),
+        "torch": ("fp32",),
+    }
     withheld = {name: engine_spec(name).withheld("cpu") for name in offers}
     candidates, notes = plan_candidates("auto", "auto", offers, withheld)
     assert [str(candidate) for candidate in candidates] == ["onnxruntime/fp32", "openvino/fp32", "torch/fp32"]

@@ -13,8 +13,9 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.engines.base import Engine
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
 from sidecar.model.engines.openvino_engine import OpenVinoEngine
+from sidecar.model.engines.registry import Offer, Unavailable
 from sidecar.model.engines.selection import (
-    Candidate,
+    EngineCandidate,
     EngineRequest,
     choose,
     plan_candidates,
@@ -28,16 +29,16 @@ from tests.models import padded_batch
 
 NO_TENSORRT = "TensorRT needs a CUDA device; the device is cpu"
 NO_OPENVINO = "OpenVINO runs on the CPU here; the device is cuda"
-CPU_OFFERS = {
-    "tensorrt": NO_TENSORRT,
+CPU_OFFERS: dict[str, Offer] = {
+    "tensorrt": Unavailable(NO_TENSORRT),
     "onnxruntime": ("int8", "fp32"),
     "openvino": ("bf16", "fp32"),
     "torch": ("bf16", "fp32"),
 }
-GPU_OFFERS = {
+GPU_OFFERS: dict[str, Offer] = {
     "tensorrt": ("fp16", "fp32"),
     "onnxruntime": ("fp32",),
-    "openvino": NO_OPENVINO,
+    "openvino": Unavailable(NO_OPENVINO),
     "torch": ("fp16", "bf16", "fp32"),
 }
 
@@ -234,8 +235,8 @@ def test_a_failed_compile_when_asked_for_is_an_error(tmp_path, tiny_network, tin
         )
 
 
-def candidates_of(*labels: str) -> list[Candidate]:
-    return [Candidate(*label.split("/")) for label in labels]
+def candidates_of(*labels: str) -> list[EngineCandidate]:
+    return [EngineCandidate(*label.split("/")) for label in labels]
 
 
 def test_a_lossy_precision_serves_only_past_the_margin(tmp_path):

@@ -18,7 +18,7 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine, require_precision
-from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
+from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec, Offer, offer
 from sidecar.model.export import OUTPUT_NAME, ExportedModel
 from sidecar.model.hardware import cpu_info
 
@@ -205,10 +205,12 @@ class OnnxRuntimeEngine(Engine):
         return np.asarray(outputs, dtype=np.float32)
 
 
-def _offered(device: str) -> tuple[str, ...] | str:
-    if importlib.util.find_spec("onnxruntime") is None:
-        return "the onnxruntime package is not installed"
-    return onnxruntime_precisions(device)
+def _offered(device: str) -> Offer:
+    missing = importlib.util.find_spec("onnxruntime") is None
+    return offer(
+        "the onnxruntime package is not installed" if missing else None,
+        lambda: onnxruntime_precisions(device),
+    )
 
 
 def _withheld(device: str) -> dict[str, str]:

@@ -29,7 +29,7 @@ from sidecar.model.cache import ArtifactCache
 from sidecar.model.calibration import Calibration
 from sidecar.model.engines.base import Engine, require_precision
 from sidecar.model.engines.openvino_int8 import nncf_unavailable_reason, static_int8_model
-from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
+from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec, offer
 from sidecar.model.export import ExportedModel
 from sidecar.model.hardware import cpu_info, device_fingerprint
 
@@ -167,5 +167,8 @@ def _withheld(device: str) -> dict[str, str]:
 
 
 SPEC = EngineSpec(
-    "openvino", lambda device: unavailable_reason(device) or openvino_precisions(device), _build, _withheld
+    "openvino",
+    lambda device: offer(unavailable_reason(device), lambda: openvino_precisions(device)),
+    _build,
+    _withheld,
 )

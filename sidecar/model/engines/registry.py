@@ -82,11 +82,26 @@ class EngineShape:
     max_length: int = 512
 
 
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """Why an engine cannot run on a device at all."""
+
+    reason: str
+
+
+# What an engine offers on a device: its precisions, fastest first, or why it cannot run there.
+Offer = tuple[str, ...] | Unavailable
+
+
+def offer(unavailable_reason: str | None, precisions: Callable[[], tuple[str, ...]]) -> Offer:
+    """``precisions()``, unless there is a reason the engine cannot run."""
+    return Unavailable(unavailable_reason) if unavailable_reason else precisions()
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     name: str
-    # The precisions the engine runs on a device, fastest first, or why it cannot run there.
-    precisions: Callable[[str], tuple[str, ...] | str]
+    precisions: Callable[[str], Offer]
     build: Callable[[EngineInputs, EngineShape, str], Engine]
     # Precisions the engine has but leaves out on a device, with the reason.
     withheld: Callable[[str], dict[str, str]] = field(default=lambda device: {})

@@ -32,9 +32,9 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.calibration import Calibration
-from sidecar.model.engines import ENGINE_CHAIN, ENGINE_CHOICES, PRECISION_CHOICES
+from sidecar.model.engines import ENGINE_CHAIN, ENGINE_CHOICES, NETWORK_ENGINES, PRECISION_CHOICES
 from sidecar.model.engines.base import Engine
-from sidecar.model.engines.registry import EngineInputs, EngineShape, engine_spec
+from sidecar.model.engines.registry import EngineInputs, EngineShape, Offer, Unavailable, engine_spec
 from sidecar.model.engines.verdict import Verdict, VerdictStore
 from sidecar.model.export import ExportedModel, library_versions
 from sidecar.model.hardware import device_fingerprint
@@ -54,7 +54,7 @@ _TYPICAL_PAIR_TOKENS = 256
 
 
 @dataclass(frozen=True, slots=True)
-class Candidate:
+class EngineCandidate:
     engine: str
     precision: str
 
@@ -113,9 +113,9 @@ def is_lossy(precision: str, device: str) -> bool:
 def plan_candidates(
     engine: str,
     precision: str,
-    offers: Mapping[str, tuple[str, ...] | str],
+    offers: Mapping[str, Offer],
     withheld: Mapping[str, Mapping[str, str]] | None = None,
-) -> tuple[list[Candidate], list[str]]:
+) -> tuple[list[EngineCandidate], list[str]]:
     """Candidates in the order to try them, and notes on engines ruled out before loading anything.
 
     ``offers`` maps each engine to its precisions on the device (fastest first) or to why it
@@ -128,19 +128,19 @@ def plan_candidates(
     if precision not in PRECISION_CHOICES:
         raise ModelLoadError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_CHOICES)}")
     engines = ENGINE_CHAIN if engine == "auto" else (engine,)
-    candidates: list[Candidate] = []
+    candidates: list[EngineCandidate] = []
     notes: list[str] = []
     for name in engines:
         offer = offers[name]
-        if isinstance(offer, str):
-            notes.append(f"{name}: unavailable: {offer}")
+        if isinstance(offer, Unavailable):
+            notes.append(f"{name}: unavailable: {offer.reason}")
             continue
         left_out = withheld.get(name, {})
         if precision == "auto":
-            candidates.extend(Candidate(name, offered) for offered in offer)
+            candidates.extend(EngineCandidate(name, offered) for offered in offer)
             notes.extend(f"{name}/{held}: not offered here: {reason}" for held, reason in left_out.items())
         elif precision in offer:
-            candidates.append(Candidate(name, precision))
+            candidates.append(EngineCandidate(name, precision))
         elif precision in left_out:
             notes.append(f"{name}: does not run {precision} here: {left_out[precision]}")
         else:
@@ -175,7 +175,7 @@ class _Builder:
             max_length=request.max_length,
         )
 
-    def build(self, candidate: Candidate) -> Engine:
+    def build(self, candidate: EngineCandidate) -> Engine:
         reference = self.reference
         if reference is not None and (candidate.engine, candidate.precision, self.request.device) == (
             reference.name,
@@ -185,7 +185,7 @@ class _Builder:
             return reference
         return engine_spec(candidate.engine).build(self.inputs, self.shape, candidate.precision)
 
-    def compiled_torch(self, candidate: Candidate) -> Engine:
+    def compiled_torch(self, candidate: EngineCandidate) -> Engine:
         """The torch engine at the candidate's precision, compiled by TorchInductor."""
         from sidecar.model.engines.torch_engine import compiled_torch_engine
 
@@ -266,8 +266,8 @@ def select_engine(
                 reference_scores=tuple(float(score) for score in reference_scores),
             ),
         )
-    candidate = Candidate(selection.engine.name, selection.engine.precision)
-    if candidate.engine == "torch" and compile_wanted(request.torch_compile, request.device):
+    candidate = EngineCandidate(selection.engine.name, selection.engine.precision)
+    if candidate.engine in NETWORK_ENGINES and compile_wanted(request.torch_compile, request.device):
         compile_step = _compile_step(builder, candidate, selection, probe, reference_scores)
         # On CUDA the compile comes before serving, so the graphs are captured with the GPU to themselves.
         if request.torch_compile == "on" or request.device != "cpu":
@@ -296,7 +296,7 @@ def select_remembered(
     remembered, why_not = VerdictStore(request.cache_dir).recall(model_hash, request.device, key)
     if remembered is None:
         return None, why_not
-    if remembered.engine == "torch":
+    if remembered.engine in NETWORK_ENGINES:
         return None, f"the remembered engine is {remembered.candidate}, which needs the PyTorch network"
     builder = _Builder(request, inputs, None, probe)
     selection, why_not = _remembered(remembered, builder, np.asarray(remembered.reference_scores), phases)
@@ -362,7 +362,7 @@ def _remembered(
 ) -> tuple[Selection | None, str]:
     """The remembered candidate, loaded and gated once against the remembered reference scores; or None
     and why it no longer serves."""
-    candidate = Candidate(verdict.engine, verdict.precision)
+    candidate = EngineCandidate(verdict.engine, verdict.precision)
     try:
         with phases.timed("build"):
             engine = builder.build(candidate)
@@ -386,7 +386,7 @@ def _remembered(
 
 
 def _select(
-    candidates: list[Candidate],
+    candidates: list[EngineCandidate],
     notes: list[str],
     builder: _Builder,
     reference_scores: np.ndarray,
@@ -397,7 +397,7 @@ def _select(
     request = builder.request
     probe = builder.probe
     explicit = request.engine != "auto" and request.precision != "auto"
-    passed: list[tuple[Candidate, Engine, ParityReport]] = []
+    passed: list[tuple[EngineCandidate, Engine, ParityReport]] = []
     for candidate in candidates:
         try:
             with phases.timed("build"):
@@ -445,7 +445,7 @@ def _select(
 
 
 def choose(
-    candidates: list[Candidate], speeds: list[float], request: EngineRequest, notes: list[str]
+    candidates: list[EngineCandidate], speeds: list[float], request: EngineRequest, notes: list[str]
 ) -> tuple[int, float]:
     """The index of the candidate that serves, and its speed over the fastest lossless candidate.
 
@@ -482,7 +482,11 @@ def choose(
 
 
 def _compile_step(
-    builder: _Builder, candidate: Candidate, selection: Selection, probe: Probe, reference_scores: np.ndarray
+    builder: _Builder,
+    candidate: EngineCandidate,
+    selection: Selection,
+    probe: Probe,
+    reference_scores: np.ndarray,
 ) -> Upgrade:
     """Compiles the serving torch engine and gates it; the candidates were timed uncompiled, since
     compiling each would multiply the start-up time.

@@ -24,7 +24,7 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine, require_precision
-from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
+from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec, offer
 from sidecar.model.export import OUTPUT_NAME, ExportedModel
 
 logger = logging.getLogger(__name__)
@@ -326,5 +326,5 @@ def _build(inputs: EngineInputs, shape: EngineShape, precision: str) -> Engine:
 
 
 SPEC = EngineSpec(
-    "tensorrt", lambda device: unavailable_reason(device) or tensorrt_precisions(device), _build
+    "tensorrt", lambda device: offer(unavailable_reason(device), lambda: tensorrt_precisions(device)), _build
 )
