@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import sys
 import threading
 from collections.abc import Callable
 
@@ -32,8 +33,12 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def release_unused_memory() -> None:
-    """Collect unreferenced objects and return free heap pages to the operating system."""
+    """Collect unreferenced objects and return free heap pages to the operating system, and on a GPU
+    the device memory that torch's allocator keeps cached (the losing candidates' weights)."""
     gc.collect()
+    torch = sys.modules.get("torch")  # never imported for this: a warm start runs without torch
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
