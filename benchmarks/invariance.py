@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.engines import OUT, QUERY, build_model, candidates, hardware_record
+from benchmarks.harness import OUT, QUERY, build_model, candidates, hardware_record
 
 _PAIRS, _CROWD, _ROUNDS = 40, 16, 3
 

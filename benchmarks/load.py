@@ -4,7 +4,7 @@ Each caller sends one 100-candidate Rerank request (the engines benchmark's work
 tokens a pair, max_length 256), waits for the answer, and sends the next, until the level's time
 is up. A RESOURCE_EXHAUSTED answer counts as refused and the caller backs off (exponentially, with
 jitter, from 0.1 s to 3.2 s). The model
-has MiniLM-L6 shape with real encoder weights (see benchmarks/engines.py); only speed is measured.
+has MiniLM-L6 shape with real encoder weights (see benchmarks/harness.py); only speed is measured.
 
     .venv/bin/python -m benchmarks.load [--levels 1 4 16 64] [--seconds 60] [--engine auto]
     .venv/bin/python -m benchmarks.load --soak-seconds 300 --soak-callers 16   # memory sampled every 10 s
@@ -32,16 +32,8 @@ import grpc
 import httpx
 import numpy as np
 
-from benchmarks.engines import (
-    OUT,
-    QUERY,
-    Sidecar,
-    build_model,
-    candidates,
-    free_port,
-    hardware_record,
-    start_sidecar,
-)
+from benchmarks.harness import OUT, QUERY, Sidecar, build_model, candidates, hardware_record, start_sidecar
+from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 # A refused caller backs off exponentially with jitter, as the README tells clients to.

@@ -29,8 +29,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from benchmarks.engines import OUT, QUERY, build_model, candidates, free_port, hardware_record
-from benchmarks.gpu import gil_sampler, gil_summary
+from benchmarks.harness import OUT, QUERY, build_model, candidates, gil_sampler, gil_summary, hardware_record
+from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 MAX_LENGTH = 256

@@ -1,6 +1,6 @@
 """Time to SERVING of the default sidecar, cold (empty --cache-dir) and warm (a restart on the same one).
 
-The sidecar serves a MiniLM-L6-shaped cross-encoder (the benchmark model of ``engines.py``) with the
+The sidecar serves a MiniLM-L6-shaped cross-encoder (the benchmarks' model, ``harness.build_model``) with the
 packaged all-MiniLM-L6-v2 embedder on, every other setting at its default: ``--engine auto
 --precision auto --torch-compile auto``. Each run starts a subprocess on a fresh cache directory
 (cold), waits until the health service reports SERVING, stops it, then starts it again on the same
@@ -34,7 +34,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.engines import OUT, QUERY, REPO, build_model, candidates, free_port, hardware_record
+from benchmarks.harness import OUT, QUERY, REPO, build_model, candidates, hardware_record
+from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 # The libraries whose import a start may pay, in the order a cold start imports them.

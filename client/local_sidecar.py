@@ -29,6 +29,8 @@ class SidecarUnavailable(RuntimeError):
 
 
 def free_port() -> int:
+    """A 127.0.0.1 port free now: for a child's listener, or a setting where 0 disables the listener
+    rather than picking a port. The tests and the benchmarks use this one too."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -1,4 +1,4 @@
-"""gRPC reranking sidecar: a cross-encoder behind a dynamic batcher, served over gRPC."""
+"""Reranking sidecar: rerankers and an embedder behind dynamic batchers, served over gRPC and HTTP/JSON."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -1,5 +1,6 @@
 """The server's errors, free of any transport: each layer raises these, and each transport maps them to
-its own status codes in one table at its edge (``transport/grpc_api/status.py``)."""
+its own status codes in one table at its edge (gRPC's in ``transport/grpc_api/status.py``, HTTP's in
+``transport/http_api/status.py``)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -85,13 +84,6 @@ class RunningSidecar:
         engine = self.server.core.ranking.engine
         assert isinstance(engine, RecordingEngine)
         return engine
-
-
-def free_port() -> int:
-    """A port free now, for the settings where 0 disables a listener rather than picking a port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @asynccontextmanager

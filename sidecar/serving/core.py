@@ -1,7 +1,8 @@
 """The serving core: loads the models, runs their batchers, and answers requests, free of any transport.
 
-A transport (gRPC today) only converts its messages, asks the core for the ``Reranker`` or ``Embedder``,
-and maps ``SidecarError`` to its status codes. Tests and benchmarks can drive the core with no server.
+A transport (gRPC, HTTP/JSON) only converts its messages, asks the core for the ``Reranker`` or
+``Embedder``, and maps ``SidecarError`` to its status codes. Tests and benchmarks can drive the core with
+no server.
 """
 
 from __future__ import annotations

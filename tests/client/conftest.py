@@ -22,6 +22,7 @@ from elasticsearch import Elasticsearch
 
 from client.documents import Document
 from client.ingest import ingest
+from client.local_sidecar import free_port
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.retrieval.embedded import EmbeddedRetriever
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
@@ -160,12 +161,6 @@ def synthetic_corpus(size: int = 240, seed: int = 7) -> list[Document]:
 @pytest.fixture(scope="session")
 def corpus() -> list[Document]:
     return synthetic_corpus()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

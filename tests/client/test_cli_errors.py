@@ -31,10 +31,11 @@ from client.errors import (
     UsageError,
 )
 from client.ingest import ingest
+from client.local_sidecar import free_port
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.retrieval.embedded import EmbeddedRetriever
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
-from tests.client.conftest import FAKE_DIMS, embed_fake, fake_vector, free_port, synthetic_corpus
+from tests.client.conftest import FAKE_DIMS, embed_fake, fake_vector, synthetic_corpus
 from tests.client.test_eval import write_beir
 
 ROOT = Path(__file__).resolve().parents[2]

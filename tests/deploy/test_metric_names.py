@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port, running_sidecar
+from client.local_sidecar import free_port
+from tests.conftest import running_sidecar
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from testkit.models import save_tiny_modernbert, save_tiny_qwen3_reranker, save_tiny_xlm_roberta
 from tests import models
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "bert": models.save_tiny_bert,
-    "xlm-roberta": models.save_tiny_xlm_roberta,
+    "xlm-roberta": save_tiny_xlm_roberta,
     "electra": models.save_tiny_electra,
     "deberta-v2": models.save_tiny_deberta_v2,
-    "modernbert": models.save_tiny_modernbert,
-    "qwen3-reranker": models.save_tiny_qwen3_reranker,
+    "modernbert": save_tiny_modernbert,
+    "qwen3-reranker": save_tiny_qwen3_reranker,
     "bge-reranker-gemma": models.save_tiny_bge_reranker_gemma,
 }
 

@@ -1,6 +1,6 @@
 """Each family's reference scoring, written out as its model card or sentence-transformers does it.
 
-The prompts are copied from the model cards here, not taken from the sidecar, so a wrong prompt in the
+The prompts are the model cards' (testkit.model_cards), not the sidecar's, so a wrong prompt in the
 sidecar fails the comparison.
 """
 
@@ -12,16 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-QWEN3_PREFIX = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
-    'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
-)
-QWEN3_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-QWEN3_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-GEMMA_PROMPT = (
-    "Given a query A and a passage B, determine whether the passage contains an answer to the query by "
-    "providing a prediction of either 'Yes' or 'No'."
-)
+from testkit.model_cards import GEMMA_PROMPT, QWEN3_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX
 
 
 def cross_encoder_scores(model_dir: Path, query: str, documents: Sequence[str]) -> np.ndarray:

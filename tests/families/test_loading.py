@@ -13,8 +13,8 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.loading import ModelSource, load_model
 from sidecar.model.tokenization import PairSpec, SpecialTokenLayout, Truncation
 from sidecar.settings import parse_settings
+from testkit.models import qwen_tokenizer
 from tests.families.conftest import FamilyModels
-from tests.models import qwen_tokenizer
 
 
 def with_remote_code(model: Path, target: Path) -> Path:

@@ -12,16 +12,10 @@ from rerank.v1 import rerank_pb2
 from sidecar.errors import ModelLoadError
 from sidecar.model.loading import ModelSource, load_cross_encoder
 from sidecar.model.tokenization import PairSpec, PromptPairTokenizer, Truncation
+from testkit.model_cards import GEMMA_PROMPT, QWEN3_INSTRUCTION, QWEN3_SUFFIX
 from tests.conftest import docs, running_sidecar
 from tests.families.conftest import FamilyModels
-from tests.families.references import (
-    GEMMA_PROMPT,
-    QWEN3_INSTRUCTION,
-    QWEN3_SUFFIX,
-    gemma_card_ids,
-    qwen3_card_ids,
-    qwen3_card_scores,
-)
+from tests.families.references import gemma_card_ids, qwen3_card_ids, qwen3_card_scores
 
 QUERY = "what do cats eat"
 LONG = " ".join(["Cats are obligate carnivores and eat meat, fish and sometimes insects."] * 12)

@@ -15,7 +15,7 @@ from sidecar.model.batch import collate
 from sidecar.model.loading import ModelKind, ModelSource, Pooling, load_bi_encoder, read_pooling
 from sidecar.model.network import load_network
 from sidecar.model.tokenization import PairSpec
-from tests.models import bert_tokenizer_dir
+from testkit.models import bert_tokenizer_dir
 
 TEXTS = ["Cats are obligate carnivores.", "short", "A much longer sentence about the stock market and rain."]
 

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from sidecar.errors import InvalidArgument
 from sidecar.model.tokenization import PairSpec, PairTokenizer, Truncation
-from tests.models import bert_tokenizer_dir
+from testkit.models import bert_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from testkit.models import bert_tokenizer_dir
 from tests.conftest import RunningSidecar, docs, running_sidecar
-from tests.models import bert_tokenizer_dir
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = [

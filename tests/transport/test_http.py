@@ -15,9 +15,10 @@ import numpy as np
 import openai
 import pytest
 
+from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar.serving.core import ServingState
-from tests.conftest import RunningSidecar, docs, free_port, running_sidecar, wait_until
+from tests.conftest import RunningSidecar, docs, running_sidecar, wait_until
 from tests.pki import Pki
 from tests.transport.test_embed import MINILM, TEXTS
 from tests.transport.test_errors import marker_token

@@ -13,8 +13,9 @@ import grpc
 import httpx
 import pytest
 
+from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2
-from tests.conftest import RunningSidecar, docs, free_port, running_sidecar
+from tests.conftest import RunningSidecar, docs, running_sidecar
 from tests.transport.test_embed import MINILM
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar.server import SidecarServer
 from sidecar.settings import Settings
@@ -71,12 +71,6 @@ async def test_a_model_that_cannot_load_fails_start_up_with_a_clear_error(tmp_pa
             await server.load()
     finally:
         await server.stop(grace=0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

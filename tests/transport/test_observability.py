@@ -9,9 +9,10 @@ import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2
 from sidecar.transport.grpc_api import tracing
-from tests.conftest import docs, free_port, running_sidecar
+from tests.conftest import docs, running_sidecar
 
 
 async def test_metrics_endpoint_reports_calls_queue_batches_stages_and_engine(tiny_bert: Path):

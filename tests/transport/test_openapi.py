@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import RunningSidecar, free_port, running_sidecar
+from client.local_sidecar import free_port
+from tests.conftest import RunningSidecar, running_sidecar
 from tests.transport.test_embed import MINILM
 
 # Small limits keep every request the schema allows quick; the document states them.

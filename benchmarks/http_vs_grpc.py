@@ -7,7 +7,8 @@ TEI's ``POST /rerank`` (httpx, one kept-alive connection), round-robin, one call
 load from other processes falls on all alike. Figures are medians of ``--repeats`` rounds after a
 warm-up; ratios are against gRPC in the same run. Every variant's ranking is checked to equal gRPC's.
 
-    .venv/bin/python -m benchmarks.http [--repeats 40] [--engine auto] [--out benchmarks/out/http.json]
+    .venv/bin/python -m benchmarks.http_vs_grpc [--repeats 40] [--engine auto] \
+        [--out benchmarks/out/http_vs_grpc.json]
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ import grpc
 import httpx
 import numpy as np
 
-from benchmarks.engines import (
+from benchmarks.harness import (
     OUT,
     QUERY,
     Run,
     build_model,
     candidates,
-    free_port,
     hardware_record,
     interleaved,
     start_sidecar,
 )
+from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--threads", default="2")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=OUT / "http.json")
+    parser.add_argument("--out", type=Path, default=OUT / "http_vs_grpc.json")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(OUT / "minilm-l6-cross-encoder")
