@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
-from tests.conftest import RunningSidecar
+from tests.conftest import RunningSidecar, wait_until
 
 # Combining marks stacked on one letter, right-to-left text with its marks, and a megabyte.
 UNUSUAL = (
@@ -106,7 +106,9 @@ async def test_random_streams(sidecar: RunningSidecar):
         await asyncio.get_running_loop().run_in_executor(None, example)
     finally:
         channel.close()
-    assert _calls(sidecar, "RerankStream") - before >= FUZZ.max_examples
+    # The server counts a stream once its handler returns, which can be just after the client has read
+    # the final message.
+    await wait_until(lambda: _calls(sidecar, "RerankStream") - before >= FUZZ.max_examples)
     await _still_healthy(sidecar)
 
 

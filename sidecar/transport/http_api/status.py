@@ -74,7 +74,11 @@ def error_response(path: str, error: SidecarError) -> JSONResponse:
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     field = error.field if isinstance(error, InvalidArgument) else ""
-    return JSONResponse(error_body(path, status, str(error), field), status_code=status, headers=headers)
+    message = str(error)
+    if isinstance(error, DeadlineExpired) and "X-Request-Timeout" not in message:
+        # Over HTTP the only deadline is the caller's header, whichever timer noticed it first.
+        message = f"{message} (X-Request-Timeout)"
+    return JSONResponse(error_body(path, status, message, field), status_code=status, headers=headers)
 
 
 def http_error_response(path: str, method: str, error: HTTPException) -> JSONResponse:
