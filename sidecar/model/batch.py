@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,9 +108,19 @@ class ShapeBuckets:
     max_batch_tokens: int
     max_length: int
 
-    @property
+    # Computed once: every batch is fitted on the serving path.
+    @functools.cached_property
     def column_bounds(self) -> tuple[int, ...]:
         return bucket_bounds(min(8, self.max_length), self.max_length)
+
+    @functools.cached_property
+    def _row_bounds_of(self) -> dict[int, tuple[int, ...]]:
+        """Row buckets of each column bucket: up to the rows its shortest member length allows."""
+        shortest = [1, *(bound + 1 for bound in self.column_bounds[:-1])]
+        return {
+            bound: bucket_bounds(2, max(2, self.row_limit(length)))
+            for bound, length in zip(self.column_bounds, shortest, strict=True)
+        }
 
     def row_limit(self, columns: int) -> int:
         """The most rows a batch whose longest row is ``columns`` tokens can have."""
@@ -117,10 +128,7 @@ class ShapeBuckets:
 
     def row_bounds(self, column_bound: int) -> tuple[int, ...]:
         """Row buckets of a column bucket: up to the rows its shortest member length allows."""
-        bounds = self.column_bounds
-        position = bounds.index(column_bound)
-        shortest = bounds[position - 1] + 1 if position else 1
-        return bucket_bounds(2, max(2, self.row_limit(shortest)))
+        return self._row_bounds_of[column_bound]
 
     @property
     def shapes(self) -> tuple[tuple[int, int], ...]:
