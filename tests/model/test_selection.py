@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 
@@ -334,17 +335,9 @@ def test_on_cuda_torch_is_compiled_for_shape_buckets_before_serving(
     monkeypatch.setattr(torch_engine, "SPEC", eager)
     monkeypatch.setattr(torch_engine, "compiled_torch_engine", compiled_on_the_cpu)
     monkeypatch.setattr(selection_module, "device_fingerprint", lambda device: {"gpu": "stand-in"})
-    on_cuda = EngineRequest(
-        engine="auto",
-        precision="auto",
-        device="cuda",
-        threads=1,
-        max_batch_pairs=32,
-        max_batch_tokens=2048,
-        max_length=512,
-        cache_dir=tmp_path,
-        torch_compile="auto",
-    )
+    # The probe's batches: up to 32 pairs of up to 512 tokens.
+    limits = {"max_batch_pairs": 32, "max_batch_tokens": 2048, "max_length": 512}
+    on_cuda = dataclasses.replace(request(tmp_path, "auto", "auto", "auto"), device="cuda", **limits)
     selection = select_engine(on_cuda, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert isinstance(selection.engine, BucketedTorchEngine)
     assert selection.upgrade is None  # compiled before serving, not in the background as on a CPU
