@@ -36,7 +36,6 @@ class ExportedModel:
     model_type: str
     num_heads: int
     hidden_size: int
-    is_bi_encoder: bool
 
 
 def library_versions() -> dict[str, str]:
@@ -49,8 +48,6 @@ def export_onnx(
     network: Network, fingerprint: str, input_names: tuple[str, ...], cache: ArtifactCache
 ) -> ExportedModel:
     """The network as ONNX (fp32 outputs, dynamic batch and sequence axes), from the cache when valid."""
-    from sidecar.model.network import BiEncoderNetwork
-
     config = network.model.config
     key = _export_key(fingerprint, input_names)
     path = cache.get_or_build("onnx", key, "model.onnx", lambda target: _export(network, input_names, target))
@@ -61,7 +58,6 @@ def export_onnx(
         model_type=config.model_type,
         num_heads=int(getattr(config, "num_attention_heads", 0)),
         hidden_size=int(getattr(config, "hidden_size", 0)),
-        is_bi_encoder=isinstance(network, BiEncoderNetwork),
     )
 
 

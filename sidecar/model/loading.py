@@ -70,11 +70,6 @@ class ModelKind(enum.Enum):
     CROSS_ENCODER = "cross-encoder"
     BI_ENCODER = "bi-encoder"
 
-    @property
-    def embeds(self) -> bool:
-        """Whether the model turns single texts into vectors, so it can serve the Embedder."""
-        return self is ModelKind.BI_ENCODER
-
 
 @dataclass(frozen=True)
 class Pooling:
@@ -157,14 +152,6 @@ def is_causal_lm(config: Any) -> bool:
     """A decoder's causal-LM checkpoint, which ranks by its next-token logits."""
     architectures = config.architectures or ()
     return config.model_type in DECODER_MODEL_TYPES and any(a.endswith("ForCausalLM") for a in architectures)
-
-
-def load_model(
-    source: ModelSource, max_length_cap: int = 0, instruction: str = ""
-) -> CrossEncoderModel | BiEncoderModel:
-    if detect_kind(source) is ModelKind.CROSS_ENCODER:
-        return load_cross_encoder(source, max_length_cap, instruction)
-    return load_bi_encoder(source, max_length_cap)
 
 
 def load_cross_encoder(

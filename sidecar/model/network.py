@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from sidecar.model.families import family_of
+from sidecar.model.kinds import KINDS, kind_of
 from sidecar.model.loading import (
     BiEncoderModel,
     CrossEncoderModel,
@@ -22,7 +24,6 @@ from sidecar.model.loading import (
     ModelSource,
     Pooling,
     load_failure,
-    read_pooling,
 )
 
 
@@ -36,7 +37,13 @@ def _run(
     return model(input_ids=input_ids, attention_mask=attention_mask, **extra)
 
 
-class CrossEncoderNetwork(torch.nn.Module):
+class _RankingNetwork(torch.nn.Module):
+    def output_settings(self) -> str:
+        """What shapes the outputs besides the config and the weights, for ``content_hash``."""
+        return ""
+
+
+class CrossEncoderNetwork(_RankingNetwork):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -50,11 +57,14 @@ class CrossEncoderNetwork(torch.nn.Module):
         return _run(self.model, input_ids, attention_mask, token_type_ids).logits
 
 
-class BiEncoderNetwork(torch.nn.Module):
+class BiEncoderNetwork(_RankingNetwork):
     def __init__(self, model: torch.nn.Module, pooling: Pooling) -> None:
         super().__init__()
         self.model = model
         self.pooling = pooling
+
+    def output_settings(self) -> str:
+        return repr(self.pooling)
 
     def forward(
         self,
@@ -76,7 +86,7 @@ class BiEncoderNetwork(torch.nn.Module):
         return pooled
 
 
-class DecoderRerankerNetwork(torch.nn.Module):
+class DecoderRerankerNetwork(_RankingNetwork):
     """A decoder LLM reranker: the backbone's state at each pair's last real token through a linear head.
 
     Batches are right-padded, so with causal attention every real token sees what it would see alone,
@@ -120,56 +130,60 @@ def answer_head(vocabulary_projection: torch.nn.Linear, yes: int, no: int | None
 Network = CrossEncoderNetwork | BiEncoderNetwork | DecoderRerankerNetwork
 
 
-def load_network(
-    source: ModelSource,
-    kind: ModelKind,
-    *,
-    attn_implementation: str | None = None,
-    decoder: bool = False,
-    answer_token_ids: tuple[int, int | None] | None = None,
-) -> Network:
-    """The fp32 network on the CPU, in eval mode. ``decoder`` marks a decoder LLM reranker, scored from
-    its last token; ``answer_token_ids`` (yes, no or None) its causal-LM checkpoint, whose vocabulary
-    projection gives way to a one-logit head."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+def classifier_network(source: ModelSource, *, decoder: bool) -> CrossEncoderNetwork | DecoderRerankerNetwork:
+    """A sequence-classification checkpoint; ``decoder`` marks a decoder LLM reranker, scored from its
+    last token."""
+    from transformers import AutoModelForSequenceClassification
 
-    options = source.from_pretrained_kwargs()
-    if attn_implementation is not None:
-        options["attn_implementation"] = attn_implementation
+    with _loading(source):
+        classifier = AutoModelForSequenceClassification.from_pretrained(
+            source.name, dtype=torch.float32, **source.from_pretrained_kwargs()
+        )
+    if decoder:
+        return DecoderRerankerNetwork(classifier.base_model, classifier.score).eval()
+    return CrossEncoderNetwork(classifier).eval()
+
+
+def causal_lm_network(
+    source: ModelSource, answer_token_ids: tuple[int, int | None]
+) -> DecoderRerankerNetwork:
+    """A decoder reranker's causal-LM checkpoint, its vocabulary projection replaced by a one-logit head
+    from the rows of ``answer_token_ids`` (yes, and no or None)."""
+    from transformers import AutoModelForCausalLM
+
+    with _loading(source):
+        causal = AutoModelForCausalLM.from_pretrained(
+            source.name, dtype=torch.float32, **source.from_pretrained_kwargs()
+        )
+    head = answer_head(causal.get_output_embeddings(), *answer_token_ids)
+    return DecoderRerankerNetwork(causal.get_decoder(), head).eval()
+
+
+def bi_encoder_network(source: ModelSource, pooling: Pooling) -> BiEncoderNetwork:
+    from transformers import AutoModel
+
+    with _loading(source):
+        model = AutoModel.from_pretrained(source.name, dtype=torch.float32, **source.from_pretrained_kwargs())
+    return BiEncoderNetwork(model, pooling).eval()
+
+
+@contextmanager
+def _loading(source: ModelSource) -> Iterator[None]:
     try:
-        if answer_token_ids is not None:
-            causal = AutoModelForCausalLM.from_pretrained(source.name, dtype=torch.float32, **options)
-            head = answer_head(causal.get_output_embeddings(), *answer_token_ids)
-            network: Network = DecoderRerankerNetwork(causal.get_decoder(), head)
-        elif decoder:
-            classifier = AutoModelForSequenceClassification.from_pretrained(
-                source.name, dtype=torch.float32, **options
-            )
-            network = DecoderRerankerNetwork(classifier.base_model, classifier.score)
-        elif kind is ModelKind.CROSS_ENCODER:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source.name, dtype=torch.float32, **options
-            )
-            network = CrossEncoderNetwork(model)
-        else:
-            model = AutoModel.from_pretrained(source.name, dtype=torch.float32, **options)
-            pooling = read_pooling(source)
-            network = BiEncoderNetwork(model, pooling)
+        yield
     except Exception as exc:  # transformers raises OSError, ValueError or hub errors
         raise load_failure(source, "weights", exc) from exc
-    return network.eval()
+
+
+def load_network(source: ModelSource, kind: ModelKind) -> Network:
+    """The fp32 network of the model at ``source``, read as a model of ``kind``."""
+    spec = KINDS[kind]
+    return spec.network(spec.load(source))
 
 
 def load_model_network(model: CrossEncoderModel | BiEncoderModel) -> Network:
     """The network of a loaded model, with a decoder reranker's last-token head."""
-    if model.kind is ModelKind.BI_ENCODER:
-        return load_network(model.source, model.kind)
-    return load_network(
-        model.source,
-        model.kind,
-        decoder=family_of(model.model_type).prompt is not None,
-        answer_token_ids=model.answer_token_ids,  # type: ignore[union-attr]  # a cross-encoder's
-    )
+    return kind_of(model).network(model)
 
 
 # Config entries that say where or how a model was loaded, not what it computes.
@@ -181,8 +195,7 @@ def content_hash(network: Network) -> str:
     digest = hashlib.sha256(type(network).__name__.encode())
     config = {k: v for k, v in network.model.config.to_dict().items() if k not in _LOCATION_KEYS}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    if isinstance(network, BiEncoderNetwork):
-        digest.update(repr(network.pooling).encode())
+    digest.update(network.output_settings().encode())
     for name, tensor in sorted(network.state_dict().items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

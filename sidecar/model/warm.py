@@ -31,19 +31,14 @@ from sidecar import __version__
 from sidecar.errors import ModelLoadError
 from sidecar.model.cache import ArtifactCache, file_sha256, key_digest, write_json_atomically
 from sidecar.model.export import ExportedModel
-from sidecar.model.families import FAMILIES
-from sidecar.model.loading import (
-    BiEncoderModel,
-    CrossEncoderModel,
-    ModelKind,
-    ModelSource,
-    Pooling,
-)
-from sidecar.model.tokenization import PairTokenizer, PromptPairTokenizer
+from sidecar.model.kinds import KINDS, kind_of
+from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelKind, ModelSource
+from sidecar.model.tokenization import PairTokenizer
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 1
+# 2: the export's description lost is_bi_encoder, which nothing read.
+_FORMAT = 2
 _TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -98,14 +93,7 @@ def record_of(
         "default_threads": default_threads,
         "export": export,
     }
-    if isinstance(model, CrossEncoderModel):
-        fields |= {"num_labels": model.num_labels, "answer_token_ids": model.answer_token_ids}
-    else:
-        fields |= {
-            "dims": model.dims,
-            "pooling_mode": model.pooling.mode,
-            "pooling_normalize": model.pooling.normalize,
-        }
+    fields |= kind_of(model).warm_fields(model)
     return WarmRecord(**fields)
 
 
@@ -263,16 +251,7 @@ def rebuild_model(
         "uses_token_type_ids": record.uses_token_type_ids,
         "revision": record.revision,
     }
-    if ModelKind(record.kind) is ModelKind.BI_ENCODER:
-        pooling = Pooling(mode=record.pooling_mode, normalize=record.pooling_normalize)
-        return BiEncoderModel(**fields, tokenizer=PairTokenizer(tokenizer), dims=record.dims, pooling=pooling)
-    prompt = next((family.prompt for family in FAMILIES if family.name == record.family), None)
-    pair_tokenizer = (
-        PairTokenizer(tokenizer) if prompt is None else PromptPairTokenizer(tokenizer, prompt, instruction)
+    model: CrossEncoderModel | BiEncoderModel = KINDS[ModelKind(record.kind)].rebuild(
+        fields, asdict(record), tokenizer, instruction
     )
-    return CrossEncoderModel(
-        **fields,
-        tokenizer=pair_tokenizer,
-        num_labels=record.num_labels,
-        answer_token_ids=record.answer_token_ids,
-    )
+    return model

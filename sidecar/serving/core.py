@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from sidecar import __version__
 from sidecar.errors import ModelLoadError, NotReady
 from sidecar.model.engines import Engine
-from sidecar.model.loading import ModelKind, ModelSource
+from sidecar.model.kinds import kind_of
+from sidecar.model.loading import ModelSource
 from sidecar.model.memory import HeapTrimmer
 from sidecar.model.tokenization import PairSpec
 from sidecar.scheduling.batcher import Batcher, BatchLimits
@@ -29,7 +30,7 @@ from sidecar.serving.info import EmbeddingInfo, RankingInfo, SelectionInfo, Serv
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import Limits, Reranker
 from sidecar.serving.runtime import Runtime, load_runtime
-from sidecar.serving.scoring import Scorer, scorer_for
+from sidecar.serving.scoring import Scorer
 from sidecar.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -125,17 +126,16 @@ class ServingCore:
         embedder, embedding = None, None
         if self.settings.embed_model:
             embed_source = ModelSource.resolve(self.settings.embed_model)
-            ranking_embeds = ranking.runtime.model.kind.embeds
-            same_model = embed_source == rerank_source and ranking_embeds
+            same_model = embed_source == rerank_source and kind_of(ranking.runtime.model).embeds
             embedding = ranking if same_model else await self._serve_model(embed_source)
-            embed_model = embedding.runtime.model
-            if not embed_model.kind.embeds:
+            embed_model = kind_of(embedding.runtime.model).embedding_model(embedding.runtime.model)
+            if embed_model is None:
                 raise ModelLoadError(
                     f"--embed-model {self.settings.embed_model} is not an embedding model: it needs the "
                     "sentence-transformers layout (modules.json with a Pooling module)"
                 )
             embedder = Embedder(
-                embed_model,  # type: ignore[arg-type]  # a model that embeds is a BiEncoderModel
+                embed_model,
                 embedding.batcher,
                 self._tokenizer_pool,
                 max_texts=self.settings.max_documents_per_request,
@@ -181,7 +181,7 @@ class ServingCore:
         self.metrics.describe_engine(
             source.model_id, engine.name, engine.precision, engine.device, model.kind.value
         )
-        served = ServedModel(runtime, batcher, scorer_for(model, batcher, self._tokenizer_pool))
+        served = ServedModel(runtime, batcher, Scorer(model, batcher, self._tokenizer_pool))
         self.served.append(served)
         with runtime.phases.timed("warm-up"):
             await self._warm_up(served)
@@ -319,7 +319,7 @@ class ServingCore:
                 precision=engine.precision,
                 device=engine.device,
                 max_length=model.max_length,
-                num_labels=model.num_labels if model.kind is ModelKind.CROSS_ENCODER else 0,  # type: ignore[attr-defined]
+                num_labels=kind_of(model).num_labels(model),
                 max_batch_tokens=runtime.max_batch_tokens,
                 batch_workers=runtime.batch_workers,
                 max_batch_pairs=runtime.max_batch_pairs,

@@ -10,6 +10,7 @@ from functools import partial
 import numpy as np
 
 from sidecar.errors import InvalidArgument
+from sidecar.model.kinds import unit_vectors
 from sidecar.model.loading import BiEncoderModel
 from sidecar.model.tokenization import PairSpec, Truncation
 from sidecar.scheduling.batcher import Batcher
@@ -91,5 +92,5 @@ class Embedder:
         )
         vectors = rows.outputs.astype(np.float32, copy=False)
         if normalize:
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            vectors = unit_vectors(vectors)
         return Embeddings(vectors, usage)

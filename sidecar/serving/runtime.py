@@ -17,9 +17,10 @@ from sidecar.model.engines.registry import EngineInputs
 from sidecar.model.engines.selection import EngineRequest, Selection, select_engine, select_remembered
 from sidecar.model.export import cached_export
 from sidecar.model.hardware import describe_device
+from sidecar.model.kinds import kind_of, load_model
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource
 from sidecar.model.memory import release_unused_memory
-from sidecar.model.parity import Probe, bi_encoder_probe, cross_encoder_probe
+from sidecar.model.parity import Probe
 from sidecar.model.phases import PhaseTimer
 from sidecar.model.warm import WarmStore, model_files, rebuild_model, record_of, warm_key
 from sidecar.settings import Settings
@@ -234,7 +235,6 @@ def _cold_runtime(
     import torch
 
     from sidecar.model.engines.torch_engine import resolve_device
-    from sidecar.model.loading import load_model
     from sidecar.model.network import load_model_network
 
     device = resolve_device(settings.device)
@@ -310,21 +310,9 @@ def _probe(
 ) -> tuple[Probe, str]:
     """The parity gate's probe for the model, in the batcher's batch shapes, and how its outputs are
     described in the log."""
-    if isinstance(model, CrossEncoderModel):
-        probe = cross_encoder_probe(
-            model, request.max_batch_pairs, vocab_size=vocab_size, max_batch_tokens=request.max_batch_tokens
-        )
-        return probe, f"{model.num_labels} label(s)"
-    probe = bi_encoder_probe(
-        model.tokenizer,
-        max_length=model.max_length,
-        pad_token_id=model.pad_token_id,
-        with_token_type_ids=model.uses_token_type_ids,
-        max_batch=request.max_batch_pairs,
-        vocab_size=vocab_size,
-        max_batch_tokens=request.max_batch_tokens,
-    )
-    return probe, f"{model.dims} dims, {model.pooling.mode} pooling"
+    kind = kind_of(model)
+    probe = kind.probe(model, vocab_size, request.max_batch_pairs, request.max_batch_tokens)
+    return probe, kind.describe_outputs(model)
 
 
 def _serving_runtime(

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import ModelLoadError
-from sidecar.model.loading import ModelSource, load_model
+from sidecar.model.kinds import load_model
+from sidecar.model.loading import ModelSource
 from sidecar.model.tokenization import PairSpec, SpecialTokenLayout, Truncation
 from sidecar.settings import parse_settings
 from testkit.models import qwen_tokenizer

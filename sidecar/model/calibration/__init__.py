@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import EncodedPair, TokenBatch, batches_digest, collate
-from sidecar.model.loading import CrossEncoderModel, ModelKind, TextModel
+from sidecar.model.kinds import kind_of
+from sidecar.model.loading import TextModel
 from sidecar.model.tokenization import PairSpec
 
 logger = logging.getLogger(__name__)
@@ -97,14 +97,11 @@ def model_calibration(model: TextModel, calibration: CalibrationSet) -> Calibrat
     """The model's rows for the pairs that fit its limit: (query, text) pairs for a cross-encoder, the
     queries and texts one by one for a bi-encoder."""
     spec = PairSpec(max_length=_UNCUT)
+    kind = kind_of(model)
     rows: list[EncodedPair] = []
     longest: tuple[int, int] = (0, 0)
     for pair in calibration.pairs:
-        if model.kind is ModelKind.CROSS_ENCODER:
-            assert isinstance(model, CrossEncoderModel)
-            encoded: Sequence[EncodedPair] = model.tokenizer.encode(pair.query, [pair.text], spec).pairs
-        else:
-            encoded = model.tokenizer.encode_texts([pair.query, pair.text], spec).pairs
+        encoded = kind.calibration_rows(model, pair.query, pair.text, spec)
         fitting = [row for row in encoded if len(row) <= model.max_length]
         rows.extend(fitting)
         if len(fitting) < len(encoded):
