@@ -11,39 +11,32 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import start_http_server
 
-from sidecar.model.loading import ModelSource
-from sidecar.serving.core import ServingCore
-from sidecar.serving.metrics import Metrics
-from sidecar.serving.runtime import Runtime, load_runtime
+from sidecar.composition import Composition, RuntimeFactory
+from sidecar.serving.runtime import load_runtime
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.server import GrpcTransport, security_of
-from sidecar.transport.grpc_api.tracing import configure_tracing
 from sidecar.transport.http_api.server import HttpTransport
 
 logger = logging.getLogger(__name__)
 
 
 class SidecarServer:
-    """The serving core, the gRPC transport and (with --http-port) the HTTP transport in front of it,
-    and the metrics endpoint.
+    """The lifecycle of the parts the composition root builds: the serving core, the gRPC transport
+    and (with --http-port) the HTTP transport in front of it, and the metrics endpoint.
 
     ``runtime_factory`` loads a model and its engine; tests pass their own to wrap the engine.
     """
 
-    def __init__(
-        self, settings: Settings, runtime_factory: Callable[[Settings, ModelSource], Runtime] = load_runtime
-    ) -> None:
-        self.settings = settings
-        if settings.otel_endpoint:
-            configure_tracing(settings.otel_endpoint, "rerank-sidecar")
-        self.core = ServingCore(settings, Metrics(), runtime_factory)
-        self.grpc = GrpcTransport(self.core)
-        self.http = HttpTransport(self.core) if settings.http_port else None
+    def __init__(self, settings: Settings, runtime_factory: RuntimeFactory = load_runtime) -> None:
+        self._composition = Composition(settings, runtime_factory)
+        self.settings = self._composition.settings
+        self.core = self._composition.core
+        self.grpc = self._composition.grpc
+        self.http = self._composition.http
         self._metrics_http: Any = None
         self.metrics_port = 0
         self._stopped = asyncio.Event()
@@ -73,7 +66,7 @@ class SidecarServer:
 
     async def load(self) -> None:
         """Load the models and engines, warm them up, then report SERVING."""
-        await self.core.load()
+        await self._composition.load_models()
         await self.grpc.serving()
 
     async def stop(self, grace: float | None = None) -> None:

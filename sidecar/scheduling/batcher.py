@@ -144,7 +144,9 @@ class Batcher:
     ) -> None:
         if workers > 1 and not engine.concurrent_forward:
             raise ValueError(f"the {engine.name} engine runs one batch at a time, not {workers}")
+        # The engine serving now, held here alone; a compiled one may take over (``replace_engine``).
         self.engine = engine
+        self._replaced_engines: list[Engine] = []
         self.workers = workers
         self._on_batch = on_batch  # (pairs, padded tokens) of each batch, for metrics
         # (the engine, the rows it gave non-finite outputs for) of each request failed for them
@@ -181,8 +183,14 @@ class Batcher:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
+    def replace_engine(self, engine: Engine) -> None:
+        """Run the next batches on ``engine``; batches already running finish on the one it replaces,
+        which is closed with the batcher."""
+        self._replaced_engines.append(self.engine)
+        self.engine = engine
+
     async def close(self) -> None:
-        """Fail whatever still waits, stop the loop, and release the model threads."""
+        """Fail whatever still waits, stop the loop, and release the model threads and the engines."""
         self._closed = True
         tasks = [task for task in (self._loop_task, *self._running) if task is not None]
         for task in tasks:
@@ -193,6 +201,8 @@ class Batcher:
         self._queue.clear()
         self._queued_pairs = 0
         self._model_threads.shutdown(wait=True)
+        for engine in (self.engine, *self._replaced_engines):
+            engine.close()
 
     async def score(self, pairs: Sequence[EncodedPair], deadline: float | None) -> ScoredRows:
         """Queue the pairs and wait for their outputs, row for row.

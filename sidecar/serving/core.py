@@ -1,41 +1,35 @@
-"""The serving core: loads the models, runs their batchers, and answers requests, free of any transport.
+"""The serving core: the served models' lifecycle and the requests they answer, free of any transport.
 
 A transport (gRPC, HTTP/JSON) only converts its messages, asks the core for the ``Reranker`` or
-``Embedder``, and maps ``SidecarError`` to its status codes. Tests and benchmarks can drive the core with
-no server.
+``Embedder``, and maps ``SidecarError`` to its status codes. The composition root (``sidecar.composition``)
+builds the models and hands them over ready; tests and benchmarks can drive the core with no server.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from sidecar import __version__
-from sidecar.errors import ModelLoadError, NotReady
+from sidecar.errors import NotReady
 from sidecar.model.engines import Engine
+from sidecar.model.engines.selection import Upgrade
 from sidecar.model.kinds import kind_of
-from sidecar.model.loading import ModelSource
+from sidecar.model.loading import BiEncoderModel, CrossEncoderModel
 from sidecar.model.memory import HeapTrimmer
-from sidecar.model.tokenization import PairSpec
-from sidecar.scheduling.batcher import Batcher, BatchLimits
-from sidecar.scheduling.tokenizer_pool import TokenizerPool, tokenizer_workers
+from sidecar.scheduling.batcher import Batcher
+from sidecar.scheduling.tokenizer_pool import TokenizerPool
 from sidecar.serving.embedding import Embedder
 from sidecar.serving.info import EmbeddingInfo, RankingInfo, SelectionInfo, ServingInfo
 from sidecar.serving.metrics import Metrics
-from sidecar.serving.reranking import Limits, Reranker
-from sidecar.serving.runtime import Runtime, load_runtime
+from sidecar.serving.reranking import Reranker
 from sidecar.serving.scoring import Scorer
 from sidecar.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-_WARMUP_TEXT = "warm-up " * 512
 
 
 class ServingState(enum.Enum):
@@ -47,11 +41,17 @@ class ServingState(enum.Enum):
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One loaded model: its runtime, its batcher, and how it scores a query against documents."""
+    """One model, loaded and warmed up: its batcher (the one holder of the engine serving now), how it
+    scores, and how its engine was chosen."""
 
-    runtime: Runtime
+    model: CrossEncoderModel | BiEncoderModel
     batcher: Batcher
     scorer: Scorer
+    selection: SelectionInfo
+    # Why engines ahead of the serving one were skipped; a compile in the background may add one.
+    engine_notes: list[str]
+    # Compiles the engine and gates it, for a compiled engine to take over once serving (or None).
+    upgrade: Upgrade | None
 
     @property
     def engine(self) -> Engine:
@@ -59,36 +59,53 @@ class ServedModel:
         return self.batcher.engine
 
 
+@dataclass(frozen=True)
+class ServedModels:
+    """What the core serves, and the process resources it stops when it closes."""
+
+    ranking: ServedModel
+    reranker: Reranker
+    embedding: ServedModel | None
+    embedder: Embedder | None
+    tokenizer_pool: TokenizerPool
+    heap_trimmer: HeapTrimmer
+
+    @property
+    def distinct(self) -> list[ServedModel]:
+        """Each served model once (the reranker's model may also serve the Embedder)."""
+        if self.embedding is None or self.embedding is self.ranking:
+            return [self.ranking]
+        return [self.ranking, self.embedding]
+
+
 class ServingCore:
-    """The Reranker, and the Embedder when an embedding model is set, with their lifecycle: ``load``
-    (load, gate and warm up every model), ``begin_draining``, ``close``, and ``info``.
+    """The Reranker, and the Embedder when an embedding model is set, with their lifecycle: LOADING
+    until ``serve`` hands it the models, then ``begin_draining`` and ``close``; and ``info``."""
 
-    ``runtime_factory`` loads a model and its engine; tests pass their own to wrap the engine.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        metrics: Metrics,
-        runtime_factory: Callable[[Settings, ModelSource], Runtime] = load_runtime,
-    ) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._runtime_factory = runtime_factory
         self.state = ServingState.LOADING
-        self.ranking: ServedModel | None = None
-        self.embedding: ServedModel | None = None
-        self.reranker: Reranker | None = None
-        self.embedder: Embedder | None = None
-        self.served: list[ServedModel] = []
-        self._tokenizer_pool = TokenizerPool(tokenizer_workers(settings.tokenizer_workers))
-        # Requests are tokenized by that pool; the Rust tokenizer's own thread pool would also take
-        # every core for each request and preempt the engine's threads under concurrent callers
-        # (measured with benchmarks/load.py). An operator's setting wins.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.models: ServedModels | None = None
         self._created = time.monotonic()
         self._compiling: threading.Thread | None = None
-        self._heap_trimmer = HeapTrimmer(settings.heap_trim_interval)
+
+    @property
+    def ranking(self) -> ServedModel | None:
+        return None if self.models is None else self.models.ranking
+
+    @property
+    def reranker(self) -> Reranker | None:
+        return None if self.models is None else self.models.reranker
+
+    @property
+    def embedder(self) -> Embedder | None:
+        return None if self.models is None else self.models.embedder
+
+    @property
+    def served(self) -> list[ServedModel]:
+        """Each model served, once; none while loading."""
+        return [] if self.models is None else self.models.distinct
 
     @property
     def serves_embeddings(self) -> bool:
@@ -97,155 +114,46 @@ class ServingCore:
 
     def require_reranker(self) -> Reranker:
         self._check_serving()
-        if self.reranker is None:
+        if self.models is None:
             raise NotReady("the model is still loading; wait until the health service reports SERVING")
-        return self.reranker
+        return self.models.reranker
 
     def require_embedder(self) -> Embedder:
         self._check_serving()
-        if self.embedder is None:
+        if self.models is None or self.models.embedder is None:
             raise NotReady("the model is still loading; wait until the health service reports SERVING")
-        return self.embedder
+        return self.models.embedder
 
     def _check_serving(self) -> None:
         if self.state in (ServingState.DRAINING, ServingState.STOPPED):
             raise NotReady("this server is shutting down; retry on another replica")
 
-    async def load(self) -> None:
-        """Load the models and engines and warm them up; the core serves once this returns."""
-        rerank_source = ModelSource.resolve(self.settings.model, self.settings.revision)
-        ranking = await self._serve_model(rerank_source)
-        reranker = Reranker(
-            ranking.scorer,
-            Limits(
-                self.settings.max_documents_per_request,
-                self.settings.max_chunks_per_doc,
-                self.settings.max_request_tokens,
-            ),
-        )
-        embedder, embedding = None, None
-        if self.settings.embed_model:
-            embed_source = ModelSource.resolve(self.settings.embed_model)
-            same_model = embed_source == rerank_source and kind_of(ranking.runtime.model).embeds
-            embedding = ranking if same_model else await self._serve_model(embed_source)
-            embed_model = kind_of(embedding.runtime.model).embedding_model(embedding.runtime.model)
-            if embed_model is None:
-                raise ModelLoadError(
-                    f"--embed-model {self.settings.embed_model} is not an embedding model: it needs the "
-                    "sentence-transformers layout (modules.json with a Pooling module)"
-                )
-            embedder = Embedder(
-                embed_model,
-                embedding.batcher,
-                self._tokenizer_pool,
-                max_texts=self.settings.max_documents_per_request,
-                max_request_tokens=self.settings.max_request_tokens,
-            )
-        self.ranking, self.reranker, self.embedding, self.embedder = ranking, reranker, embedding, embedder
+    def serve(self, models: ServedModels) -> None:
+        """Start serving ``models``, ready and warmed up; compiles wanted later begin in the background."""
+        self.models = models
         self.state = ServingState.SERVING
-        self._heap_trimmer.start()
-        self._upgrade_in_background()
+        models.heap_trimmer.start()
+        self._upgrade_in_background(models.distinct)
+        embedding = models.embedding
         logger.info(
             "serving %s (%s)%s, %.1f s after the server started",
-            rerank_source.model_id,
-            ranking.runtime.model.kind.value,
-            f" and embeddings from {embedding.runtime.model.source.model_id}" if embedding else "",
+            models.ranking.model.source.model_id,
+            models.ranking.model.kind.value,
+            f" and embeddings from {embedding.model.source.model_id}" if embedding else "",
             time.monotonic() - self._created,
         )
 
-    async def _serve_model(self, source: ModelSource) -> ServedModel:
-        """Load a model and its engine off the event loop, start its batcher, and warm it up."""
-        runtime = await asyncio.get_running_loop().run_in_executor(
-            None, self._runtime_factory, self.settings, source
-        )
-        model = runtime.model
-        if runtime.max_batch_tokens < model.max_length:
-            raise ModelLoadError(
-                f"--max-batch-tokens {runtime.max_batch_tokens} is below the max length "
-                f"{model.max_length} of {source.model_id}: a single long input would not fit a batch"
-            )
-        batcher = Batcher(
-            runtime.engine,
-            BatchLimits(runtime.max_batch_tokens, runtime.max_batch_pairs, self.settings.max_queued_pairs),
-            pad_token_id=model.pad_token_id,
-            with_token_type_ids=model.uses_token_type_ids,
-            workers=runtime.batch_workers,
-            on_batch=self._batch_observer(source.model_id),
-            on_non_finite=self._non_finite_reporter(source.model_id),
-        )
-        batcher.start()
-        self.metrics.watch_queue(
-            source.model_id, lambda: batcher.queued_pairs, lambda: batcher.queued_pair_seconds
-        )
-        engine = runtime.engine
-        self.metrics.describe_engine(
-            source.model_id, engine.name, engine.precision, engine.device, model.kind.value
-        )
-        served = ServedModel(runtime, batcher, Scorer(model, batcher, self._tokenizer_pool))
-        self.served.append(served)
-        with runtime.phases.timed("warm-up"):
-            await self._warm_up(served)
-        logger.info(
-            "%s ready on %s/%s in %.1f s: %s",
-            source.model_id,
-            engine.name,
-            engine.precision,
-            sum(runtime.phases.seconds.values()),
-            runtime.phases.describe(),
-        )
-        return served
-
-    def _batch_observer(self, model_id: str) -> Callable[[int, int], None]:
-        """Counts each batch in the metrics, and tells the heap trimmer that memory may have been freed."""
-        count = self.metrics.batch_observer(model_id)
-
-        def observe(pairs: int, padded_tokens: int) -> None:
-            count(pairs, padded_tokens)
-            self._heap_trimmer.note_work()
-
-        return observe
-
-    def _non_finite_reporter(self, model_id: str) -> Callable[[Engine, int], None]:
-        """Logs and counts each request failed for non-finite outputs (see NonFiniteOutput)."""
-
-        def report(engine: Engine, rows: int) -> None:
-            counted = f"{engine.name}/{engine.precision}"
-            self.metrics.non_finite_requests.labels(model_id, counted).inc()
-            logger.error(
-                "%s on %s (%s) gave a non-finite output (NaN or infinity) for %d row(s) of a request; "
-                "the request fails with an internal error and the engine keeps serving. If this repeats, "
-                "restart with --reselect (or an empty --cache-dir) to rebuild and re-gate the engine",
-                model_id,
-                counted,
-                engine.device,
-                rows,
-            )
-
-        return report
-
-    async def _warm_up(self, served: ServedModel) -> None:
-        """Run one short input, then a full batch of full-length inputs, through the model's batcher."""
-        model = served.runtime.model
-        spec = PairSpec(max_length=model.max_length)
-        full_batch = max(
-            1, min(served.runtime.max_batch_pairs, served.runtime.max_batch_tokens // model.max_length)
-        )
-        for texts in (["warm-up"], [_WARMUP_TEXT] * full_batch):
-            encoded = await served.scorer.encode("warm-up", texts, spec)
-            await served.batcher.score(encoded.rows, None)
-
-    def _upgrade_in_background(self) -> None:
+    def _upgrade_in_background(self, served_models: list[ServedModel]) -> None:
         """Compile the serving engines off the event loop (--torch-compile auto), one model after the
         other, and let each compiled engine take over once it passes the gate. A daemon thread: a stop
         never waits for a compile."""
-        upgrades = [(served, served.runtime.selection.upgrade) for served in self.served]
-        pending = [(served, upgrade) for served, upgrade in upgrades if upgrade is not None]
+        pending = [(served, served.upgrade) for served in served_models if served.upgrade is not None]
         if not pending:
             return
 
         def compile_and_swap() -> None:
             for served, upgrade in pending:
-                model_id = served.runtime.model.source.model_id
+                model_id = served.model.source.model_id
                 started = time.perf_counter()
                 try:
                     upgraded = upgrade()
@@ -256,7 +164,7 @@ class ServingCore:
                     return
                 if upgraded is None:
                     continue
-                served.batcher.engine = upgraded[0]  # batches already running finish uncompiled
+                served.batcher.replace_engine(upgraded[0])  # batches already running finish uncompiled
                 logger.info(
                     "%s now serves compiled (%s/%s), after %.1f s of compiling in the background",
                     model_id,
@@ -281,23 +189,22 @@ class ServingCore:
     async def close(self) -> None:
         """Fail whatever still waits, stop the batchers, and release the engines and threads."""
         self.state = ServingState.STOPPED
-        self._heap_trimmer.stop()
-        for served in self.served:
+        if self.models is None:
+            return
+        self.models.heap_trimmer.stop()
+        for served in self.models.distinct:
             await served.batcher.close()
-            served.engine.close()
-            if served.runtime.engine is not served.engine:
-                served.runtime.engine.close()
-        self._tokenizer_pool.shutdown()
+        self.models.tokenizer_pool.shutdown()
 
     def info(self) -> ServingInfo:
         reranker = self.require_reranker()
-        ranking = self.ranking
-        assert ranking is not None
-        runtime = ranking.runtime
-        model, engine = runtime.model, ranking.engine
+        models = self.models
+        assert models is not None
+        ranking = models.ranking
+        model, engine, limits = ranking.model, ranking.engine, ranking.batcher.limits
         embedding_info = None
-        if self.embedder is not None and self.embedding is not None:
-            embed_model, embed_engine = self.embedder.model, self.embedding.engine
+        if models.embedder is not None and models.embedding is not None:
+            embed_model, embed_engine = models.embedder.model, models.embedding.engine
             embedding_info = EmbeddingInfo(
                 model_id=embed_model.source.model_id,
                 dims=embed_model.dims,
@@ -308,7 +215,7 @@ class ServingCore:
                 precision=embed_engine.precision,
                 device=embed_engine.device,
                 compiled=embed_engine.compiled,
-                selection=selection_info(self.embedding.runtime),
+                selection=models.embedding.selection,
             )
         return ServingInfo(
             ranking=RankingInfo(
@@ -320,29 +227,18 @@ class ServingCore:
                 device=engine.device,
                 max_length=model.max_length,
                 num_labels=kind_of(model).num_labels(model),
-                max_batch_tokens=runtime.max_batch_tokens,
-                batch_workers=runtime.batch_workers,
-                max_batch_pairs=runtime.max_batch_pairs,
-                max_queued_pairs=self.settings.max_queued_pairs,
+                max_batch_tokens=limits.max_batch_tokens,
+                batch_workers=ranking.batcher.workers,
+                max_batch_pairs=limits.max_batch_pairs,
+                max_queued_pairs=limits.max_queued_pairs,
                 max_documents_per_request=reranker.limits.max_documents_per_request,
                 max_chunks_per_doc=reranker.limits.max_chunks_per_doc,
-                engine_notes=tuple(runtime.selection.notes),
+                engine_notes=tuple(ranking.engine_notes),
                 compiled=engine.compiled,
-                selection=selection_info(runtime),
+                selection=ranking.selection,
                 model_family=model.family,
                 instruction=model.tokenizer.instruction,
             ),
             embedding=embedding_info,
             server_version=__version__,
         )
-
-
-def selection_info(runtime: Runtime) -> SelectionInfo:
-    selection = runtime.selection
-    return SelectionInfo(
-        from_cache=selection.from_cache,
-        lossy_margin=runtime.lossy_margin,
-        speedup_over_lossless=selection.speedup_over_lossless,
-        timings=dict(selection.timings),
-        hardware=runtime.hardware,
-    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,10 +244,6 @@ def _cold_runtime(
     # worker's share, which serving then keeps (process-wide, and read when TorchInductor generates
     # kernels, so it is set before anything compiles in the background).
     torch.set_num_threads(threads)
-    # TorchInductor's compiled kernels go beside the other compiled artifacts, on the mounted volume.
-    # Inductor reads the variable once per process, so it is set before anything compiles or exports;
-    # an operator's own setting wins.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
     with phases.timed("load"):
         model = load_model(source, settings.max_length, settings.instruction)
         network = load_model_network(model)

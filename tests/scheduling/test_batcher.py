@@ -323,3 +323,25 @@ async def test_an_engine_built_for_shape_buckets_gets_each_batch_padded_to_one()
     assert results[0].outputs[:, 0].tolist() == [3.0 * (1 + i) for i in range(5)]
     assert results[1].outputs[:, 0].tolist() == [11.0 * 50]
     assert counted == [(5, 64), (1, 32)]  # real pairs, and the tokens the engine ran, padding included
+
+
+async def test_a_replacing_engine_serves_the_next_batches_and_both_are_closed_with_the_batcher():
+    class ClosingEngine(SumEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    first, second = ClosingEngine(), ClosingEngine()
+    batcher = Batcher(first, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True)
+    batcher.start()
+    await batcher.score([pair(1, 2)], None)
+    batcher.replace_engine(second)
+    scored = await batcher.score([pair(3, 4)], None)
+    assert scored.outputs[0, 0] == 7
+    assert (len(first.shapes), len(second.shapes)) == (1, 1)
+    assert not first.closed  # a batch still running on it may finish
+    await batcher.close()
+    assert (first.closed, second.closed) == (True, True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import sidecar
+from sidecar.composition import ModelAssembly
 from sidecar.errors import InvalidArgument, NotReady, SidecarError
 from sidecar.serving.core import ServingCore, ServingState
 from sidecar.serving.metrics import Metrics
@@ -22,6 +23,7 @@ from sidecar.serving.reranking import (
     StreamMessage,
     StreamSession,
 )
+from sidecar.serving.runtime import load_runtime
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.status import STATUS_OF_ERROR
 from tests.conftest import ReferenceScorer
@@ -46,7 +48,7 @@ async def core(tiny_bert: Path) -> AsyncIterator[ServingCore]:
         assert serving.state is ServingState.LOADING
         with pytest.raises(NotReady, match="still loading"):
             serving.require_reranker()
-        await serving.load()
+        serving.serve(await ModelAssembly(settings, serving.metrics, load_runtime).build())
         yield serving
         await serving.close()
 
@@ -107,7 +109,7 @@ async def test_a_draining_core_refuses_new_requests(tiny_bert: Path):
             model=str(tiny_bert), engine="torch", precision="fp32", torch_compile="off", cache_dir=cache_dir
         )
         serving = ServingCore(settings, Metrics())
-        await serving.load()
+        serving.serve(await ModelAssembly(settings, serving.metrics, load_runtime).build())
         serving.begin_draining()
         with pytest.raises(NotReady, match="shutting down"):
             serving.require_reranker()

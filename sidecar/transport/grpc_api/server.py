@@ -45,9 +45,8 @@ def security_of(settings: Settings) -> str:
 class GrpcTransport:
     """One gRPC server in front of the serving core; every service is NOT_SERVING until the core serves."""
 
-    def __init__(self, core: ServingCore) -> None:
+    def __init__(self, core: ServingCore, settings: Settings) -> None:
         self.core = core
-        settings = core.settings
         self._settings = settings
         self.health = health.aio.HealthServicer()
         self._services = (

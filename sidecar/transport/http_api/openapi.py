@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from sidecar.serving.core import ServingCore, ServingState
+from sidecar.settings import Settings
 from sidecar.transport.http_api.schemas import CohereError, Health
 
 _CALL_ERRORS = {
@@ -41,7 +42,7 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def openapi_document(app: FastAPI, core: ServingCore) -> dict[str, Any]:
+def openapi_document(app: FastAPI, core: ServingCore, settings: Settings) -> dict[str, Any]:
     """FastAPI's document less its 422s, with this server's limits and, once loaded, its models'
     dimensions; kept once the models serve."""
     if app.openapi_schema:
@@ -55,7 +56,6 @@ def openapi_document(app: FastAPI, core: ServingCore) -> dict[str, Any]:
     schemas = document["components"]["schemas"]
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
-    settings = core.settings
     texts = settings.max_documents_per_request
     limits = {
         "CohereRerankV2Request": {"documents": {"maxItems": texts}, "top_n": {"maximum": texts}},

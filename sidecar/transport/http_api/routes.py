@@ -23,6 +23,7 @@ from sidecar.model.tokenization import Truncation
 from sidecar.serving.core import ServingCore, ServingState
 from sidecar.serving.embedding import Embedder
 from sidecar.serving.reranking import Document, Ranking, Reranker, RerankOptions
+from sidecar.settings import Settings
 from sidecar.transport.calls import current_call
 from sidecar.transport.http_api.openapi import (
     HEALTH_RESPONSES,
@@ -74,7 +75,9 @@ _TRUNCATION = {
 _DOCUMENTS_PER_SEARCH_UNIT = 100
 
 
-def build_app(core: ServingCore, *, serve_metrics: bool) -> FastAPI:
+def build_app(core: ServingCore, settings: Settings) -> FastAPI:
+    """The HTTP routes over ``core``; ``settings`` say whether /metrics is served and what the OpenAPI
+    document states of limits and authentication."""
     app = FastAPI(
         title="rerank-sidecar",
         version=__version__,
@@ -212,14 +215,14 @@ def build_app(core: ServingCore, *, serve_metrics: bool) -> FastAPI:
         """The models, engines and limits, as the gRPC Info call reports them."""
         return JSONResponse(dataclasses.asdict(core.info()))
 
-    if serve_metrics:
+    if settings.http_metrics:
 
         @app.get("/metrics", tags=["Server"], response_class=PlainTextResponse, responses=METRICS_RESPONSES)
         async def metrics() -> Response:
             """Prometheus metrics, the same as on --metrics-port."""
             return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.openapi = partial(openapi_document, app, core)  # type: ignore[method-assign]
+    app.openapi = partial(openapi_document, app, core, settings)  # type: ignore[method-assign]
     return app
 
 

@@ -9,6 +9,7 @@ import ssl
 import uvicorn
 
 from sidecar.serving.core import ServingCore
+from sidecar.settings import Settings
 from sidecar.transport.calls import CallLedger
 from sidecar.transport.http_api.middleware import CallMiddleware
 from sidecar.transport.http_api.routes import CALL_PATHS, build_app
@@ -17,11 +18,10 @@ from sidecar.transport.http_api.routes import CALL_PATHS, build_app
 class HttpTransport:
     """Listens on --http-port with the --tls-* settings gRPC uses; health reads the core's state."""
 
-    def __init__(self, core: ServingCore) -> None:
-        settings = core.settings
+    def __init__(self, core: ServingCore, settings: Settings) -> None:
         self.calls = CallLedger(core.metrics)
         app = CallMiddleware(
-            build_app(core, serve_metrics=settings.http_metrics),
+            build_app(core, settings),
             self.calls,
             call_paths=CALL_PATHS,
             auth_token=settings.auth_token,

@@ -1,0 +1,226 @@
+"""The composition root: the one place that builds the sidecar's parts and wires them together.
+
+``Composition`` sets the process up (once, before anything loads), then builds the metrics, the
+serving core, and the transports, each given the settings it uses. Once they listen, ``load_models``
+loads each model with its engine, puts it behind a batcher and a scorer, warms it up, and hands the
+core every model ready to serve. Torch's thread count is set where torch is first imported, in a cold
+load (``serving.runtime``): a warm start never imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from sidecar.errors import ModelLoadError
+from sidecar.model.cache import usable_cache_dir
+from sidecar.model.engines import Engine
+from sidecar.model.kinds import kind_of
+from sidecar.model.loading import ModelSource
+from sidecar.model.memory import HeapTrimmer
+from sidecar.model.tokenization import PairSpec
+from sidecar.scheduling.batcher import Batcher, BatchLimits
+from sidecar.scheduling.tokenizer_pool import TokenizerPool, tokenizer_workers
+from sidecar.serving.core import ServedModel, ServedModels, ServingCore
+from sidecar.serving.embedding import Embedder
+from sidecar.serving.info import SelectionInfo
+from sidecar.serving.metrics import Metrics
+from sidecar.serving.reranking import Limits, Reranker
+from sidecar.serving.runtime import Runtime, load_runtime
+from sidecar.serving.scoring import Scorer
+from sidecar.settings import Settings
+from sidecar.transport.grpc_api.server import GrpcTransport
+from sidecar.transport.grpc_api.tracing import configure_tracing
+from sidecar.transport.http_api.server import HttpTransport
+
+logger = logging.getLogger(__name__)
+
+# Loads a model and selects its engine; tests pass their own to wrap the engine.
+RuntimeFactory = Callable[[Settings, ModelSource], Runtime]
+
+_WARMUP_TEXT = "warm-up " * 512
+
+
+def prepare_process(settings: Settings) -> Settings:
+    """Process-wide set-up, done once before anything listens or loads; the settings as the rest of the
+    process uses them (the cache directory one that can be written)."""
+    # Checked before any library makes its own cache directory in it: one that cannot be written is a
+    # warning, and a temporary directory stands in.
+    cache_dir = usable_cache_dir(Path(settings.cache_dir).expanduser())
+    # Requests are tokenized by the sidecar's own pool; the Rust tokenizer's thread pool would also take
+    # every core for each request and preempt the engine's threads under concurrent callers (measured
+    # with benchmarks/load.py). TorchInductor's compiled kernels go beside the other compiled
+    # artifacts, on the mounted volume; it reads the variable once, so it is set before anything
+    # compiles. An operator's own settings win.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    if settings.otel_endpoint:
+        configure_tracing(settings.otel_endpoint, "rerank-sidecar")
+    return dataclasses.replace(settings, cache_dir=str(cache_dir))
+
+
+class Composition:
+    """The parts of one sidecar process, built and wired, not yet listening or loaded."""
+
+    def __init__(self, settings: Settings, runtime_factory: RuntimeFactory = load_runtime) -> None:
+        self.settings = prepare_process(settings)
+        self.metrics = Metrics()
+        self.core = ServingCore(self.settings, self.metrics)
+        self.grpc = GrpcTransport(self.core, self.settings)
+        self.http = HttpTransport(self.core, self.settings) if self.settings.http_port else None
+        self._runtime_factory = runtime_factory
+
+    async def load_models(self) -> None:
+        """Load, gate and warm up every model, then hand them to the core, which serves from then on."""
+        self.core.serve(await ModelAssembly(self.settings, self.metrics, self._runtime_factory).build())
+
+
+class ModelAssembly:
+    """Builds the served models: a runtime (model and engine) per model, each behind its batcher and
+    scorer, warmed up; the Reranker and Embedder over them; and the tokenizer pool they share."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, runtime_factory: RuntimeFactory) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._runtime_factory = runtime_factory
+        self._tokenizer_pool = TokenizerPool(tokenizer_workers(settings.tokenizer_workers))
+        self._heap_trimmer = HeapTrimmer(settings.heap_trim_interval)
+        self._built: list[ServedModel] = []
+
+    async def build(self) -> ServedModels:
+        """Every model ready to serve; what was built is released again when a model fails to load."""
+        try:
+            return await self._build()
+        except BaseException:
+            for served in self._built:
+                await served.batcher.close()
+            self._tokenizer_pool.shutdown()
+            raise
+
+    async def _build(self) -> ServedModels:
+        settings = self.settings
+        rerank_source = ModelSource.resolve(settings.model, settings.revision)
+        ranking = await self._serve_model(rerank_source)
+        reranker = Reranker(
+            ranking.scorer,
+            Limits(
+                settings.max_documents_per_request, settings.max_chunks_per_doc, settings.max_request_tokens
+            ),
+        )
+        embedder, embedding = None, None
+        if settings.embed_model:
+            embed_source = ModelSource.resolve(settings.embed_model)
+            same_model = embed_source == rerank_source and kind_of(ranking.model).embeds
+            embedding = ranking if same_model else await self._serve_model(embed_source)
+            embed_model = kind_of(embedding.model).embedding_model(embedding.model)
+            if embed_model is None:
+                raise ModelLoadError(
+                    f"--embed-model {settings.embed_model} is not an embedding model: it needs the "
+                    "sentence-transformers layout (modules.json with a Pooling module)"
+                )
+            embedder = Embedder(
+                embed_model,
+                embedding.batcher,
+                self._tokenizer_pool,
+                max_texts=settings.max_documents_per_request,
+                max_request_tokens=settings.max_request_tokens,
+            )
+        return ServedModels(ranking, reranker, embedding, embedder, self._tokenizer_pool, self._heap_trimmer)
+
+    async def _serve_model(self, source: ModelSource) -> ServedModel:
+        """Load a model and its engine off the event loop, start its batcher, and warm it up. The
+        runtime hands its engine to the batcher, which holds it from then on."""
+        runtime = await asyncio.get_running_loop().run_in_executor(
+            None, self._runtime_factory, self.settings, source
+        )
+        model, engine = runtime.model, runtime.engine
+        if runtime.max_batch_tokens < model.max_length:
+            raise ModelLoadError(
+                f"--max-batch-tokens {runtime.max_batch_tokens} is below the max length "
+                f"{model.max_length} of {source.model_id}: a single long input would not fit a batch"
+            )
+        batcher = Batcher(
+            engine,
+            BatchLimits(runtime.max_batch_tokens, runtime.max_batch_pairs, self.settings.max_queued_pairs),
+            pad_token_id=model.pad_token_id,
+            with_token_type_ids=model.uses_token_type_ids,
+            workers=runtime.batch_workers,
+            on_batch=self._batch_observer(source.model_id),
+            on_non_finite=self._non_finite_reporter(source.model_id),
+        )
+        batcher.start()
+        selection = runtime.selection
+        served = ServedModel(
+            model,
+            batcher,
+            Scorer(model, batcher, self._tokenizer_pool),
+            SelectionInfo(
+                from_cache=selection.from_cache,
+                lossy_margin=runtime.lossy_margin,
+                speedup_over_lossless=selection.speedup_over_lossless,
+                timings=dict(selection.timings),
+                hardware=runtime.hardware,
+            ),
+            selection.notes,
+            selection.upgrade,
+        )
+        self._built.append(served)
+        self.metrics.watch_queue(
+            source.model_id, lambda: batcher.queued_pairs, lambda: batcher.queued_pair_seconds
+        )
+        self.metrics.describe_engine(
+            source.model_id, engine.name, engine.precision, engine.device, model.kind.value
+        )
+        with runtime.phases.timed("warm-up"):
+            await self._warm_up(served, runtime)
+        logger.info(
+            "%s ready on %s/%s in %.1f s: %s",
+            source.model_id,
+            engine.name,
+            engine.precision,
+            sum(runtime.phases.seconds.values()),
+            runtime.phases.describe(),
+        )
+        return served
+
+    def _batch_observer(self, model_id: str) -> Callable[[int, int], None]:
+        """Counts each batch in the metrics, and tells the heap trimmer that memory may have been freed."""
+        count = self.metrics.batch_observer(model_id)
+
+        def observe(pairs: int, padded_tokens: int) -> None:
+            count(pairs, padded_tokens)
+            self._heap_trimmer.note_work()
+
+        return observe
+
+    def _non_finite_reporter(self, model_id: str) -> Callable[[Engine, int], None]:
+        """Logs and counts each request failed for non-finite outputs (see NonFiniteOutput)."""
+
+        def report(engine: Engine, rows: int) -> None:
+            counted = f"{engine.name}/{engine.precision}"
+            self.metrics.non_finite_requests.labels(model_id, counted).inc()
+            logger.error(
+                "%s on %s (%s) gave a non-finite output (NaN or infinity) for %d row(s) of a request; "
+                "the request fails with an internal error and the engine keeps serving. If this repeats, "
+                "restart with --reselect (or an empty --cache-dir) to rebuild and re-gate the engine",
+                model_id,
+                counted,
+                engine.device,
+                rows,
+            )
+
+        return report
+
+    @staticmethod
+    async def _warm_up(served: ServedModel, runtime: Runtime) -> None:
+        """Run one short input, then a full batch of full-length inputs, through the model's batcher."""
+        model = served.model
+        spec = PairSpec(max_length=model.max_length)
+        full_batch = max(1, min(runtime.max_batch_pairs, runtime.max_batch_tokens // model.max_length))
+        for texts in (["warm-up"], [_WARMUP_TEXT] * full_batch):
+            encoded = await served.scorer.encode("warm-up", texts, spec)
+            await served.batcher.score(encoded.rows, None)
