@@ -9,11 +9,11 @@ from typing import TypeVar
 Code = TypeVar("Code")
 
 
-class SidecarError(Exception):
+class ServingError(Exception):
     """An error whose message is fit for the caller: it says what went wrong and what to change."""
 
 
-class InvalidArgument(SidecarError):
+class InvalidArgument(ServingError):
     """The request is malformed or out of range; retrying it unchanged fails again. ``field`` names the
     field at fault, as the caller sent it, where one is (OpenAI's error ``param``)."""
 
@@ -26,23 +26,23 @@ class RequestTooLarge(InvalidArgument):
     """The request is larger than the server accepts (--max-message-bytes)."""
 
 
-class Unauthenticated(SidecarError):
+class Unauthenticated(ServingError):
     """The caller sent no bearer token, or the wrong one (--auth-token)."""
 
 
-class Overloaded(SidecarError):
+class Overloaded(ServingError):
     """The queue cannot take the request now; retry with backoff, or send less per request."""
 
 
-class DeadlineExpired(SidecarError):
+class DeadlineExpired(ServingError):
     """The caller's deadline passed before its work ran."""
 
 
-class NotReady(SidecarError):
+class NotReady(ServingError):
     """The model is still loading, or the server is draining."""
 
 
-class EngineFailure(SidecarError):
+class EngineFailure(ServingError):
     """The model raised while running a batch; every request in that batch gets this."""
 
 
@@ -64,11 +64,11 @@ class NonFiniteOutput(EngineFailure):
         self.rows = rows
 
 
-class ModelLoadError(SidecarError):
+class ModelLoadError(ServingError):
     """The model could not be loaded; raised at start-up, not in a call."""
 
 
-def nearest_mapped(error: SidecarError, table: dict[type[SidecarError], Code], default: Code) -> Code:
+def nearest_mapped(error: ServingError, table: dict[type[ServingError], Code], default: Code) -> Code:
     """The code of the nearest class in the error's ancestry that ``table`` maps; ``default`` if none."""
     for cls in type(error).__mro__:
         if cls in table:

@@ -36,7 +36,7 @@ from sidecar.errors import (
     NonFiniteOutput,
     NotReady,
     Overloaded,
-    SidecarError,
+    ServingError,
 )
 from sidecar.model.batch import EncodedPair, TokenBatch, collate
 from sidecar.model.engines.base import Engine
@@ -395,6 +395,6 @@ class Batcher:
         self._queue = alive
 
     @staticmethod
-    def _fail(job: ScoringJob, error: SidecarError) -> None:
+    def _fail(job: ScoringJob, error: ServingError) -> None:
         if not job.future.done():
             job.future.set_exception(error)

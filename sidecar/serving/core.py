@@ -1,7 +1,7 @@
 """The serving core: the served models' lifecycle and the requests they answer, free of any transport.
 
 A transport (gRPC, HTTP/JSON) only converts its messages, asks the core for the ``Reranker`` or
-``Embedder``, and maps ``SidecarError`` to its status codes. The composition root (``sidecar.composition``)
+``Embedder``, and maps ``ServingError`` to its status codes. The composition root (``sidecar.composition``)
 builds the models and hands them over ready; tests and benchmarks can drive the core with no server.
 """
 

@@ -12,7 +12,7 @@ import pytest
 
 import sidecar
 from sidecar.composition import ModelAssembly
-from sidecar.errors import InvalidArgument, NotReady, SidecarError
+from sidecar.errors import InvalidArgument, NotReady, ServingError
 from sidecar.serving.core import ServingCore, ServingState
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import (
@@ -149,4 +149,4 @@ def test_every_error_maps_to_a_status():
     def subclasses(cls: type) -> set[type]:
         return {cls, *(grand for sub in cls.__subclasses__() for grand in subclasses(sub))}
 
-    assert subclasses(SidecarError) - {SidecarError} <= set(STATUS_OF_ERROR)
+    assert subclasses(ServingError) - {ServingError} <= set(STATUS_OF_ERROR)

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from sidecar.errors import InvalidArgument, SidecarError, Unauthenticated
+from sidecar.errors import InvalidArgument, ServingError, Unauthenticated
 from sidecar.transport.calls import REQUEST_ID_KEY, BearerToken, CallLedger, CallRecord
 from sidecar.transport.grpc_api.status import status_of
 
@@ -31,7 +31,7 @@ def _request_id(details: grpc.HandlerCallDetails) -> str:
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    """Turns SidecarError into its status, anything unexpected into INTERNAL; logs and measures every call.
+    """Turns ServingError into its status, anything unexpected into INTERNAL; logs and measures every call.
 
     Only this server's own services are wrapped; health and reflection pass through untouched.
     """
@@ -206,7 +206,7 @@ def _status_for(
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED, None
         return grpc.StatusCode.CANCELLED, None
-    if isinstance(exc, SidecarError):
+    if isinstance(exc, ServingError):
         return status_of(exc), str(exc)
     if isinstance(exc, grpc.aio.AbortError):
         return grpc.StatusCode.UNKNOWN, None  # already aborted by the handler

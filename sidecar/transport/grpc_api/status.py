@@ -13,12 +13,12 @@ from sidecar.errors import (
     NotReady,
     Overloaded,
     RequestTooLarge,
-    SidecarError,
+    ServingError,
     Unauthenticated,
     nearest_mapped,
 )
 
-STATUS_OF_ERROR: dict[type[SidecarError], grpc.StatusCode] = {
+STATUS_OF_ERROR: dict[type[ServingError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -31,6 +31,6 @@ STATUS_OF_ERROR: dict[type[SidecarError], grpc.StatusCode] = {
 }
 
 
-def status_of(error: SidecarError) -> grpc.StatusCode:
+def status_of(error: ServingError) -> grpc.StatusCode:
     """The status of the nearest mapped class in the error's ancestry; INTERNAL for one unmapped."""
     return nearest_mapped(error, STATUS_OF_ERROR, grpc.StatusCode.INTERNAL)

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from sidecar.errors import DeadlineExpired, InvalidArgument, RequestTooLarge, SidecarError
+from sidecar.errors import DeadlineExpired, InvalidArgument, RequestTooLarge, ServingError
 from sidecar.transport.calls import REQUEST_ID_KEY, BearerToken, CallLedger, CallRecord
 from sidecar.transport.http_api.status import error_response
 
@@ -80,7 +80,7 @@ class CallMiddleware:
         try:
             self._admit(headers, record)
             await self._run(scope, receive, send_with_request_id, record)
-        except SidecarError as error:
+        except ServingError as error:
             await error_response(scope["path"], error)(scope, receive, send_with_request_id)
         except Exception:  # the route already answered 500 (internal_error_response); keep the details here
             logger.exception("unexpected error in %s (request %s)", record.method, request_id)

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from sidecar import __version__
-from sidecar.errors import InvalidArgument, SidecarError
+from sidecar.errors import InvalidArgument, ServingError
 from sidecar.model.tokenization import Truncation
 from sidecar.serving.core import ServingCore, ServingState
 from sidecar.serving.embedding import Embedder
@@ -87,9 +87,9 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
         "Errors come in each API's own shape.",
     )
 
-    @app.exception_handler(SidecarError)
+    @app.exception_handler(ServingError)
     async def sidecar_error(request: Request, error: Exception) -> Response:
-        assert isinstance(error, SidecarError)
+        assert isinstance(error, ServingError)
         return error_response(request.url.path, error)
 
     @app.exception_handler(Exception)

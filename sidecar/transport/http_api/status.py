@@ -17,12 +17,12 @@ from sidecar.errors import (
     NotReady,
     Overloaded,
     RequestTooLarge,
-    SidecarError,
+    ServingError,
     Unauthenticated,
     nearest_mapped,
 )
 
-STATUS_OF_ERROR: dict[type[SidecarError], int] = {
+STATUS_OF_ERROR: dict[type[ServingError], int] = {
     InvalidArgument: 400,
     Unauthenticated: 401,
     RequestTooLarge: 413,
@@ -37,7 +37,7 @@ STATUS_OF_ERROR: dict[type[SidecarError], int] = {
 RETRY_AFTER_S = 1
 
 
-def status_of(error: SidecarError) -> int:
+def status_of(error: ServingError) -> int:
     """The status of the nearest mapped class in the error's ancestry; 500 for one unmapped."""
     return nearest_mapped(error, STATUS_OF_ERROR, 500)
 
@@ -65,7 +65,7 @@ def error_body(path: str, status: int, message: str, field: str = "") -> dict[st
     return {"message": message}
 
 
-def error_response(path: str, error: SidecarError) -> JSONResponse:
+def error_response(path: str, error: ServingError) -> JSONResponse:
     """The response for ``error`` on the route at ``path``, in that API's error shape."""
     status = status_of(error)
     headers = {}
