@@ -83,6 +83,13 @@ class Settings:
         "Select the engine afresh (load, gate and time every candidate) even when the choice for this "
         "model, hardware, libraries and settings is remembered in --cache-dir.",
     )
+    select_in_subprocess: bool = _setting(
+        True,
+        "Where a warm start could serve (a local model directory, an engine other than torch, the CPU), run "
+        "a first start's engine selection in a child process that exits once its choice is in --cache-dir, "
+        "then start warm from it, so the server never holds torch, the reference network or the "
+        "candidates that lost.",
+    )
     torch_compile: str = _setting(
         "auto",
         "Compile the torch engine with TorchInductor when torch serves. On the CPU: frozen weights, fused "

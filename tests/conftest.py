@@ -104,6 +104,9 @@ async def running_sidecar(
         "torch_compile": "off",
         "batch_workers": 1,
         "embed_model": "",
+        # Selection in this process, where a test's monkeypatched engines apply; a test of the child
+        # process's selection starts the server as a subprocess (tests/serving/test_warm_start.py).
+        "select_in_subprocess": False,
         "metrics_port": 0,
         "host": "127.0.0.1",
         "port": 0,

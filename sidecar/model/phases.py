@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 # The order the phases are reported in, whichever ran.
@@ -29,6 +29,11 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed - nested
             if self._nested:
                 self._nested[-1] += elapsed
+
+    def add(self, seconds: Mapping[str, float]) -> None:
+        """Count phases timed elsewhere (another process's) as this timer's own."""
+        for phase, elapsed in seconds.items():
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
 
     def describe(self) -> str:
         order = [*PHASES, *sorted(set(self.seconds) - set(PHASES))]

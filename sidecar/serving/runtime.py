@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import multiprocessing
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from sidecar.errors import ModelLoadError
+from sidecar.logs import configure_logging
 from sidecar.model.cache import ArtifactCache, usable_cache_dir
 from sidecar.model.calibration import CalibrationSet, model_calibration, read_calibration
 from sidecar.model.engines import NETWORK_ENGINES, Engine
@@ -141,7 +145,65 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
     if warm is not None:
         return warm
+    # A selection in a child process leaves its verdict and artifacts in the cache, so this process
+    # starts warm: it never holds torch, the reference network or the candidates that lost.
+    isolated = settings.select_in_subprocess and _warm_obstacle(settings, source) is None
+    chosen_from_cache = _select_in_subprocess(settings, source, phases) if isolated else None
+    if chosen_from_cache is not None:
+        warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
+        if warm is not None:
+            warm.selection.from_cache = chosen_from_cache  # the child's selection, not this recall
+            return warm
     return _cold_runtime(settings, source, cache_dir, calibration_set, phases)
+
+
+def _select_in_subprocess(settings: Settings, source: ModelSource, phases: PhaseTimer) -> bool | None:
+    """Select the engine in a child process that exits once its choice is in the cache; whether the
+    child found the choice remembered, or None when it died (the reason logged), for this process to
+    select instead."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this one is copied
+    receiving, sending = context.Pipe(duplex=False)
+    child = context.Process(
+        target=_select_and_remember, args=(settings, source, sending), name="engine-selection"
+    )
+    logger.info("selecting the engine for %s in a child process", source.model_id)
+    child.start()
+    sending.close()
+    try:
+        outcome: tuple[str, Any] | None = receiving.recv()
+    except EOFError:
+        outcome = None
+    child.join()
+    if outcome is None:
+        logger.warning(
+            "the engine selection's process for %s exited with code %s; selecting in this process",
+            source.model_id,
+            child.exitcode,
+        )
+        return None
+    status, detail = outcome
+    if status == "failed":
+        raise ModelLoadError(detail)
+    seconds, from_cache = detail
+    phases.add(seconds)
+    return bool(from_cache)
+
+
+def _select_and_remember(settings: Settings, source: ModelSource, results: Connection) -> None:
+    """The child process's whole life: a cold start's load and selection, which remember in the cache
+    what a warm start needs; then the phases' seconds, or the load error, go back to the parent."""
+    configure_logging(settings)
+    phases = PhaseTimer()
+    try:
+        cache_dir = Path(settings.cache_dir).expanduser()
+        runtime = _cold_runtime(
+            settings, source, cache_dir, read_calibration(settings.calibration_file), phases
+        )
+    except ModelLoadError as exc:
+        results.send(("failed", str(exc)))
+        return
+    runtime.engine.close()
+    results.send(("selected", (phases.seconds, runtime.selection.from_cache)))
 
 
 def _warm_obstacle(settings: Settings, source: ModelSource) -> str | None:

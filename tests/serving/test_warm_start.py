@@ -34,6 +34,9 @@ def settings_for(model_dir: Path, cache_dir: Path, engine: str) -> Settings:
         embed_model="",
         batch_workers=1,
         torch_compile="off",
+        # Selection in this process, whose log lines the tests read; a first start's child process is
+        # tested through a server subprocess below.
+        select_in_subprocess=False,
     )
 
 
@@ -126,6 +129,36 @@ def test_a_warm_start_serves_without_importing_torch(
     served = json.loads(finished.stdout.strip().splitlines()[-1])
     assert served["engine"] == engine
     assert served["from_cache"]
+    assert served["imported"] == []
+    assert len(served["scores"]) == 2
+
+
+def test_a_first_start_selects_in_a_child_process_and_serves_without_torch(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    options = {
+        "model": str(model_dir),
+        "cache_dir": str(tmp_path / "empty-cache"),
+        "engine": "openvino",
+        "precision": "fp32",
+        "embed_model": "",
+        "batch_workers": 1,
+        "torch_compile": "off",
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+    }
+    finished = subprocess.run(
+        [sys.executable, "-c", _WARM_START, json.dumps(options)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr
+    served = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert served["engine"] == "openvino"
+    assert not served["from_cache"]  # this start chose it, in its child
     assert served["imported"] == []
     assert len(served["scores"]) == 2
 
