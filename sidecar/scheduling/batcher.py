@@ -8,7 +8,8 @@ rows are filled in place, so a score can only land in its own job at its own pos
 
 With several workers, that many batches run at once, each on its own model thread; when fewer pairs
 wait than fill the idle workers, they are shared out among them, so a small request still uses
-every worker instead of queueing as one batch on one thread.
+every worker instead of queueing as one batch on one thread. Several models' batchers share the
+workers and the queue limit (``SharedCapacity``).
 
 A caller that leaves (cancelled, or its deadline passed) takes its pairs out of the queue at once, so
 they stop counting toward ``max_queued_pairs``. An output that is not finite (NaN or infinity) is never
@@ -40,6 +41,7 @@ from sidecar.errors import (
 )
 from sidecar.model.batch import EncodedPair, TokenBatch, collate
 from sidecar.model.engines.base import Engine
+from sidecar.scheduling.capacity import SharedCapacity
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +143,7 @@ class Batcher:
         workers: int = 1,
         on_batch: Callable[[int, int], None] | None = None,
         on_non_finite: Callable[[Engine, int], None] | None = None,
+        capacity: SharedCapacity | None = None,
     ) -> None:
         if workers > 1 and not engine.concurrent_forward:
             raise ValueError(f"the {engine.name} engine runs one batch at a time, not {workers}")
@@ -152,6 +155,9 @@ class Batcher:
         # (the engine, the rows it gave non-finite outputs for) of each request failed for them
         self._on_non_finite = on_non_finite
         self.limits = limits
+        # The workers and the queue limit this batcher shares with the other models' (its own if none).
+        self._capacity = capacity if capacity is not None else SharedCapacity(workers)
+        self._capacity.grow(workers)
         self._pad_token_id = pad_token_id
         self._with_token_type_ids = with_token_type_ids
         self._queue: list[_QueuedPair] = []  # arrival order
@@ -178,6 +184,7 @@ class Batcher:
 
     @_queued_pairs.setter
     def _queued_pairs(self, depth: int) -> None:  # every change of the depth is integrated
+        self._capacity.queued_pairs += depth - self._queue_area.depth
         self._queue_area.set_depth(depth)
 
     def start(self) -> None:
@@ -237,7 +244,7 @@ class Batcher:
                 f"this request needs {pairs} model pairs, more than the server queues at once "
                 f"({limit}, --max-queued-pairs); send fewer documents or chunks per request"
             )
-        if self._queued_pairs + pairs > limit:
+        if self._capacity.queued_pairs + pairs > limit:
             raise Overloaded(
                 f"the server is at capacity: {self._queued_pairs} pairs are queued and this request adds "
                 f"{pairs}, over the limit of {limit}; retry with backoff"
@@ -256,20 +263,28 @@ class Batcher:
         return job
 
     async def _run(self) -> None:
-        """Start a batch whenever a worker is idle and pairs wait."""
-        idle_workers = asyncio.Semaphore(self.workers)
+        """Start a batch whenever pairs wait, one of this model's workers is idle, and a shared worker
+        is free (see ``SharedCapacity``)."""
+        own_workers = asyncio.Semaphore(self.workers)
         while True:
-            await idle_workers.acquire()
-            batch = self._next_batch(idle_workers=self.workers - len(self._running))
-            if not batch:
-                idle_workers.release()
+            await own_workers.acquire()
+            self._drop_dead_work()
+            if not self._queue:
+                own_workers.release()
                 self._work_available.clear()
                 await self._work_available.wait()
+                continue
+            await self._capacity.acquire()
+            idle = min(self.workers - len(self._running), 1 + self._capacity.free)
+            batch = self._next_batch(idle_workers=idle)
+            if not batch:  # every pair left while this model waited for a worker
+                self._capacity.release()
+                own_workers.release()
                 continue
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
-            task.add_done_callback(lambda _: idle_workers.release())
+            task.add_done_callback(lambda _: (own_workers.release(), self._capacity.release()))
 
     async def _run_batch(self, batch: list[_QueuedPair]) -> None:
         pairs = [queued.job.pairs[queued.row] for queued in batch]
