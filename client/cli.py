@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from rich.console import Console
@@ -108,23 +108,21 @@ def tls_config(settings: ClientSettings) -> TlsConfig | None:
 
 
 def blocking_client(settings: ClientSettings) -> RerankClient:
-    return RerankClient(
-        settings.target,
-        timeout=settings.timeout,
-        tls=tls_config(settings),
-        token=settings.token,
-        allow_insecure_token=settings.allow_insecure_token,
-    )
+    return RerankClient(settings.target, **_connection_options(settings))
 
 
 def async_client(settings: ClientSettings) -> AsyncRerankClient:
-    return AsyncRerankClient(
-        settings.target,
-        timeout=settings.timeout,
-        tls=tls_config(settings),
-        token=settings.token,
-        allow_insecure_token=settings.allow_insecure_token,
-    )
+    return AsyncRerankClient(settings.target, **_connection_options(settings))
+
+
+def _connection_options(settings: ClientSettings) -> dict[str, Any]:
+    """How either client connects: its timeout, TLS and bearer token."""
+    return {
+        "timeout": settings.timeout,
+        "tls": tls_config(settings),
+        "token": settings.token,
+        "allow_insecure_token": settings.allow_insecure_token,
+    }
 
 
 def progress_bars(console: Console) -> Progress:

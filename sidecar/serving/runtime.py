@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import logging
 import multiprocessing
+import resource
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -186,6 +187,11 @@ def _select_in_subprocess(settings: Settings, source: ModelSource, phases: Phase
         raise ModelLoadError(detail)
     seconds, from_cache = detail
     phases.add(seconds)
+    # The largest child this process has waited for: what a memory limit must leave room for at start.
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    logger.info(
+        "the engine selection's process for %s exited; its peak RSS was %.0f MB", source.model_id, peak_mb
+    )
     return bool(from_cache)
 
 
