@@ -70,6 +70,15 @@ def add_settings_arguments(
                 help=help_text,
             )
             continue
+        if settings_field.metadata.get("repeatable"):
+            parser.add_argument(
+                flag_name(settings_field.name),
+                dest=settings_field.name,
+                action=_JoinedList,
+                default=default,
+                help=help_text,
+            )
+            continue
         parser.add_argument(
             flag_name(settings_field.name),
             dest=settings_field.name,
@@ -78,6 +87,26 @@ def add_settings_arguments(
             choices=settings_field.metadata.get("choices"),
             help=help_text,
         )
+
+
+class _JoinedList(argparse.Action):
+    """A flag that may be given more than once; its values join with commas, as its variable lists them.
+    The first use replaces the default (or the variable's value)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._given_to: set[int] = set()
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest) if id(namespace) in self._given_to else ""
+        setattr(namespace, self.dest, f"{current},{values}" if current else values)
+        self._given_to.add(id(namespace))
 
 
 def settings_from(namespace: argparse.Namespace, settings_type: type[Settings]) -> Settings:

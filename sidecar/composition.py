@@ -24,6 +24,7 @@ from sidecar.model.loading import ModelSource
 from sidecar.model.memory import HeapTrimmer
 from sidecar.model.tokenization import PairSpec
 from sidecar.scheduling.batcher import Batcher, BatchLimits
+from sidecar.scheduling.capacity import SharedCapacity
 from sidecar.scheduling.tokenizer_pool import TokenizerPool, tokenizer_workers
 from sidecar.serving.core import ServedModel, ServedModels, ServingCore
 from sidecar.serving.embedding import Embedder
@@ -32,7 +33,7 @@ from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import Limits, Reranker
 from sidecar.serving.runtime import Runtime, load_runtime
 from sidecar.serving.scoring import Scorer
-from sidecar.settings import Settings
+from sidecar.settings import Settings, model_entries
 from sidecar.transport.grpc_api.server import GrpcTransport
 from sidecar.transport.grpc_api.tracing import configure_tracing
 from sidecar.transport.http_api.server import HttpTransport
@@ -90,6 +91,9 @@ class ModelAssembly:
         self._tokenizer_pool = TokenizerPool(tokenizer_workers(settings.tokenizer_workers))
         self._heap_trimmer = HeapTrimmer(settings.heap_trim_interval)
         self._built: list[ServedModel] = []
+        self._by_source: dict[ModelSource, ServedModel] = {}
+        # The batch workers and queue limit every model's batcher shares.
+        self._capacity = SharedCapacity(1)
 
     async def build(self) -> ServedModels:
         """Every model ready to serve; what was built is released again when a model fails to load."""
@@ -103,35 +107,48 @@ class ModelAssembly:
 
     async def _build(self) -> ServedModels:
         settings = self.settings
-        rerank_source = ModelSource.resolve(settings.model, settings.revision)
-        ranking = await self._serve_model(rerank_source)
-        reranker = Reranker(
-            ranking.scorer,
-            Limits(
-                settings.max_documents_per_request, settings.max_chunks_per_doc, settings.max_request_tokens
-            ),
+        limits = Limits(
+            settings.max_documents_per_request, settings.max_chunks_per_doc, settings.max_request_tokens
         )
-        embedder, embedding = None, None
-        if settings.embed_model:
-            embed_source = ModelSource.resolve(settings.embed_model)
-            same_model = embed_source == rerank_source and kind_of(ranking.model).embeds
-            embedding = ranking if same_model else await self._serve_model(embed_source)
-            embed_model = kind_of(embedding.model).embedding_model(embedding.model)
+        ranking = await self._serve_named("--model", settings.model, settings.revision)
+        embedding = await self._serve_named("--embed-model", settings.embed_model, "")
+        embedders = {}
+        for name, served in embedding.items():
+            embed_model = kind_of(served.model).embedding_model(served.model)
             if embed_model is None:
                 raise ModelLoadError(
-                    f"--embed-model {settings.embed_model} is not an embedding model: it needs the "
-                    "sentence-transformers layout (modules.json with a Pooling module)"
+                    f"--embed-model {name} is not an embedding model: it needs the sentence-transformers "
+                    "layout (modules.json with a Pooling module)"
                 )
-            embedder = Embedder(
+            embedders[name] = Embedder(
                 embed_model,
-                embedding.batcher,
+                served.batcher,
                 self._tokenizer_pool,
                 max_texts=settings.max_documents_per_request,
                 max_request_tokens=settings.max_request_tokens,
             )
-        return ServedModels(ranking, reranker, embedding, embedder, self._tokenizer_pool, self._heap_trimmer)
+        rerankers = {name: Reranker(served.scorer, limits) for name, served in ranking.items()}
+        return ServedModels(
+            ranking, rerankers, embedding, embedders, self._tokenizer_pool, self._heap_trimmer
+        )
 
-    async def _serve_model(self, source: ModelSource) -> ServedModel:
+    async def _serve_named(self, flag: str, value: str, revision: str) -> dict[str, ServedModel]:
+        """The models of ``flag``, by name, in the order given; a model already served (under another
+        name, or by the other service) is served once."""
+        served: dict[str, ServedModel] = {}
+        for entry in model_entries(flag, value):
+            source = ModelSource.resolve(entry.reference, revision)
+            name = entry.name or source.model_id
+            if name in served:
+                raise ModelLoadError(
+                    f"{flag}: two models are named {name!r}; give each its own name as NAME=PATH_OR_ID"
+                )
+            same = self._by_source.get(source)
+            served[name] = same if same is not None else await self._serve_model(source, name)
+            self._by_source[source] = served[name]
+        return served
+
+    async def _serve_model(self, source: ModelSource, name: str) -> ServedModel:
         """Load a model and its engine off the event loop, start its batcher, and warm it up. The
         runtime hands its engine to the batcher, which holds it from then on."""
         runtime = await asyncio.get_running_loop().run_in_executor(
@@ -149,12 +166,14 @@ class ModelAssembly:
             pad_token_id=model.pad_token_id,
             with_token_type_ids=model.uses_token_type_ids,
             workers=runtime.batch_workers,
-            on_batch=self._batch_observer(source.model_id),
-            on_non_finite=self._non_finite_reporter(source.model_id),
+            on_batch=self._batch_observer(name),
+            on_non_finite=self._non_finite_reporter(name),
+            capacity=self._capacity,
         )
         batcher.start()
         selection = runtime.selection
         served = ServedModel(
+            name,
             model,
             batcher,
             Scorer(model, batcher, self._tokenizer_pool),
@@ -169,17 +188,13 @@ class ModelAssembly:
             selection.upgrade,
         )
         self._built.append(served)
-        self.metrics.watch_queue(
-            source.model_id, lambda: batcher.queued_pairs, lambda: batcher.queued_pair_seconds
-        )
-        self.metrics.describe_engine(
-            source.model_id, engine.name, engine.precision, engine.device, model.kind.value
-        )
+        self.metrics.watch_queue(name, lambda: batcher.queued_pairs, lambda: batcher.queued_pair_seconds)
+        self.metrics.describe_engine(name, engine.name, engine.precision, engine.device, model.kind.value)
         with runtime.phases.timed("warm-up"):
             await self._warm_up(served, runtime)
         logger.info(
             "%s ready on %s/%s in %.1f s: %s",
-            source.model_id,
+            name,
             engine.name,
             engine.precision,
             sum(runtime.phases.seconds.values()),

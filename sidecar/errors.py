@@ -22,6 +22,13 @@ class InvalidArgument(ServingError):
         self.field = field
 
 
+class ModelNotServed(InvalidArgument):
+    """The request's ``model`` names no model this server serves; the message lists those it does."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="model")
+
+
 class RequestTooLarge(InvalidArgument):
     """The request is larger than the server accepts (--max-message-bytes)."""
 

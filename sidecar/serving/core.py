@@ -11,10 +11,12 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sidecar import __version__
-from sidecar.errors import NotReady
+from sidecar.errors import ModelNotServed, NotReady
 from sidecar.model.engines import Engine
 from sidecar.model.engines.selection import Upgrade
 from sidecar.model.kinds import kind_of
@@ -23,13 +25,15 @@ from sidecar.model.memory import HeapTrimmer
 from sidecar.scheduling.batcher import Batcher
 from sidecar.scheduling.tokenizer_pool import TokenizerPool
 from sidecar.serving.embedding import Embedder
-from sidecar.serving.info import EmbeddingInfo, RankingInfo, SelectionInfo, ServingInfo
+from sidecar.serving.info import EmbeddingInfo, ModelInfo, RankingInfo, SelectionInfo, ServingInfo
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import Reranker
 from sidecar.serving.scoring import Scorer
 from sidecar.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ServingState(enum.Enum):
@@ -44,6 +48,8 @@ class ServedModel:
     """One model, loaded and warmed up: its batcher (the one holder of the engine serving now), how it
     scores, and how its engine was chosen."""
 
+    # What requests and metrics call it: the name it was given, or its id.
+    name: str
     model: CrossEncoderModel | BiEncoderModel
     batcher: Batcher
     scorer: Scorer
@@ -61,25 +67,39 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class ServedModels:
-    """What the core serves, and the process resources it stops when it closes."""
+    """What the core serves, by the names requests choose them by (the default first), and the process
+    resources it stops when it closes. One model may serve under several names and both services."""
 
-    ranking: ServedModel
-    reranker: Reranker
-    embedding: ServedModel | None
-    embedder: Embedder | None
+    ranking: dict[str, ServedModel]
+    rerankers: dict[str, Reranker]
+    embedding: dict[str, ServedModel]
+    embedders: dict[str, Embedder]
     tokenizer_pool: TokenizerPool
     heap_trimmer: HeapTrimmer
 
     @property
     def distinct(self) -> list[ServedModel]:
-        """Each served model once (the reranker's model may also serve the Embedder)."""
-        if self.embedding is None or self.embedding is self.ranking:
-            return [self.ranking]
-        return [self.ranking, self.embedding]
+        """Each served model once."""
+        return list(
+            {id(served): served for served in (*self.ranking.values(), *self.embedding.values())}.values()
+        )
+
+
+def _chosen(served: Mapping[str, T], requested: str, service: str) -> T:
+    """The model a request names, or the default (the first) when it names none."""
+    if not requested:
+        return next(iter(served.values()))
+    if requested not in served:
+        raise ModelNotServed(
+            f"model {requested!r} is not served here; the {service} models served are: "
+            + ", ".join(repr(name) for name in served)
+            + " (send one of these, or no model for the first)"
+        )
+    return served[requested]
 
 
 class ServingCore:
-    """The Reranker, and the Embedder when an embedding model is set, with their lifecycle: LOADING
+    """The Rerankers, and the Embedders when embedding models are set, with their lifecycle: LOADING
     until ``serve`` hands it the models, then ``begin_draining`` and ``close``; and ``info``."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
@@ -92,15 +112,23 @@ class ServingCore:
 
     @property
     def ranking(self) -> ServedModel | None:
-        return None if self.models is None else self.models.ranking
+        """The default reranker's model."""
+        return None if self.models is None else next(iter(self.models.ranking.values()))
 
     @property
     def reranker(self) -> Reranker | None:
-        return None if self.models is None else self.models.reranker
+        """The default Reranker."""
+        return None if self.models is None else next(iter(self.models.rerankers.values()))
+
+    @property
+    def embedding(self) -> ServedModel | None:
+        """The default embedder's model, if any."""
+        return None if self.models is None else next(iter(self.models.embedding.values()), None)
 
     @property
     def embedder(self) -> Embedder | None:
-        return None if self.models is None else self.models.embedder
+        """The default Embedder, if any."""
+        return None if self.models is None else next(iter(self.models.embedders.values()), None)
 
     @property
     def served(self) -> list[ServedModel]:
@@ -112,17 +140,19 @@ class ServingCore:
         """Whether the Embedder is offered (an embedding model is set), loaded or not yet."""
         return bool(self.settings.embed_model)
 
-    def require_reranker(self) -> Reranker:
+    def require_reranker(self, model: str = "") -> Reranker:
+        """The Reranker of the model a request names (its ``model`` field), or the default's."""
         self._check_serving()
         if self.models is None:
             raise NotReady("the model is still loading; wait until the health service reports SERVING")
-        return self.models.reranker
+        return _chosen(self.models.rerankers, model, "reranking")
 
-    def require_embedder(self) -> Embedder:
+    def require_embedder(self, model: str = "") -> Embedder:
+        """The Embedder of the model a request names, or the default's."""
         self._check_serving()
-        if self.models is None or self.models.embedder is None:
+        if self.models is None or not self.models.embedders:
             raise NotReady("the model is still loading; wait until the health service reports SERVING")
-        return self.models.embedder
+        return _chosen(self.models.embedders, model, "embedding")
 
     def _check_serving(self) -> None:
         if self.state in (ServingState.DRAINING, ServingState.STOPPED):
@@ -134,12 +164,10 @@ class ServingCore:
         self.state = ServingState.SERVING
         models.heap_trimmer.start()
         self._upgrade_in_background(models.distinct)
-        embedding = models.embedding
         logger.info(
-            "serving %s (%s)%s, %.1f s after the server started",
-            models.ranking.model.source.model_id,
-            models.ranking.model.kind.value,
-            f" and embeddings from {embedding.model.source.model_id}" if embedding else "",
+            "serving %s%s, %.1f s after the server started",
+            ", ".join(f"{name} ({served.model.kind.value})" for name, served in models.ranking.items()),
+            f" and embeddings from {', '.join(models.embedding)}" if models.embedding else "",
             time.monotonic() - self._created,
         )
 
@@ -198,13 +226,13 @@ class ServingCore:
 
     def info(self) -> ServingInfo:
         reranker = self.require_reranker()
-        models = self.models
+        models, ranking, embedding = self.models, self.ranking, self.embedding
         assert models is not None
-        ranking = models.ranking
+        assert ranking is not None
         model, engine, limits = ranking.model, ranking.engine, ranking.batcher.limits
         embedding_info = None
-        if models.embedder is not None and models.embedding is not None:
-            embed_model, embed_engine = models.embedder.model, models.embedding.engine
+        if self.embedder is not None and embedding is not None:
+            embed_model, embed_engine = self.embedder.model, embedding.engine
             embedding_info = EmbeddingInfo(
                 model_id=embed_model.source.model_id,
                 dims=embed_model.dims,
@@ -215,7 +243,7 @@ class ServingCore:
                 precision=embed_engine.precision,
                 device=embed_engine.device,
                 compiled=embed_engine.compiled,
-                selection=models.embedding.selection,
+                selection=embedding.selection,
             )
         return ServingInfo(
             ranking=RankingInfo(
@@ -241,4 +269,36 @@ class ServingCore:
             ),
             embedding=embedding_info,
             server_version=__version__,
+            models=(
+                *(
+                    _model_info(name, "rerank", served, models.ranking)
+                    for name, served in models.ranking.items()
+                ),
+                *(
+                    _model_info(name, "embed", served, models.embedding)
+                    for name, served in models.embedding.items()
+                ),
+            ),
         )
+
+
+def _model_info(
+    name: str, service: str, served: ServedModel, of_service: Mapping[str, ServedModel]
+) -> ModelInfo:
+    model, engine, limits = served.model, served.engine, served.batcher.limits
+    return ModelInfo(
+        name=name,
+        service=service,
+        default=name == next(iter(of_service)),
+        model_id=model.source.model_id,
+        model_kind=model.kind.value,
+        model_family=model.family,
+        engine=engine.name,
+        precision=engine.precision,
+        device=engine.device,
+        compiled=engine.compiled,
+        max_length=model.max_length,
+        max_batch_tokens=limits.max_batch_tokens,
+        max_batch_pairs=limits.max_batch_pairs,
+        batch_workers=served.batcher.workers,
+    )

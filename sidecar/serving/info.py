@@ -57,7 +57,29 @@ class EmbeddingInfo:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """One model as a request's ``model`` chooses it, for one service."""
+
+    name: str
+    service: str  # "rerank" or "embed"
+    default: bool  # what a request that names no model gets
+    model_id: str
+    model_kind: str
+    model_family: str
+    engine: str
+    precision: str
+    device: str
+    compiled: bool
+    max_length: int
+    max_batch_tokens: int
+    max_batch_pairs: int
+    batch_workers: int
+
+
+@dataclass(frozen=True)
 class ServingInfo:
+    # The default reranker and embedder; ``models`` lists every model of both services.
     ranking: RankingInfo
     embedding: EmbeddingInfo | None
     server_version: str
+    models: tuple[ModelInfo, ...]

@@ -55,7 +55,8 @@ async def grpc_rerank(sidecar: RunningSidecar, **fields: object) -> rerank_pb2.R
 async def test_cohere_sdk_v2_gets_the_order_and_scores_of_grpc(http_sidecar: RunningSidecar):
     expected = await grpc_rerank(http_sidecar)
     client = cohere.AsyncClientV2(api_key="unused", base_url=http_sidecar.http_url)
-    response = await client.rerank(model="rerank-v3.5", query=QUERY, documents=DOCUMENTS, top_n=3)
+    served = http_sidecar.server.core.ranking.name  # type: ignore[union-attr]
+    response = await client.rerank(model=served, query=QUERY, documents=DOCUMENTS, top_n=3)
     assert [result.index for result in response.results] == [result.index for result in expected.results][:3]
     scores = np.array([result.relevance_score for result in response.results], dtype=np.float32)
     np.testing.assert_array_equal(scores, [result.score for result in expected.results][:3])
@@ -86,7 +87,7 @@ async def test_openai_sdk_gets_the_vectors_of_grpc_embed(http_sidecar: RunningSi
     client = openai.AsyncOpenAI(api_key="unused", base_url=f"{http_sidecar.http_url}/v1")
     # Unless told otherwise, the SDK asks for base64 and decodes it itself.
     for format_option in ({}, {"encoding_format": "float"}):
-        response = await client.embeddings.create(model="any", input=texts, **format_option)  # type: ignore[call-overload]
+        response = await client.embeddings.create(model=MINILM, input=texts, **format_option)  # type: ignore[call-overload]
         vectors = np.array([item.embedding for item in response.data], dtype=np.float32)
         np.testing.assert_array_equal(vectors, expected_vectors)
         assert [item.index for item in response.data] == [0, 1, 2]
@@ -150,7 +151,7 @@ async def test_health_info_metrics_and_openapi(http_sidecar: RunningSidecar):
         info = (await client.get("/info")).json()
         assert info["ranking"]["model_id"] == Path(http_sidecar.server.settings.model).name
         assert info["embedding"]["dims"] == 384
-        await client.post("/v2/rerank", json={"model": "m", "query": QUERY, "documents": DOCUMENTS})
+        await client.post("/v2/rerank", json={"model": "", "query": QUERY, "documents": DOCUMENTS})
         metrics = (await client.get("/metrics")).text
         assert 'rerank_requests_total{code="200",method="http:/v2/rerank"}' in metrics
         assert 'rerank_stage_seconds_count{method="http:/v2/rerank",stage="queue"}' in metrics
@@ -164,15 +165,15 @@ async def test_health_info_metrics_and_openapi(http_sidecar: RunningSidecar):
     [
         (
             "/v2/rerank",
-            {"model": "m", "query": "q", "documents": []},
+            {"model": "", "query": "q", "documents": []},
             "documents: List should have at least 1",
         ),
         (
             "/v2/rerank",
-            {"model": "m", "query": "q", "documents": ["a"], "top_n": 0},
+            {"model": "", "query": "q", "documents": ["a"], "top_n": 0},
             "top_n: Input should be",
         ),
-        ("/v2/rerank", {"model": "m", "query": " ", "documents": ["a"]}, "query is empty"),
+        ("/v2/rerank", {"model": "", "query": " ", "documents": ["a"]}, "query is empty"),
         (
             "/v2/rerank",
             {"query": "q", "documents": ["a"], "top_n": True},
@@ -183,15 +184,15 @@ async def test_health_info_metrics_and_openapi(http_sidecar: RunningSidecar):
             {"query": "q", "texts": ["a"], "truncate": 0},
             "truncate: Input should be a valid boolean",
         ),
-        ("/v2/rerank", {"model": "m", "query": "q", "documents": ["a"] * 1001}, "limit per request"),
+        ("/v2/rerank", {"model": "", "query": "q", "documents": ["a"] * 1001}, "limit per request"),
         (
             "/v2/rerank",
-            {"model": "m", "query": "q", "documents": [{"text": "a"}]},
+            {"model": "", "query": "q", "documents": [{"text": "a"}]},
             "documents[0]: Input should",
         ),
         ("/v1/rerank", {"query": "q"}, "documents: Field required"),
-        ("/v1/embeddings", {"model": "m", "input": [[1, 2]]}, "input"),
-        ("/v1/embeddings", {"model": "m", "input": "a", "dimensions": 3}, "dimensions 3 is not supported"),
+        ("/v1/embeddings", {"model": "", "input": [[1, 2]]}, "input"),
+        ("/v1/embeddings", {"model": "", "input": "a", "dimensions": 3}, "dimensions 3 is not supported"),
     ],
 )
 async def test_bad_input_is_400_naming_the_field(
@@ -234,7 +235,7 @@ async def test_errors_come_in_each_apis_shape(http_sidecar: RunningSidecar):
 async def test_body_over_the_limit_is_413(small_http_sidecar: RunningSidecar):
     async with httpx.AsyncClient(base_url=small_http_sidecar.http_url) as client:
         response = await client.post(
-            "/v2/rerank", json={"model": "m", "query": "q", "documents": ["a" * 5000]}
+            "/v2/rerank", json={"model": "", "query": "q", "documents": ["a" * 5000]}
         )
 
         async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
@@ -294,7 +295,7 @@ async def engine_held(sidecar: RunningSidecar) -> AsyncIterator[None]:
     assert sidecar.server.core.reranker.batcher.queued_pairs == 0  # type: ignore[union-attr]
 
 
-ELEPHANT = {"model": "m", "query": "elephant", "documents": ["giraffe"]}
+ELEPHANT = {"model": "", "query": "elephant", "documents": ["giraffe"]}
 
 
 async def test_past_the_request_timeout_is_504_and_never_reaches_the_model(
@@ -347,7 +348,7 @@ async def test_503_while_loading_and_while_draining(tiny_bert: Path):
 
 async def test_bearer_token_is_required_but_health_stays_open(tiny_bert: Path):
     async with running_sidecar(tiny_bert, http_port=free_port(), auth_token="s3cret") as running:
-        body = {"model": "m", "query": "q", "documents": ["a"]}
+        body = {"model": "", "query": "q", "documents": ["a"]}
         async with httpx.AsyncClient(base_url=running.http_url) as client:
             missing = await client.post("/v2/rerank", json=body)
             wrong = await client.post("/v2/rerank", json=body, headers={"Authorization": "Bearer guess"})
@@ -373,7 +374,7 @@ async def test_bearer_token_is_required_but_health_stays_open(tiny_bert: Path):
         assert right.status_code == 200
         assert health.status_code == 200
         client = cohere.AsyncClientV2(api_key="s3cret", base_url=running.http_url)
-        response = await client.rerank(model="m", query="q", documents=["a", "b"])
+        response = await client.rerank(model="", query="q", documents=["a", "b"])
         assert len(response.results) == 2
 
 

@@ -30,7 +30,7 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "raw_scores", "max_length", "truncation_direction", "long_documents", "max_chunks_per_doc", "chunk_overlap", "return_text", "instruction")
+    __slots__ = ("query", "documents", "top_n", "raw_scores", "max_length", "truncation_direction", "long_documents", "max_chunks_per_doc", "chunk_overlap", "return_text", "instruction", "model")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class RerankRequest(_message.Message):
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     top_n: int
@@ -53,7 +54,8 @@ class RerankRequest(_message.Message):
     chunk_overlap: int
     return_text: bool
     instruction: str
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_chunks_per_doc: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., return_text: _Optional[bool] = ..., instruction: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_chunks_per_doc: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., return_text: _Optional[bool] = ..., instruction: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("index", "id", "score", "text")
@@ -98,7 +100,7 @@ class RerankResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class RerankStreamRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "raw_scores", "max_length", "truncation_direction", "long_documents", "max_chunks_per_doc", "chunk_overlap", "return_text", "instruction")
+    __slots__ = ("query", "documents", "top_n", "raw_scores", "max_length", "truncation_direction", "long_documents", "max_chunks_per_doc", "chunk_overlap", "return_text", "instruction", "model")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +112,7 @@ class RerankStreamRequest(_message.Message):
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     top_n: int
@@ -121,7 +124,8 @@ class RerankStreamRequest(_message.Message):
     chunk_overlap: int
     return_text: bool
     instruction: str
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_chunks_per_doc: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., return_text: _Optional[bool] = ..., instruction: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_chunks_per_doc: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., return_text: _Optional[bool] = ..., instruction: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class BatchScores(_message.Message):
     __slots__ = ("batch", "results")
@@ -150,14 +154,16 @@ class RerankStreamResponse(_message.Message):
     def __init__(self, batch_scores: _Optional[_Union[BatchScores, _Mapping]] = ..., final: _Optional[_Union[FinalRanking, _Mapping]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "max_length", "truncation_direction")
+    __slots__ = ("texts", "max_length", "truncation_direction", "model")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     max_length: int
     truncation_direction: TruncationDirection
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -198,7 +204,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_queued_pairs: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_chunks_per_doc: _Optional[int] = ..., batch_workers: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled", "selection", "model_family", "instruction")
+    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled", "selection", "model_family", "instruction", "models")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +221,7 @@ class InfoResponse(_message.Message):
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_revision: str
     model_kind: str
@@ -231,7 +238,40 @@ class InfoResponse(_message.Message):
     selection: EngineSelection
     model_family: str
     instruction: str
-    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ..., model_family: _Optional[str] = ..., instruction: _Optional[str] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ..., model_family: _Optional[str] = ..., instruction: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ...) -> None: ...
+
+class ServedModel(_message.Message):
+    __slots__ = ("name", "service", "is_default", "model_id", "model_kind", "model_family", "engine", "precision", "device", "compiled", "max_length", "max_batch_tokens", "max_batch_pairs", "batch_workers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    service: str
+    is_default: bool
+    model_id: str
+    model_kind: str
+    model_family: str
+    engine: str
+    precision: str
+    device: str
+    compiled: bool
+    max_length: int
+    max_batch_tokens: int
+    max_batch_pairs: int
+    batch_workers: int
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., is_default: _Optional[bool] = ..., model_id: _Optional[str] = ..., model_kind: _Optional[str] = ..., model_family: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_length: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., batch_workers: _Optional[int] = ...) -> None: ...
 
 class EngineSelection(_message.Message):
     __slots__ = ("from_cache", "lossy_margin", "speedup_over_lossless", "timings", "hardware")

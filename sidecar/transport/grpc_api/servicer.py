@@ -154,6 +154,25 @@ def info_to_proto(info: ServingInfo) -> rerank_pb2.InfoResponse:
     )
     if info.embedding is not None:
         response.embedding_model.CopyFrom(embedding_info_to_proto(info.embedding))
+    response.models.extend(
+        rerank_pb2.ServedModel(
+            name=model.name,
+            service=model.service,
+            is_default=model.default,
+            model_id=model.model_id,
+            model_kind=model.model_kind,
+            model_family=model.model_family,
+            engine=model.engine,
+            precision=model.precision,
+            device=model.device,
+            compiled=model.compiled,
+            max_length=model.max_length,
+            max_batch_tokens=model.max_batch_tokens,
+            max_batch_pairs=model.max_batch_pairs,
+            batch_workers=model.batch_workers,
+        )
+        for model in info.models
+    )
     return response
 
 
@@ -164,7 +183,7 @@ class RerankerServicer(rerank_pb2_grpc.RerankerServicer):
     async def Rerank(
         self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext
     ) -> rerank_pb2.RerankResponse:
-        reranker = self._core.require_reranker()
+        reranker = self._core.require_reranker(request.model)
         ranking = await reranker.rerank(
             request.query, documents_from(request.documents), options_from(request), deadline_of(context)
         )
@@ -176,9 +195,11 @@ class RerankerServicer(rerank_pb2_grpc.RerankerServicer):
         request_iterator: AsyncIterator[rerank_pb2.RerankStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[rerank_pb2.RerankStreamResponse]:
-        reranker = self._core.require_reranker()
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)  # its model field chooses the reranker
+        reranker = self._core.require_reranker(first.model if first is not None else "")
         session = StreamSession(reranker, deadline_of(context))
-        async for item in session.run(stream_messages_from(request_iterator)):
+        async for item in session.run(stream_messages_from(_starting_with(first, requests))):
             if isinstance(item, StreamBatch):
                 scores = rerank_pb2.BatchScores(batch=item.batch, results=results_to_proto(item.results))
                 yield rerank_pb2.RerankStreamResponse(batch_scores=scores)
@@ -191,6 +212,16 @@ class RerankerServicer(rerank_pb2_grpc.RerankerServicer):
         self, request: rerank_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> rerank_pb2.InfoResponse:
         return info_to_proto(self._core.info())
+
+
+async def _starting_with(
+    first: rerank_pb2.RerankStreamRequest | None, rest: AsyncIterator[rerank_pb2.RerankStreamRequest]
+) -> AsyncIterator[rerank_pb2.RerankStreamRequest]:
+    if first is None:
+        return
+    yield first
+    async for message in rest:
+        yield message
 
 
 def _ranking_to_proto(message_type: Any, ranking: Ranking, model_id: str) -> Any:
@@ -206,7 +237,7 @@ class EmbedderServicer(rerank_pb2_grpc.EmbedderServicer):
     async def Embed(
         self, request: rerank_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> rerank_pb2.EmbedResponse:
-        embedder = self._core.require_embedder()
+        embedder = self._core.require_embedder(request.model)
         truncation = _enum_value(_TRUNCATION, request.truncation_direction, "truncation_direction")
         embeddings = await embedder.embed(
             list(request.texts), request.max_length, truncation, deadline_of(context)

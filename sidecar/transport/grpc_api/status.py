@@ -9,6 +9,7 @@ from sidecar.errors import (
     EngineFailure,
     InvalidArgument,
     ModelLoadError,
+    ModelNotServed,
     NonFiniteOutput,
     NotReady,
     Overloaded,
@@ -20,6 +21,7 @@ from sidecar.errors import (
 
 STATUS_OF_ERROR: dict[type[ServingError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotServed: grpc.StatusCode.INVALID_ARGUMENT,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,

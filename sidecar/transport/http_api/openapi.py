@@ -24,9 +24,16 @@ _CALL_ERRORS = {
 }
 
 
-def call_errors(shape: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    """The error responses of a call route, each in the route's API's error shape."""
-    return {status: {"model": shape, "description": text} for status, text in _CALL_ERRORS.items()}
+def call_errors(shape: type[BaseModel], *, chooses_model: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The error responses of a call route, each in the route's API's error shape; with a 404 for a route
+    whose body's ``model`` chooses the served model."""
+    errors = {status: {"model": shape, "description": text} for status, text in _CALL_ERRORS.items()}
+    if chooses_model:
+        errors[404] = {
+            "model": shape,
+            "description": "`model` names no served model; the message lists them.",
+        }
+    return dict(sorted(errors.items()))
 
 
 HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -68,6 +75,11 @@ def openapi_document(app: FastAPI, core: ServingCore, settings: Settings) -> dic
         "TeiEmbedRequest": {"inputs": {"maxItems": texts}},
         "OpenAIEmbeddingsRequest": {"input": {"maxItems": texts}},
     }
+    if core.models is not None:  # what ``model`` may name: a served model, or nothing for the default
+        limits["CohereRerankV2Request"]["model"] = {"enum": ["", *core.models.rerankers]}
+        limits["CohereRerankV1Request"]["model"] = {"enum": ["", *core.models.rerankers]}
+        if core.models.embedders:
+            limits["OpenAIEmbeddingsRequest"]["model"] = {"enum": ["", *core.models.embedders]}
     if core.embedder is not None:
         dims = {"dimensions": {"enum": [core.embedder.model.dims]}}
         limits["TeiEmbedRequest"] |= dims
@@ -101,6 +113,8 @@ def _constrain(schema: dict[str, Any], constraints: dict[str, Any]) -> None:
 def _fitting_type(keyword: str, value: Any) -> str:
     if keyword == "maxItems":
         return "array"
+    if keyword == "enum" and isinstance(value[0], str):
+        return "string"
     if keyword == "enum":
         return "boolean" if isinstance(value[0], bool) else "integer"
     return "integer"

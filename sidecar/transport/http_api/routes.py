@@ -107,13 +107,13 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
         assert isinstance(error, StarletteHTTPException)
         return http_error_response(request.url.path, request.method, error)
 
-    cohere_errors = call_errors(CohereError)
+    cohere_errors = call_errors(CohereError, chooses_model=True)
     tei_errors = call_errors(TeiError)
 
     @app.post("/v2/rerank", tags=["Cohere"], response_model_exclude_none=True, responses=cohere_errors)
     async def cohere_rerank_v2(body: CohereRerankV2Request) -> CohereRerankResponse:
         """Cohere's Rerank v2: ranks `documents` against `query`."""
-        reranker = core.require_reranker()
+        reranker = core.require_reranker(body.model)
         options = RerankOptions(
             top_n=body.top_n or 0, max_length=_pair_budget(reranker, body.max_tokens_per_doc)
         )
@@ -125,7 +125,7 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
     async def cohere_rerank_v1(body: CohereRerankV1Request) -> CohereRerankResponse:
         """Cohere's Rerank v1: documents as strings or objects; `rank_fields` picks the fields ranked,
         `return_documents` echoes each document's text, `max_chunks_per_doc` chunks long documents."""
-        reranker = core.require_reranker()
+        reranker = core.require_reranker(body.model)
         texts = _cohere_v1_texts(body.documents, body.rank_fields)
         options = RerankOptions(
             top_n=body.top_n or 0,
@@ -183,10 +183,10 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
             current_call.get().usage = embeddings.usage
             return JSONResponse(embeddings.vectors.tolist())
 
-        @app.post("/v1/embeddings", tags=["OpenAI"], responses=call_errors(OpenAIError))
+        @app.post("/v1/embeddings", tags=["OpenAI"], responses=call_errors(OpenAIError, chooses_model=True))
         async def openai_embeddings(body: OpenAIEmbeddingsRequest) -> OpenAIEmbeddingsResponse:
             """OpenAI's embeddings API: `data[i].embedding` is the gRPC Embed vector of `input[i]`."""
-            embedder = core.require_embedder()
+            embedder = core.require_embedder(body.model)
             _check_dimensions(embedder, body.dimensions)
             texts = [body.input] if isinstance(body.input, str) else body.input
             embeddings = await embedder.embed(texts, 0, Truncation.RIGHT, current_call.get().deadline)

@@ -2,7 +2,8 @@
 and v2), text-embeddings-inference's /rerank and /embed, and OpenAI's /v1/embeddings.
 
 Every field an API defines is honoured or refused with a 400 naming it; only OpenAI's ``user`` (an id for
-OpenAI's abuse monitoring) and each request's ``model`` (the sidecar serves one) are accepted and unused.
+OpenAI's abuse monitoring) is accepted and unused. ``model`` chooses among the served models by name (404
+for one not served); TEI's routes, which carry none, use the default.
 Types are strict, as each API's JSON is: ``true`` is no count, ``0`` no boolean.
 """
 
@@ -44,7 +45,10 @@ Query = Annotated[str, Field(pattern=r"\S"), BeforeValidator(_valid_unicode)]
 # OpenAI refuses an empty input.
 NonEmptyText = Annotated[str, Field(min_length=1), BeforeValidator(_valid_unicode)]
 
-_MODEL_DESCRIPTION = "Accepted and unused: the sidecar serves one model, named in the answer."
+_MODEL_DESCRIPTION = (
+    "The served model to use, by its name (/info lists them under models); empty or unset uses the "
+    "default. A name not served is a 404."
+)
 
 
 class Request(BaseModel):

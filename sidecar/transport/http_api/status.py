@@ -14,6 +14,7 @@ from sidecar.errors import (
     EngineFailure,
     InvalidArgument,
     ModelLoadError,
+    ModelNotServed,
     NotReady,
     Overloaded,
     RequestTooLarge,
@@ -25,6 +26,7 @@ from sidecar.errors import (
 STATUS_OF_ERROR: dict[type[ServingError], int] = {
     InvalidArgument: 400,
     Unauthenticated: 401,
+    ModelNotServed: 404,  # as Cohere's and OpenAI's APIs answer an unknown model
     RequestTooLarge: 413,
     Overloaded: 429,
     EngineFailure: 500,
@@ -61,7 +63,8 @@ def error_body(path: str, status: int, message: str, field: str = "") -> dict[st
         return {"error": message, "error_type": error_type}
     if shape is ErrorShape.OPENAI:
         error_type = "invalid_request_error" if status < 500 else "server_error"
-        return {"error": {"message": message, "type": error_type, "param": field or None, "code": None}}
+        code = "model_not_found" if status == 404 and field == "model" else None
+        return {"error": {"message": message, "type": error_type, "param": field or None, "code": code}}
     return {"message": message}
 
 
