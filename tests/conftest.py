@@ -88,7 +88,7 @@ class RunningSidecar:
 
 @asynccontextmanager
 async def running_sidecar(
-    model: Path,
+    model: Path | str,
     *,
     load: bool = True,
     runtime_factory: Callable[[Settings, ModelSource], Runtime] = recording_runtime,

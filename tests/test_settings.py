@@ -11,7 +11,7 @@ from envflags import env_name, flag_name, settings_table
 from sidecar.errors import ModelLoadError
 from sidecar.model.engines.base import Engine
 from sidecar.serving.runtime import batch_pair_limit, batch_token_budget, batch_workers, serving_workers
-from sidecar.settings import ENV_PREFIX, Settings, parse_settings
+from sidecar.settings import ENV_PREFIX, ModelEntry, Settings, model_entries, parse_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -95,3 +95,24 @@ def test_readme_lists_every_setting():
     for field in dataclasses.fields(Settings):
         assert flag_name(field.name) in readme
         assert env_name(field, ENV_PREFIX) in readme
+
+
+def test_models_are_named_entries_given_once_each_or_as_a_comma_separated_variable():
+    by_flags = parse_settings(["--model", "small=/m/a", "--model", "/m/b"], environ={"RERANK_MODEL": "x"})
+    by_variable = parse_settings([], environ={"RERANK_MODEL": "small=/m/a,/m/b"})
+    assert by_flags.model == by_variable.model == "small=/m/a,/m/b"
+    assert model_entries("--model", by_flags.model) == [ModelEntry("small", "/m/a"), ModelEntry("", "/m/b")]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("a b=/m/a", "letters, digits"),
+        ("=/m/a", "letters, digits"),
+        ("small=", "letters, digits"),
+        ("small=/m/a,small=/m/b", "'small' is given to more than one model"),
+    ],
+)
+def test_a_bad_or_repeated_model_name_stops_the_start(value: str, message: str):
+    with pytest.raises(ValueError, match=message):
+        Settings(model=value)
