@@ -126,8 +126,9 @@ class ModelAssembly:
                 self._tokenizer_pool,
                 max_texts=settings.max_documents_per_request,
                 max_request_tokens=settings.max_request_tokens,
+                name=name,
             )
-        rerankers = {name: Reranker(served.scorer, limits) for name, served in ranking.items()}
+        rerankers = {name: Reranker(served.scorer, limits, name=name) for name, served in ranking.items()}
         return ServedModels(
             ranking, rerankers, embedding, embedders, self._tokenizer_pool, self._heap_trimmer
         )

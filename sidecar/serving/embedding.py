@@ -34,7 +34,9 @@ class Embedder:
         *,
         max_texts: int,
         max_request_tokens: int,
+        name: str,
     ) -> None:
+        self.name = name  # what requests choose it by
         self.model = model
         self.batcher = batcher
         self.max_texts = max_texts

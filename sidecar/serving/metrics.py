@@ -47,8 +47,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "rerank_requests",
-            "Calls by method and status: the gRPC status code, or the HTTP status of http: methods.",
-            ("method", "code"),
+            "Calls by method, model (its served name; empty for calls that choose none) and status: the "
+            "gRPC status code, or the HTTP status of http: methods.",
+            ("method", "model", "code"),
             registry=self.registry,
         )
         self.queued_pairs = Gauge(
@@ -75,8 +76,8 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "rerank_stage_seconds",
-            "Seconds a call spent per stage: queue, tokenization, inference and total.",
-            ("method", "stage"),
+            "Seconds a call spent per stage (queue, tokenization, inference and total), by method and model.",
+            ("method", "model", "stage"),
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -91,13 +92,13 @@ class Metrics:
             "rerank_engine", "Engine and precision serving each model.", ("model",), registry=self.registry
         )
 
-    def record_call(self, method: str, code: str, usage: Usage | None, duration_s: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.stage_seconds.labels(method, "total").observe(duration_s)
+    def record_call(self, method: str, model: str, code: str, usage: Usage | None, duration_s: float) -> None:
+        self.requests.labels(method, model, code).inc()
+        self.stage_seconds.labels(method, model, "total").observe(duration_s)
         if usage is not None:
-            self.stage_seconds.labels(method, "queue").observe(usage.queue_ns / 1e9)
-            self.stage_seconds.labels(method, "tokenization").observe(usage.tokenization_ns / 1e9)
-            self.stage_seconds.labels(method, "inference").observe(usage.inference_ns / 1e9)
+            self.stage_seconds.labels(method, model, "queue").observe(usage.queue_ns / 1e9)
+            self.stage_seconds.labels(method, model, "tokenization").observe(usage.tokenization_ns / 1e9)
+            self.stage_seconds.labels(method, model, "inference").observe(usage.inference_ns / 1e9)
 
     def batch_observer(self, model: str) -> Callable[[int, int], None]:
         """A callback for the batcher: (pairs, padded tokens) of each batch it runs."""

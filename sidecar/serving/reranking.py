@@ -76,7 +76,8 @@ def rank(scored: Sequence[ScoredDocument], top_n: int) -> list[ScoredDocument]:
 
 
 class Reranker:
-    def __init__(self, scorer: Scorer, limits: Limits) -> None:
+    def __init__(self, scorer: Scorer, limits: Limits, *, name: str) -> None:
+        self.name = name  # what requests choose it by
         self.scorer = scorer
         self.model = scorer.model
         self.batcher = scorer.batcher

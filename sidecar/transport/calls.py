@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import Unauthenticated
+from sidecar.serving.core import ServingCore
+from sidecar.serving.embedding import Embedder
 from sidecar.serving.metrics import Metrics
+from sidecar.serving.reranking import Reranker
 from sidecar.serving.usage import Usage
 
 logger = logging.getLogger("sidecar.access")
@@ -26,6 +29,7 @@ class CallRecord:
 
     method: str
     request_id: str
+    model: str = ""  # the served model's name, once the handler has chosen it
     usage: Usage | None = None
     deadline: float | None = None  # time.monotonic() seconds, for transports that carry one in a header
 
@@ -85,13 +89,14 @@ class CallLedger:
             self._idle.set()
         duration_s = (time.monotonic_ns() - started_ns) / 1e9
         _log_call(record, status, duration_s)
-        self._metrics.record_call(record.method, status, record.usage, duration_s)
+        self._metrics.record_call(record.method, record.model, status, record.usage, duration_s)
 
 
 def _log_call(record: CallRecord, status: str, duration_s: float) -> None:
     fields: dict[str, Any] = {
         "request_id": record.request_id,
         "method": record.method,
+        "model": record.model,
         "status": status,
         "duration_ms": round(duration_s * 1e3, 3),
     }
@@ -107,3 +112,18 @@ def _log_call(record: CallRecord, status: str, duration_s: float) -> None:
             "inference_ms": round(usage.inference_ns / 1e6, 3),
         }
     logger.info("call %s %s", record.method, status, extra={"fields": fields})
+
+
+def reranker_for(core: ServingCore, model: str = "") -> Reranker:
+    """The Reranker a call's ``model`` names (the default's for none), noted on the call for its access
+    log line and metrics."""
+    reranker = core.require_reranker(model)
+    current_call.get().model = reranker.name
+    return reranker
+
+
+def embedder_for(core: ServingCore, model: str = "") -> Embedder:
+    """The Embedder a call's ``model`` names, as ``reranker_for``."""
+    embedder = core.require_embedder(model)
+    current_call.get().model = embedder.name
+    return embedder

@@ -218,8 +218,12 @@ async def test_a_passed_deadline_frees_the_queue_at_once_and_is_recorded_as_dead
         engine.open.set()
     await blocker
     method = "/rerank.v1.Reranker/Rerank"
-    assert sample(small_queue, "rerank_requests_total", method=method, code="DEADLINE_EXCEEDED") == 1
-    assert sample(small_queue, "rerank_requests_total", method=method, code="CANCELLED") == 0
+    model = small_queue.server.core.ranking.name  # type: ignore[union-attr]
+    assert (
+        sample(small_queue, "rerank_requests_total", method=method, model=model, code="DEADLINE_EXCEEDED")
+        == 1
+    )
+    assert sample(small_queue, "rerank_requests_total", method=method, model=model, code="CANCELLED") == 0
 
 
 async def test_a_cancelled_call_frees_the_queue_while_the_model_is_busy(small_queue: RunningSidecar):

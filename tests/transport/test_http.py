@@ -153,8 +153,11 @@ async def test_health_info_metrics_and_openapi(http_sidecar: RunningSidecar):
         assert info["embedding"]["dims"] == 384
         await client.post("/v2/rerank", json={"model": "", "query": QUERY, "documents": DOCUMENTS})
         metrics = (await client.get("/metrics")).text
-        assert 'rerank_requests_total{code="200",method="http:/v2/rerank"}' in metrics
-        assert 'rerank_stage_seconds_count{method="http:/v2/rerank",stage="queue"}' in metrics
+        model = Path(http_sidecar.server.settings.model).name
+        assert f'rerank_requests_total{{code="200",method="http:/v2/rerank",model="{model}"}}' in metrics
+        assert (
+            f'rerank_stage_seconds_count{{method="http:/v2/rerank",model="{model}",stage="queue"}}' in metrics
+        )
         paths = (await client.get("/openapi.json")).json()["paths"]
         assert {"/v1/rerank", "/v2/rerank", "/rerank", "/embed", "/v1/embeddings"} <= set(paths)
         assert (await client.get("/docs")).status_code == 200

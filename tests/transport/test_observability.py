@@ -27,13 +27,15 @@ async def test_metrics_endpoint_reports_calls_queue_batches_stages_and_engine(ti
         url = f"http://127.0.0.1:{running.server.metrics_port}/metrics"
         body = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: ASYNC210 - a local scrape
     model = tiny_bert.name  # the directory's name: metrics never show a path on the host
-    assert 'rerank_requests_total{code="OK",method="/rerank.v1.Reranker/Rerank"} 1.0' in body
-    assert 'rerank_requests_total{code="INVALID_ARGUMENT",method="/rerank.v1.Reranker/Rerank"} 1.0' in body
+    rerank = f'method="/rerank.v1.Reranker/Rerank",model="{model}"'
+    assert f'rerank_requests_total{{code="OK",{rerank}}} 1.0' in body
+    assert f'rerank_requests_total{{code="INVALID_ARGUMENT",{rerank}}} 1.0' in body
     assert f'rerank_queued_pairs{{model="{model}"}} 0.0' in body
     assert f'rerank_batch_pairs_count{{model="{model}"}}' in body
     assert f'rerank_batch_tokens_bucket{{le="64.0",model="{model}"}}' in body
     for stage in ("queue", "tokenization", "inference", "total"):
-        assert f'rerank_stage_seconds_count{{method="/rerank.v1.Reranker/Rerank",stage="{stage}"}}' in body
+        method = "/rerank.v1.Reranker/Rerank"
+        assert f'rerank_stage_seconds_count{{method="{method}",model="{model}",stage="{stage}"}}' in body
     assert (
         f'rerank_engine_info{{device="cpu",engine="torch",kind="cross-encoder",model="{model}",precision="fp32"}}'
         in body

@@ -23,7 +23,7 @@ from sidecar.serving.reranking import (
     StreamSession,
 )
 from sidecar.serving.usage import Usage
-from sidecar.transport.calls import current_call
+from sidecar.transport.calls import current_call, embedder_for, reranker_for
 
 _TRUNCATION = {
     rerank_pb2.TRUNCATION_DIRECTION_RIGHT: Truncation.RIGHT,
@@ -183,7 +183,7 @@ class RerankerServicer(rerank_pb2_grpc.RerankerServicer):
     async def Rerank(
         self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext
     ) -> rerank_pb2.RerankResponse:
-        reranker = self._core.require_reranker(request.model)
+        reranker = reranker_for(self._core, request.model)
         ranking = await reranker.rerank(
             request.query, documents_from(request.documents), options_from(request), deadline_of(context)
         )
@@ -197,7 +197,7 @@ class RerankerServicer(rerank_pb2_grpc.RerankerServicer):
     ) -> AsyncIterator[rerank_pb2.RerankStreamResponse]:
         requests = aiter(request_iterator)
         first = await anext(requests, None)  # its model field chooses the reranker
-        reranker = self._core.require_reranker(first.model if first is not None else "")
+        reranker = reranker_for(self._core, first.model if first is not None else "")
         session = StreamSession(reranker, deadline_of(context))
         async for item in session.run(stream_messages_from(_starting_with(first, requests))):
             if isinstance(item, StreamBatch):
@@ -237,7 +237,7 @@ class EmbedderServicer(rerank_pb2_grpc.EmbedderServicer):
     async def Embed(
         self, request: rerank_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> rerank_pb2.EmbedResponse:
-        embedder = self._core.require_embedder(request.model)
+        embedder = embedder_for(self._core, request.model)
         truncation = _enum_value(_TRUNCATION, request.truncation_direction, "truncation_direction")
         embeddings = await embedder.embed(
             list(request.texts), request.max_length, truncation, deadline_of(context)

@@ -24,7 +24,7 @@ from sidecar.serving.core import ServingCore, ServingState
 from sidecar.serving.embedding import Embedder
 from sidecar.serving.reranking import Document, Ranking, Reranker, RerankOptions
 from sidecar.settings import Settings
-from sidecar.transport.calls import current_call
+from sidecar.transport.calls import current_call, embedder_for, reranker_for
 from sidecar.transport.http_api.openapi import (
     HEALTH_RESPONSES,
     INFO_ERRORS,
@@ -113,7 +113,7 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
     @app.post("/v2/rerank", tags=["Cohere"], response_model_exclude_none=True, responses=cohere_errors)
     async def cohere_rerank_v2(body: CohereRerankV2Request) -> CohereRerankResponse:
         """Cohere's Rerank v2: ranks `documents` against `query`."""
-        reranker = core.require_reranker(body.model)
+        reranker = reranker_for(core, body.model)
         options = RerankOptions(
             top_n=body.top_n or 0, max_length=_pair_budget(reranker, body.max_tokens_per_doc)
         )
@@ -125,7 +125,7 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
     async def cohere_rerank_v1(body: CohereRerankV1Request) -> CohereRerankResponse:
         """Cohere's Rerank v1: documents as strings or objects; `rank_fields` picks the fields ranked,
         `return_documents` echoes each document's text, `max_chunks_per_doc` chunks long documents."""
-        reranker = core.require_reranker(body.model)
+        reranker = reranker_for(core, body.model)
         texts = _cohere_v1_texts(body.documents, body.rank_fields)
         options = RerankOptions(
             top_n=body.top_n or 0,
@@ -141,7 +141,7 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
     )
     async def tei_rerank(body: TeiRerankRequest) -> list[TeiRank]:
         """text-embeddings-inference's /rerank: `texts` ranked against `query`, best first."""
-        reranker = core.require_reranker()
+        reranker = reranker_for(core)
         options = RerankOptions(
             raw_scores=body.raw_scores,
             truncation=_TRUNCATION[body.truncation_direction],
@@ -163,7 +163,7 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
         )
         async def tei_embed(body: TeiEmbedRequest) -> Response:
             """text-embeddings-inference's /embed: one vector per input, in order."""
-            embedder = core.require_embedder()
+            embedder = embedder_for(core)
             _check_dimensions(embedder, body.dimensions)
             if not body.normalize and embedder.model.pooling.normalize:
                 raise InvalidArgument(
@@ -186,7 +186,7 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
         @app.post("/v1/embeddings", tags=["OpenAI"], responses=call_errors(OpenAIError, chooses_model=True))
         async def openai_embeddings(body: OpenAIEmbeddingsRequest) -> OpenAIEmbeddingsResponse:
             """OpenAI's embeddings API: `data[i].embedding` is the gRPC Embed vector of `input[i]`."""
-            embedder = core.require_embedder(body.model)
+            embedder = embedder_for(core, body.model)
             _check_dimensions(embedder, body.dimensions)
             texts = [body.input] if isinstance(body.input, str) else body.input
             embeddings = await embedder.embed(texts, 0, Truncation.RIGHT, current_call.get().deadline)
