@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -274,17 +275,21 @@ class Batcher:
                 self._work_available.clear()
                 await self._work_available.wait()
                 continue
-            await self._capacity.acquire()
+            await self._capacity.acquire(self)
             idle = min(self.workers - len(self._running), 1 + self._capacity.free)
             batch = self._next_batch(idle_workers=idle)
             if not batch:  # every pair left while this model waited for a worker
-                self._capacity.release()
+                self._capacity.release(self, 0.0)
                 own_workers.release()
                 continue
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
-            task.add_done_callback(lambda _: (own_workers.release(), self._capacity.release()))
+            task.add_done_callback(partial(self._batch_done, own_workers, time.monotonic()))
+
+    def _batch_done(self, own_workers: asyncio.Semaphore, started: float, _: asyncio.Task[None]) -> None:
+        own_workers.release()
+        self._capacity.release(self, time.monotonic() - started)
 
     async def _run_batch(self, batch: list[_QueuedPair]) -> None:
         pairs = [queued.job.pairs[queued.row] for queued in batch]

@@ -103,3 +103,25 @@ async def test_the_queue_limit_counts_the_pairs_waiting_for_every_model():
     finally:
         await first.close()
         await second.close()
+
+
+async def test_models_share_the_worker_by_time_not_by_batches():
+    log: list[str] = []
+    capacity = SharedCapacity(1)
+    slow = batcher(LoggedEngine("slow", log, 0.03), capacity, max_batch_pairs=1)
+    fast = batcher(LoggedEngine("fast", log, 0.01), capacity, max_batch_pairs=1)
+    slow.start()
+    fast.start()
+    try:
+        backlogs = [
+            asyncio.create_task(slow.score(pairs_of_length(2, 12), None)),
+            asyncio.create_task(fast.score(pairs_of_length(2, 36), None)),
+        ]
+        await asyncio.gather(*backlogs)
+        # While both had work, each had about half the worker's time: three fast batches per slow one
+        # (batch for batch, the slow model would have had three quarters of it).
+        both_waiting = log[:24]
+        assert both_waiting.count("fast") >= 2 * both_waiting.count("slow")
+    finally:
+        await slow.close()
+        await fast.close()
