@@ -127,3 +127,14 @@ async def test_two_models_of_one_name_stop_the_start(tiny_bert: Path, tmp_path: 
     with pytest.raises(ModelLoadError, match="two models are named"):
         async with running_sidecar(f"{tiny_bert},{twin}"):
             pass
+
+
+async def test_a_single_model_sidecar_takes_its_own_name_and_refuses_another(
+    sidecar: RunningSidecar, tiny_bert: Path
+):
+    by_name = await rerank(sidecar, tiny_bert.name)
+    np.testing.assert_array_equal(by_name, await rerank(sidecar, ""))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await rerank(sidecar, "rerank-v3.5")
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"the reranking models served are: {tiny_bert.name!r}" in raised.value.details()
