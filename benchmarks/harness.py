@@ -64,6 +64,29 @@ def build_model(directory: Path) -> Path:
     return directory
 
 
+def build_deeper_model(directory: Path, source: Path, layers: int) -> Path:
+    """``source`` (a BERT cross-encoder) with ``layers`` encoder layers, the extra ones copies of its own
+    in turn: a slower model whose outputs are still spread like a trained one's, so lossy precisions
+    can pass the parity gate as on the real model. For speed only."""
+    if (directory / "config.json").is_file():
+        return directory
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    shallow = BertForSequenceClassification.from_pretrained(source)
+    config = BertConfig.from_pretrained(source, num_hidden_layers=layers)
+    deeper = BertForSequenceClassification(config)
+    own = len(shallow.bert.encoder.layer)
+    with torch.no_grad():
+        deeper.bert.embeddings.load_state_dict(shallow.bert.embeddings.state_dict())
+        for index, layer in enumerate(deeper.bert.encoder.layer):
+            layer.load_state_dict(shallow.bert.encoder.layer[index % own].state_dict())
+        deeper.bert.pooler.load_state_dict(shallow.bert.pooler.state_dict())
+        deeper.classifier.load_state_dict(shallow.classifier.state_dict())
+    deeper.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+    return directory
+
+
 def candidates(model_dir: Path) -> list[str]:
     """100 passages whose (query, passage) pair is closest to 230 tokens."""
     from transformers import AutoTokenizer

@@ -9,11 +9,15 @@ has MiniLM-L6 shape with real encoder weights (see benchmarks/harness.py); only 
     .venv/bin/python -m benchmarks.load [--levels 1 4 16 64] [--seconds 60] [--engine auto]
     .venv/bin/python -m benchmarks.load --soak-seconds 300 --soak-callers 16   # memory sampled every 10 s
     .venv/bin/python -m benchmarks.load --mixed --levels 4 16   # half HTTP, half gRPC, one queue
+    .venv/bin/python -m benchmarks.load --two-models --levels 4 --seconds 30   # two models, one sidecar
 
 The sidecar runs as a subprocess on 127.0.0.1 with its own settings (queue limit included), so the
 numbers include the transport, tokenization and batching. Writes benchmarks/out/load.json and, for
 the levels, benchmarks/out/load.png; --mixed writes benchmarks/out/load-mixed.json, a level per
-transport, with the fewest and most answers any one caller got.
+transport, with the fewest and most answers any one caller got. --two-models serves the MiniLM-L6
+model ("fast") beside a 12-layer one made of its layers twice over ("slow") and loads each alone, then
+both at once with as many callers each, into benchmarks/out/load-two-models.json: each model's
+throughput together against alone.
 """
 
 from __future__ import annotations
@@ -32,7 +36,16 @@ import grpc
 import httpx
 import numpy as np
 
-from benchmarks.harness import OUT, QUERY, Sidecar, build_model, candidates, hardware_record, start_sidecar
+from benchmarks.harness import (
+    OUT,
+    QUERY,
+    Sidecar,
+    build_deeper_model,
+    build_model,
+    candidates,
+    hardware_record,
+    start_sidecar,
+)
 from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
@@ -92,7 +105,7 @@ def grpc_call(
 def http_call(client: httpx.AsyncClient, request: rerank_pb2.RerankRequest) -> Call:
     """The same request as Cohere's POST /v2/rerank (max_tokens_per_doc is the same pair budget)."""
     body = {
-        "model": "any",
+        "model": "",
         "query": request.query,
         "documents": [document.text for document in request.documents],
         "max_tokens_per_doc": request.max_length,
@@ -202,6 +215,66 @@ async def run_mixed_level(
         return await closed_loop(calls, len(request.documents), seconds)
 
 
+async def run_models_level(
+    port: int, requests: dict[str, rerank_pb2.RerankRequest], callers: int, seconds: float
+) -> list[Level]:
+    """``callers`` callers for each of ``requests``' models at once; a Level per model."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rerank_pb2_grpc.RerankerStub(channel)
+        calls = {model: [grpc_call(stub, request, [])] * callers for model, request in requests.items()}
+        documents = len(next(iter(requests.values())).documents)
+        return await closed_loop(calls, documents, seconds)
+
+
+def two_models(
+    model_dir: Path, request: rerank_pb2.RerankRequest, settings: dict, args: argparse.Namespace
+) -> None:
+    """Each model alone, then both at once: what each keeps of its throughput when they share the workers."""
+    deeper = build_deeper_model(OUT / "minilm-l6-deepened-to-12-cross-encoder", model_dir, layers=12)
+    requests = {}
+    for name in ("fast", "slow"):
+        requests[name] = rerank_pb2.RerankRequest()
+        requests[name].CopyFrom(request)
+        requests[name].model = name
+    models = f"fast={model_dir},slow={deeper}"
+    rows = []
+    with start_sidecar(model_dir, {**settings, "model": models}) as sidecar:
+        for name in requests:  # warm-up, not reported
+            asyncio.run(run_models_level(sidecar.port, {name: requests[name]}, 1, 3.0))
+        for callers in args.levels:
+            alone = {
+                name: asyncio.run(
+                    run_models_level(sidecar.port, {name: requests[name]}, callers, args.seconds)
+                )[0]
+                for name in requests
+            }
+            together = asyncio.run(run_models_level(sidecar.port, requests, callers, args.seconds))
+            for level in together:
+                solo = alone[level.transport]
+                rows.append(
+                    {
+                        "callers_per_model": callers,
+                        "model": level.transport,
+                        "alone": asdict(solo),
+                        "together": asdict(level),
+                        "kept": level.pairs_per_s / solo.pairs_per_s if solo.pairs_per_s else 0.0,
+                    }
+                )
+    print(f"sidecar {sidecar.engine}, {args.seconds:.0f} s per run")
+    columns = ("callers per model", "model", "pairs/s alone", "pairs/s together", "kept", "p50 together (s)")
+    print("| " + " | ".join((*columns, "answers per caller (fewest-most)")) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for row in rows:
+        together = row["together"]
+        print(
+            f"| {row['callers_per_model']} | {row['model']} | {row['alone']['pairs_per_s']:.1f} "
+            f"| {together['pairs_per_s']:.1f} | {row['kept']:.2f}x | {together['p50_ms'] / 1000:.2f} "
+            f"| {together['fewest_per_caller']}-{together['most_per_caller']} |"
+        )
+    record = {"hardware": hardware_record(), "engine": sidecar.engine, "settings": settings, "rows": rows}
+    args.out.with_name("load-two-models.json").write_text(json.dumps(record, indent=2))
+
+
 async def soak(sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int, seconds: float) -> dict:
     """Saturate the sidecar for ``seconds`` in one closed loop, sampling its resident memory every 10 s.
 
@@ -276,6 +349,9 @@ def main() -> None:
     parser.add_argument(
         "--mixed", action="store_true", help="half the callers over HTTP (POST /v2/rerank), half over gRPC"
     )
+    parser.add_argument(
+        "--two-models", action="store_true", help="a fast and a slow model, alone and then at once"
+    )
     parser.add_argument("--out", type=Path, default=OUT / "load.json")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -294,6 +370,9 @@ def main() -> None:
         "embed-model": args.embed_model,
         "metrics-port": str(free_port()),
     }
+    if args.two_models:
+        two_models(model_dir, request, settings, args)
+        return
     if args.mixed:
         http_port = free_port()
         with start_sidecar(model_dir, {**settings, "http-port": str(http_port)}) as sidecar:
