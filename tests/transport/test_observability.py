@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2
 from sidecar.transport.grpc_api import tracing
-from tests.conftest import docs, running_sidecar
+from tests.conftest import docs, running_sidecar, wait_until
 
 
 async def test_metrics_endpoint_reports_calls_queue_batches_stages_and_engine(tiny_bert: Path):
@@ -25,9 +25,16 @@ async def test_metrics_endpoint_reports_calls_queue_batches_stages_and_engine(ti
         with pytest.raises(grpc.aio.AioRpcError):
             await running.stub.Rerank(rerank_pb2.RerankRequest(query="", documents=docs("a")), timeout=10)
         url = f"http://127.0.0.1:{running.server.metrics_port}/metrics"
-        body = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: ASYNC210 - a local scrape
-    model = tiny_bert.name  # the directory's name: metrics never show a path on the host
-    rerank = f'method="/rerank.v1.Reranker/Rerank",model="{model}"'
+        model = tiny_bert.name  # the directory's name: metrics never show a path on the host
+        rerank = f'method="/rerank.v1.Reranker/Rerank",model="{model}"'
+        refused = f'rerank_requests_total{{code="INVALID_ARGUMENT",{rerank}}} 1.0'
+
+        def scrape() -> str:
+            return urllib.request.urlopen(url, timeout=10).read().decode()
+
+        # A refused call is counted just after its status goes out (the abort sends it), so wait for it.
+        await wait_until(lambda: refused in scrape())
+        body = scrape()
     assert f'rerank_requests_total{{code="OK",{rerank}}} 1.0' in body
     assert f'rerank_requests_total{{code="INVALID_ARGUMENT",{rerank}}} 1.0' in body
     assert f'rerank_queued_pairs{{model="{model}"}} 0.0' in body
