@@ -31,6 +31,7 @@ from sidecar.serving.info import SelectionInfo
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import Limits, Reranker
 from sidecar.serving.runtime import Runtime, load_runtime
+from sidecar.serving.score_cache import ScoreCache
 from sidecar.serving.scoring import Scorer
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.server import GrpcTransport
@@ -157,7 +158,7 @@ class ModelAssembly:
         served = ServedModel(
             model,
             batcher,
-            Scorer(model, batcher, self._tokenizer_pool),
+            Scorer(model, batcher, self._tokenizer_pool, ScoreCache(self.settings.score_cache_size)),
             SelectionInfo(
                 from_cache=selection.from_cache,
                 lossy_margin=runtime.lossy_margin,
@@ -172,6 +173,7 @@ class ModelAssembly:
         self.metrics.watch_queue(
             source.model_id, lambda: batcher.queued_pairs, lambda: batcher.queued_pair_seconds
         )
+        self.metrics.score_cache.watch(source.model_id, served.scorer.score_cache)
         self.metrics.describe_engine(
             source.model_id, engine.name, engine.precision, engine.device, model.kind.value
         )

@@ -238,6 +238,7 @@ class ServingCore:
                 selection=ranking.selection,
                 model_family=model.family,
                 instruction=model.tokenizer.instruction,
+                score_cache=ranking.scorer.score_cache.info(engine),
             ),
             embedding=embedding_info,
             server_version=__version__,

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xca\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12&\n\tdocuments\x18\x02 \x03(\x0b\x32\x13.rerank.v1.Document\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x12\n\nraw_scores\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12<\n\x14truncation_direction\x18\x06 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\x12\x30\n\x0elong_documents\x18\x07 \x01(\x0e\x32\x18.rerank.v1.LongDocuments\x12\x1a\n\x12max_chunks_per_doc\x18\x08 \x01(\r\x12\x15\n\rchunk_overlap\x18\t \x01(\r\x12\x13\n\x0breturn_text\x18\n \x01(\x08\x12\x13\n\x0binstruction\x18\x0b \x01(\t\"N\n\x06Result\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x11\n\x04text\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_text\"\x9a\x01\n\x05Usage\x12\r\n\x05pairs\x18\x01 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\r\x12\x10\n\x08queue_ns\x18\x05 \x01(\x04\x12\x17\n\x0ftokenization_ns\x18\x06 \x01(\x04\x12\x14\n\x0cinference_ns\x18\x07 \x01(\x04\x12\x10\n\x08total_ns\x18\x08 \x01(\x04\"g\n\x0eRerankResponse\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.rerank.v1.Result\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\x12\x10\n\x08model_id\x18\x03 \x01(\t\"\xd0\x02\n\x13RerankStreamRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12&\n\tdocuments\x18\x02 \x03(\x0b\x32\x13.rerank.v1.Document\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x12\n\nraw_scores\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12<\n\x14truncation_direction\x18\x06 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\x12\x30\n\x0elong_documents\x18\x07 \x01(\x0e\x32\x18.rerank.v1.LongDocuments\x12\x1a\n\x12max_chunks_per_doc\x18\x08 \x01(\r\x12\x15\n\rchunk_overlap\x18\t \x01(\r\x12\x13\n\x0breturn_text\x18\n \x01(\x08\x12\x13\n\x0binstruction\x18\x0b \x01(\t\"@\n\x0b\x42\x61tchScores\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\r\x12\"\n\x07results\x18\x02 \x03(\x0b\x32\x11.rerank.v1.Result\"e\n\x0c\x46inalRanking\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.rerank.v1.Result\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\x12\x10\n\x08model_id\x18\x03 \x01(\t\"x\n\x14RerankStreamResponse\x12.\n\x0c\x62\x61tch_scores\x18\x01 \x01(\x0b\x32\x16.rerank.v1.BatchScoresH\x00\x12(\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x17.rerank.v1.FinalRankingH\x00\x42\x06\n\x04kind\"o\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12<\n\x14truncation_direction\x18\x03 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"z\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.rerank.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\"\r\n\x0bInfoRequest\"\xb3\x01\n\x0e\x42\x61tchingLimits\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x17\n\x0fmax_batch_pairs\x18\x02 \x01(\r\x12\x18\n\x10max_queued_pairs\x18\x03 \x01(\r\x12!\n\x19max_documents_per_request\x18\x04 \x01(\r\x12\x1a\n\x12max_chunks_per_doc\x18\x05 \x01(\r\x12\x15\n\rbatch_workers\x18\x06 \x01(\r\"\xbd\x03\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x12\n\nmodel_kind\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x12\n\nnum_labels\x18\x08 \x01(\r\x12)\n\x06limits\x18\t \x01(\x0b\x32\x19.rerank.v1.BatchingLimits\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x14\n\x0c\x65ngine_notes\x18\x0b \x03(\t\x12;\n\x0f\x65mbedding_model\x18\x0c \x01(\x0b\x32\x1d.rerank.v1.EmbeddingModelInfoH\x00\x88\x01\x01\x12\x10\n\x08\x63ompiled\x18\r \x01(\x08\x12-\n\tselection\x18\x0e \x01(\x0b\x32\x1a.rerank.v1.EngineSelection\x12\x14\n\x0cmodel_family\x18\x0f \x01(\t\x12\x13\n\x0binstruction\x18\x10 \x01(\tB\x12\n\x10_embedding_model\"\x99\x01\n\x0f\x45ngineSelection\x12\x12\n\nfrom_cache\x18\x01 \x01(\x08\x12\x14\n\x0clossy_margin\x18\x02 \x01(\x01\x12\x1d\n\x15speedup_over_lossless\x18\x03 \x01(\x01\x12+\n\x07timings\x18\x04 \x03(\x0b\x32\x1a.rerank.v1.CandidateTiming\x12\x10\n\x08hardware\x18\x05 \x01(\t\"=\n\x0f\x43\x61ndidateTiming\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12\x17\n\x0frows_per_second\x18\x02 \x01(\x01\"\xe1\x01\n\x12\x45mbeddingModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12\x0f\n\x07pooling\x18\x03 \x01(\t\x12\x12\n\nnormalized\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x10\n\x08\x63ompiled\x18\t \x01(\x08\x12-\n\tselection\x18\n \x01(\x0b\x32\x1a.rerank.v1.EngineSelection*T\n\x13TruncationDirection\x12\x1e\n\x1aTRUNCATION_DIRECTION_RIGHT\x10\x00\x12\x1d\n\x19TRUNCATION_DIRECTION_LEFT\x10\x01*F\n\rLongDocuments\x12\x1b\n\x17LONG_DOCUMENTS_TRUNCATE\x10\x00\x12\x18\n\x14LONG_DOCUMENTS_CHUNK\x10\x01\x32\xd7\x01\n\x08Reranker\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n\x0cRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x01\x30\x01\x12\x37\n\x04Info\x12\x16.rerank.v1.InfoRequest\x1a\x17.rerank.v1.InfoResponse2F\n\x08\x45mbedder\x12:\n\x05\x45mbed\x12\x17.rerank.v1.EmbedRequest\x1a\x18.rerank.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xca\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12&\n\tdocuments\x18\x02 \x03(\x0b\x32\x13.rerank.v1.Document\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x12\n\nraw_scores\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12<\n\x14truncation_direction\x18\x06 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\x12\x30\n\x0elong_documents\x18\x07 \x01(\x0e\x32\x18.rerank.v1.LongDocuments\x12\x1a\n\x12max_chunks_per_doc\x18\x08 \x01(\r\x12\x15\n\rchunk_overlap\x18\t \x01(\r\x12\x13\n\x0breturn_text\x18\n \x01(\x08\x12\x13\n\x0binstruction\x18\x0b \x01(\t\"N\n\x06Result\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x11\n\x04text\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_text\"\xb0\x01\n\x05Usage\x12\r\n\x05pairs\x18\x01 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\r\x12\x10\n\x08queue_ns\x18\x05 \x01(\x04\x12\x17\n\x0ftokenization_ns\x18\x06 \x01(\x04\x12\x14\n\x0cinference_ns\x18\x07 \x01(\x04\x12\x10\n\x08total_ns\x18\x08 \x01(\x04\x12\x14\n\x0c\x63\x61\x63hed_pairs\x18\t \x01(\r\"g\n\x0eRerankResponse\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.rerank.v1.Result\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\x12\x10\n\x08model_id\x18\x03 \x01(\t\"\xd0\x02\n\x13RerankStreamRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12&\n\tdocuments\x18\x02 \x03(\x0b\x32\x13.rerank.v1.Document\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x12\n\nraw_scores\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12<\n\x14truncation_direction\x18\x06 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\x12\x30\n\x0elong_documents\x18\x07 \x01(\x0e\x32\x18.rerank.v1.LongDocuments\x12\x1a\n\x12max_chunks_per_doc\x18\x08 \x01(\r\x12\x15\n\rchunk_overlap\x18\t \x01(\r\x12\x13\n\x0breturn_text\x18\n \x01(\x08\x12\x13\n\x0binstruction\x18\x0b \x01(\t\"@\n\x0b\x42\x61tchScores\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\r\x12\"\n\x07results\x18\x02 \x03(\x0b\x32\x11.rerank.v1.Result\"e\n\x0c\x46inalRanking\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.rerank.v1.Result\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\x12\x10\n\x08model_id\x18\x03 \x01(\t\"x\n\x14RerankStreamResponse\x12.\n\x0c\x62\x61tch_scores\x18\x01 \x01(\x0b\x32\x16.rerank.v1.BatchScoresH\x00\x12(\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x17.rerank.v1.FinalRankingH\x00\x42\x06\n\x04kind\"o\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12<\n\x14truncation_direction\x18\x03 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"z\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.rerank.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\"\r\n\x0bInfoRequest\"\xb3\x01\n\x0e\x42\x61tchingLimits\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x17\n\x0fmax_batch_pairs\x18\x02 \x01(\r\x12\x18\n\x10max_queued_pairs\x18\x03 \x01(\r\x12!\n\x19max_documents_per_request\x18\x04 \x01(\r\x12\x1a\n\x12max_chunks_per_doc\x18\x05 \x01(\r\x12\x15\n\rbatch_workers\x18\x06 \x01(\r\"\xed\x03\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x12\n\nmodel_kind\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x12\n\nnum_labels\x18\x08 \x01(\r\x12)\n\x06limits\x18\t \x01(\x0b\x32\x19.rerank.v1.BatchingLimits\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x14\n\x0c\x65ngine_notes\x18\x0b \x03(\t\x12;\n\x0f\x65mbedding_model\x18\x0c \x01(\x0b\x32\x1d.rerank.v1.EmbeddingModelInfoH\x00\x88\x01\x01\x12\x10\n\x08\x63ompiled\x18\r \x01(\x08\x12-\n\tselection\x18\x0e \x01(\x0b\x32\x1a.rerank.v1.EngineSelection\x12\x14\n\x0cmodel_family\x18\x0f \x01(\t\x12\x13\n\x0binstruction\x18\x10 \x01(\t\x12.\n\x0bscore_cache\x18\x1b \x01(\x0b\x32\x19.rerank.v1.ScoreCacheInfoB\x12\n\x10_embedding_model\"[\n\x0eScoreCacheInfo\x12\x0e\n\x06serves\x18\x01 \x01(\x08\x12\x11\n\tmax_pairs\x18\x02 \x01(\x04\x12\r\n\x05pairs\x18\x03 \x01(\x04\x12\x17\n\x0fwhy_not_serving\x18\x04 \x01(\t\"\x99\x01\n\x0f\x45ngineSelection\x12\x12\n\nfrom_cache\x18\x01 \x01(\x08\x12\x14\n\x0clossy_margin\x18\x02 \x01(\x01\x12\x1d\n\x15speedup_over_lossless\x18\x03 \x01(\x01\x12+\n\x07timings\x18\x04 \x03(\x0b\x32\x1a.rerank.v1.CandidateTiming\x12\x10\n\x08hardware\x18\x05 \x01(\t\"=\n\x0f\x43\x61ndidateTiming\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12\x17\n\x0frows_per_second\x18\x02 \x01(\x01\"\xe1\x01\n\x12\x45mbeddingModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12\x0f\n\x07pooling\x18\x03 \x01(\t\x12\x12\n\nnormalized\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x10\n\x08\x63ompiled\x18\t \x01(\x08\x12-\n\tselection\x18\n \x01(\x0b\x32\x1a.rerank.v1.EngineSelection*T\n\x13TruncationDirection\x12\x1e\n\x1aTRUNCATION_DIRECTION_RIGHT\x10\x00\x12\x1d\n\x19TRUNCATION_DIRECTION_LEFT\x10\x01*F\n\rLongDocuments\x12\x1b\n\x17LONG_DOCUMENTS_TRUNCATE\x10\x00\x12\x18\n\x14LONG_DOCUMENTS_CHUNK\x10\x01\x32\xd7\x01\n\x08Reranker\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n\x0cRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x01\x30\x01\x12\x37\n\x04Info\x12\x16.rerank.v1.InfoRequest\x1a\x17.rerank.v1.InfoResponse2F\n\x08\x45mbedder\x12:\n\x05\x45mbed\x12\x17.rerank.v1.EmbedRequest\x1a\x18.rerank.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rerank.v1.rerank_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATIONDIRECTION']._serialized_start=2738
-  _globals['_TRUNCATIONDIRECTION']._serialized_end=2822
-  _globals['_LONGDOCUMENTS']._serialized_start=2824
-  _globals['_LONGDOCUMENTS']._serialized_end=2894
+  _globals['_TRUNCATIONDIRECTION']._serialized_start=2901
+  _globals['_TRUNCATIONDIRECTION']._serialized_end=2985
+  _globals['_LONGDOCUMENTS']._serialized_start=2987
+  _globals['_LONGDOCUMENTS']._serialized_end=3057
   _globals['_DOCUMENT']._serialized_start=37
   _globals['_DOCUMENT']._serialized_end=73
   _globals['_RERANKREQUEST']._serialized_start=76
@@ -42,37 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESULT']._serialized_start=408
   _globals['_RESULT']._serialized_end=486
   _globals['_USAGE']._serialized_start=489
-  _globals['_USAGE']._serialized_end=643
-  _globals['_RERANKRESPONSE']._serialized_start=645
-  _globals['_RERANKRESPONSE']._serialized_end=748
-  _globals['_RERANKSTREAMREQUEST']._serialized_start=751
-  _globals['_RERANKSTREAMREQUEST']._serialized_end=1087
-  _globals['_BATCHSCORES']._serialized_start=1089
-  _globals['_BATCHSCORES']._serialized_end=1153
-  _globals['_FINALRANKING']._serialized_start=1155
-  _globals['_FINALRANKING']._serialized_end=1256
-  _globals['_RERANKSTREAMRESPONSE']._serialized_start=1258
-  _globals['_RERANKSTREAMRESPONSE']._serialized_end=1378
-  _globals['_EMBEDREQUEST']._serialized_start=1380
-  _globals['_EMBEDREQUEST']._serialized_end=1491
-  _globals['_EMBEDDING']._serialized_start=1493
-  _globals['_EMBEDDING']._serialized_end=1520
-  _globals['_EMBEDRESPONSE']._serialized_start=1522
-  _globals['_EMBEDRESPONSE']._serialized_end=1644
-  _globals['_INFOREQUEST']._serialized_start=1646
-  _globals['_INFOREQUEST']._serialized_end=1659
-  _globals['_BATCHINGLIMITS']._serialized_start=1662
-  _globals['_BATCHINGLIMITS']._serialized_end=1841
-  _globals['_INFORESPONSE']._serialized_start=1844
-  _globals['_INFORESPONSE']._serialized_end=2289
-  _globals['_ENGINESELECTION']._serialized_start=2292
-  _globals['_ENGINESELECTION']._serialized_end=2445
-  _globals['_CANDIDATETIMING']._serialized_start=2447
-  _globals['_CANDIDATETIMING']._serialized_end=2508
-  _globals['_EMBEDDINGMODELINFO']._serialized_start=2511
-  _globals['_EMBEDDINGMODELINFO']._serialized_end=2736
-  _globals['_RERANKER']._serialized_start=2897
-  _globals['_RERANKER']._serialized_end=3112
-  _globals['_EMBEDDER']._serialized_start=3114
-  _globals['_EMBEDDER']._serialized_end=3184
+  _globals['_USAGE']._serialized_end=665
+  _globals['_RERANKRESPONSE']._serialized_start=667
+  _globals['_RERANKRESPONSE']._serialized_end=770
+  _globals['_RERANKSTREAMREQUEST']._serialized_start=773
+  _globals['_RERANKSTREAMREQUEST']._serialized_end=1109
+  _globals['_BATCHSCORES']._serialized_start=1111
+  _globals['_BATCHSCORES']._serialized_end=1175
+  _globals['_FINALRANKING']._serialized_start=1177
+  _globals['_FINALRANKING']._serialized_end=1278
+  _globals['_RERANKSTREAMRESPONSE']._serialized_start=1280
+  _globals['_RERANKSTREAMRESPONSE']._serialized_end=1400
+  _globals['_EMBEDREQUEST']._serialized_start=1402
+  _globals['_EMBEDREQUEST']._serialized_end=1513
+  _globals['_EMBEDDING']._serialized_start=1515
+  _globals['_EMBEDDING']._serialized_end=1542
+  _globals['_EMBEDRESPONSE']._serialized_start=1544
+  _globals['_EMBEDRESPONSE']._serialized_end=1666
+  _globals['_INFOREQUEST']._serialized_start=1668
+  _globals['_INFOREQUEST']._serialized_end=1681
+  _globals['_BATCHINGLIMITS']._serialized_start=1684
+  _globals['_BATCHINGLIMITS']._serialized_end=1863
+  _globals['_INFORESPONSE']._serialized_start=1866
+  _globals['_INFORESPONSE']._serialized_end=2359
+  _globals['_SCORECACHEINFO']._serialized_start=2361
+  _globals['_SCORECACHEINFO']._serialized_end=2452
+  _globals['_ENGINESELECTION']._serialized_start=2455
+  _globals['_ENGINESELECTION']._serialized_end=2608
+  _globals['_CANDIDATETIMING']._serialized_start=2610
+  _globals['_CANDIDATETIMING']._serialized_end=2671
+  _globals['_EMBEDDINGMODELINFO']._serialized_start=2674
+  _globals['_EMBEDDINGMODELINFO']._serialized_end=2899
+  _globals['_RERANKER']._serialized_start=3060
+  _globals['_RERANKER']._serialized_end=3275
+  _globals['_EMBEDDER']._serialized_start=3277
+  _globals['_EMBEDDER']._serialized_end=3347
 # @@protoc_insertion_point(module_scope)

@@ -74,6 +74,7 @@ def usage_to_proto(usage: Usage) -> rerank_pb2.Usage:
         tokenization_ns=usage.tokenization_ns,
         inference_ns=usage.inference_ns,
         total_ns=usage.total_ns,
+        cached_pairs=usage.cached_pairs,
     )
 
 
@@ -151,6 +152,12 @@ def info_to_proto(info: ServingInfo) -> rerank_pb2.InfoResponse:
         selection=selection_to_proto(ranking.selection),
         model_family=ranking.model_family,
         instruction=ranking.instruction,
+        score_cache=rerank_pb2.ScoreCacheInfo(
+            serves=ranking.score_cache.serves,
+            max_pairs=ranking.score_cache.max_pairs,
+            pairs=ranking.score_cache.pairs,
+            why_not_serving=ranking.score_cache.why_not_serving,
+        ),
     )
     if info.embedding is not None:
         response.embedding_model.CopyFrom(embedding_info_to_proto(info.embedding))
