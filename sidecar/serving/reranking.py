@@ -178,7 +178,7 @@ class Reranker:
         cache = self.scorer.score_cache
         # The engine serving now: the cache answers with its scores only, and keeps only its scores.
         engine = self.batcher.engine
-        keys = [] if cache.why_not_serving(engine) else cache.keys(self.model, engine, query, spec, texts)
+        keys = cache.keys(self.model, engine, query, spec, texts) if cache.use_engine(engine) else []
         cached = cache.get(keys) if keys else [None] * len(texts)
         missing = [position for position, score in enumerate(cached) if score is None]
         # Raw scores pooled per document. Normalizing is elementwise and monotonic, so pooling before it,

@@ -8,7 +8,9 @@ pooled over its chunks and before normalization, so both a raw and a normalized 
 exactly as from a freshly computed one, and ``raw_scores`` needs no place in the key.
 
 Only an engine whose outputs do not depend on what shares their batch (``Engine.batch_variance``
-empty) uses it: otherwise a cached score would be one of several the engine could give.
+empty) uses it: otherwise a cached score would be one of several the engine could give. The cache holds
+one engine's scores: when a compiled engine takes over (``Batcher.replace_engine``), the first request
+that sees it drops the entries of the engine before, whatever the two engines are called.
 
 It lives on the event loop, as the Reranker does, so it needs no lock.
 """
@@ -49,6 +51,7 @@ class ScoreCache:
         self.hits = 0
         self.misses = 0
         self._scores: OrderedDict[bytes, float] = OrderedDict()
+        self._engine: Engine | None = None  # whose scores these are
 
     def __len__(self) -> int:
         return len(self._scores)
@@ -63,6 +66,14 @@ class ScoreCache:
                 f"{engine.batch_variance}"
             )
         return ""
+
+    def use_engine(self, engine: Engine) -> bool:
+        """Answer with and keep ``engine``'s scores from now on, dropping another engine's; returns whether
+        the cache serves it at all."""
+        if engine is not self._engine:
+            self._scores.clear()
+            self._engine = engine
+        return not self.why_not_serving(engine)
 
     def info(self, engine: Engine) -> ScoreCacheInfo:
         why_not = self.why_not_serving(engine)
