@@ -358,6 +358,14 @@ async def test_a_cached_request_does_not_wait_behind_the_queue(tiny_bert: Path):
     assert time.monotonic() - started < 5
 
 
+async def test_only_the_pairs_not_cached_count_against_the_queue_limit(tiny_bert: Path):
+    async with serving_core(tiny_bert, max_queued_pairs=4, max_batch_pairs=4) as core:
+        await rerank(core, QUERY, TEXTS)
+        # Six documents would not fit a queue of four, but only the two new ones are queued.
+        mixed = await rerank(core, QUERY, [*TEXTS, "a fifth document", "a sixth document"])
+    assert (mixed.usage.pairs, mixed.usage.cached_pairs, mixed.usage.chunks) == (6, 4, 2)
+
+
 async def test_a_failed_request_leaves_nothing_in_the_cache(tiny_bert: Path):
     async with serving_core(tiny_bert) as core:
         engine = engine_of(core)
