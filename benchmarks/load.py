@@ -10,6 +10,7 @@ has MiniLM-L6 shape with real encoder weights (see benchmarks/harness.py); only 
     .venv/bin/python -m benchmarks.load --soak-seconds 300 --soak-callers 16   # memory sampled every 10 s
     .venv/bin/python -m benchmarks.load --mixed --levels 4 16   # half HTTP, half gRPC, one queue
     .venv/bin/python -m benchmarks.load --two-models --levels 4 --seconds 30   # two models, one sidecar
+    .venv/bin/python -m benchmarks.load --score-cache --cache-seconds 15   # the score cache, on and off
 
 The sidecar runs as a subprocess on 127.0.0.1 with its own settings (queue limit included), so the
 numbers include the transport, tokenization and batching. Writes benchmarks/out/load.json and, for
@@ -18,17 +19,24 @@ transport, with the fewest and most answers any one caller got. --two-models ser
 model ("fast") beside a 12-layer one made of its layers twice over ("slow") and loads each alone, then
 both at once with as many callers each, into benchmarks/out/load-two-models.json: each model's
 throughput together against alone.
+
+--score-cache runs one caller through two workloads on a sidecar with the score cache on, then on one
+with it off (``--score-cache-size 0``; every other benchmark runs it off): pagination, the same query
+with the next 100 SciFact passages, each page overlapping the last by half, and the levels' 100-candidate
+request repeated. It writes benchmarks/out/load-score-cache.json: per workload and cache setting the
+hit rate (from Usage.cached_pairs) and the latencies, with the bytes one cached pair takes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +51,7 @@ from benchmarks.harness import (
     build_deeper_model,
     build_model,
     candidates,
+    corpus_texts,
     hardware_record,
     start_sidecar,
 )
@@ -310,6 +319,122 @@ async def soak(sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int
     }
 
 
+@dataclass
+class CacheRun:
+    """One workload of the score cache benchmark, on one sidecar."""
+
+    workload: str
+    cache: str  # "on" or "off"
+    seconds: float
+    requests: int = 0
+    pairs: int = 0
+    cached_pairs: int = 0
+    hit_rate: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    server_total_p50_ms: float = 0.0
+
+
+def pagination_pages(texts: list[str], page: int) -> Iterator[list[str]]:
+    """The same query's next ``page`` passages, each page starting half a page after the last."""
+    for start in itertools.count(0, page // 2):
+        yield [texts[(start + offset) % len(texts)] for offset in range(page)]
+
+
+async def run_cached_workload(
+    port: int, workload: str, cache: str, pages: Iterator[list[str]], max_length: int, seconds: float
+) -> CacheRun:
+    """One caller, one request after the other, each the next of ``pages``, for ``seconds``."""
+    run = CacheRun(workload, cache, seconds)
+    latencies: list[float] = []
+    server_totals: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rerank_pb2_grpc.RerankerStub(channel)
+        stop_at = time.monotonic() + seconds
+        while time.monotonic() < stop_at:
+            documents = [rerank_pb2.Document(id=str(i), text=text) for i, text in enumerate(next(pages))]
+            request = rerank_pb2.RerankRequest(query=QUERY, documents=documents, max_length=max_length)
+            started = time.monotonic()
+            response = await stub.Rerank(request, timeout=600)
+            latencies.append(time.monotonic() - started)
+            server_totals.append(response.usage.total_ns / 1e6)
+            run.pairs += response.usage.pairs
+            run.cached_pairs += response.usage.cached_pairs
+    run.requests = len(latencies)
+    run.hit_rate = run.cached_pairs / max(1, run.pairs)
+    p50, p99 = np.percentile(latencies, [50, 99]) * 1000
+    run.p50_ms, run.p99_ms = float(p50), float(p99)
+    run.server_total_p50_ms = float(np.median(server_totals))
+    return run
+
+
+def cache_bytes_per_pair(pairs: int = 250_000) -> float:
+    """Python heap bytes one entry of a full score cache of ``pairs`` takes (key, score and LRU links)."""
+    import hashlib
+    import tracemalloc
+
+    from sidecar.serving.score_cache import ScoreCache
+
+    cache = ScoreCache(pairs)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for index in range(pairs):
+        key = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=16).digest()
+        cache.put([key], [index / pairs])
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return held / len(cache)
+
+
+def score_cache_benchmark(model_dir: Path, settings: dict[str, str], args: argparse.Namespace) -> None:
+    repeated = candidates(model_dir)
+    texts, page = corpus_texts() or repeated, len(repeated)
+    runs: list[CacheRun] = []
+    load_average = [Path("/proc/loadavg").read_text().split()[0]]
+    for cache in ("on", "off"):
+        size = str(args.score_cache_size) if cache == "on" else "0"
+        with start_sidecar(model_dir, {**settings, "score-cache-size": size}) as sidecar:
+            engine = sidecar.engine
+            warm_up = itertools.repeat(texts[-page:])  # not reported
+            asyncio.run(run_cached_workload(sidecar.port, "warm-up", cache, warm_up, args.max_length, 1.0))
+            workloads = {
+                "pagination": pagination_pages(texts, page),
+                "repeated": itertools.repeat(repeated),
+            }
+            for workload, pages in workloads.items():
+                runs.append(
+                    asyncio.run(
+                        run_cached_workload(
+                            sidecar.port, workload, cache, pages, args.max_length, args.cache_seconds
+                        )
+                    )
+                )
+        load_average.append(Path("/proc/loadavg").read_text().split()[0])
+    bytes_per_pair = cache_bytes_per_pair()
+    print(
+        f"sidecar {engine}, one caller, {page} candidates a request, {args.cache_seconds:.0f} s per run; "
+        f"load average (1 min) {' -> '.join(load_average)}; a cached pair takes {bytes_per_pair:.0f} bytes"
+    )
+    print("| workload | cache | requests | hit rate | p50 (ms) | p99 (ms) | server total p50 (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for run in sorted(runs, key=lambda run: (run.workload, run.cache)):
+        print(
+            f"| {run.workload} | {run.cache} | {run.requests} | {100 * run.hit_rate:.0f}% | {run.p50_ms:.1f} "
+            f"| {run.p99_ms:.1f} | {run.server_total_p50_ms:.1f} |"
+        )
+    record = {
+        "hardware": hardware_record(),
+        "engine": engine,
+        "settings": settings,
+        "score_cache_size": args.score_cache_size,
+        "candidates_per_request": page,
+        "load_average_1min": load_average,
+        "cache_bytes_per_pair": bytes_per_pair,
+        "runs": [asdict(run) for run in runs],
+    }
+    args.out.with_name("load-score-cache.json").write_text(json.dumps(record, indent=2))
+
+
 def plot(levels: list[Level], engine: str, path: Path) -> None:
     import matplotlib
 
@@ -352,6 +477,11 @@ def main() -> None:
     parser.add_argument(
         "--two-models", action="store_true", help="a fast and a slow model, alone and then at once"
     )
+    parser.add_argument(
+        "--score-cache", action="store_true", help="the score cache's workloads on and off, not the levels"
+    )
+    parser.add_argument("--cache-seconds", type=float, default=15.0, help="duration of each cache run")
+    parser.add_argument("--score-cache-size", type=int, default=250_000, help="the cache's size when on")
     parser.add_argument("--out", type=Path, default=OUT / "load.json")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -372,6 +502,9 @@ def main() -> None:
     }
     if args.two_models:
         two_models(model_dir, request, settings, args)
+        return
+    if args.score_cache:
+        score_cache_benchmark(model_dir, settings, args)
         return
     if args.mixed:
         http_port = free_port()

@@ -84,6 +84,7 @@ def serve(port: int, model_dir: Path, gpu_ms: float) -> None:
         precision="fp32",
         torch_compile="off",
         embed_model="",
+        score_cache_size=0,  # the same request repeats: every answer must come from the stand-in
         metrics_port=0,
         host="127.0.0.1",
         port=port,

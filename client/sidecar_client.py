@@ -241,6 +241,8 @@ class Usage:
     tokenization_ms: float
     inference_ms: float
     total_ms: float
+    # Of the pairs, those the sidecar's score cache answered (the rest ran through the model).
+    cached_pairs: int = 0
 
 
 @dataclass(frozen=True)
@@ -313,6 +315,7 @@ def _usage(usage: rerank_pb2.Usage) -> Usage:
         tokenization_ms=usage.tokenization_ns / 1e6,
         inference_ms=usage.inference_ns / 1e6,
         total_ms=usage.total_ns / 1e6,
+        cached_pairs=usage.cached_pairs,
     )
 
 

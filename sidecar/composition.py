@@ -32,6 +32,7 @@ from sidecar.serving.info import SelectionInfo
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import Limits, Reranker
 from sidecar.serving.runtime import Runtime, load_runtime
+from sidecar.serving.score_cache import ScoreCache
 from sidecar.serving.scoring import Scorer
 from sidecar.settings import Settings, model_entries
 from sidecar.transport.grpc_api.server import GrpcTransport
@@ -177,7 +178,7 @@ class ModelAssembly:
             name,
             model,
             batcher,
-            Scorer(model, batcher, self._tokenizer_pool),
+            Scorer(model, batcher, self._tokenizer_pool, ScoreCache(self.settings.score_cache_size)),
             SelectionInfo(
                 from_cache=selection.from_cache,
                 lossy_margin=runtime.lossy_margin,
@@ -190,6 +191,7 @@ class ModelAssembly:
         )
         self._built.append(served)
         self.metrics.watch_queue(name, lambda: batcher.queued_pairs, lambda: batcher.queued_pair_seconds)
+        self.metrics.score_cache.watch(name, served.scorer.score_cache)
         self.metrics.describe_engine(name, engine.name, engine.precision, engine.device, model.kind.value)
         with runtime.phases.timed("warm-up"):
             await self._warm_up(served, runtime)

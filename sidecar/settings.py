@@ -175,6 +175,13 @@ class Settings:
     max_message_bytes: int = _setting(
         16 * 1024 * 1024, "Largest gRPC message accepted or sent, and largest HTTP request body, in bytes."
     )
+    score_cache_size: int = _setting(
+        250_000,
+        "Pairs the exact score cache holds per model: an LRU of each (query, document) pair's raw score "
+        "under a digest of everything that changes it, so a repeated pair is answered without queueing or "
+        "running the model, bit-identical to computing it. About 160 bytes a pair (the default about 40 "
+        "MB). Serves only batch-invariant engines (not torch bf16; Info says why); 0 turns it off.",
+    )
     tokenizer_workers: int = _setting(
         0,
         "Threads that tokenize requests off the event loop; a large request is split across them, at "
@@ -213,7 +220,7 @@ class Settings:
         require_positive(self, positive)
         non_negative = ("port", "http_port", "metrics_port", "threads", "batch_workers", "max_length")
         non_negative += ("max_batch_tokens", "max_batch_pairs", "grace_period", "heap_trim_interval")
-        non_negative += ("lossy_margin", "tokenizer_workers")
+        non_negative += ("lossy_margin", "tokenizer_workers", "score_cache_size")
         require_non_negative(self, non_negative)
         if not model_entries("--model", self.model):
             raise ValueError("--model is empty; name the reranking model")

@@ -45,6 +45,7 @@ class RecordingEngine(Engine):
         super().__init__(precision=inner.precision, device=inner.device)
         self.name = inner.name  # type: ignore[misc]  # Info reports the engine underneath
         self.compiled = inner.compiled
+        self.batch_variance = inner.batch_variance
         self.inner = inner
         self.batches: list[TokenBatch] = []
         self.open = threading.Event()
@@ -104,6 +105,9 @@ async def running_sidecar(
         "torch_compile": "off",
         "batch_workers": 1,
         "embed_model": "",
+        # No score cache unless a test asks: tests repeat requests to count batches, hold the engine or
+        # fill the queue, which a cached answer would skip (tests/serving/test_score_cache.py tests it).
+        "score_cache_size": 0,
         # Selection in this process, where a test's monkeypatched engines apply; a test of the child
         # process's selection starts the server as a subprocess (tests/serving/test_warm_start.py).
         "select_in_subprocess": False,

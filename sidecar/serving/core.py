@@ -266,6 +266,7 @@ class ServingCore:
                 selection=ranking.selection,
                 model_family=model.family,
                 instruction=model.tokenizer.instruction,
+                score_cache=ranking.scorer.score_cache.info(engine),
             ),
             embedding=embedding_info,
             server_version=__version__,
@@ -301,4 +302,5 @@ def _model_info(
         max_batch_tokens=limits.max_batch_tokens,
         max_batch_pairs=limits.max_batch_pairs,
         batch_workers=served.batcher.workers,
+        score_cache=served.scorer.score_cache.info(engine) if service == "rerank" else None,
     )

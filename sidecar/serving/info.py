@@ -20,6 +20,16 @@ class SelectionInfo:
 
 
 @dataclass(frozen=True)
+class ScoreCacheInfo:
+    """The model's exact score cache: whether it answers now, its size, and why not when it does not."""
+
+    serves: bool
+    max_pairs: int
+    pairs: int
+    why_not_serving: str
+
+
+@dataclass(frozen=True)
 class RankingInfo:
     model_id: str
     model_revision: str
@@ -40,6 +50,7 @@ class RankingInfo:
     selection: SelectionInfo
     model_family: str
     instruction: str  # what a decoder reranker is told when a request brings none; empty for encoders
+    score_cache: ScoreCacheInfo
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,7 @@ class ModelInfo:
     max_batch_tokens: int
     max_batch_pairs: int
     batch_workers: int
+    score_cache: ScoreCacheInfo | None  # a reranker's; None for an embedder
 
 
 @dataclass(frozen=True)

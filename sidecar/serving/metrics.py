@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from sidecar.serving.score_cache import ScoreCache
 from sidecar.serving.usage import Usage
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -38,6 +39,37 @@ class QueuedPairSeconds(Collector):
         for model, read in self._readers.items():
             family.add_metric((model,), read())
         yield family
+
+
+class ScoreCacheMetrics(Collector):
+    """Each model's score cache, read at scrape time: ``rerank_score_cache_hits_total`` and
+    ``rerank_score_cache_misses_total`` (pairs looked up and found, or not) and ``rerank_score_cache_pairs``
+    (pairs held)."""
+
+    def __init__(self) -> None:
+        self._caches: dict[str, ScoreCache] = {}
+
+    def watch(self, model: str, cache: ScoreCache) -> None:
+        self._caches[model] = cache
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        hits = CounterMetricFamily(
+            "rerank_score_cache_hits", "Pairs answered from the score cache, by model.", labels=("model",)
+        )
+        misses = CounterMetricFamily(
+            "rerank_score_cache_misses",
+            "Pairs looked up in the score cache and not found (then computed), by model; pairs of an engine "
+            "the cache does not serve are not looked up.",
+            labels=("model",),
+        )
+        size = GaugeMetricFamily(
+            "rerank_score_cache_pairs", "Pairs the score cache holds, by model.", labels=("model",)
+        )
+        for model, cache in self._caches.items():
+            hits.add_metric((model,), cache.hits)
+            misses.add_metric((model,), cache.misses)
+            size.add_metric((model,), len(cache))
+        yield from (hits, misses, size)
 
 
 class Metrics:
@@ -88,6 +120,8 @@ class Metrics:
             ("model", "engine"),
             registry=self.registry,
         )
+        self.score_cache = ScoreCacheMetrics()
+        self.registry.register(self.score_cache)
         self.engine = Info(
             "rerank_engine", "Engine and precision serving each model.", ("model",), registry=self.registry
         )

@@ -167,15 +167,35 @@ class Reranker:
         deadline: float | None,
         offset: int,
     ) -> tuple[list[ScoredDocument], Usage]:
-        """Score documents (already validated) in their given order; indices start at ``offset``."""
+        """Score documents (already validated) in their given order; indices start at ``offset``.
+
+        Documents the score cache holds are answered from it and never queue; only the rest are
+        admitted, tokenized and run, and a request answered entirely from the cache never reaches the
+        batcher. Usage counts every document in ``pairs`` and the cached ones in ``cached_pairs``; its
+        chunks, tokens, batches and times are those of the documents computed.
+        """
         started = time.monotonic_ns()
-        self.batcher.admit(len(documents))
-        encoded = await self.scorer.encode(query, [document.text for document in documents], spec)
-        check_tokens(encoded.tokens, self.limits.max_request_tokens)
-        chunks = await self.scorer.score(encoded, deadline)
-        # Max-pool chunks per document; normalizing is monotonic, so pooling before it is exact.
-        pooled = np.full(len(documents), -np.inf, dtype=np.float32)
-        np.maximum.at(pooled, np.asarray(encoded.document_of_pair), chunks.raw)
+        texts = [document.text for document in documents]
+        cache = self.scorer.score_cache
+        # The engine serving now: the cache answers with its scores only, and keeps only its scores.
+        engine = self.batcher.engine
+        keys = cache.keys(self.model, engine, query, spec, texts) if cache.use_engine(engine) else []
+        cached = cache.get(keys) if keys else [None] * len(texts)
+        missing = [position for position, score in enumerate(cached) if score is None]
+        # Raw scores pooled per document. Normalizing is elementwise and monotonic, so pooling before it,
+        # and answering from cached raw scores, both give bit for bit what computing them all would.
+        pooled = np.array([-np.inf if score is None else score for score in cached], dtype=np.float32)
+        usage = Usage()
+        if missing:
+            computed, usage = await self._compute(
+                query, [texts[position] for position in missing], spec, deadline
+            )
+            pooled[missing] = computed
+            # A compiled engine that took over meanwhile (Batcher.replace_engine) may have run some of
+            # the rows: then they are kept under neither engine.
+            if keys and self.batcher.engine is engine:
+                cache.put([keys[position] for position in missing], computed.tolist())
+        usage.pairs, usage.cached_pairs = len(documents), len(documents) - len(missing)
         scores = pooled if options.raw_scores else self.scorer.normalize(pooled)
         results = [
             ScoredDocument(
@@ -186,15 +206,29 @@ class Reranker:
             )
             for position, (document, score) in enumerate(zip(documents, scores, strict=True))
         ]
+        usage.total_ns = time.monotonic_ns() - started
+        return results, usage
+
+    async def _compute(
+        self, query: str, texts: Sequence[str], spec: PairSpec, deadline: float | None
+    ) -> tuple[np.ndarray, Usage]:
+        """The texts' raw scores, max-pooled over their chunks, through the batcher, and their usage."""
+        started = time.monotonic_ns()
+        self.batcher.admit(len(texts))
+        encoded = await self.scorer.encode(query, texts, spec)
+        check_tokens(encoded.tokens, self.limits.max_request_tokens)
+        chunks = await self.scorer.score(encoded, deadline)
+        pooled = np.full(len(texts), -np.inf, dtype=np.float32)
+        np.maximum.at(pooled, np.asarray(encoded.document_of_pair), chunks.raw)
         usage = Usage.of_rows(
-            pairs=len(documents),
+            pairs=len(texts),
             chunks=len(encoded.document_of_pair),
             tokens=encoded.tokens,
             tokenization_ns=encoded.tokenization_ns,
             rows=chunks.rows,
             started_ns=started,
         )
-        return results, usage
+        return pooled, usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from sidecar.model.loading import TextModel
 from sidecar.model.tokenization import PairSpec
 from sidecar.scheduling.batcher import Batcher, ScoredRows
 from sidecar.scheduling.tokenizer_pool import TokenizerPool
+from sidecar.serving.score_cache import ScoreCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +43,15 @@ class ChunkScores:
 
 class Scorer:
     """Scores a query against documents with one model, through its batcher and the tokenizer pool;
-    what the model's kind makes of texts and outputs comes from the kind table."""
+    what the model's kind makes of texts and outputs comes from the kind table. ``score_cache`` keeps its
+    documents' pooled raw scores for repeated pairs (see ``Reranker.score``)."""
 
-    def __init__(self, model: TextModel, batcher: Batcher, tokenizer_pool: TokenizerPool) -> None:
+    def __init__(
+        self, model: TextModel, batcher: Batcher, tokenizer_pool: TokenizerPool, score_cache: ScoreCache
+    ) -> None:
         self.model = model
         self.batcher = batcher
+        self.score_cache = score_cache
         self._kind = kind_of(model)
         self._tokenizer_pool = tokenizer_pool
 

@@ -1,4 +1,7 @@
-"""What a call used: pairs, chunks, tokens and batches, and where its time went."""
+"""What a call used: pairs, chunks, tokens and batches, and where its time went.
+
+``pairs`` counts every document answered; ``cached_pairs`` those of them the score cache answered. The
+chunks, tokens, batches and times are those of the documents the model computed."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from sidecar.scheduling.batcher import ScoredRows
 @dataclass(slots=True)
 class Usage:
     pairs: int = 0
+    cached_pairs: int = 0
     chunks: int = 0
     tokens: int = 0
     batches: int = 0
@@ -38,6 +42,7 @@ class Usage:
     def add(self, other: Usage) -> None:
         """Accumulate another batch's usage (a stream's totals); total_ns is the caller's to set."""
         self.pairs += other.pairs
+        self.cached_pairs += other.cached_pairs
         self.chunks += other.chunks
         self.tokens += other.tokens
         self.batches += other.batches

@@ -104,6 +104,7 @@ def _log_call(record: CallRecord, status: str, duration_s: float) -> None:
         usage = record.usage
         fields |= {
             "pairs": usage.pairs,
+            "cached_pairs": usage.cached_pairs,
             "chunks": usage.chunks,
             "tokens": usage.tokens,
             "batches": usage.batches,

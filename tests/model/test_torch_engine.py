@@ -7,7 +7,7 @@ import pytest
 import torch._dynamo.utils
 
 from sidecar.errors import ModelLoadError
-from sidecar.model.engines.torch_engine import TorchEngine, compile_wanted
+from sidecar.model.engines.torch_engine import TorchEngine, compile_wanted, torch_batch_variance
 from sidecar.model.parity import compare
 from tests.conditions import needs_native_bf16
 from tests.models import padded_batch
@@ -21,6 +21,18 @@ def test_bf16_passes_the_parity_gate_and_leaves_the_reference_fp32(tiny_network,
     assert report.max_abs_diff > 0  # it really ran in bf16
     assert next(tiny_network.parameters()).dtype.is_floating_point
     assert str(next(tiny_network.parameters()).dtype) == "torch.float32"
+
+
+def test_torch_below_fp32_says_it_is_not_batch_invariant():
+    assert torch_batch_variance("fp32") == ""
+    assert "batch" in torch_batch_variance("bf16")
+    assert "batch" in torch_batch_variance("fp16")
+
+
+@needs_native_bf16
+def test_the_bf16_engine_says_it_is_not_batch_invariant_and_fp32_that_it_is(tiny_network):
+    assert TorchEngine(tiny_network, precision="fp32").batch_variance == ""
+    assert TorchEngine(tiny_network, precision="bf16").batch_variance == torch_batch_variance("bf16")
 
 
 def test_fp16_is_refused_on_the_cpu(tiny_network):

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xd9\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12&\n\tdocuments\x18\x02 \x03(\x0b\x32\x13.rerank.v1.Document\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x12\n\nraw_scores\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12<\n\x14truncation_direction\x18\x06 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\x12\x30\n\x0elong_documents\x18\x07 \x01(\x0e\x32\x18.rerank.v1.LongDocuments\x12\x1a\n\x12max_chunks_per_doc\x18\x08 \x01(\r\x12\x15\n\rchunk_overlap\x18\t \x01(\r\x12\x13\n\x0breturn_text\x18\n \x01(\x08\x12\x13\n\x0binstruction\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\"N\n\x06Result\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x11\n\x04text\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_text\"\x9a\x01\n\x05Usage\x12\r\n\x05pairs\x18\x01 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\r\x12\x10\n\x08queue_ns\x18\x05 \x01(\x04\x12\x17\n\x0ftokenization_ns\x18\x06 \x01(\x04\x12\x14\n\x0cinference_ns\x18\x07 \x01(\x04\x12\x10\n\x08total_ns\x18\x08 \x01(\x04\"g\n\x0eRerankResponse\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.rerank.v1.Result\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\x12\x10\n\x08model_id\x18\x03 \x01(\t\"\xdf\x02\n\x13RerankStreamRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12&\n\tdocuments\x18\x02 \x03(\x0b\x32\x13.rerank.v1.Document\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x12\n\nraw_scores\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12<\n\x14truncation_direction\x18\x06 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\x12\x30\n\x0elong_documents\x18\x07 \x01(\x0e\x32\x18.rerank.v1.LongDocuments\x12\x1a\n\x12max_chunks_per_doc\x18\x08 \x01(\r\x12\x15\n\rchunk_overlap\x18\t \x01(\r\x12\x13\n\x0breturn_text\x18\n \x01(\x08\x12\x13\n\x0binstruction\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\"@\n\x0b\x42\x61tchScores\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\r\x12\"\n\x07results\x18\x02 \x03(\x0b\x32\x11.rerank.v1.Result\"e\n\x0c\x46inalRanking\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.rerank.v1.Result\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\x12\x10\n\x08model_id\x18\x03 \x01(\t\"x\n\x14RerankStreamResponse\x12.\n\x0c\x62\x61tch_scores\x18\x01 \x01(\x0b\x32\x16.rerank.v1.BatchScoresH\x00\x12(\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x17.rerank.v1.FinalRankingH\x00\x42\x06\n\x04kind\"~\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12<\n\x14truncation_direction\x18\x03 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\x12\r\n\x05model\x18\x04 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"z\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.rerank.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\"\r\n\x0bInfoRequest\"\xb3\x01\n\x0e\x42\x61tchingLimits\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x17\n\x0fmax_batch_pairs\x18\x02 \x01(\r\x12\x18\n\x10max_queued_pairs\x18\x03 \x01(\r\x12!\n\x19max_documents_per_request\x18\x04 \x01(\r\x12\x1a\n\x12max_chunks_per_doc\x18\x05 \x01(\r\x12\x15\n\rbatch_workers\x18\x06 \x01(\r\"\xe5\x03\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x12\n\nmodel_kind\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x12\n\nnum_labels\x18\x08 \x01(\r\x12)\n\x06limits\x18\t \x01(\x0b\x32\x19.rerank.v1.BatchingLimits\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x14\n\x0c\x65ngine_notes\x18\x0b \x03(\t\x12;\n\x0f\x65mbedding_model\x18\x0c \x01(\x0b\x32\x1d.rerank.v1.EmbeddingModelInfoH\x00\x88\x01\x01\x12\x10\n\x08\x63ompiled\x18\r \x01(\x08\x12-\n\tselection\x18\x0e \x01(\x0b\x32\x1a.rerank.v1.EngineSelection\x12\x14\n\x0cmodel_family\x18\x0f \x01(\t\x12\x13\n\x0binstruction\x18\x10 \x01(\t\x12&\n\x06models\x18\x11 \x03(\x0b\x32\x16.rerank.v1.ServedModelB\x12\n\x10_embedding_model\"\x9f\x02\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x12\n\nmodel_kind\x18\x05 \x01(\t\x12\x14\n\x0cmodel_family\x18\x06 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x10\n\x08\x63ompiled\x18\n \x01(\x08\x12\x12\n\nmax_length\x18\x0b \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x0c \x01(\r\x12\x17\n\x0fmax_batch_pairs\x18\r \x01(\r\x12\x15\n\rbatch_workers\x18\x0e \x01(\r\"\x99\x01\n\x0f\x45ngineSelection\x12\x12\n\nfrom_cache\x18\x01 \x01(\x08\x12\x14\n\x0clossy_margin\x18\x02 \x01(\x01\x12\x1d\n\x15speedup_over_lossless\x18\x03 \x01(\x01\x12+\n\x07timings\x18\x04 \x03(\x0b\x32\x1a.rerank.v1.CandidateTiming\x12\x10\n\x08hardware\x18\x05 \x01(\t\"=\n\x0f\x43\x61ndidateTiming\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12\x17\n\x0frows_per_second\x18\x02 \x01(\x01\"\xe1\x01\n\x12\x45mbeddingModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12\x0f\n\x07pooling\x18\x03 \x01(\t\x12\x12\n\nnormalized\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x10\n\x08\x63ompiled\x18\t \x01(\x08\x12-\n\tselection\x18\n \x01(\x0b\x32\x1a.rerank.v1.EngineSelection*T\n\x13TruncationDirection\x12\x1e\n\x1aTRUNCATION_DIRECTION_RIGHT\x10\x00\x12\x1d\n\x19TRUNCATION_DIRECTION_LEFT\x10\x01*F\n\rLongDocuments\x12\x1b\n\x17LONG_DOCUMENTS_TRUNCATE\x10\x00\x12\x18\n\x14LONG_DOCUMENTS_CHUNK\x10\x01\x32\xd7\x01\n\x08Reranker\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n\x0cRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x01\x30\x01\x12\x37\n\x04Info\x12\x16.rerank.v1.InfoRequest\x1a\x17.rerank.v1.InfoResponse2F\n\x08\x45mbedder\x12:\n\x05\x45mbed\x12\x17.rerank.v1.EmbedRequest\x1a\x18.rerank.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xd9\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12&\n\tdocuments\x18\x02 \x03(\x0b\x32\x13.rerank.v1.Document\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x12\n\nraw_scores\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12<\n\x14truncation_direction\x18\x06 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\x12\x30\n\x0elong_documents\x18\x07 \x01(\x0e\x32\x18.rerank.v1.LongDocuments\x12\x1a\n\x12max_chunks_per_doc\x18\x08 \x01(\r\x12\x15\n\rchunk_overlap\x18\t \x01(\r\x12\x13\n\x0breturn_text\x18\n \x01(\x08\x12\x13\n\x0binstruction\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\"N\n\x06Result\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x11\n\x04text\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_text\"\xb0\x01\n\x05Usage\x12\r\n\x05pairs\x18\x01 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\r\x12\x10\n\x08queue_ns\x18\x05 \x01(\x04\x12\x17\n\x0ftokenization_ns\x18\x06 \x01(\x04\x12\x14\n\x0cinference_ns\x18\x07 \x01(\x04\x12\x10\n\x08total_ns\x18\x08 \x01(\x04\x12\x14\n\x0c\x63\x61\x63hed_pairs\x18\t \x01(\r\"g\n\x0eRerankResponse\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.rerank.v1.Result\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\x12\x10\n\x08model_id\x18\x03 \x01(\t\"\xdf\x02\n\x13RerankStreamRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12&\n\tdocuments\x18\x02 \x03(\x0b\x32\x13.rerank.v1.Document\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x12\n\nraw_scores\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12<\n\x14truncation_direction\x18\x06 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\x12\x30\n\x0elong_documents\x18\x07 \x01(\x0e\x32\x18.rerank.v1.LongDocuments\x12\x1a\n\x12max_chunks_per_doc\x18\x08 \x01(\r\x12\x15\n\rchunk_overlap\x18\t \x01(\r\x12\x13\n\x0breturn_text\x18\n \x01(\x08\x12\x13\n\x0binstruction\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\"@\n\x0b\x42\x61tchScores\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\r\x12\"\n\x07results\x18\x02 \x03(\x0b\x32\x11.rerank.v1.Result\"e\n\x0c\x46inalRanking\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.rerank.v1.Result\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\x12\x10\n\x08model_id\x18\x03 \x01(\t\"x\n\x14RerankStreamResponse\x12.\n\x0c\x62\x61tch_scores\x18\x01 \x01(\x0b\x32\x16.rerank.v1.BatchScoresH\x00\x12(\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x17.rerank.v1.FinalRankingH\x00\x42\x06\n\x04kind\"~\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12<\n\x14truncation_direction\x18\x03 \x01(\x0e\x32\x1e.rerank.v1.TruncationDirection\x12\r\n\x05model\x18\x04 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"z\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.rerank.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\"\r\n\x0bInfoRequest\"\xb3\x01\n\x0e\x42\x61tchingLimits\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x17\n\x0fmax_batch_pairs\x18\x02 \x01(\r\x12\x18\n\x10max_queued_pairs\x18\x03 \x01(\r\x12!\n\x19max_documents_per_request\x18\x04 \x01(\r\x12\x1a\n\x12max_chunks_per_doc\x18\x05 \x01(\r\x12\x15\n\rbatch_workers\x18\x06 \x01(\r\"\x95\x04\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x12\n\nmodel_kind\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x12\n\nnum_labels\x18\x08 \x01(\r\x12)\n\x06limits\x18\t \x01(\x0b\x32\x19.rerank.v1.BatchingLimits\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x14\n\x0c\x65ngine_notes\x18\x0b \x03(\t\x12;\n\x0f\x65mbedding_model\x18\x0c \x01(\x0b\x32\x1d.rerank.v1.EmbeddingModelInfoH\x00\x88\x01\x01\x12\x10\n\x08\x63ompiled\x18\r \x01(\x08\x12-\n\tselection\x18\x0e \x01(\x0b\x32\x1a.rerank.v1.EngineSelection\x12\x14\n\x0cmodel_family\x18\x0f \x01(\t\x12\x13\n\x0binstruction\x18\x10 \x01(\t\x12&\n\x06models\x18\x11 \x03(\x0b\x32\x16.rerank.v1.ServedModel\x12.\n\x0bscore_cache\x18\x12 \x01(\x0b\x32\x19.rerank.v1.ScoreCacheInfoB\x12\n\x10_embedding_model\"\xcf\x02\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x12\n\nmodel_kind\x18\x05 \x01(\t\x12\x14\n\x0cmodel_family\x18\x06 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x10\n\x08\x63ompiled\x18\n \x01(\x08\x12\x12\n\nmax_length\x18\x0b \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x0c \x01(\r\x12\x17\n\x0fmax_batch_pairs\x18\r \x01(\r\x12\x15\n\rbatch_workers\x18\x0e \x01(\r\x12.\n\x0bscore_cache\x18\x0f \x01(\x0b\x32\x19.rerank.v1.ScoreCacheInfo\"[\n\x0eScoreCacheInfo\x12\x0e\n\x06serves\x18\x01 \x01(\x08\x12\x11\n\tmax_pairs\x18\x02 \x01(\x04\x12\r\n\x05pairs\x18\x03 \x01(\x04\x12\x17\n\x0fwhy_not_serving\x18\x04 \x01(\t\"\x99\x01\n\x0f\x45ngineSelection\x12\x12\n\nfrom_cache\x18\x01 \x01(\x08\x12\x14\n\x0clossy_margin\x18\x02 \x01(\x01\x12\x1d\n\x15speedup_over_lossless\x18\x03 \x01(\x01\x12+\n\x07timings\x18\x04 \x03(\x0b\x32\x1a.rerank.v1.CandidateTiming\x12\x10\n\x08hardware\x18\x05 \x01(\t\"=\n\x0f\x43\x61ndidateTiming\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12\x17\n\x0frows_per_second\x18\x02 \x01(\x01\"\xe1\x01\n\x12\x45mbeddingModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12\x0f\n\x07pooling\x18\x03 \x01(\t\x12\x12\n\nnormalized\x18\x04 \x01(\x08\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x10\n\x08\x63ompiled\x18\t \x01(\x08\x12-\n\tselection\x18\n \x01(\x0b\x32\x1a.rerank.v1.EngineSelection*T\n\x13TruncationDirection\x12\x1e\n\x1aTRUNCATION_DIRECTION_RIGHT\x10\x00\x12\x1d\n\x19TRUNCATION_DIRECTION_LEFT\x10\x01*F\n\rLongDocuments\x12\x1b\n\x17LONG_DOCUMENTS_TRUNCATE\x10\x00\x12\x18\n\x14LONG_DOCUMENTS_CHUNK\x10\x01\x32\xd7\x01\n\x08Reranker\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n\x0cRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x01\x30\x01\x12\x37\n\x04Info\x12\x16.rerank.v1.InfoRequest\x1a\x17.rerank.v1.InfoResponse2F\n\x08\x45mbedder\x12:\n\x05\x45mbed\x12\x17.rerank.v1.EmbedRequest\x1a\x18.rerank.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rerank.v1.rerank_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATIONDIRECTION']._serialized_start=3113
-  _globals['_TRUNCATIONDIRECTION']._serialized_end=3197
-  _globals['_LONGDOCUMENTS']._serialized_start=3199
-  _globals['_LONGDOCUMENTS']._serialized_end=3269
+  _globals['_TRUNCATIONDIRECTION']._serialized_start=3324
+  _globals['_TRUNCATIONDIRECTION']._serialized_end=3408
+  _globals['_LONGDOCUMENTS']._serialized_start=3410
+  _globals['_LONGDOCUMENTS']._serialized_end=3480
   _globals['_DOCUMENT']._serialized_start=37
   _globals['_DOCUMENT']._serialized_end=73
   _globals['_RERANKREQUEST']._serialized_start=76
@@ -42,39 +42,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESULT']._serialized_start=423
   _globals['_RESULT']._serialized_end=501
   _globals['_USAGE']._serialized_start=504
-  _globals['_USAGE']._serialized_end=658
-  _globals['_RERANKRESPONSE']._serialized_start=660
-  _globals['_RERANKRESPONSE']._serialized_end=763
-  _globals['_RERANKSTREAMREQUEST']._serialized_start=766
-  _globals['_RERANKSTREAMREQUEST']._serialized_end=1117
-  _globals['_BATCHSCORES']._serialized_start=1119
-  _globals['_BATCHSCORES']._serialized_end=1183
-  _globals['_FINALRANKING']._serialized_start=1185
-  _globals['_FINALRANKING']._serialized_end=1286
-  _globals['_RERANKSTREAMRESPONSE']._serialized_start=1288
-  _globals['_RERANKSTREAMRESPONSE']._serialized_end=1408
-  _globals['_EMBEDREQUEST']._serialized_start=1410
-  _globals['_EMBEDREQUEST']._serialized_end=1536
-  _globals['_EMBEDDING']._serialized_start=1538
-  _globals['_EMBEDDING']._serialized_end=1565
-  _globals['_EMBEDRESPONSE']._serialized_start=1567
-  _globals['_EMBEDRESPONSE']._serialized_end=1689
-  _globals['_INFOREQUEST']._serialized_start=1691
-  _globals['_INFOREQUEST']._serialized_end=1704
-  _globals['_BATCHINGLIMITS']._serialized_start=1707
-  _globals['_BATCHINGLIMITS']._serialized_end=1886
-  _globals['_INFORESPONSE']._serialized_start=1889
-  _globals['_INFORESPONSE']._serialized_end=2374
-  _globals['_SERVEDMODEL']._serialized_start=2377
-  _globals['_SERVEDMODEL']._serialized_end=2664
-  _globals['_ENGINESELECTION']._serialized_start=2667
-  _globals['_ENGINESELECTION']._serialized_end=2820
-  _globals['_CANDIDATETIMING']._serialized_start=2822
-  _globals['_CANDIDATETIMING']._serialized_end=2883
-  _globals['_EMBEDDINGMODELINFO']._serialized_start=2886
-  _globals['_EMBEDDINGMODELINFO']._serialized_end=3111
-  _globals['_RERANKER']._serialized_start=3272
-  _globals['_RERANKER']._serialized_end=3487
-  _globals['_EMBEDDER']._serialized_start=3489
-  _globals['_EMBEDDER']._serialized_end=3559
+  _globals['_USAGE']._serialized_end=680
+  _globals['_RERANKRESPONSE']._serialized_start=682
+  _globals['_RERANKRESPONSE']._serialized_end=785
+  _globals['_RERANKSTREAMREQUEST']._serialized_start=788
+  _globals['_RERANKSTREAMREQUEST']._serialized_end=1139
+  _globals['_BATCHSCORES']._serialized_start=1141
+  _globals['_BATCHSCORES']._serialized_end=1205
+  _globals['_FINALRANKING']._serialized_start=1207
+  _globals['_FINALRANKING']._serialized_end=1308
+  _globals['_RERANKSTREAMRESPONSE']._serialized_start=1310
+  _globals['_RERANKSTREAMRESPONSE']._serialized_end=1430
+  _globals['_EMBEDREQUEST']._serialized_start=1432
+  _globals['_EMBEDREQUEST']._serialized_end=1558
+  _globals['_EMBEDDING']._serialized_start=1560
+  _globals['_EMBEDDING']._serialized_end=1587
+  _globals['_EMBEDRESPONSE']._serialized_start=1589
+  _globals['_EMBEDRESPONSE']._serialized_end=1711
+  _globals['_INFOREQUEST']._serialized_start=1713
+  _globals['_INFOREQUEST']._serialized_end=1726
+  _globals['_BATCHINGLIMITS']._serialized_start=1729
+  _globals['_BATCHINGLIMITS']._serialized_end=1908
+  _globals['_INFORESPONSE']._serialized_start=1911
+  _globals['_INFORESPONSE']._serialized_end=2444
+  _globals['_SERVEDMODEL']._serialized_start=2447
+  _globals['_SERVEDMODEL']._serialized_end=2782
+  _globals['_SCORECACHEINFO']._serialized_start=2784
+  _globals['_SCORECACHEINFO']._serialized_end=2875
+  _globals['_ENGINESELECTION']._serialized_start=2878
+  _globals['_ENGINESELECTION']._serialized_end=3031
+  _globals['_CANDIDATETIMING']._serialized_start=3033
+  _globals['_CANDIDATETIMING']._serialized_end=3094
+  _globals['_EMBEDDINGMODELINFO']._serialized_start=3097
+  _globals['_EMBEDDINGMODELINFO']._serialized_end=3322
+  _globals['_RERANKER']._serialized_start=3483
+  _globals['_RERANKER']._serialized_end=3698
+  _globals['_EMBEDDER']._serialized_start=3700
+  _globals['_EMBEDDER']._serialized_end=3770
 # @@protoc_insertion_point(module_scope)

@@ -70,7 +70,7 @@ class Result(_message.Message):
     def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("pairs", "chunks", "tokens", "batches", "queue_ns", "tokenization_ns", "inference_ns", "total_ns")
+    __slots__ = ("pairs", "chunks", "tokens", "batches", "queue_ns", "tokenization_ns", "inference_ns", "total_ns", "cached_pairs")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class Usage(_message.Message):
     TOKENIZATION_NS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_NS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PAIRS_FIELD_NUMBER: _ClassVar[int]
     pairs: int
     chunks: int
     tokens: int
@@ -87,7 +88,8 @@ class Usage(_message.Message):
     tokenization_ns: int
     inference_ns: int
     total_ns: int
-    def __init__(self, pairs: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ..., batches: _Optional[int] = ..., queue_ns: _Optional[int] = ..., tokenization_ns: _Optional[int] = ..., inference_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
+    cached_pairs: int
+    def __init__(self, pairs: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ..., batches: _Optional[int] = ..., queue_ns: _Optional[int] = ..., tokenization_ns: _Optional[int] = ..., inference_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., cached_pairs: _Optional[int] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
     __slots__ = ("results", "usage", "model_id")
@@ -204,7 +206,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_queued_pairs: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_chunks_per_doc: _Optional[int] = ..., batch_workers: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled", "selection", "model_family", "instruction", "models")
+    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled", "selection", "model_family", "instruction", "models", "score_cache")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +224,7 @@ class InfoResponse(_message.Message):
     MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CACHE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_revision: str
     model_kind: str
@@ -239,10 +242,11 @@ class InfoResponse(_message.Message):
     model_family: str
     instruction: str
     models: _containers.RepeatedCompositeFieldContainer[ServedModel]
-    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ..., model_family: _Optional[str] = ..., instruction: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ...) -> None: ...
+    score_cache: ScoreCacheInfo
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ..., model_family: _Optional[str] = ..., instruction: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., score_cache: _Optional[_Union[ScoreCacheInfo, _Mapping]] = ...) -> None: ...
 
 class ServedModel(_message.Message):
-    __slots__ = ("name", "service", "is_default", "model_id", "model_kind", "model_family", "engine", "precision", "device", "compiled", "max_length", "max_batch_tokens", "max_batch_pairs", "batch_workers")
+    __slots__ = ("name", "service", "is_default", "model_id", "model_kind", "model_family", "engine", "precision", "device", "compiled", "max_length", "max_batch_tokens", "max_batch_pairs", "batch_workers", "score_cache")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +261,7 @@ class ServedModel(_message.Message):
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_PAIRS_FIELD_NUMBER: _ClassVar[int]
     BATCH_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CACHE_FIELD_NUMBER: _ClassVar[int]
     name: str
     service: str
     is_default: bool
@@ -271,7 +276,20 @@ class ServedModel(_message.Message):
     max_batch_tokens: int
     max_batch_pairs: int
     batch_workers: int
-    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., is_default: _Optional[bool] = ..., model_id: _Optional[str] = ..., model_kind: _Optional[str] = ..., model_family: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_length: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., batch_workers: _Optional[int] = ...) -> None: ...
+    score_cache: ScoreCacheInfo
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., is_default: _Optional[bool] = ..., model_id: _Optional[str] = ..., model_kind: _Optional[str] = ..., model_family: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_length: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., batch_workers: _Optional[int] = ..., score_cache: _Optional[_Union[ScoreCacheInfo, _Mapping]] = ...) -> None: ...
+
+class ScoreCacheInfo(_message.Message):
+    __slots__ = ("serves", "max_pairs", "pairs", "why_not_serving")
+    SERVES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    WHY_NOT_SERVING_FIELD_NUMBER: _ClassVar[int]
+    serves: bool
+    max_pairs: int
+    pairs: int
+    why_not_serving: str
+    def __init__(self, serves: _Optional[bool] = ..., max_pairs: _Optional[int] = ..., pairs: _Optional[int] = ..., why_not_serving: _Optional[str] = ...) -> None: ...
 
 class EngineSelection(_message.Message):
     __slots__ = ("from_cache", "lossy_margin", "speedup_over_lossless", "timings", "hardware")

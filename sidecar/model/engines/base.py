@@ -32,6 +32,9 @@ class Engine(ABC):
     # Whether forward runs a graph compiled for this machine (an engine file, an optimized session,
     # TorchInductor), as Info reports it.
     compiled: bool = False
+    # Why a row's output may depend on what shares its batch (its companions, its padding); empty where
+    # it does not (tests/model/test_batch_invariance.py). Only such engines use the score cache.
+    batch_variance: str = ""
     # Whether forward may run from several threads at once (the batcher's workers).
     concurrent_forward: ClassVar[bool] = True
     # The batch shapes the engine was built for, when it was: the batcher pads each batch to one.

@@ -22,7 +22,7 @@ import torch
 
 from sidecar.model.batch import ShapeBuckets, TokenBatch
 from sidecar.model.engines.base import Engine, require_precision
-from sidecar.model.engines.torch_engine import TORCH_DTYPES, torch_precisions
+from sidecar.model.engines.torch_engine import TORCH_DTYPES, torch_batch_variance, torch_precisions
 from sidecar.model.network import Network
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class BucketedTorchEngine(Engine):
         capture one graph per bucket; the inputs are ``input_names`` of ``network.forward``."""
         require_precision(self.name, precision, device, torch_precisions(device))
         super().__init__(precision=precision, device=device)
+        self.batch_variance = torch_batch_variance(precision)
         self.shape_buckets = buckets
         self._input_names = input_names
         self._graphs = device.startswith("cuda")

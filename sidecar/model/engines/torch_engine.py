@@ -42,6 +42,16 @@ def torch_precisions(device: str) -> tuple[str, ...]:
     return ("bf16", "fp32") if cpu_supports_bf16() else ("fp32",)
 
 
+def torch_batch_variance(precision: str) -> str:
+    """Why torch's outputs at ``precision`` move with what shares their batch; empty for fp32."""
+    if precision == "fp32":
+        return ""
+    return (
+        f"{precision} rounds every matrix product's output and the kernels are picked by the batch's "
+        "shape, so a pair's score moves with what shares its batch"
+    )
+
+
 def compile_wanted(setting: str, device: str) -> bool:
     """Whether ``--torch-compile`` asks for TorchInductor: auto compiles wherever torch serves, on the CPU
     in the background once the server is SERVING, on CUDA before it (see ``compiled_torch_engine``)."""
@@ -91,6 +101,7 @@ class TorchEngine(Engine):
         """
         require_precision(self.name, precision, device, torch_precisions(device))
         super().__init__(precision=precision, device=device)
+        self.batch_variance = torch_batch_variance(precision)
         dtype = TORCH_DTYPES[precision]
         if dtype == torch.float32 and device == "cpu" and compile_sample is None:
             self._network = network

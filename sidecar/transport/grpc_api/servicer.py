@@ -12,7 +12,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar.errors import InvalidArgument
 from sidecar.model.tokenization import Truncation
 from sidecar.serving.core import ServingCore
-from sidecar.serving.info import EmbeddingInfo, RankingInfo, SelectionInfo, ServingInfo
+from sidecar.serving.info import EmbeddingInfo, RankingInfo, ScoreCacheInfo, SelectionInfo, ServingInfo
 from sidecar.serving.reranking import (
     Document,
     Ranking,
@@ -74,6 +74,7 @@ def usage_to_proto(usage: Usage) -> rerank_pb2.Usage:
         tokenization_ns=usage.tokenization_ns,
         inference_ns=usage.inference_ns,
         total_ns=usage.total_ns,
+        cached_pairs=usage.cached_pairs,
     )
 
 
@@ -126,6 +127,15 @@ def embedding_info_to_proto(embedding: EmbeddingInfo) -> rerank_pb2.EmbeddingMod
     )
 
 
+def score_cache_to_proto(cache: ScoreCacheInfo) -> rerank_pb2.ScoreCacheInfo:
+    return rerank_pb2.ScoreCacheInfo(
+        serves=cache.serves,
+        max_pairs=cache.max_pairs,
+        pairs=cache.pairs,
+        why_not_serving=cache.why_not_serving,
+    )
+
+
 def info_to_proto(info: ServingInfo) -> rerank_pb2.InfoResponse:
     ranking: RankingInfo = info.ranking
     response = rerank_pb2.InfoResponse(
@@ -151,6 +161,7 @@ def info_to_proto(info: ServingInfo) -> rerank_pb2.InfoResponse:
         selection=selection_to_proto(ranking.selection),
         model_family=ranking.model_family,
         instruction=ranking.instruction,
+        score_cache=score_cache_to_proto(ranking.score_cache),
     )
     if info.embedding is not None:
         response.embedding_model.CopyFrom(embedding_info_to_proto(info.embedding))
@@ -170,6 +181,7 @@ def info_to_proto(info: ServingInfo) -> rerank_pb2.InfoResponse:
             max_batch_tokens=model.max_batch_tokens,
             max_batch_pairs=model.max_batch_pairs,
             batch_workers=model.batch_workers,
+            score_cache=None if model.score_cache is None else score_cache_to_proto(model.score_cache),
         )
         for model in info.models
     )
