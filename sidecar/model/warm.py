@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 # 2: the export's description lost is_bi_encoder, which nothing read.
 _FORMAT = 2
+# How ``recall`` begins its reason when the model's remembered engine runs the PyTorch network.
+NEEDS_NETWORK = "the remembered engine runs the PyTorch network"
 _TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -182,15 +184,6 @@ class WarmStore:
             stored = json.loads(path.read_text())
             if stored.get("format") != _FORMAT:
                 return None, f"{path} is in another format"
-            fields = stored["record"]
-            answers = fields.get("answer_token_ids")
-            record = WarmRecord(
-                **{
-                    **fields,
-                    "input_names": tuple(fields["input_names"]),
-                    "answer_token_ids": tuple(answers) if answers is not None else None,
-                }
-            )
             remembered_key, remembered_files = stored["key"], stored["files"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             return None, f"{path} is unreadable ({type(exc).__name__}: {exc})"
@@ -204,7 +197,32 @@ class WarmStore:
                 f"{name} {remembered_key.get(name)!r} -> {key.get(name)!r}" for name in changed
             )
             return None, f"the model was loaded under other conditions: {described}"
+        if "network" in stored:
+            return None, f"{NEEDS_NETWORK}: {stored['network']}"
+        try:
+            fields = stored["record"]
+            answers = fields.get("answer_token_ids")
+            record = WarmRecord(
+                **{
+                    **fields,
+                    "input_names": tuple(fields["input_names"]),
+                    "answer_token_ids": tuple(answers) if answers is not None else None,
+                }
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            return None, f"{path} is unreadable ({type(exc).__name__}: {exc})"
         return record, ""
+
+    def remember_network(
+        self, model_dir: Path, files: Mapping[str, str], key: Mapping[str, str], engine: str
+    ) -> None:
+        """Remember that ``engine``, which runs the PyTorch network, serves this model: the next start
+        loads it in full at once, with no selection in a child process first."""
+        stored = {"format": _FORMAT, "key": dict(key), "files": dict(files), "network": engine}
+        try:
+            write_json_atomically(self._path(model_dir), stored)
+        except OSError as exc:
+            logger.warning("could not remember the loaded model in %s: %s", self._path(model_dir), exc)
 
     def tokenizer(self, key: Mapping[str, str]) -> Tokenizer:
         """The cached Rust tokenizer; a ModelLoadError (naming the file) when it is missing or damaged."""

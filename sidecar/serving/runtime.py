@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import logging
 import multiprocessing
@@ -26,7 +27,7 @@ from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource
 from sidecar.model.memory import release_unused_memory
 from sidecar.model.parity import Probe
 from sidecar.model.phases import PhaseTimer
-from sidecar.model.warm import WarmStore, model_files, rebuild_model, record_of, warm_key
+from sidecar.model.warm import NEEDS_NETWORK, WarmStore, model_files, rebuild_model, record_of, warm_key
 from sidecar.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -144,18 +145,27 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     calibration_set = read_calibration(settings.calibration_file)  # a bad file stops the start first
     phases = PhaseTimer()
     warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
-    if warm is not None:
+    if isinstance(warm, Runtime):
         return warm
     # A selection in a child process leaves its verdict and artifacts in the cache, so this process
-    # starts warm: it never holds torch, the reference network or the candidates that lost.
-    isolated = settings.select_in_subprocess and _warm_obstacle(settings, source) is None
+    # starts warm: it never holds torch, the reference network or the candidates that lost. Not when
+    # the network serves anyway (torch won before), nor where no warm start can be.
+    isolated = settings.select_in_subprocess and warm is _NotWarm.NOT_REMEMBERED
     chosen_from_cache = _select_in_subprocess(settings, source, phases) if isolated else None
     if chosen_from_cache is not None:
         warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
-        if warm is not None:
+        if isinstance(warm, Runtime):
             warm.selection.from_cache = chosen_from_cache  # the child's selection, not this recall
             return warm
     return _cold_runtime(settings, source, cache_dir, calibration_set, phases)
+
+
+class _NotWarm(enum.Enum):
+    """Why a start is not a warm one."""
+
+    CANNOT = "cannot"  # nothing remembered could serve it (a hub id, --engine torch, a GPU, ...)
+    NOT_REMEMBERED = "not remembered"  # nothing (or nothing valid) is remembered for it yet
+    NEEDS_NETWORK = "needs network"  # the remembered engine runs the PyTorch network
 
 
 def _select_in_subprocess(settings: Settings, source: ModelSource, phases: PhaseTimer) -> bool | None:
@@ -239,12 +249,12 @@ def _warm_runtime(
     cache_dir: Path,
     calibration_set: CalibrationSet,
     phases: PhaseTimer,
-) -> Runtime | None:
-    """The runtime rebuilt from what a cold start remembered, or None (the reason logged)."""
+) -> Runtime | _NotWarm:
+    """The runtime rebuilt from what a cold start remembered, or why not (the reason logged)."""
     obstacle = _warm_obstacle(settings, source)
     if obstacle is not None:
         logger.info("loading %s in full: %s", source.model_id, obstacle)
-        return None
+        return _NotWarm.CANNOT
     device = warm_device(settings.device)
     assert device is not None
     model_dir = Path(source.name)
@@ -258,11 +268,14 @@ def _warm_runtime(
                 model = rebuild_model(record, source, store.tokenizer(key), settings.instruction)
             except ModelLoadError as exc:
                 record, why_not = None, str(exc)
+    if record is None and why_not.startswith(NEEDS_NETWORK):
+        logger.info("loading %s in full: %s", source.model_id, why_not)
+        return _NotWarm.NEEDS_NETWORK
     if record is None:
         # A first start is no surprise; a record that no longer holds is.
         level = logging.WARNING if store.remembers(model_dir) else logging.INFO
         logger.log(level, "loading %s in full, as on a first start: %s", source.model_id, why_not)
-        return None
+        return _NotWarm.NOT_REMEMBERED
     threads = settings.threads or record.default_threads
     workers = batch_workers(settings.batch_workers, device, threads)
     request = engine_request(
@@ -274,7 +287,7 @@ def _warm_runtime(
         exported = cached_export(record.export, record.input_names, cache)
     except ModelLoadError as exc:
         logger.warning("loading %s in full, as on a first start: %s", source.model_id, exc)
-        return None
+        return _NotWarm.NOT_REMEMBERED
     inputs = EngineInputs(
         None,
         record.model_hash,
@@ -286,7 +299,7 @@ def _warm_runtime(
     selection, why_not = select_remembered(request, inputs, probe, phases)
     if selection is None:
         logger.warning("loading %s in full, as on a first start: %s", source.model_id, why_not)
-        return None
+        return _NotWarm.NOT_REMEMBERED
     release_unused_memory()
     return _serving_runtime(settings, source, model, selection, request, workers, phases, outputs)
 
@@ -340,10 +353,16 @@ def _remember_for_warm_starts(
     vocab_size: int,
     input_names: tuple[str, ...],
 ) -> None:
-    """What the next start needs to serve this engine without torch; nothing (and no stale record)
-    when the engine is torch or was built from no export."""
+    """What the next start needs to serve this engine without torch; for torch, that it serves (the
+    next start then loads in full at once); nothing (and no stale record) for an engine built from no
+    export."""
     store = WarmStore(cache_dir)
-    if selection.exported is None or selection.engine.name in NETWORK_ENGINES:
+    if selection.engine.name in NETWORK_ENGINES:
+        files = model_files(model_dir)
+        engine = f"{selection.engine.name}/{selection.engine.precision}"
+        store.remember_network(model_dir, files, _warm_key(settings, files), engine)
+        return
+    if selection.exported is None:
         store.forget(model_dir)
         return
     files = model_files(model_dir)

@@ -4,6 +4,7 @@ the reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -18,8 +19,10 @@ import pytest
 from sidecar.errors import ModelLoadError
 from sidecar.model.loading import ModelSource
 from sidecar.model.warm import differing_files, model_files
+from sidecar.serving import runtime as runtime_module
 from sidecar.serving.runtime import Runtime, load_runtime
 from sidecar.settings import Settings
+from tests.model.test_selection import fail_to_load
 from tests.models import save_tiny_bert
 
 REPO = Path(__file__).resolve().parents[2]
@@ -289,3 +292,26 @@ def test_a_warm_engine_is_gated_against_the_remembered_scores(
     assert "failed the parity gate" in fallback[0]
     assert not runtime.selection.from_cache  # the full load selected afresh, against torch itself
     runtime.engine.close()
+
+
+def test_a_model_torch_serves_loads_in_full_at_once_on_the_next_start(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fail_to_load(monkeypatch)  # so torch wins the selection
+    first = dataclasses.replace(settings_for(model_dir, tmp_path, "auto"), select_in_subprocess=True)
+    runtime = load_runtime(
+        dataclasses.replace(first, select_in_subprocess=False), ModelSource(str(model_dir))
+    )
+    assert runtime.engine.name == "torch"
+    runtime.engine.close()
+
+    def no_child(*args: object) -> None:
+        raise AssertionError("a model torch serves needs no selection in a child process")
+
+    monkeypatch.setattr(runtime_module, "_select_in_subprocess", no_child)
+    with caplog.at_level(logging.INFO):
+        again = load_runtime(first, ModelSource(str(model_dir)))
+    assert again.engine.name == "torch"
+    assert again.selection.from_cache  # the verdict, remembered
+    assert "the remembered engine runs the PyTorch network: torch/fp32" in caplog.text
+    again.engine.close()
