@@ -353,16 +353,16 @@ def _remember_for_warm_starts(
     vocab_size: int,
     input_names: tuple[str, ...],
 ) -> None:
-    """What the next start needs to serve this engine without torch; for torch, that it serves (the
-    next start then loads in full at once); nothing (and no stale record) for an engine built from no
-    export."""
+    """What the next start needs to serve this engine without torch; when torch won the selection, that
+    it did (the next start then loads in full at once); nothing (and no stale record) for torch asked
+    for by name, or an engine built from no export."""
     store = WarmStore(cache_dir)
-    if selection.engine.name in NETWORK_ENGINES:
+    if selection.engine.name in NETWORK_ENGINES and settings.engine == "auto":
         files = model_files(model_dir)
         engine = f"{selection.engine.name}/{selection.engine.precision}"
         store.remember_network(model_dir, files, _warm_key(settings, files), engine)
         return
-    if selection.exported is None:
+    if selection.exported is None or selection.engine.name in NETWORK_ENGINES:
         store.forget(model_dir)
         return
     files = model_files(model_dir)
