@@ -117,8 +117,8 @@ def in_process_rows(model_dir: Path, texts: list[str], max_length: int, threads:
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
     from sidecar.model.engines.torch_engine import TorchEngine
+    from sidecar.model.kinds import load_network
     from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
-    from sidecar.model.network import load_network
     from sidecar.model.tokenization import PairSpec
     from sidecar.serving.runtime import batch_token_budget
 
@@ -188,8 +188,8 @@ def family_rows(names: list[str], texts: list[str], args: argparse.Namespace) ->
     family's rows are printed and written to ``args.out`` as soon as they are measured."""
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
+    from sidecar.model.kinds import load_model_network
     from sidecar.model.loading import ModelSource, load_cross_encoder
-    from sidecar.model.network import load_model_network
     from sidecar.model.tokenization import PairSpec
     from sidecar.serving.runtime import batch_token_budget
 

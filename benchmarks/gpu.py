@@ -260,8 +260,8 @@ def in_process(
     from sidecar.model.engines.registry import EngineShape, Unavailable, engine_spec
     from sidecar.model.engines.tensorrt_engine import unavailable_reason as tensorrt_unavailable_reason
     from sidecar.model.engines.torch_engine import TorchEngine, torch_precisions
+    from sidecar.model.kinds import load_network
     from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
-    from sidecar.model.network import load_network
     from sidecar.model.parity import compare, cross_encoder_probe
     from sidecar.model.tokenization import PairSpec
     from sidecar.serving.runtime import batch_pair_limit, batch_token_budget
@@ -387,10 +387,10 @@ def batch_sweep(engine: Any, batch: Any, shape: Any, repeats: int) -> dict[int, 
 def _compiled_torch_engine() -> Callable[..., Any] | str:
     """The compiled torch engine's factory, or why it cannot be imported."""
     try:
-        from sidecar.model.engines.torch_engine import compiled_torch_engine  # type: ignore[attr-defined]
+        from sidecar.model.engines.torch_compiled import compiled_torch_engine
     except ImportError as error:
         return f"ImportError: {error}"
-    return compiled_torch_engine  # type: ignore[no-any-return]
+    return compiled_torch_engine
 
 
 def _engine_inputs(model: Any, network: Any) -> Any:
@@ -476,8 +476,8 @@ def cpu_engines(payload: Path, threads: int, repeats: int, candidates: int = CAN
     from sidecar.model.batch import collate
     from sidecar.model.cache import ArtifactCache
     from sidecar.model.engines.registry import Unavailable, engine_spec
+    from sidecar.model.kinds import load_model_network
     from sidecar.model.loading import ModelSource, load_cross_encoder
-    from sidecar.model.network import load_model_network
     from sidecar.model.tokenization import PairSpec
     from sidecar.serving.runtime import batch_token_budget
 

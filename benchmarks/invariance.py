@@ -41,8 +41,9 @@ def main() -> None:
     from sidecar.model.engines.selection import EngineRequest, typical_batch
     from sidecar.model.engines.torch_engine import TorchEngine, torch_precisions
     from sidecar.model.export import export_onnx
+    from sidecar.model.kinds import load_network
     from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
-    from sidecar.model.network import content_hash, load_network
+    from sidecar.model.network import content_hash
     from sidecar.model.parity import compare, cross_encoder_probe
     from sidecar.model.tokenization import PairSpec
 

@@ -266,3 +266,14 @@ def load_model(
         source, max_length_cap, instruction
     )
     return model
+
+
+def load_network(source: ModelSource, kind: ModelKind) -> Network:
+    """The fp32 network of the model at ``source``, read as a model of ``kind`` (imports torch)."""
+    spec = KINDS[kind]
+    return spec.network(spec.load(source))
+
+
+def load_model_network(model: CrossEncoderModel | BiEncoderModel) -> Network:
+    """The network of a loaded model, with a decoder reranker's last-token head (imports torch)."""
+    return kind_of(model).network(model)

@@ -16,11 +16,7 @@ from typing import Any
 
 import torch
 
-from sidecar.model.kinds import KINDS, kind_of
 from sidecar.model.loading import (
-    BiEncoderModel,
-    CrossEncoderModel,
-    ModelKind,
     ModelSource,
     Pooling,
     load_failure,
@@ -173,17 +169,6 @@ def _loading(source: ModelSource) -> Iterator[None]:
         yield
     except Exception as exc:  # transformers raises OSError, ValueError or hub errors
         raise load_failure(source, "weights", exc) from exc
-
-
-def load_network(source: ModelSource, kind: ModelKind) -> Network:
-    """The fp32 network of the model at ``source``, read as a model of ``kind``."""
-    spec = KINDS[kind]
-    return spec.network(spec.load(source))
-
-
-def load_model_network(model: CrossEncoderModel | BiEncoderModel) -> Network:
-    """The network of a loaded model, with a decoder reranker's last-token head."""
-    return kind_of(model).network(model)
 
 
 # Config entries that say where or how a model was loaded, not what it computes.

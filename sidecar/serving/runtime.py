@@ -22,7 +22,7 @@ from sidecar.model.engines.registry import EngineInputs
 from sidecar.model.engines.selection import EngineRequest, Selection, select_engine, select_remembered
 from sidecar.model.export import cached_export
 from sidecar.model.hardware import describe_device
-from sidecar.model.kinds import kind_of, load_model
+from sidecar.model.kinds import kind_of, load_model, load_model_network
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource
 from sidecar.model.memory import release_unused_memory
 from sidecar.model.parity import Probe
@@ -315,7 +315,6 @@ def _cold_runtime(
     import torch
 
     from sidecar.model.engines.torch_engine import resolve_device
-    from sidecar.model.network import load_model_network
 
     device = resolve_device(settings.device)
     threads = settings.threads or _default_threads()

@@ -11,8 +11,9 @@ import pytest
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.onnxruntime_engine import optimized_model
 from sidecar.model.export import ExportedModel, export_onnx
+from sidecar.model.kinds import load_model_network
 from sidecar.model.loading import ModelSource, load_cross_encoder
-from sidecar.model.network import content_hash, load_model_network
+from sidecar.model.network import content_hash
 from tests.conditions import needs_int8_dot_products
 from tests.families.conftest import FamilyModels
 

@@ -10,8 +10,9 @@ from sidecar.model.cache import ArtifactCache
 from sidecar.model.calibration import Calibration, model_calibration, read_calibration
 from sidecar.model.engines.torch_engine import TorchEngine
 from sidecar.model.export import ExportedModel, export_onnx
+from sidecar.model.kinds import load_network
 from sidecar.model.loading import CrossEncoderModel, ModelKind, ModelSource, load_cross_encoder
-from sidecar.model.network import Network, content_hash, load_network
+from sidecar.model.network import Network, content_hash
 from sidecar.model.parity import Probe, cross_encoder_probe
 
 CROSS_ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -13,8 +13,9 @@ from sidecar.model.cache import ArtifactCache, usable_cache_dir, write_problem
 from sidecar.model.engines import onnxruntime_engine
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, optimized_model
 from sidecar.model.export import export_onnx
+from sidecar.model.kinds import load_network
 from sidecar.model.loading import ModelKind, ModelSource
-from sidecar.model.network import content_hash, load_network
+from sidecar.model.network import content_hash
 from tests.model.conftest import CROSS_ENCODER_INPUTS
 from tests.models import save_tiny_bert
 

@@ -22,8 +22,9 @@ from sidecar.model.engines.base import Engine
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, onnxruntime_precisions
 from sidecar.model.engines.torch_engine import TorchEngine, cpu_supports_bf16
 from sidecar.model.export import export_onnx
+from sidecar.model.kinds import load_network
 from sidecar.model.loading import BiEncoderModel, ModelKind, ModelSource, load_bi_encoder
-from sidecar.model.network import content_hash, load_network
+from sidecar.model.network import content_hash
 from sidecar.model.tokenization import PairSpec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,9 @@ from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, optimized_model
 from sidecar.model.engines.torch_engine import TorchEngine
 from sidecar.model.export import export_onnx
+from sidecar.model.kinds import load_network
 from sidecar.model.loading import ModelKind, ModelSource, load_cross_encoder
-from sidecar.model.network import content_hash, load_network
+from sidecar.model.network import content_hash
 from sidecar.model.parity import TOLERANCES, compare, cross_encoder_probe
 from tests.conditions import needs_int8_dot_products
 from tests.models import padded_batch, save_tiny_roberta

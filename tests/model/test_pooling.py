@@ -12,8 +12,8 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from sidecar.model.batch import collate
+from sidecar.model.kinds import load_network
 from sidecar.model.loading import ModelKind, ModelSource, Pooling, load_bi_encoder, read_pooling
-from sidecar.model.network import load_network
 from sidecar.model.tokenization import PairSpec
 from testkit.models import bert_tokenizer_dir
 

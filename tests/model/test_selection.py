@@ -316,7 +316,7 @@ def test_on_cuda_torch_is_compiled_for_shape_buckets_before_serving(
     # built on the CPU, everything else takes the CUDA path.
     from sidecar.model.batch import ShapeBuckets
     from sidecar.model.engines import selection as selection_module
-    from sidecar.model.engines import torch_engine
+    from sidecar.model.engines import torch_compiled, torch_engine
     from sidecar.model.engines.registry import EngineSpec
     from sidecar.model.engines.torch_buckets import BucketedTorchEngine
 
@@ -333,7 +333,7 @@ def test_on_cuda_torch_is_compiled_for_shape_buckets_before_serving(
         "torch", lambda device: ("fp32",), lambda inputs, shape, p: TorchEngine(inputs.network)
     )
     monkeypatch.setattr(torch_engine, "SPEC", eager)
-    monkeypatch.setattr(torch_engine, "compiled_torch_engine", compiled_on_the_cpu)
+    monkeypatch.setattr(torch_compiled, "compiled_torch_engine", compiled_on_the_cpu)
     monkeypatch.setattr(selection_module, "device_fingerprint", lambda device: {"gpu": "stand-in"})
     # The probe's batches: up to 32 pairs of up to 512 tokens.
     limits = {"max_batch_pairs": 32, "max_batch_tokens": 2048, "max_length": 512}

@@ -187,7 +187,7 @@ class _Builder:
 
     def compiled_torch(self, candidate: EngineCandidate) -> Engine:
         """The torch engine at the candidate's precision, compiled by TorchInductor."""
-        from sidecar.model.engines.torch_engine import compiled_torch_engine
+        from sidecar.model.engines.torch_compiled import compiled_torch_engine
 
         return compiled_torch_engine(
             self.inputs.network,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sidecar.errors import ModelLoadError
-from sidecar.model.batch import ShapeBuckets, TokenBatch
+from sidecar.model.batch import TokenBatch
 from sidecar.model.engines import TORCH_COMPILE_CHOICES
 from sidecar.model.engines.base import Engine, require_precision
 from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec
@@ -54,28 +54,12 @@ def torch_batch_variance(precision: str) -> str:
 
 def compile_wanted(setting: str, device: str) -> bool:
     """Whether ``--torch-compile`` asks for TorchInductor: auto compiles wherever torch serves, on the CPU
-    in the background once the server is SERVING, on CUDA before it (see ``compiled_torch_engine``)."""
+    in the background once the server is SERVING, on CUDA before it (see ``torch_compiled``)."""
     if setting not in TORCH_COMPILE_CHOICES:
         raise ModelLoadError(
             f"unknown --torch-compile {setting!r}; choose one of {', '.join(TORCH_COMPILE_CHOICES)}"
         )
     return setting in ("on", "auto")
-
-
-def compiled_torch_engine(
-    network: Network, *, precision: str, shape: EngineShape, sample: TokenBatch, input_names: tuple[str, ...]
-) -> Engine:
-    """The torch engine compiled by TorchInductor for ``shape``'s device: on CUDA for the batcher's shape
-    buckets, each a CUDA graph (``BucketedTorchEngine``); on a CPU with dynamic shapes, tuned on
-    ``sample``, since padding to buckets would cost a CPU the padded tokens' arithmetic."""
-    if not shape.device.startswith("cuda"):
-        return TorchEngine(network, precision=precision, device=shape.device, compile_sample=sample)
-    from sidecar.model.engines.torch_buckets import BucketedTorchEngine
-
-    buckets = ShapeBuckets(shape.max_batch_pairs, shape.max_batch_tokens, shape.max_length)
-    return BucketedTorchEngine(
-        network, precision=precision, device=shape.device, buckets=buckets, input_names=input_names
-    )
 
 
 class TorchEngine(Engine):
