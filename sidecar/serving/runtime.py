@@ -151,7 +151,7 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     # starts warm: it never holds torch, the reference network or the candidates that lost. Not when
     # the network serves anyway (torch won before), nor where no warm start can be.
     isolated = settings.select_in_subprocess and warm is _NotWarm.NOT_REMEMBERED
-    chosen_from_cache = _select_in_subprocess(settings, source, phases) if isolated else None
+    chosen_from_cache = _select_in_subprocess(settings, source, cache_dir, phases) if isolated else None
     if chosen_from_cache is not None:
         warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
         if isinstance(warm, Runtime):
@@ -168,14 +168,16 @@ class _NotWarm(enum.Enum):
     NEEDS_NETWORK = "needs network"  # the remembered engine runs the PyTorch network
 
 
-def _select_in_subprocess(settings: Settings, source: ModelSource, phases: PhaseTimer) -> bool | None:
+def _select_in_subprocess(
+    settings: Settings, source: ModelSource, cache_dir: Path, phases: PhaseTimer
+) -> bool | None:
     """Select the engine in a child process that exits once its choice is in the cache; whether the
     child found the choice remembered, or None when it died (the reason logged), for this process to
     select instead."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this one is copied
     receiving, sending = context.Pipe(duplex=False)
     child = context.Process(
-        target=_select_and_remember, args=(settings, source, sending), name="engine-selection"
+        target=_select_and_remember, args=(settings, source, cache_dir, sending), name="engine-selection"
     )
     logger.info("selecting the engine for %s in a child process", source.model_id)
     child.start()
@@ -205,13 +207,15 @@ def _select_in_subprocess(settings: Settings, source: ModelSource, phases: Phase
     return bool(from_cache)
 
 
-def _select_and_remember(settings: Settings, source: ModelSource, results: Connection) -> None:
-    """The child process's whole life: a cold start's load and selection, which remember in the cache
-    what a warm start needs; then the phases' seconds, or the load error, go back to the parent."""
+def _select_and_remember(
+    settings: Settings, source: ModelSource, cache_dir: Path, results: Connection
+) -> None:
+    """The child process's whole life: a cold start's load and selection, which remember in ``cache_dir``
+    (the parent's, checked usable) what a warm start needs; then the phases' seconds, or the load error,
+    go back to the parent."""
     configure_logging(settings)
     phases = PhaseTimer()
     try:
-        cache_dir = Path(settings.cache_dir).expanduser()
         runtime = _cold_runtime(
             settings, source, cache_dir, read_calibration(settings.calibration_file), phases
         )
