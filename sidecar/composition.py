@@ -194,7 +194,7 @@ class ModelAssembly:
         self.metrics.score_cache.watch(name, served.scorer.score_cache)
         self.metrics.describe_engine(name, engine.name, engine.precision, engine.device, model.kind.value)
         with runtime.phases.timed("warm-up"):
-            await self._warm_up(served, runtime)
+            await self._warm_up(served)
         logger.info(
             "%s ready on %s/%s in %.1f s: %s",
             name,
@@ -234,11 +234,11 @@ class ModelAssembly:
         return report
 
     @staticmethod
-    async def _warm_up(served: ServedModel, runtime: Runtime) -> None:
+    async def _warm_up(served: ServedModel) -> None:
         """Run one short input, then a full batch of full-length inputs, through the model's batcher."""
-        model = served.model
+        model, limits = served.model, served.batcher.limits
         spec = PairSpec(max_length=model.max_length)
-        full_batch = max(1, min(runtime.max_batch_pairs, runtime.max_batch_tokens // model.max_length))
+        full_batch = max(1, min(limits.max_batch_pairs, limits.max_batch_tokens // model.max_length))
         for texts in (["warm-up"], [_WARMUP_TEXT] * full_batch):
             encoded = await served.scorer.encode("warm-up", texts, spec)
             await served.batcher.score(encoded.rows, None)

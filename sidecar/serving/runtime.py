@@ -360,15 +360,17 @@ def _remember_for_warm_starts(
     it did (the next start then loads in full at once); nothing (and no stale record) for torch asked
     for by name, or an engine built from no export."""
     store = WarmStore(cache_dir)
-    if selection.engine.name in NETWORK_ENGINES and settings.engine == "auto":
-        files = model_files(model_dir)
-        engine = f"{selection.engine.name}/{selection.engine.precision}"
-        store.remember_network(model_dir, files, _warm_key(settings, files), engine)
-        return
-    if selection.exported is None or selection.engine.name in NETWORK_ENGINES:
+    network = selection.engine.name in NETWORK_ENGINES
+    if (network and settings.engine != "auto") or (not network and selection.exported is None):
         store.forget(model_dir)
         return
     files = model_files(model_dir)
+    key = _warm_key(settings, files)
+    if network:
+        engine = f"{selection.engine.name}/{selection.engine.precision}"
+        store.remember_network(model_dir, files, key, engine)
+        return
+    assert selection.exported is not None
     record = record_of(
         model,
         model_hash=selection.model_hash,
@@ -377,7 +379,6 @@ def _remember_for_warm_starts(
         default_threads=_default_threads(),
         exported=selection.exported,
     )
-    key = _warm_key(settings, files)
     store.remember(model_dir, files, key, record, model.tokenizer)
 
 
