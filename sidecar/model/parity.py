@@ -24,6 +24,7 @@ n-th of a larger one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,10 +109,15 @@ class Probe:
     order: np.ndarray
     to_scores: Callable[[np.ndarray], np.ndarray]
 
-    def scores(self, engine: Engine) -> np.ndarray:
+    def scores(self, engine: Engine, side_by_side: int = 1) -> np.ndarray:
         """Normalized scores of the engine on the probe; NaN where a row's output is not finite, which
-        normalizing alone could hide (the sigmoid of an infinite logit is 1)."""
-        batched = np.concatenate([engine.forward(batch) for batch in self.batches])
+        normalizing alone could hide (the sigmoid of an infinite logit is 1). With ``side_by_side`` > 1
+        that many batches run at once, as the batcher's workers run them."""
+        if side_by_side > 1:
+            with ThreadPoolExecutor(side_by_side, thread_name_prefix="probe") as pool:
+                batched = np.concatenate(list(pool.map(engine.forward, self.batches)))
+        else:
+            batched = np.concatenate([engine.forward(batch) for batch in self.batches])
         outputs = np.empty_like(batched, dtype=np.float64)
         outputs[self.order] = batched
         outputs[~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)] = np.nan

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -148,3 +150,22 @@ def test_the_probe_keeps_to_the_batch_token_budget_and_scores_the_same_rows(tiny
     assert all(batch.input_ids.size <= 1024 for batch in bounded.batches)
     assert sum(len(batch.input_ids) for batch in bounded.batches) == len(unbounded.order)
     np.testing.assert_allclose(bounded.scores(tiny_reference), unbounded.scores(tiny_reference), atol=1e-5)
+
+
+def test_probe_batches_run_side_by_side_score_the_same_rows_in_the_same_order(tiny_probe, tiny_reference):
+    started_together = threading.Barrier(2, timeout=30)
+
+    class TwoWorkers(Engine):
+        """The reference, whose first two forwards each wait for the other: they must run at once."""
+
+        name = "two-workers"
+        calls = itertools.count(1)
+
+        def forward(self, batch: TokenBatch) -> np.ndarray:
+            if next(self.calls) <= 2:
+                started_together.wait()
+            return tiny_reference.forward(batch)
+
+    assert len(tiny_probe.batches) >= 2
+    side_by_side = tiny_probe.scores(TwoWorkers(precision="fp32", device="cpu"), side_by_side=2)
+    np.testing.assert_array_equal(side_by_side, tiny_probe.scores(tiny_reference))

@@ -37,6 +37,10 @@ class Engine(ABC):
     batch_variance: str = ""
     # Whether forward may run from several threads at once (the batcher's workers).
     concurrent_forward: ClassVar[bool] = True
+    # Whether one forward runs on one batch worker's share of the threads (a session's own pool, a
+    # stream), so only the workers' forwards side by side use every thread; torch's forward runs on the
+    # process's threads instead.
+    forward_on_worker_share: ClassVar[bool] = False
     # The batch shapes the engine was built for, when it was: the batcher pads each batch to one.
     shape_buckets: ShapeBuckets | None = None
 

@@ -168,6 +168,7 @@ def _quantize(fused: Path, target: Path) -> None:
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
     compiled = True
+    forward_on_worker_share = True
 
     def __init__(
         self,

@@ -65,6 +65,7 @@ def _int8_rest_precision() -> str:
 class OpenVinoEngine(Engine):
     name = "openvino"
     compiled = True
+    forward_on_worker_share = True
 
     def __init__(
         self,

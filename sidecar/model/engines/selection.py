@@ -185,6 +185,14 @@ class _Builder:
             return reference
         return engine_spec(candidate.engine).build(self.inputs, self.shape, candidate.precision)
 
+    def scores(self, engine: Engine) -> np.ndarray:
+        """The engine's normalized scores on the probe, its batches run as the batcher would run them:
+        side by side on the workers where one forward uses only a worker's share of the threads."""
+        side_by_side = (
+            self.request.workers if engine.forward_on_worker_share and engine.concurrent_forward else 1
+        )
+        return self.probe.scores(engine, side_by_side)
+
     def compiled_torch(self, candidate: EngineCandidate) -> Engine:
         """The torch engine at the candidate's precision, compiled by TorchInductor."""
         from sidecar.model.engines.torch_compiled import compiled_torch_engine
@@ -251,7 +259,7 @@ def select_engine(
             logger.info("selecting an engine afresh: %s", why_not)
     if selection is None:
         with phases.timed("gate"):
-            reference_scores = probe.scores(reference)
+            reference_scores = builder.scores(reference)
         selection = _select(candidates, notes, builder, reference_scores, phases)
         store.remember(
             model_hash,
@@ -268,7 +276,7 @@ def select_engine(
         )
     candidate = EngineCandidate(selection.engine.name, selection.engine.precision)
     if candidate.engine in NETWORK_ENGINES and compile_wanted(request.torch_compile, request.device):
-        compile_step = _compile_step(builder, candidate, selection, probe, reference_scores)
+        compile_step = _compile_step(builder, candidate, selection, reference_scores)
         # On CUDA the compile comes before serving, so the graphs are captured with the GPU to themselves.
         if request.torch_compile == "on" or request.device != "cpu":
             with phases.timed("compile"), worker_threads(request.threads):
@@ -369,7 +377,7 @@ def _remembered(
     except Exception as exc:  # any failure to load sends the start through the full selection
         return None, f"the remembered {candidate} could not load: {type(exc).__name__}: {exc}"
     with phases.timed("gate"):
-        report = compare(builder.probe.scores(engine), reference_scores, candidate.precision)
+        report = compare(builder.scores(engine), reference_scores, candidate.precision)
     if not report.passed:
         engine.close()
         return None, f"the remembered {candidate} failed the parity gate: {report.describe()}"
@@ -408,7 +416,7 @@ def _select(
             _skip(notes, f"{candidate}: failed to load: {type(exc).__name__}: {exc}", exc)
             continue
         with phases.timed("gate"):
-            scores = reference_scores if engine is builder.reference else probe.scores(engine)
+            scores = reference_scores if engine is builder.reference else builder.scores(engine)
             report = compare(scores, reference_scores, candidate.precision)
         if not report.passed:
             if engine is not builder.reference:
@@ -485,7 +493,6 @@ def _compile_step(
     builder: _Builder,
     candidate: EngineCandidate,
     selection: Selection,
-    probe: Probe,
     reference_scores: np.ndarray,
 ) -> Upgrade:
     """Compiles the serving torch engine and gates it; the candidates were timed uncompiled, since
@@ -505,7 +512,7 @@ def _compile_step(
                 raise ModelLoadError(f"--torch-compile on: compiling {candidate} failed: {exc}") from exc
             _skip(notes, f"{candidate} compiled: {type(exc).__name__}: {exc}; it runs uncompiled", exc)
             return None
-        report = compare(probe.scores(compiled), reference_scores, candidate.precision)
+        report = compare(builder.scores(compiled), reference_scores, candidate.precision)
         if not report.passed:
             if required:
                 raise ModelLoadError(
