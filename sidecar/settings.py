@@ -119,8 +119,8 @@ class Settings:
     )
     reselect: bool = _setting(
         False,
-        "Select the engine afresh (load, gate and time every candidate) even when the choice for this "
-        "model, hardware, libraries and settings is remembered in --cache-dir.",
+        "Select the engine afresh (load and time every candidate, and gate as many as the choice needs) even "
+        "when the choice for this model, hardware, libraries and settings is remembered in --cache-dir.",
     )
     select_in_subprocess: bool = _setting(
         True,

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -240,22 +241,68 @@ def candidates_of(*labels: str) -> list[EngineCandidate]:
     return [EngineCandidate(*label.split("/")) for label in labels]
 
 
+def every_one_passes(gated: list[int]) -> Callable[[int], bool]:
+    def passes(index: int) -> bool:
+        gated.append(index)
+        return True
+
+    return passes
+
+
 def test_a_lossy_precision_serves_only_past_the_margin(tmp_path):
     wanted = request(tmp_path, precision="auto")  # --lossy-margin 0.15 by default
     ranked = candidates_of("onnxruntime/int8", "onnxruntime/fp32", "torch/bf16", "torch/fp32")
     notes: list[str] = []
-    best, speedup = choose(ranked, [11.0, 10.0, 10.5, 9.0], wanted, notes)
+    gated: list[int] = []
+    best, speedup = choose(ranked, [11.0, 10.0, 10.5, 9.0], wanted, every_one_passes(gated), notes)
     assert (str(ranked[best]), speedup) == ("onnxruntime/fp32", 1.0)
-    assert notes[0].startswith("onnxruntime/int8: passed the parity gate and is faster (11.0 rows/s against")
-    assert "15% faster than lossless (--lossy-margin)" in notes[0]
-    best, speedup = choose(ranked, [12.0, 10.0, 10.5, 9.0], wanted, [])
+    assert gated == [1]  # neither lossy candidate is 15% faster: the bar alone decides
+    assert notes[0].startswith("onnxruntime/int8: faster (11.0 rows/s against 10.0 for onnxruntime/fp32)")
+    assert notes[0].endswith("15% faster than lossless (--lossy-margin); not gated")
+    assert notes[2] == "torch/fp32: slower here (9.0 rows/s against 10.0 for onnxruntime/fp32); not gated"
+    gated.clear()
+    best, speedup = choose(ranked, [12.0, 10.0, 10.5, 9.0], wanted, every_one_passes(gated), notes := [])
     assert (str(ranked[best]), speedup) == ("onnxruntime/int8", pytest.approx(1.2))
+    assert gated == [1, 0]
+    assert notes == [
+        "torch/bf16: slower here (10.5 rows/s against 12.0 for onnxruntime/int8); not gated",
+        "onnxruntime/fp32: passed the parity gate but is slower here (10.0 rows/s against 12.0 for "
+        "onnxruntime/int8)",
+        "torch/fp32: slower here (9.0 rows/s against 12.0 for onnxruntime/int8); not gated",
+    ]
+
+
+def test_candidates_are_gated_in_order_of_speed_until_one_of_each_kind_passes(tmp_path):
+    wanted = request(tmp_path, precision="auto")
+    ranked = candidates_of(
+        "openvino/int8", "openvino/bf16", "openvino/fp32", "onnxruntime/fp32", "torch/fp32"
+    )
+    gated: list[int] = []
+
+    def passes(index: int) -> bool:  # the fastest of each kind fails the gate
+        gated.append(index)
+        return index not in (0, 2)
+
+    best, speedup = choose(ranked, [40.0, 30.0, 16.0, 14.0, 13.0], wanted, passes, [])
+    assert str(ranked[best]) == "openvino/bf16"
+    assert speedup == pytest.approx(30.0 / 14.0)
+    assert gated == [2, 3, 0, 1]  # lossless by speed until one passes, then lossy by speed
 
 
 def test_with_no_lossless_candidate_the_fastest_lossy_serves(tmp_path):
     ranked = candidates_of("onnxruntime/int8", "torch/bf16")
-    best, speedup = choose(ranked, [10.0, 12.0], request(tmp_path, precision="auto"), [])
+    gated: list[int] = []
+    best, speedup = choose(
+        ranked, [10.0, 12.0], request(tmp_path, precision="auto"), every_one_passes(gated), []
+    )
     assert (str(ranked[best]), speedup) == ("torch/bf16", 0.0)
+    assert gated == [1]
+
+
+def test_when_no_candidate_passes_none_serves(tmp_path):
+    ranked = candidates_of("onnxruntime/int8", "onnxruntime/fp32")
+    with pytest.raises(ModelLoadError, match="no engine passed the parity gate"):
+        choose(ranked, [12.0, 10.0], request(tmp_path, precision="auto"), lambda index: False, [])
 
 
 class SleepingEngine(Engine):

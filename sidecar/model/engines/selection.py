@@ -3,8 +3,9 @@
 ``--engine auto`` tries TensorRT, then ONNX Runtime, then OpenVINO, then torch; an explicit engine is
 the only one tried. Every candidate that loads must pass the parity gate against torch fp32 before it
 may serve. With a fixed precision the first candidate that passes serves. With ``--precision auto`` every
-candidate the device offers is loaded and gated, then timed on a batch shaped like the batcher's; the
-fastest serves, except that a lossy precision must beat the fastest lossless one by ``--lossy-margin``.
+candidate the device offers is loaded and timed on a batch shaped like the batcher's; the fastest that
+passes serves, except that a lossy precision must beat the fastest lossless one by ``--lossy-margin``.
+Candidates are gated in order of speed, and only as far as that choice needs (``choose``).
 The verdict is remembered in the cache (``verdict``): a restart on the same model, hardware, libraries
 and settings loads and gates only the chosen engine. When torch serves and ``--torch-compile`` asks,
 the winner is compiled and gated again: before serving with ``on`` and on CUDA, in the background
@@ -400,92 +401,150 @@ def _select(
     reference_scores: np.ndarray,
     phases: PhaseTimer,
 ) -> Selection:
-    """Load and gate the candidates in order; the first that passes, or under precision auto the one
-    ``choose`` picks among all that pass."""
+    """With a fixed precision, the first candidate in chain order that loads and passes the parity gate.
+    Under precision auto, every candidate that loads is timed first, then gated in order of speed only as
+    far as ``choose`` needs: a candidate that could not serve however it scored is never gated."""
     request = builder.request
-    probe = builder.probe
     explicit = request.engine != "auto" and request.precision != "auto"
-    passed: list[tuple[EngineCandidate, Engine, ParityReport]] = []
-    for candidate in candidates:
-        try:
-            with phases.timed("build"):
-                engine = builder.build(candidate)
-        except Exception as exc:  # any failure to export, build or load moves down the chain
-            if explicit:
-                raise ModelLoadError(f"the requested engine {candidate} could not load: {exc}") from exc
-            _skip(notes, f"{candidate}: failed to load: {type(exc).__name__}: {exc}", exc)
-            continue
-        with phases.timed("gate"):
-            scores = reference_scores if engine is builder.reference else builder.scores(engine)
-            report = compare(scores, reference_scores, candidate.precision)
-        if not report.passed:
+    gate = _Gate(builder, reference_scores, notes, phases, explicit)
+    if request.precision != "auto":
+        for candidate in candidates:
+            engine = _built(candidate, builder, notes, phases, explicit)
+            if engine is None:
+                continue
+            report = gate.passes(candidate, engine)
+            if report is not None:
+                return Selection(engine, report, notes)
             if engine is not builder.reference:
                 engine.close()
-            if explicit:
-                raise ModelLoadError(
-                    f"the requested engine {candidate} failed the parity gate against torch fp32: "
-                    f"{report.describe()}; its scores would not match the model's"
-                )
-            _skip(notes, f"{candidate}: failed the parity gate: {report.describe()}")
-            continue
-        logger.info("%s passed the parity gate: %s", candidate, report.describe())
-        passed.append((candidate, engine, report))
-        if request.precision != "auto":
-            break
-    if not passed:
         raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
-    if len(passed) == 1:
-        _, engine, report = passed[0]
-        return Selection(engine, report, notes)
-    with phases.timed("timing"), worker_threads(request.threads):
-        speeds = throughputs(
-            [engine for _, engine, _ in passed],
-            typical_batch(request, probe, worker_share=True),
-            groups=[is_lossy(candidate.precision, request.device) for candidate, _, _ in passed],
-        )
-    best, speedup = choose([candidate for candidate, _, _ in passed], speeds, request, notes)
-    _, engine, report = passed[best]
-    for _, other, _ in passed:
+    built = [
+        (candidate, engine)
+        for candidate in candidates
+        if (engine := _built(candidate, builder, notes, phases, explicit)) is not None
+    ]
+    if not built:
+        raise ModelLoadError("no engine could load: " + "; ".join(notes))
+    if len(built) == 1:
+        (candidate, engine), timings, speedup = built[0], {}, 0.0
+        report = gate.passes(candidate, engine)
+        if report is None:
+            raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
+    else:
+        with phases.timed("timing"), worker_threads(request.threads):
+            speeds = throughputs(
+                [engine for _, engine in built],
+                typical_batch(request, builder.probe, worker_share=True),
+                groups=[is_lossy(candidate.precision, request.device) for candidate, _ in built],
+            )
+        timings = {str(candidate): speed for (candidate, _), speed in zip(built, speeds, strict=True)}
+        reports: dict[int, ParityReport | None] = {}
+
+        def passes(index: int) -> bool:
+            reports[index] = gate.passes(*built[index])
+            return reports[index] is not None
+
+        best, speedup = choose([candidate for candidate, _ in built], speeds, request, passes, notes)
+        candidate, engine = built[best]
+        report = reports[best]
+        assert report is not None  # choose serves only a candidate that passed
+    for _, other in built:
         if other is not engine and other is not builder.reference:
             other.close()
-    timings = {str(candidate): speed for (candidate, _, _), speed in zip(passed, speeds, strict=True)}
     return Selection(engine, report, notes, timings=timings, speedup_over_lossless=speedup)
 
 
-def choose(
-    candidates: list[EngineCandidate], speeds: list[float], request: EngineRequest, notes: list[str]
-) -> tuple[int, float]:
-    """The index of the candidate that serves, and its speed over the fastest lossless candidate.
+def _built(
+    candidate: EngineCandidate, builder: _Builder, notes: list[str], phases: PhaseTimer, explicit: bool
+) -> Engine | None:
+    """The candidate's engine, or None when it fails to load (an error when it was asked for)."""
+    try:
+        with phases.timed("build"):
+            return builder.build(candidate)
+    except Exception as exc:  # any failure to export, build or load moves down the chain
+        if explicit:
+            raise ModelLoadError(f"the requested engine {candidate} could not load: {exc}") from exc
+        _skip(notes, f"{candidate}: failed to load: {type(exc).__name__}: {exc}", exc)
+        return None
 
-    The fastest serves, unless it is lossy and not ``lossy_margin`` faster than the fastest lossless
-    candidate: a lossy precision costs fidelity, and a score that shifts with its batch companions,
-    so it must buy a clear speed-up.
+
+@dataclass
+class _Gate:
+    """Gates candidates against the reference scores; a candidate that fails is noted (an error when it
+    was asked for)."""
+
+    builder: _Builder
+    reference_scores: np.ndarray
+    notes: list[str]
+    phases: PhaseTimer
+    explicit: bool
+
+    def passes(self, candidate: EngineCandidate, engine: Engine) -> ParityReport | None:
+        """The candidate's passing report, or None when it failed the gate."""
+        with self.phases.timed("gate"):
+            reference = engine is self.builder.reference
+            scores = self.reference_scores if reference else self.builder.scores(engine)
+            report = compare(scores, self.reference_scores, candidate.precision)
+        if report.passed:
+            logger.info("%s passed the parity gate: %s", candidate, report.describe())
+            return report
+        if self.explicit:
+            raise ModelLoadError(
+                f"the requested engine {candidate} failed the parity gate against torch fp32: "
+                f"{report.describe()}; its scores would not match the model's"
+            )
+        _skip(self.notes, f"{candidate}: failed the parity gate: {report.describe()}")
+        return None
+
+
+def choose(
+    candidates: list[EngineCandidate],
+    speeds: list[float],
+    request: EngineRequest,
+    passes: Callable[[int], bool],
+    notes: list[str],
+) -> tuple[int, float]:
+    """The index of the candidate that serves, and its speed over the fastest lossless candidate that
+    passed the parity gate.
+
+    The fastest candidate that passes serves, unless it is lossy and not ``lossy_margin`` faster than the
+    fastest lossless one that passes: a lossy precision costs fidelity, and a score that shifts with its
+    batch companions, so it must buy a clear speed-up. ``passes`` gates a candidate by its index; it is
+    called in order of speed and only while the outcome is open, so usually for two candidates: the
+    fastest lossless one that passes, and the fastest lossy one that could beat it by the margin.
     """
     lossy = [is_lossy(candidate.precision, request.device) for candidate in candidates]
-    fastest = max(range(len(candidates)), key=speeds.__getitem__)
-    lossless = [index for index in range(len(candidates)) if not lossy[index]]
-    best = fastest
-    speedup = 0.0
-    if lossless:
-        best_lossless = max(lossless, key=speeds.__getitem__)
-        speedup = speeds[fastest] / speeds[best_lossless]
-        if lossy[fastest] and speedup < 1.0 + request.lossy_margin:
-            best, speedup = best_lossless, 1.0
-    for index, candidate in enumerate(candidates):
+    by_speed = sorted(range(len(candidates)), key=speeds.__getitem__, reverse=True)
+    gated: set[int] = set()
+
+    def gate(index: int) -> bool:
+        gated.add(index)
+        return passes(index)
+
+    best_lossless = next((index for index in by_speed if not lossy[index] and gate(index)), None)
+    bar = 0.0 if best_lossless is None else speeds[best_lossless] * (1.0 + request.lossy_margin)
+    best_lossy = next(
+        (index for index in by_speed if lossy[index] and speeds[index] >= bar and gate(index)), None
+    )
+    best = best_lossy if best_lossy is not None else best_lossless
+    if best is None:
+        raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
+    speedup = 0.0 if best_lossless is None else speeds[best] / speeds[best_lossless]
+    for index in by_speed:
+        candidate = candidates[index]
         logger.info("%s: %.1f rows/s", candidate, speeds[index])
-        if index == best:
-            continue
-        if index == fastest:
+        against = f"({speeds[index]:.1f} rows/s against {speeds[best]:.1f} for {candidates[best]})"
+        if index == best_lossless != best:
+            notes.append(f"{candidate}: passed the parity gate but is slower here {against}")
+        elif index in gated:
+            continue  # the one serving, or one that failed the gate (noted there)
+        elif speeds[index] > speeds[best]:
             notes.append(
-                f"{candidate}: passed the parity gate and is faster ({speeds[index]:.1f} rows/s against "
-                f"{speeds[best]:.1f} for {candidates[best]}), but a lossy precision serves only when "
-                f"{request.lossy_margin:.0%} faster than lossless (--lossy-margin)"
+                f"{candidate}: faster {against}, but a lossy precision serves only when "
+                f"{request.lossy_margin:.0%} faster than lossless (--lossy-margin); not gated"
             )
         else:
-            notes.append(
-                f"{candidate}: passed the parity gate but is slower here "
-                f"({speeds[index]:.1f} rows/s against {speeds[best]:.1f} for {candidates[best]})"
-            )
+            notes.append(f"{candidate}: slower here {against}; not gated")
     return best, speedup
 
 
