@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from sidecar.serving.embedding import Embedder
 from sidecar.serving.info import SelectionInfo
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import Limits, Reranker
-from sidecar.serving.runtime import Runtime, load_runtime
+from sidecar.serving.runtime import Runtime, SelectionProcess, load_runtime
 from sidecar.serving.score_cache import ScoreCache
 from sidecar.serving.scoring import Scorer
 from sidecar.settings import Settings, model_entries
@@ -68,7 +69,7 @@ def prepare_process(settings: Settings) -> Settings:
 class Composition:
     """The parts of one sidecar process, built and wired, not yet listening or loaded."""
 
-    def __init__(self, settings: Settings, runtime_factory: RuntimeFactory = load_runtime) -> None:
+    def __init__(self, settings: Settings, runtime_factory: RuntimeFactory | None = None) -> None:
         self.settings = prepare_process(settings)
         self.metrics = Metrics()
         self.core = ServingCore(self.settings, self.metrics)
@@ -83,12 +84,20 @@ class Composition:
 
 class ModelAssembly:
     """Builds the served models: a runtime (model and engine) per model, each behind its batcher and
-    scorer, warmed up; the Reranker and Embedder over them; and the tokenizer pool they share."""
+    scorer, warmed up; the Reranker and Embedder over them; and the tokenizer pool they share.
 
-    def __init__(self, settings: Settings, metrics: Metrics, runtime_factory: RuntimeFactory) -> None:
+    Without a ``runtime_factory``, ``load_runtime`` loads each model, and the models of a first start
+    share one child process for their engine selection, which exits once every model is loaded."""
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, runtime_factory: RuntimeFactory | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._runtime_factory = runtime_factory
+        self._selection_process = SelectionProcess()
+        self._runtime_factory = runtime_factory or functools.partial(
+            load_runtime, selection_process=self._selection_process
+        )
         self._tokenizer_pool = TokenizerPool(tokenizer_workers(settings.tokenizer_workers))
         self._heap_trimmer = HeapTrimmer(settings.heap_trim_interval)
         self._built: list[ServedModel] = []
@@ -105,6 +114,8 @@ class ModelAssembly:
                 await served.batcher.close()
             self._tokenizer_pool.shutdown()
             raise
+        finally:
+            self._selection_process.close()
 
     async def _build(self) -> ServedModels:
         settings = self.settings

@@ -16,7 +16,6 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from sidecar.composition import Composition, RuntimeFactory
-from sidecar.serving.runtime import load_runtime
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.server import GrpcTransport, security_of
 from sidecar.transport.http_api.server import HttpTransport
@@ -28,10 +27,11 @@ class SidecarServer:
     """The lifecycle of the parts the composition root builds: the serving core, the gRPC transport
     and (with --http-port) the HTTP transport in front of it, and the metrics endpoint.
 
-    ``runtime_factory`` loads a model and its engine; tests pass their own to wrap the engine.
+    ``runtime_factory`` loads a model and its engine; tests pass their own to wrap the engine. Without
+    one, ``load_runtime`` loads each model, the first starts selecting in one child process.
     """
 
-    def __init__(self, settings: Settings, runtime_factory: RuntimeFactory = load_runtime) -> None:
+    def __init__(self, settings: Settings, runtime_factory: RuntimeFactory | None = None) -> None:
         self._composition = Composition(settings, runtime_factory)
         self.settings = self._composition.settings
         self.core = self._composition.core

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
 import logging
 import multiprocessing
-import resource
+import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -132,11 +133,15 @@ def engine_request(
     )
 
 
-def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
+def load_runtime(
+    settings: Settings, source: ModelSource, selection_process: SelectionProcess | None = None
+) -> Runtime:
     """Blocking: reads files and weights, exports and compiles. The server calls it on a worker thread.
 
     A warm start (see ``_warm_runtime``) reads the model's tokenizer and a compiled engine from the
     cache without importing torch or transformers; when it cannot, the start loads the model in full.
+    A first start selects in ``selection_process``, which the models of one start share, or else in a
+    child process of its own.
     """
     # Checked before any library makes its own cache directory in it: one that cannot be written is a
     # warning, and a temporary directory stands in (torch._dynamo creates Inductor's on import).
@@ -150,13 +155,17 @@ def load_runtime(settings: Settings, source: ModelSource) -> Runtime:
     # A selection in a child process leaves its verdict and artifacts in the cache, so this process
     # starts warm: it never holds torch, the reference network or the candidates that lost. Not when
     # the network serves anyway (torch won before), nor where no warm start can be.
-    isolated = settings.select_in_subprocess and warm is _NotWarm.NOT_REMEMBERED
-    chosen_from_cache = _select_in_subprocess(settings, source, cache_dir, phases) if isolated else None
-    if chosen_from_cache is not None:
-        warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
-        if isinstance(warm, Runtime):
-            warm.selection.from_cache = chosen_from_cache  # the child's selection, not this recall
-            return warm
+    if settings.select_in_subprocess and warm is _NotWarm.NOT_REMEMBERED:
+        if selection_process is None:
+            with SelectionProcess() as own_process:
+                chosen_from_cache = own_process.select(settings, source, cache_dir, phases)
+        else:
+            chosen_from_cache = selection_process.select(settings, source, cache_dir, phases)
+        if chosen_from_cache is not None:
+            warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
+            if isinstance(warm, Runtime):
+                warm.selection.from_cache = chosen_from_cache  # the child's selection, not this recall
+                return warm
     return _cold_runtime(settings, source, cache_dir, calibration_set, phases)
 
 
@@ -168,62 +177,103 @@ class _NotWarm(enum.Enum):
     NEEDS_NETWORK = "needs network"  # the remembered engine runs the PyTorch network
 
 
-def _select_in_subprocess(
-    settings: Settings, source: ModelSource, cache_dir: Path, phases: PhaseTimer
-) -> bool | None:
-    """Select the engine in a child process that exits once its choice is in the cache; whether the
-    child found the choice remembered, or None when it died (the reason logged), for this process to
-    select instead."""
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this one is copied
-    receiving, sending = context.Pipe(duplex=False)
-    child = context.Process(
-        target=_select_and_remember, args=(settings, source, cache_dir, sending), name="engine-selection"
-    )
-    logger.info("selecting the engine for %s in a child process", source.model_id)
-    child.start()
-    sending.close()
-    try:
-        outcome: tuple[str, Any] | None = receiving.recv()
-    except EOFError:
-        outcome = None
-    child.join()
-    if outcome is None:
-        logger.warning(
-            "the engine selection's process for %s exited with code %s; selecting in this process",
+class SelectionProcess:
+    """A child process that selects engines for first starts, one model after another, and leaves each
+    verdict and its artifacts in the cache for this process to start warm from. It is spawned when the
+    first model needs it and serves every model of the start, so its interpreter and its imports (torch,
+    transformers, onnx) are paid once; ``close`` lets it exit."""
+
+    def __init__(self) -> None:
+        self._child: multiprocessing.process.BaseProcess | None = None
+        self._connection: Connection | None = None
+
+    def __enter__(self) -> SelectionProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def select(
+        self, settings: Settings, source: ModelSource, cache_dir: Path, phases: PhaseTimer
+    ) -> bool | None:
+        """Select the model's engine in the child; whether the child found the choice remembered, or None
+        when it died (the reason logged), for this process to select instead."""
+        if self._connection is None:
+            context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this one
+            self._connection, child_end = context.Pipe()
+            self._child = context.Process(
+                target=_select_each, args=(settings, child_end), name="engine-selection"
+            )
+            self._child.start()
+            child_end.close()
+        assert self._child is not None
+        logger.info("selecting the engine for %s in child process %s", source.model_id, self._child.pid)
+        try:
+            self._connection.send((settings, source, cache_dir))
+            outcome: tuple[str, Any] = self._connection.recv()
+        except (EOFError, OSError):
+            self._child.join()
+            logger.warning(
+                "the engine selection's process for %s exited with code %s; selecting in this process",
+                source.model_id,
+                self._child.exitcode,
+            )
+            self._connection = None
+            return None
+        status, detail = outcome
+        if status == "failed":
+            raise ModelLoadError(detail)
+        seconds, from_cache = detail
+        phases.add(seconds)
+        logger.info(
+            "the engine selection's process chose for %s; its peak RSS so far was %s",
             source.model_id,
-            child.exitcode,
+            _peak_rss(self._child.pid),
         )
-        return None
-    status, detail = outcome
-    if status == "failed":
-        raise ModelLoadError(detail)
-    seconds, from_cache = detail
-    phases.add(seconds)
-    # The largest child this process has waited for: what a memory limit must leave room for at start.
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    logger.info(
-        "the engine selection's process for %s exited; its peak RSS was %.0f MB", source.model_id, peak_mb
-    )
-    return bool(from_cache)
+        return bool(from_cache)
+
+    def close(self) -> None:
+        """Let the child exit, if one was started; it is reaped in the background."""
+        if self._connection is None or self._child is None:
+            return
+        with contextlib.suppress(OSError):  # it exited already
+            self._connection.send(None)
+        self._connection.close()
+        self._connection = None
+        threading.Thread(target=self._child.join, name="engine-selection-reaper", daemon=True).start()
 
 
-def _select_and_remember(
-    settings: Settings, source: ModelSource, cache_dir: Path, results: Connection
-) -> None:
-    """The child process's whole life: a cold start's load and selection, which remember in ``cache_dir``
-    (the parent's, checked usable) what a warm start needs; then the phases' seconds, or the load error,
-    go back to the parent."""
-    configure_logging(settings)
-    phases = PhaseTimer()
+def _peak_rss(pid: int | None) -> str:
+    """A process's peak resident memory, as the kernel reports it: what a memory limit must leave room
+    for while the child and this process both run."""
     try:
-        runtime = _cold_runtime(
-            settings, source, cache_dir, read_calibration(settings.calibration_file), phases
-        )
-    except ModelLoadError as exc:
-        results.send(("failed", str(exc)))
-        return
-    runtime.engine.close()
-    results.send(("selected", (phases.seconds, runtime.selection.from_cache)))
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "not known here"
+    peak = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return "not known here" if peak is None else f"{int(peak) / 1024:.0f} MB"
+
+
+def _select_each(settings: Settings, requests: Connection) -> None:
+    """The child process's whole life: for each model asked for, a cold start's load and selection, which
+    remember in the cache directory given (the parent's, checked usable) what a warm start needs; then the
+    phases' seconds, or the load error, go back to the parent. Until the parent sends None."""
+    configure_logging(settings)
+    while (request := requests.recv()) is not None:
+        model_settings, source, cache_dir = request
+        phases = PhaseTimer()
+        try:
+            runtime = _cold_runtime(
+                model_settings, source, cache_dir, read_calibration(model_settings.calibration_file), phases
+            )
+        except ModelLoadError as exc:
+            requests.send(("failed", str(exc)))
+            continue
+        from_cache = runtime.selection.from_cache
+        runtime.engine.close()
+        del runtime  # the next model's selection starts from what a fresh child would hold
+        release_unused_memory()
+        requests.send(("selected", (phases.seconds, from_cache)))
 
 
 def _warm_obstacle(settings: Settings, source: ModelSource) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -80,11 +81,13 @@ _WARM_START = textwrap.dedent(
     import grpc
 
     from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+    from sidecar.logs import configure_logging
     from sidecar.server import SidecarServer
     from sidecar.settings import Settings
 
     async def main() -> None:
         settings = Settings(**json.loads(sys.argv[1]))
+        configure_logging(settings)
         server = SidecarServer(settings)
         await server.start()
         await server.load()
@@ -106,10 +109,11 @@ _WARM_START = textwrap.dedent(
 )
 
 
-def serve_in_a_fresh_process(model_dir: Path, cache_dir: Path, engine: str) -> dict[str, Any]:
-    """Start a server in a fresh interpreter, rerank once, and say what it served and imported."""
+def serve_in_a_fresh_process(model: Path | str, cache_dir: Path, engine: str) -> dict[str, Any]:
+    """Start a server in a fresh interpreter, rerank once, and say what it served and imported, and
+    what it logged."""
     options = {
-        "model": str(model_dir),
+        "model": str(model),
         "cache_dir": str(cache_dir),
         "engine": engine,
         "precision": "fp32",
@@ -132,7 +136,7 @@ def serve_in_a_fresh_process(model_dir: Path, cache_dir: Path, engine: str) -> d
     assert served["engine"] == engine
     assert served["imported"] == []
     assert len(served["scores"]) == 2
-    return served
+    return served | {"log": finished.stderr}
 
 
 @pytest.mark.parametrize("engine", COMPILED_ENGINES)
@@ -147,6 +151,15 @@ def test_a_first_start_selects_in_a_child_process_and_serves_without_torch(
 ) -> None:
     served = serve_in_a_fresh_process(model_dir, tmp_path / "empty-cache", "openvino")
     assert not served["from_cache"]  # this start chose it, in its child
+
+
+def test_the_models_of_a_first_start_share_one_selection_process(
+    tiny_bert: Path, tiny_bert_two_labels: Path, tmp_path: Path
+) -> None:
+    served = serve_in_a_fresh_process(f"one={tiny_bert},two={tiny_bert_two_labels}", tmp_path, "openvino")
+    children = re.findall(r"selecting the engine for (\S+) in child process (\d+)", served["log"])
+    assert [model for model, _ in children] == [tiny_bert.name, tiny_bert_two_labels.name]
+    assert len({pid for _, pid in children}) == 1
 
 
 def _openvino_blob(cache: Path) -> Path:
@@ -308,7 +321,7 @@ def test_a_model_torch_serves_loads_in_full_at_once_on_the_next_start(
     def no_child(*args: object) -> None:
         raise AssertionError("a model torch serves needs no selection in a child process")
 
-    monkeypatch.setattr(runtime_module, "_select_in_subprocess", no_child)
+    monkeypatch.setattr(runtime_module.SelectionProcess, "select", no_child)
     with caplog.at_level(logging.INFO):
         again = load_runtime(first, ModelSource(str(model_dir)))
     assert again.engine.name == "torch"
