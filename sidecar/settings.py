@@ -125,9 +125,9 @@ class Settings:
     select_in_subprocess: bool = _setting(
         True,
         "Where a warm start could serve (a local model directory, an engine other than torch, the CPU), run "
-        "a first start's engine selection in a child process that exits once its choice is in --cache-dir, "
-        "then start warm from it, so the server never holds torch, the reference network or the "
-        "candidates that lost.",
+        "a first start's engine selections in one child process that leaves each choice in --cache-dir "
+        "and exits once every model is loaded; each model then starts warm from it, so the server never "
+        "holds torch, the reference network or the candidates that lost.",
     )
     torch_compile: str = _setting(
         "auto",
