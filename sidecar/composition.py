@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.cache import usable_cache_dir
@@ -38,7 +39,9 @@ from sidecar.serving.scoring import Scorer
 from sidecar.settings import Settings, model_entries
 from sidecar.transport.grpc_api.server import GrpcTransport
 from sidecar.transport.grpc_api.tracing import configure_tracing
-from sidecar.transport.http_api.server import HttpTransport
+
+if TYPE_CHECKING:
+    from sidecar.transport.http_api.server import HttpTransport
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +77,12 @@ class Composition:
         self.metrics = Metrics()
         self.core = ServingCore(self.settings, self.metrics)
         self.grpc = GrpcTransport(self.core, self.settings)
-        self.http = HttpTransport(self.core, self.settings) if self.settings.http_port else None
+        self.http: HttpTransport | None = None
+        if self.settings.http_port:
+            # Imported only when HTTP serves: FastAPI and uvicorn add tens of MB to a process's memory.
+            from sidecar.transport.http_api.server import HttpTransport
+
+            self.http = HttpTransport(self.core, self.settings)
         self._runtime_factory = runtime_factory
 
     async def load_models(self) -> None:
@@ -182,6 +190,7 @@ class ModelAssembly:
             on_batch=self._batch_observer(name),
             on_non_finite=self._non_finite_reporter(name),
             capacity=self._capacity,
+            idle_release_s=self.settings.idle_release_after,
         )
         batcher.start()
         selection = runtime.selection

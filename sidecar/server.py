@@ -11,14 +11,16 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
 
 from sidecar.composition import Composition, RuntimeFactory
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.server import GrpcTransport, security_of
-from sidecar.transport.http_api.server import HttpTransport
+
+if TYPE_CHECKING:
+    from sidecar.transport.http_api.server import HttpTransport
 
 logger = logging.getLogger(__name__)
 

@@ -197,6 +197,13 @@ class Settings:
         "malloc_trim), at most once per interval and only while requests come, so resident memory settles "
         "after large requests instead of staying at its peak; 0 disables it.",
     )
+    idle_release_after: float = _setting(
+        10.0,
+        "Seconds a model may stay idle (no batch queued or running) before its engine gives back the "
+        "scratch memory it keeps for intermediate results, sized for the largest batch it ran (OpenVINO); "
+        "the next batch allocates it again. A model seldom asked then holds little more than its weights. "
+        "0 keeps the scratch memory.",
+    )
     metrics_port: int = _setting(9400, "Port of the Prometheus metrics endpoint (on --host); 0 disables it.")
     tls_cert_file: str = _setting("", "PEM certificate chain of the server; with --tls-key-file, serves TLS.")
     tls_key_file: str = _setting("", "PEM private key of the server certificate.")
@@ -220,7 +227,7 @@ class Settings:
         require_positive(self, positive)
         non_negative = ("port", "http_port", "metrics_port", "threads", "batch_workers", "max_length")
         non_negative += ("max_batch_tokens", "max_batch_pairs", "grace_period", "heap_trim_interval")
-        non_negative += ("lossy_margin", "tokenizer_workers", "score_cache_size")
+        non_negative += ("idle_release_after", "lossy_margin", "tokenizer_workers", "score_cache_size")
         require_non_negative(self, non_negative)
         if not model_entries("--model", self.model):
             raise ValueError("--model is empty; name the reranking model")

@@ -42,6 +42,7 @@ from sidecar.errors import (
 )
 from sidecar.model.batch import EncodedPair, TokenBatch, collate
 from sidecar.model.engines.base import Engine
+from sidecar.model.memory import release_unused_memory
 from sidecar.scheduling.capacity import SharedCapacity
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class Batcher:
         on_batch: Callable[[int, int], None] | None = None,
         on_non_finite: Callable[[Engine, int], None] | None = None,
         capacity: SharedCapacity | None = None,
+        idle_release_s: float = 0.0,
     ) -> None:
         if workers > 1 and not engine.concurrent_forward:
             raise ValueError(f"the {engine.name} engine runs one batch at a time, not {workers}")
@@ -169,6 +171,10 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()  # batches on the model threads
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        # After this long with nothing queued or running, the engine gives its scratch memory back; 0
+        # keeps it. Whether a batch ran since it last did.
+        self._idle_release_s = idle_release_s
+        self._scratch_held = False
 
     @property
     def queued_pairs(self) -> int:
@@ -273,7 +279,7 @@ class Batcher:
             if not self._queue:
                 own_workers.release()
                 self._work_available.clear()
-                await self._work_available.wait()
+                await self._wait_for_work()
                 continue
             await self._capacity.acquire(self)
             idle = min(self.workers - len(self._running), 1 + self._capacity.free)
@@ -287,11 +293,33 @@ class Batcher:
             task.add_done_callback(self._running.discard)
             task.add_done_callback(partial(self._batch_done, own_workers, time.monotonic()))
 
+    async def _wait_for_work(self) -> None:
+        """Wait until pairs are queued. A model idle meanwhile for ``idle_release_s``, with no batch
+        queued or running, has its engine give back its scratch memory, once per busy spell: a model
+        that is seldom asked, beside a busy one, then holds only its weights."""
+        while self._idle_release_s > 0 and self._scratch_held:
+            try:
+                await asyncio.wait_for(self._work_available.wait(), self._idle_release_s)
+                return
+            except TimeoutError:
+                if self._running:
+                    continue  # its last batches still run: idle from when they end
+            self._scratch_held = False
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._model_threads, self._release_scratch, self.engine)
+        await self._work_available.wait()
+
+    @staticmethod
+    def _release_scratch(engine: Engine) -> None:
+        engine.release_scratch()
+        release_unused_memory()  # the freed buffers go back to the system, not to glibc's free lists
+
     def _batch_done(self, own_workers: asyncio.Semaphore, started: float, _: asyncio.Task[None]) -> None:
         own_workers.release()
         self._capacity.release(self, time.monotonic() - started)
 
     async def _run_batch(self, batch: list[_QueuedPair]) -> None:
+        self._scratch_held = True
         pairs = [queued.job.pairs[queued.row] for queued in batch]
         started = time.monotonic_ns()
         for job in {queued.job for queued in batch}:

@@ -49,6 +49,19 @@ def test_batch_workers_each_get_a_request_of_their_own(tiny_exported, artifact_c
         np.testing.assert_allclose(output, tiny_reference.forward(batch), atol=1e-4, rtol=0)
 
 
+def test_after_giving_back_its_scratch_memory_it_scores_the_same(tiny_exported, artifact_cache):
+    engine = openvino(tiny_exported, artifact_cache, workers=2)
+    batches = [padded_batch(8, 300, seed=0), padded_batch(2, 20, seed=1)]
+    with ThreadPoolExecutor(2) as workers:  # both streams hold scratch memory
+        before = list(workers.map(engine.forward, batches))
+    engine.release_scratch()
+    engine.release_scratch()  # nothing left to give back is no error
+    with ThreadPoolExecutor(2) as workers:
+        after = list(workers.map(engine.forward, batches))
+    for first, again in zip(before, after, strict=True):
+        np.testing.assert_array_equal(first, again)
+
+
 def test_its_compiled_blob_is_cached_with_a_manifest(tmp_path: Path, tiny_exported):
     openvino(tiny_exported, ArtifactCache(tmp_path))
     (blob,) = tmp_path.rglob("*.blob")

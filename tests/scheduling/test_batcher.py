@@ -345,3 +345,61 @@ async def test_a_replacing_engine_serves_the_next_batches_and_both_are_closed_wi
     assert not first.closed  # a batch still running on it may finish
     await batcher.close()
     assert (first.closed, second.closed) == (True, True)
+
+
+class ScratchEngine(SumEngine):
+    """Counts how often it gave back its scratch memory, and fails if that happens during a forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.releases = 0
+        self.forwards_running = 0
+
+    def forward(self, batch: TokenBatch) -> np.ndarray:
+        self.forwards_running += 1
+        try:
+            return super().forward(batch)
+        finally:
+            self.forwards_running -= 1
+
+    def release_scratch(self) -> None:
+        assert self.forwards_running == 0, "scratch released while a batch ran"
+        self.releases += 1
+
+
+async def test_an_idle_model_gives_back_its_scratch_memory_once_until_it_works_again():
+    engine = ScratchEngine()
+    batcher = Batcher(
+        engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True, idle_release_s=0.05
+    )
+    batcher.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert engine.releases == 0  # nothing ran yet, so there is nothing to give back
+        engine.gate.clear()  # the first batch runs for longer than the idle time
+        scoring = asyncio.create_task(batcher.score(pairs_of_length(4, 2), None))
+        await asyncio.sleep(0.2)
+        assert engine.releases == 0  # a running batch is not idleness
+        engine.gate.set()
+        await scoring
+        await asyncio.sleep(0.3)
+        assert engine.releases == 1
+        await asyncio.sleep(0.2)
+        assert engine.releases == 1  # once per busy spell
+        await batcher.score(pairs_of_length(4, 1), None)
+        await asyncio.sleep(0.3)
+        assert engine.releases == 2
+    finally:
+        await batcher.close()
+
+
+async def test_with_no_idle_release_the_scratch_memory_is_kept():
+    engine = ScratchEngine()
+    batcher = Batcher(engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True)
+    batcher.start()
+    try:
+        await batcher.score(pairs_of_length(4, 2), None)
+        await asyncio.sleep(0.2)
+        assert engine.releases == 0
+    finally:
+        await batcher.close()

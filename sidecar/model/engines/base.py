@@ -54,3 +54,8 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
         """Release what the engine holds (device memory, sessions)."""
+
+    def release_scratch(self) -> None:  # noqa: B027 - optional hook, most engines keep no scratch
+        """Give back the memory the engine keeps between batches for its intermediate results (sized
+        for the largest batch it ran); the next batch allocates what it needs again. Called only while
+        no forward runs."""

@@ -112,6 +112,12 @@ class OpenVinoEngine(Engine):
         # The request reuses its output buffer on the next call: copy the rows out.
         return np.array(outputs[0], dtype=np.float32, copy=True)
 
+    def release_scratch(self) -> None:
+        # Each stream keeps its intermediate buffers at the largest batch shape it ran, the larger part
+        # of a compiled model's footprint (benchmarks/RESULTS.md, "Memory and the warm start without
+        # torch"). OpenVINO refuses while an inference runs; the batcher calls this only when none does.
+        self._compiled.release_memory()
+
 
 def compile_cached(
     core: Any, model: Path, model_key: Mapping[str, str], config: Mapping[str, Any], cache: ArtifactCache
