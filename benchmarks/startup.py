@@ -10,7 +10,9 @@ from the sidecar's own log line per model (load, export, build, gate, timing, wa
 
 Memory: once SERVING, each start serves three reranks of 100 SciFact passages (the engines
 benchmark's workload), then its resident memory is read from ``/proc``: the peak (``VmHWM``) and the
-settled figure a second later (``VmRSS``), and whether ``libtorch_cpu`` is mapped at all. Apart from the
+settled figure a second later (``VmRSS``), and whether ``libtorch_cpu`` is mapped at all; then again
+once the models were idle past ``--idle-release-after`` and gave their scratch memory back, and one
+more rerank is timed against the last of the three. Apart from the
 starts, each heavy library is imported alone in a fresh interpreter, several times: the median seconds
 and resident megabytes it adds to a bare interpreter.
 
@@ -41,12 +43,15 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 # The libraries whose import a start may pay, in the order a cold start imports them.
 HEAVY_LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "openvino", "tokenizers")
 _RERANKS = 3
+# Past the sidecar's default --idle-release-after (10 s), with the heap trim after it.
+IDLE_WAIT_S = 13.0
 _IMPORT_RUNS = 3
 
 _READY = re.compile(
     r"(?P<model>\S+) ready on (?P<engine>\S+) in (?P<total>[\d.]+) s: (?P<phases>.*)$", re.MULTILINE
 )
 _PHASE = re.compile(r"(?P<phase>[\w-]+) (?P<seconds>[\d.]+) s")
+_CHILD_PEAK = re.compile(r"its peak RSS so far was (?P<mb>\d+) MB")
 _COMPILED = re.compile(r"(?P<model>\S+) now serves compiled .* after (?P<seconds>[\d.]+) s of compiling")
 
 
@@ -63,6 +68,14 @@ class Start:
     settled_rss_mb: float = 0.0
     # Whether libtorch_cpu was mapped into the serving process.
     torch_loaded: bool = False
+    # Resident memory, MB, once the models were idle past --idle-release-after (IDLE_WAIT_S).
+    idle_rss_mb: float = 0.0
+    # Seconds of the last of the reranks, and of one more after that idle time: what giving the scratch
+    # memory back costs the next request.
+    rerank_s: float = 0.0
+    rerank_after_idle_s: float = 0.0
+    # The engine selection's child process's peak, MB, as the sidecar logs it (0: no child ran).
+    child_peak_rss_mb: float = 0.0
 
 
 def _status_mb(pid: int, field_name: str) -> float:
@@ -72,20 +85,26 @@ def _status_mb(pid: int, field_name: str) -> float:
     raise RuntimeError(f"/proc/{pid}/status has no {field_name}")
 
 
-def _rerank(port: int, passages: list[str]) -> None:
+def _rerank(port: int, passages: list[str], times: int) -> float:
+    """Rerank the passages ``times`` times; the seconds of the last."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = rerank_pb2_grpc.RerankerStub(channel)
         documents = [rerank_pb2.Document(text=text) for text in passages]
-        for _ in range(_RERANKS):
+        for _ in range(times):
+            started = time.perf_counter()
             stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=documents), timeout=300)
+        return time.perf_counter() - started
 
 
 def _measure_memory(result: Start, process: subprocess.Popen[bytes], port: int, passages: list[str]) -> None:
-    _rerank(port, passages)
+    result.rerank_s = _rerank(port, passages, _RERANKS)
     time.sleep(1.0)
     result.settled_rss_mb = _status_mb(process.pid, "VmRSS")
     result.peak_rss_mb = _status_mb(process.pid, "VmHWM")
     result.torch_loaded = "libtorch_cpu" in Path(f"/proc/{process.pid}/maps").read_text()
+    time.sleep(IDLE_WAIT_S - 1.0)
+    result.idle_rss_mb = _status_mb(process.pid, "VmRSS")
+    result.rerank_after_idle_s = _rerank(port, passages, 1)
 
 
 def import_costs(runs: int = _IMPORT_RUNS) -> dict[str, dict[str, float]]:
@@ -150,7 +169,9 @@ def start(
         finally:
             process.terminate()
             process.wait(timeout=120)
-    for line in log_path.read_text().splitlines():
+    log = log_path.read_text()
+    result.child_peak_rss_mb = max((float(match["mb"]) for match in _CHILD_PEAK.finditer(log)), default=0.0)
+    for line in log.splitlines():
         if match := _READY.search(line):
             phases = {m["phase"]: float(m["seconds"]) for m in _PHASE.finditer(match["phases"])}
             result.models[match["model"]] = {
@@ -224,8 +245,10 @@ def main() -> None:
                 starts.append(result)
                 print(
                     f"run {run + 1} {kind}: {result.seconds_to_serving:.1f} s to SERVING, RSS peak "
-                    f"{result.peak_rss_mb:.0f} MB, settled {result.settled_rss_mb:.0f} MB, torch "
-                    f"{'loaded' if result.torch_loaded else 'not loaded'}",
+                    f"{result.peak_rss_mb:.0f} MB, settled {result.settled_rss_mb:.0f} MB, idle "
+                    f"{result.idle_rss_mb:.0f} MB, child peak {result.child_peak_rss_mb:.0f} MB, torch "
+                    f"{'loaded' if result.torch_loaded else 'not loaded'}; a rerank {result.rerank_s:.3f} s, "
+                    f"after idling {result.rerank_after_idle_s:.3f} s",
                     flush=True,
                 )
                 for model, phases in result.models.items():
@@ -237,17 +260,24 @@ def main() -> None:
     load_average = Path("/proc/loadavg").read_text().split()[:3]
     print(f"hardware: {hardware['cpu']} ({hardware['isa_class']}), {hardware['cores']} cores")
     print(f"load average at the end: {' '.join(load_average)}")
-    print("| start | median s to SERVING | min | max | peak RSS MB | settled RSS MB | torch loaded |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| start | median s to SERVING | min | max | peak RSS MB | settled RSS MB | idle RSS MB | "
+        "torch loaded | rerank s | rerank after idle s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for kind in ("cold", "warm"):
         runs = [result for result in starts if result.kind == kind]
         seconds = [result.seconds_to_serving for result in runs]
         peak = statistics.median(result.peak_rss_mb for result in runs)
         settled = statistics.median(result.settled_rss_mb for result in runs)
+        idle = statistics.median(result.idle_rss_mb for result in runs)
         loaded = sum(result.torch_loaded for result in runs)
+        rerank = statistics.median(result.rerank_s for result in runs)
+        after_idle = statistics.median(result.rerank_after_idle_s for result in runs)
         print(
             f"| {kind} | {statistics.median(seconds):.1f} | {min(seconds):.1f} | {max(seconds):.1f} | "
-            f"{peak:.0f} | {settled:.0f} | {loaded} of {len(runs)} |"
+            f"{peak:.0f} | {settled:.0f} | {idle:.0f} | {loaded} of {len(runs)} | {rerank:.3f} | "
+            f"{after_idle:.3f} |"
         )
     print("| library | import s (median) | resident MB added |")
     print("|---|---|---|")
