@@ -87,6 +87,9 @@ class OpenVinoEngine(Engine):
             # One stream per batch worker, each with that worker's share of the threads.
             "NUM_STREAMS": workers,
             "INFERENCE_NUM_THREADS": threads * workers,
+            # Pinned, every model's first stream takes the first core: two models' batches at once then
+            # share one core while another idles (benchmarks/RESULTS.md, "Two models in one sidecar").
+            "ENABLE_CPU_PINNING": False,
         }
         path = exported.path if precision != "int8" else static_int8_model(exported, calibration, cache)
         # The directory names the artifact's cache key (for int8 it covers the calibration too).
