@@ -5,7 +5,7 @@ the only one tried. Every candidate that loads must pass the parity gate against
 may serve. With a fixed precision the first candidate that passes serves. With ``--precision auto`` every
 candidate the device offers is loaded and timed on a batch shaped like the batcher's; the fastest that
 passes serves, except that a lossy precision must beat the fastest lossless one by ``--lossy-margin``.
-Candidates are gated in order of speed, and only as far as that choice needs (``choose``).
+Candidates are gated only as far as that choice needs (``choose``): usually just the one that serves.
 The verdict is remembered in the cache (``verdict``): a restart on the same model, hardware, libraries
 and settings loads and gates only the chosen engine. When torch serves and ``--torch-compile`` asks,
 the winner is compiled and gated again: before serving with ``on`` and on CUDA, in the background
@@ -504,41 +504,51 @@ def choose(
     passes: Callable[[int], bool],
     notes: list[str],
 ) -> tuple[int, float]:
-    """The index of the candidate that serves, and its speed over the fastest lossless candidate that
-    passed the parity gate.
+    """The index of the candidate that serves, and its speed over the fastest lossless candidate.
 
     The fastest candidate that passes serves, unless it is lossy and not ``lossy_margin`` faster than the
     fastest lossless one that passes: a lossy precision costs fidelity, and a score that shifts with its
-    batch companions, so it must buy a clear speed-up. ``passes`` gates a candidate by its index; it is
-    called in order of speed and only while the outcome is open, so usually for two candidates: the
-    fastest lossless one that passes, and the fastest lossy one that could beat it by the margin.
+    batch companions, so it must buy a clear speed-up. ``passes`` gates a candidate by its index, and is
+    called only while the outcome is open: first for the lossy candidates past the margin over the
+    fastest lossless one, fastest first; a lossless candidate only when no lossy one beats it, and it
+    would serve. If it fails, the next lossless one sets the margin and the lossy ones past that are
+    tried, and so on. So usually one candidate is gated, the one that serves.
     """
     lossy = [is_lossy(candidate.precision, request.device) for candidate in candidates]
     by_speed = sorted(range(len(candidates)), key=speeds.__getitem__, reverse=True)
+    lossless = [index for index in by_speed if not lossy[index]]
     gated: set[int] = set()
 
     def gate(index: int) -> bool:
         gated.add(index)
         return passes(index)
 
-    best_lossless = next((index for index in by_speed if not lossy[index] and gate(index)), None)
-    bar = 0.0 if best_lossless is None else speeds[best_lossless] * (1.0 + request.lossy_margin)
-    best_lossy = next(
-        (index for index in by_speed if lossy[index] and speeds[index] >= bar and gate(index)), None
-    )
-    best = best_lossy if best_lossy is not None else best_lossless
-    if best is None:
-        raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
-    speedup = 0.0 if best_lossless is None else speeds[best] / speeds[best_lossless]
+    best: int | None = None
+    bar_setter: int | None = None
+    while best is None:
+        bar_setter = next((index for index in lossless if index not in gated), None)
+        bar = 0.0 if bar_setter is None else speeds[bar_setter] * (1.0 + request.lossy_margin)
+        best = next(
+            (
+                index
+                for index in by_speed
+                if lossy[index] and speeds[index] >= bar and index not in gated and gate(index)
+            ),
+            None,
+        )
+        if best is None:
+            if bar_setter is None:
+                raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
+            if gate(bar_setter):
+                best = bar_setter
+    speedup = 0.0 if bar_setter is None else speeds[best] / speeds[bar_setter]
     for index in by_speed:
         candidate = candidates[index]
         logger.info("%s: %.1f rows/s", candidate, speeds[index])
-        against = f"({speeds[index]:.1f} rows/s against {speeds[best]:.1f} for {candidates[best]})"
-        if index == best_lossless != best:
-            notes.append(f"{candidate}: passed the parity gate but is slower here {against}")
-        elif index in gated:
+        if index in gated:
             continue  # the one serving, or one that failed the gate (noted there)
-        elif speeds[index] > speeds[best]:
+        against = f"({speeds[index]:.1f} rows/s against {speeds[best]:.1f} for {candidates[best]})"
+        if speeds[index] > speeds[best]:
             notes.append(
                 f"{candidate}: faster {against}, but a lossy precision serves only when "
                 f"{request.lossy_margin:.0%} faster than lossless (--lossy-margin); not gated"
