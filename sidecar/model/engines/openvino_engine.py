@@ -117,8 +117,8 @@ class OpenVinoEngine(Engine):
 
     def release_scratch(self) -> None:
         # Each stream keeps its intermediate buffers at the largest batch shape it ran, the larger part
-        # of a compiled model's footprint (benchmarks/RESULTS.md, "Memory and the warm start without
-        # torch"). OpenVINO refuses while an inference runs; the batcher calls this only when none does.
+        # of a busy compiled model's footprint (benchmarks/RESULTS.md, "Start-up to SERVING and
+        # memory"). OpenVINO refuses while an inference runs; the batcher calls this only when none does.
         self._compiled.release_memory()
 
 
