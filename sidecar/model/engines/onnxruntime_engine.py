@@ -129,7 +129,7 @@ def _quantize(fused: Path, target: Path) -> None:
         if not in_encoder or weight is None or len(weight.dims) != 2:
             continue
         if weight.name not in quantized:
-            values = numpy_helper.to_array(weight).astype(np.float32)
+            values = numpy_helper.to_array(weight).astype(np.float32, copy=False)
             scale = np.maximum(np.abs(values).max(axis=0), np.finfo(np.float32).tiny) / 127.0
             codes = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
             names = [f"{weight.name}.int8", f"{weight.name}.scale", f"{weight.name}.zero_point"]
@@ -155,9 +155,15 @@ def _quantize(fused: Path, target: Path) -> None:
         # Serving the fp32 graph under the int8 label would report a speed-up that is not there.
         raise ModelLoadError("int8: no encoder weight MatMul found to quantize in this graph")
     still_used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name not in quantized or init.name in still_used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    replaced = [
+        index
+        for index, initializer in enumerate(graph.initializer)
+        if initializer.name in quantized and initializer.name not in still_used
+    ]
+    # Deleted in place: rebuilding the list would copy every initializer, a second model in memory.
+    del weights
+    for index in reversed(replaced):
+        del graph.initializer[index]
     # Their inputs are all initializers, so they can run first.
     for position, node in enumerate(dequantize_nodes):
         graph.node.insert(position, node)
