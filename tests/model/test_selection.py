@@ -12,7 +12,6 @@ import torch
 
 from rerank.v1 import rerank_pb2
 from sidecar.errors import ModelLoadError
-from sidecar.model.engines import selection as selection_module
 from sidecar.model.engines.base import Engine
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
 from sidecar.model.engines.openvino_engine import OpenVinoEngine
@@ -20,10 +19,10 @@ from sidecar.model.engines.registry import Offer, Unavailable
 from sidecar.model.engines.selection import (
     EngineCandidate,
     EngineRequest,
-    TimingRace,
     choose,
     plan_candidates,
     select_engine,
+    throughputs,
 )
 from sidecar.model.engines.torch_engine import TorchEngine
 from tests.conftest import running_sidecar
@@ -170,43 +169,6 @@ def test_precision_auto_serves_a_passing_candidate_and_notes_the_slower_ones(
     assert slower, selection.notes
     assert all(f"for {served})" in note for note in slower)
     assert not any(note.startswith(served) for note in selection.notes)
-
-
-async def test_candidates_are_timed_one_at_a_time_and_only_the_one_that_serves_is_built_again(
-    tmp_path, tiny_network, tiny_probe, monkeypatch
-):
-    """A large model's candidates would not fit in memory together: each is built, timed and closed
-    before the next, then the one the choice gates is built again from its cached artifacts."""
-    builds: list[str] = []
-    open_engines: set[int] = set()
-    most_open = [0]
-    build = selection_module._Builder.build
-
-    def counted_build(self, candidate: EngineCandidate) -> Engine:
-        engine = build(self, candidate)
-        builds.append(str(candidate))
-        if engine is not self.reference:
-            open_engines.add(id(engine))
-            most_open[0] = max(most_open[0], len(open_engines))
-            close = engine.close
-
-            def counted_close(engine_id: int = id(engine)) -> None:
-                open_engines.discard(engine_id)
-                close()
-
-            engine.close = counted_close
-        return engine
-
-    monkeypatch.setattr(selection_module._Builder, "build", counted_build)
-    selection = select_engine(
-        request(tmp_path, precision="auto"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe
-    )
-    served = f"{selection.engine.name}/{selection.engine.precision}"
-    timed = list(selection.timings)
-    assert builds[: len(timed)] == timed  # each once to time it
-    assert builds[-1] == served  # then those gated (usually just this one), again
-    assert most_open[0] == 1
-    assert len(timed) > 2
 
 
 async def test_info_reports_why_engines_were_skipped(tiny_bert: Path, tmp_path: Path, monkeypatch):
@@ -375,12 +337,11 @@ class SleepingEngine(Engine):
 
 def test_timing_stops_for_a_candidate_clearly_behind_unless_it_leads_its_group():
     fast, slow, slow_lossy_leader = SleepingEngine(0.01), SleepingEngine(0.03), SleepingEngine(0.04)
-    race = TimingRace(padded_batch(2, 8, seed=0))
-    for engine, lossy in ((fast, False), (slow, False), (slow_lossy_leader, True)):
-        race.time(engine, lossy)
+    batch = padded_batch(2, 8, seed=0)
+    speeds = throughputs([fast, slow, slow_lossy_leader], batch, groups=[False, False, True])
     assert fast.calls == slow_lossy_leader.calls == 4  # a warm-up and three rounds
     assert slow.calls == 2  # the warm-up and the first round
-    assert race.speeds[0] > race.speeds[1] > race.speeds[2]
+    assert speeds[0] > speeds[1] > speeds[2]
 
 
 async def test_torch_compile_auto_serves_at_once_then_the_compiled_engine_takes_over(

@@ -3,10 +3,9 @@
 ``--engine auto`` tries TensorRT, then ONNX Runtime, then OpenVINO, then torch; an explicit engine is
 the only one tried. Every candidate that loads must pass the parity gate against torch fp32 before it
 may serve. With a fixed precision the first candidate that passes serves. With ``--precision auto`` every
-candidate the device offers is loaded, timed on a batch shaped like the batcher's and released, one at a
-time; the fastest that passes serves, except that a lossy precision must beat the fastest lossless one
-by ``--lossy-margin``. Candidates are gated only as far as that choice needs (``choose``), loaded again
-from their cached artifacts: usually just the one that serves.
+candidate the device offers is loaded and timed on a batch shaped like the batcher's; the fastest that
+passes serves, except that a lossy precision must beat the fastest lossless one by ``--lossy-margin``.
+Candidates are gated only as far as that choice needs (``choose``): usually just the one that serves.
 The verdict is remembered in the cache (``verdict``): a restart on the same model, hardware, libraries
 and settings loads and gates only the chosen engine. When torch serves and ``--torch-compile`` asks,
 the winner is compiled and gated again: before serving with ``on`` and on CUDA, in the background
@@ -40,7 +39,6 @@ from sidecar.model.engines.registry import EngineInputs, EngineShape, Offer, Una
 from sidecar.model.engines.verdict import Verdict, VerdictStore
 from sidecar.model.export import ExportedModel, library_versions
 from sidecar.model.hardware import device_fingerprint
-from sidecar.model.memory import release_unused_memory
 from sidecar.model.parity import ParityReport, Probe, compare
 from sidecar.model.phases import PhaseTimer
 
@@ -404,8 +402,8 @@ def _select(
     phases: PhaseTimer,
 ) -> Selection:
     """With a fixed precision, the first candidate in chain order that loads and passes the parity gate.
-    Under precision auto, every candidate that loads is timed and released in turn, then those ``choose``
-    needs are loaded again and gated: a candidate that could not serve however it scored never is."""
+    Under precision auto, every candidate that loads is timed first, then gated in order of speed only as
+    far as ``choose`` needs: a candidate that could not serve however it scored is never gated."""
     request = builder.request
     explicit = request.engine != "auto" and request.precision != "auto"
     gate = _Gate(builder, reference_scores, notes, phases, explicit)
@@ -420,42 +418,39 @@ def _select(
             if engine is not builder.reference:
                 engine.close()
         raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
-    timing_batch = typical_batch(request, builder.probe, worker_share=True)
-    race = TimingRace(timing_batch)
-    timed: list[EngineCandidate] = []
-    for candidate in candidates:
-        engine = _built(candidate, builder, notes, phases, explicit)
-        if engine is None:
-            continue
-        with phases.timed("timing"), worker_threads(request.threads):
-            race.time(engine, is_lossy(candidate.precision, request.device))
-        timed.append(candidate)
-        # One candidate at a time beside the reference: a large model's seven would not fit together.
-        if engine is not builder.reference:
-            engine.close()
-        del engine
-        release_unused_memory()
-    if not timed:
+    built = [
+        (candidate, engine)
+        for candidate in candidates
+        if (engine := _built(candidate, builder, notes, phases, explicit)) is not None
+    ]
+    if not built:
         raise ModelLoadError("no engine could load: " + "; ".join(notes))
-    passed: dict[int, tuple[Engine, ParityReport]] = {}
-
-    def passes(index: int) -> bool:
-        """Built again (from the artifacts the first build cached) and gated."""
-        candidate = timed[index]
-        engine = _built(candidate, builder, notes, phases, explicit)
-        if engine is None:
-            return False
+    if len(built) == 1:
+        (candidate, engine), timings, speedup = built[0], {}, 0.0
         report = gate.passes(candidate, engine)
         if report is None:
-            if engine is not builder.reference:
-                engine.close()
-            return False
-        passed[index] = (engine, report)
-        return True
+            raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
+    else:
+        with phases.timed("timing"), worker_threads(request.threads):
+            speeds = throughputs(
+                [engine for _, engine in built],
+                typical_batch(request, builder.probe, worker_share=True),
+                groups=[is_lossy(candidate.precision, request.device) for candidate, _ in built],
+            )
+        timings = {str(candidate): speed for (candidate, _), speed in zip(built, speeds, strict=True)}
+        reports: dict[int, ParityReport | None] = {}
 
-    best, speedup = choose(timed, race.speeds, request, passes, notes)
-    engine, report = passed[best]  # choose stops at the first candidate that passes and serves
-    timings = {str(candidate): speed for candidate, speed in zip(timed, race.speeds, strict=True)}
+        def passes(index: int) -> bool:
+            reports[index] = gate.passes(*built[index])
+            return reports[index] is not None
+
+        best, speedup = choose([candidate for candidate, _ in built], speeds, request, passes, notes)
+        candidate, engine = built[best]
+        report = reports[best]
+        assert report is not None  # choose serves only a candidate that passed
+    for _, other in built:
+        if other is not engine and other is not builder.reference:
+            other.close()
     return Selection(engine, report, notes, timings=timings, speedup_over_lossless=speedup)
 
 
@@ -622,29 +617,27 @@ def typical_batch(request: EngineRequest, probe: Probe, *, worker_share: bool = 
     return TokenBatch(token_ids, np.ones((rows, columns), dtype=np.int64), token_types)
 
 
-class TimingRace:
-    """Rows per second of candidates timed one after another on the same batch: each the best of a few
-    rounds after a warm-up. After its first round a candidate more than ``_CLEARLY_BEHIND`` slower than
-    the fastest so far stops being timed, unless it is the fastest so far of its group (lossy or not),
-    whose best the choice compares."""
+def throughputs(engines: list[Engine], batch: TokenBatch, groups: list[bool] | None = None) -> list[float]:
+    """Rows per second of each engine: the best of a few rounds after a warm-up.
 
-    def __init__(self, batch: TokenBatch) -> None:
-        self.batch = batch
-        self.speeds: list[float] = []
-        self._fastest: float = float("inf")  # seconds of the fastest so far
-        self._fastest_of_group: dict[bool, float] = {}
-
-    def time(self, engine: Engine, lossy: bool) -> float:
-        engine.forward(self.batch)
-        best = float("inf")
-        for _ in range(_TIMED_ROUNDS):
+    Every round times each engine still in the race once, so load from other processes falls on all of
+    them alike. After the first round an engine more than ``_CLEARLY_BEHIND`` slower than the leader
+    stops being timed, unless it leads its group (``groups``: lossy or not), whose best the choice
+    compares.
+    """
+    groups = groups or [False] * len(engines)
+    for engine in engines:
+        engine.forward(batch)
+    best = [float("inf")] * len(engines)
+    racing = list(range(len(engines)))
+    for _ in range(_TIMED_ROUNDS):
+        for index in racing:
             started = time.perf_counter()
-            engine.forward(self.batch)
-            best = min(best, time.perf_counter() - started)
-            leads_its_group = best <= self._fastest_of_group.get(lossy, float("inf"))
-            if not leads_its_group and best > _CLEARLY_BEHIND * self._fastest:
-                break
-        self._fastest = min(self._fastest, best)
-        self._fastest_of_group[lossy] = min(self._fastest_of_group.get(lossy, float("inf")), best)
-        self.speeds.append(self.batch.shape[0] / best)
-        return self.speeds[-1]
+            engines[index].forward(batch)
+            best[index] = min(best[index], time.perf_counter() - started)
+        leaders = {
+            min((i for i in racing if groups[i] == group), key=best.__getitem__) for group in set(groups)
+        }
+        leader = min(best)
+        racing = [i for i in racing if i in leaders or best[i] <= _CLEARLY_BEHIND * leader]
+    return [batch.shape[0] / seconds for seconds in best]
