@@ -311,7 +311,13 @@ class Batcher:
 
     @staticmethod
     def _release_scratch(engine: Engine) -> None:
-        engine.release_scratch()
+        try:
+            engine.release_scratch()
+        except Exception:  # the memory stays held; serving goes on regardless
+            logger.warning(
+                "%s/%s could not give back its scratch memory", engine.name, engine.precision, exc_info=True
+            )
+            return
         release_unused_memory()  # the freed buffers go back to the system, not to glibc's free lists
 
     def _batch_done(self, own_workers: asyncio.Semaphore, started: float, _: asyncio.Task[None]) -> None:

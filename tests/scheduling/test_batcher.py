@@ -403,3 +403,25 @@ async def test_with_no_idle_release_the_scratch_memory_is_kept():
         assert engine.releases == 0
     finally:
         await batcher.close()
+
+
+async def test_an_engine_that_cannot_give_back_its_scratch_memory_keeps_serving(caplog):
+    class Refusing(ScratchEngine):
+        def release_scratch(self) -> None:
+            super().release_scratch()
+            raise RuntimeError("busy")
+
+    engine = Refusing()
+    batcher = Batcher(
+        engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True, idle_release_s=0.05
+    )
+    batcher.start()
+    try:
+        await batcher.score(pairs_of_length(4, 1), None)
+        await asyncio.sleep(0.3)
+        assert engine.releases == 1
+        assert "could not give back its scratch memory" in caplog.text
+        scored = await batcher.score(pairs_of_length(4, 2, base=5), None)
+        assert [float(row[0]) for row in scored.outputs] == [20.0, 24.0]
+    finally:
+        await batcher.close()
