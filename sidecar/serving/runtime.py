@@ -9,6 +9,7 @@ import functools
 import logging
 import multiprocessing
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -183,9 +184,13 @@ class SelectionProcess:
     first model needs it and serves every model of the start, so its interpreter and its imports (torch,
     transformers, onnx) are paid once; ``close`` lets it exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, work: Callable[[Settings, Connection], None] | None = None) -> None:
+        # The child's whole life (``_select_each``; tests give their own).
+        self._work = work or _select_each
         self._child: multiprocessing.process.BaseProcess | None = None
         self._connection: Connection | None = None
+        self._selecting = False
+        self._closed = False
 
     def __enter__(self) -> SelectionProcess:
         return self
@@ -202,16 +207,21 @@ class SelectionProcess:
             context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this one
             self._connection, child_end = context.Pipe()
             self._child = context.Process(
-                target=_select_each, args=(settings, child_end), name="engine-selection"
+                target=self._work, args=(settings, child_end), name="engine-selection"
             )
             self._child.start()
             child_end.close()
         assert self._child is not None
         logger.info("selecting the engine for %s in child process %s", source.model_id, self._child.pid)
+        self._selecting = True
         try:
             self._connection.send((settings, source, cache_dir))
             outcome: tuple[str, Any] = self._connection.recv()
         except (EOFError, OSError):
+            if self._closed:  # the start was stopped: nobody waits for this model any more
+                raise ModelLoadError(
+                    f"the start stopped while the engine for {source.model_id} was selected"
+                ) from None
             self._child.join()
             logger.warning(
                 "the engine selection's process for %s exited with code %s; selecting in this process",
@@ -220,6 +230,8 @@ class SelectionProcess:
             )
             self._connection = None
             return None
+        finally:
+            self._selecting = False
         status, detail = outcome
         if status == "failed":
             raise ModelLoadError(detail)
@@ -233,11 +245,16 @@ class SelectionProcess:
         return bool(from_cache)
 
     def close(self) -> None:
-        """Let the child exit, if one was started; it is reaped in the background."""
+        """Let the child exit, if one was started, or stop it in the middle of a selection, which nobody
+        waits for any more (the start is failing or being stopped); it is reaped in the background."""
         if self._connection is None or self._child is None:
             return
-        with contextlib.suppress(OSError):  # it exited already
-            self._connection.send(None)
+        self._closed = True
+        if self._selecting:
+            self._child.terminate()
+        else:
+            with contextlib.suppress(OSError):  # it exited already
+                self._connection.send(None)
         self._connection.close()
         self._connection = None
         threading.Thread(target=self._child.join, name="engine-selection-reaper", daemon=True).start()

@@ -12,6 +12,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import pytest
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.loading import ModelSource
+from sidecar.model.phases import PhaseTimer
 from sidecar.model.warm import differing_files, model_files
 from sidecar.serving import runtime as runtime_module
 from sidecar.serving.runtime import Runtime, load_runtime
@@ -160,6 +164,38 @@ def test_the_models_of_a_first_start_share_one_selection_process(
     children = re.findall(r"selecting the engine for (\S+) in child process (\d+)", served["log"])
     assert [model for model, _ in children] == [tiny_bert.name, tiny_bert_two_labels.name]
     assert len({pid for _, pid in children}) == 1
+
+
+def _selects_for_ever(settings: Settings, requests: Connection) -> None:
+    """A selection child that takes a model and never answers; it says it started in the cache dir."""
+    requests.recv()
+    (Path(settings.cache_dir) / "selecting").touch()
+    time.sleep(600)
+
+
+def test_closing_stops_a_selection_in_the_middle_and_its_load_fails_at_once(model_dir: Path, tmp_path: Path):
+    process = runtime_module.SelectionProcess(work=_selects_for_ever)
+    settings = settings_for(model_dir, tmp_path, "openvino")
+    failures: list[str] = []
+
+    def select() -> None:
+        try:
+            process.select(settings, ModelSource(str(model_dir)), tmp_path, PhaseTimer())
+        except ModelLoadError as exc:
+            failures.append(str(exc))
+
+    selecting = threading.Thread(target=select)
+    selecting.start()
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "selecting").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "selecting").exists()
+    closed = time.monotonic()
+    process.close()
+    selecting.join(30)
+    assert not selecting.is_alive()
+    assert time.monotonic() - closed < 10  # the child is stopped, not waited for
+    assert failures == [f"the start stopped while the engine for {model_dir.name} was selected"]
 
 
 def _openvino_blob(cache: Path) -> Path:
