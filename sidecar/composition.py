@@ -116,14 +116,16 @@ class ModelAssembly:
     async def build(self) -> ServedModels:
         """Every model ready to serve; what was built is released again when a model fails to load."""
         try:
-            return await self._build()
+            models = await self._build()
         except BaseException:
+            # First: a selection still running is for a model nobody waits for any more.
+            self._selection_process.close()
             for served in self._built:
                 await served.batcher.close()
             self._tokenizer_pool.shutdown()
             raise
-        finally:
-            self._selection_process.close()
+        self._selection_process.close()
+        return models
 
     async def _build(self) -> ServedModels:
         settings = self.settings
