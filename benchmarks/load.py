@@ -8,6 +8,8 @@ has MiniLM-L6 shape with real encoder weights (see benchmarks/harness.py); only 
 
     .venv/bin/python -m benchmarks.load [--levels 1 4 16 64] [--seconds 60] [--engine auto]
     .venv/bin/python -m benchmarks.load --soak-seconds 300 --soak-callers 16   # memory sampled every 10 s
+    .venv/bin/python -m benchmarks.load --soak-seconds 600 --soak-callers 4 --soak-workload varied \
+        --embed-model sentence-transformers/all-MiniLM-L6-v2   # the default sidecar, ever new batch shapes
     .venv/bin/python -m benchmarks.load --mixed --levels 4 16   # half HTTP, half gRPC, one queue
     .venv/bin/python -m benchmarks.load --two-models --levels 4 --seconds 30   # two models, one sidecar
     .venv/bin/python -m benchmarks.load --score-cache --cache-seconds 15   # the score cache, on and off
@@ -96,13 +98,16 @@ Call = Callable[[], Awaitable[str]]
 
 
 def grpc_call(
-    stub: rerank_pb2_grpc.RerankerStub, request: rerank_pb2.RerankRequest, usages: list[rerank_pb2.Usage]
+    stub: rerank_pb2_grpc.RerankerStub,
+    requests: Iterator[rerank_pb2.RerankRequest],
+    usages: list[rerank_pb2.Usage],
 ) -> Call:
-    """A Rerank call that appends each answer's Usage (its server-side timings) to ``usages``."""
+    """A Rerank call of the next of ``requests`` that appends each answer's Usage (its server-side
+    timings) to ``usages``."""
 
     async def call() -> str:
         try:
-            response = await stub.Rerank(request, timeout=600)
+            response = await stub.Rerank(next(requests), timeout=600)
         except grpc.aio.AioRpcError as error:
             return "refused" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else error.code().name
         usages.append(response.usage)
@@ -191,12 +196,18 @@ def queued_pair_seconds(metrics_port: int) -> float:
 
 
 async def run_level(
-    sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int, seconds: float
+    sidecar: Sidecar,
+    request: rerank_pb2.RerankRequest,
+    callers: int,
+    seconds: float,
+    requests: Iterator[rerank_pb2.RerankRequest] | None = None,
 ) -> Level:
+    """``callers`` callers sending ``request``, or the next of ``requests`` (as many documents each)."""
     usages: list[rerank_pb2.Usage] = []
     area_before, started = queued_pair_seconds(sidecar.metrics_port), time.monotonic()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        call = grpc_call(rerank_pb2_grpc.RerankerStub(channel), request, usages)
+        stub = rerank_pb2_grpc.RerankerStub(channel)
+        call = grpc_call(stub, requests or itertools.repeat(request), usages)
         (level,) = await closed_loop({"grpc": [call] * callers}, len(request.documents), seconds)
     elapsed = time.monotonic() - started
     level.mean_queued_pairs = (queued_pair_seconds(sidecar.metrics_port) - area_before) / elapsed
@@ -218,7 +229,8 @@ async def run_mixed_level(
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as client,
     ):
         calls = {
-            "grpc": [grpc_call(rerank_pb2_grpc.RerankerStub(channel), request, [])] * (callers // 2),
+            "grpc": [grpc_call(rerank_pb2_grpc.RerankerStub(channel), itertools.repeat(request), [])]
+            * (callers // 2),
             "http": [http_call(client, request)] * (callers - callers // 2),
         }
         return await closed_loop(calls, len(request.documents), seconds)
@@ -230,7 +242,10 @@ async def run_models_level(
     """``callers`` callers for each of ``requests``' models at once; a Level per model."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = rerank_pb2_grpc.RerankerStub(channel)
-        calls = {model: [grpc_call(stub, request, [])] * callers for model, request in requests.items()}
+        calls = {
+            model: [grpc_call(stub, itertools.repeat(request), [])] * callers
+            for model, request in requests.items()
+        }
         documents = len(next(iter(requests.values())).documents)
         return await closed_loop(calls, documents, seconds)
 
@@ -284,12 +299,36 @@ def two_models(
     args.out.with_name("load-two-models.json").write_text(json.dumps(record, indent=2))
 
 
-async def soak(sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int, seconds: float) -> dict:
-    """Saturate the sidecar for ``seconds`` in one closed loop, sampling its resident memory every 10 s.
+def varied_requests(
+    request: rerank_pb2.RerankRequest, texts: list[str], seed: int = 0
+) -> Iterator[rerank_pb2.RerankRequest]:
+    """Requests like ``request`` (as many documents, the same max_length) that vary as production
+    traffic does: each has its own query and SciFact passages cut to between 5 and 250 words, so the
+    model's batches come in ever new shapes (rows by longest pair) and the score cache answers none."""
+    rng = random.Random(seed)
+    for number in itertools.count():
+        documents = []
+        for index, text in enumerate(rng.sample(texts, len(request.documents))):
+            words = text.split()
+            documents.append(rerank_pb2.Document(id=str(index), text=" ".join(words[: rng.randint(5, 250)])))
+        yield rerank_pb2.RerankRequest(
+            query=f"{request.query} ({number})", documents=documents, max_length=request.max_length
+        )
+
+
+async def soak(
+    sidecar: Sidecar,
+    request: rerank_pb2.RerankRequest,
+    callers: int,
+    seconds: float,
+    requests: Iterator[rerank_pb2.RerankRequest] | None = None,
+) -> dict:
+    """Saturate the sidecar for ``seconds`` in one closed loop of ``request`` (or of ``requests``),
+    sampling its resident memory every 10 s.
 
     Memory is compared from the first sample, taken after a warm-up minute at the same load.
     """
-    await run_level(sidecar, request, callers, min(60.0, seconds / 5))
+    await run_level(sidecar, request, callers, min(60.0, seconds / 5), requests)
     samples: list[tuple[float, int]] = []
     started = time.monotonic()
 
@@ -299,7 +338,7 @@ async def soak(sidecar: Sidecar, request: rerank_pb2.RerankRequest, callers: int
             await asyncio.sleep(10.0)
 
     sampler = asyncio.create_task(sample())
-    level = await run_level(sidecar, request, callers, seconds)
+    level = await run_level(sidecar, request, callers, seconds, requests)
     sampler.cancel()
     samples.append((time.monotonic() - started, sidecar.rss_bytes()))
     first, last = samples[0][1], samples[-1][1]
@@ -472,6 +511,13 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=float, default=0.0, help="run a soak instead of the levels")
     parser.add_argument("--soak-callers", type=int, default=16)
     parser.add_argument(
+        "--soak-workload",
+        choices=("fixed", "varied"),
+        default="fixed",
+        help="the soak's requests: the levels' request over and over, or requests that vary as "
+        "production traffic does (other passages, cut to other lengths: ever new batch shapes)",
+    )
+    parser.add_argument(
         "--mixed", action="store_true", help="half the callers over HTTP (POST /v2/rerank), half over gRPC"
     )
     parser.add_argument(
@@ -522,11 +568,13 @@ def main() -> None:
     with start_sidecar(model_dir, settings) as sidecar:
         asyncio.run(run_level(sidecar, request, 1, 5.0))  # warm-up, not reported
         if args.soak_seconds:
-            result = asyncio.run(soak(sidecar, request, args.soak_callers, args.soak_seconds))
-            result["engine"] = sidecar.engine
+            varied = varied_requests(request, corpus_texts()) if args.soak_workload == "varied" else None
+            result = asyncio.run(soak(sidecar, request, args.soak_callers, args.soak_seconds, varied))
+            result["engine"], result["workload"] = sidecar.engine, args.soak_workload
             print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}, indent=2))
             record = {"hardware": hardware_record(), **result}
-            args.out.with_name("soak.json").write_text(json.dumps(record, indent=2))
+            name = "soak.json" if args.soak_workload == "fixed" else "soak-varied.json"
+            args.out.with_name(name).write_text(json.dumps(record, indent=2))
             return
         levels = [asyncio.run(run_level(sidecar, request, n, args.seconds)) for n in args.levels]
         peak_rss_mib = sidecar.peak_rss_bytes() / 2**20

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 RuntimeFactory = Callable[[Settings, ModelSource], Runtime]
 
 _WARMUP_TEXT = "warm-up " * 512
+# oneDNN's kernel cache, in kernels, unless the operator sets ONEDNN_PRIMITIVE_CACHE_CAPACITY.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 64
 
 
 def prepare_process(settings: Settings) -> Settings:
@@ -61,9 +63,13 @@ def prepare_process(settings: Settings) -> Settings:
     # every core for each request and preempt the engine's threads under concurrent callers (measured
     # with benchmarks/load.py). TorchInductor's compiled kernels go beside the other compiled
     # artifacts, on the mounted volume; it reads the variable once, so it is set before anything
-    # compiles. An operator's own settings win.
+    # compiles. oneDNN (inside OpenVINO and torch) keeps up to 1024 kernels for the shapes it met, about
+    # 170 MB once traffic has brought that many; the engines keep their own per-shape caches in front of
+    # it, so a small one costs nothing measurable (benchmarks/RESULTS.md, "Memory under varied
+    # traffic"). It is read when oneDNN first runs. An operator's own settings win.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
     if settings.otel_endpoint:
         configure_tracing(settings.otel_endpoint, "rerank-sidecar")
     return dataclasses.replace(settings, cache_dir=str(cache_dir))
@@ -217,6 +223,9 @@ class ModelAssembly:
         self.metrics.describe_engine(name, engine.name, engine.precision, engine.device, model.kind.value)
         with runtime.phases.timed("warm-up"):
             await self._warm_up(served)
+            # The gate's and the warm-up's full-length batches left each stream scratch memory sized for
+            # them; the model's own traffic allocates what it needs.
+            batcher.release_scratch_soon()
         logger.info(
             "%s ready on %s/%s in %.1f s: %s",
             name,

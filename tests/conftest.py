@@ -51,6 +51,7 @@ class RecordingEngine(Engine):
         self.open = threading.Event()
         self.open.set()
         self.entered = threading.Event()
+        self.scratch_releases = 0
 
     def forward(self, batch: TokenBatch) -> np.ndarray:
         self.entered.set()
@@ -58,6 +59,10 @@ class RecordingEngine(Engine):
             raise TimeoutError("test left the engine paused")
         self.batches.append(batch)
         return self.inner.forward(batch)
+
+    def release_scratch(self) -> None:
+        self.scratch_releases += 1
+        self.inner.release_scratch()
 
     def saw_token(self, token_id: int) -> bool:
         return any(bool((batch.input_ids == token_id).any()) for batch in self.batches)

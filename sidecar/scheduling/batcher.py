@@ -175,6 +175,7 @@ class Batcher:
         # keeps it. Whether a batch ran since it last did.
         self._idle_release_s = idle_release_s
         self._scratch_held = False
+        self._release_soon = False
 
     @property
     def queued_pairs(self) -> int:
@@ -296,18 +297,31 @@ class Batcher:
     async def _wait_for_work(self) -> None:
         """Wait until pairs are queued. A model idle meanwhile for ``idle_release_s``, with no batch
         queued or running, has its engine give back its scratch memory, once per busy spell: a model
-        that is seldom asked, beside a busy one, then holds only its weights."""
+        that is seldom asked, beside a busy one, then holds only its weights. After
+        ``release_scratch_soon`` it gives it back as soon as no batch runs."""
         while self._idle_release_s > 0 and self._scratch_held:
-            try:
-                await asyncio.wait_for(self._work_available.wait(), self._idle_release_s)
-                return
-            except TimeoutError:
-                if self._running:
-                    continue  # its last batches still run: idle from when they end
-            self._scratch_held = False
+            if not self._release_soon or self._running:
+                try:
+                    # Not wait_for: under Python 3.11 it can swallow close()'s cancellation when work
+                    # arrives in the same loop turn, and the loop would then wait forever.
+                    async with asyncio.timeout(self._idle_release_s):
+                        await self._work_available.wait()
+                    return
+                except TimeoutError:
+                    if self._running:
+                        continue  # its last batches still run: idle from when they end
+            self._scratch_held = self._release_soon = False
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._model_threads, self._release_scratch, self.engine)
         await self._work_available.wait()
+
+    def release_scratch_soon(self) -> None:
+        """Have the engine give back its scratch memory once no batch is queued or running, without
+        waiting ``idle_release_s`` (when that is 0, the memory is kept). Start-up asks after the
+        warm-up, whose full-length batches are not what traffic needs."""
+        if self._idle_release_s > 0 and self._scratch_held:
+            self._release_soon = True
+            self._work_available.set()  # wakes the loop, which finds nothing queued and waits again
 
     @staticmethod
     def _release_scratch(engine: Engine) -> None:
@@ -323,6 +337,8 @@ class Batcher:
     def _batch_done(self, own_workers: asyncio.Semaphore, started: float, _: asyncio.Task[None]) -> None:
         own_workers.release()
         self._capacity.release(self, time.monotonic() - started)
+        if self._release_soon:
+            self._work_available.set()  # the release waited for this batch to end
 
     async def _run_batch(self, batch: list[_QueuedPair]) -> None:
         self._scratch_held = True

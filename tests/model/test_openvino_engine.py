@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,7 +11,12 @@ import pytest
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
-from sidecar.model.engines.openvino_engine import OpenVinoEngine, openvino_precisions, unavailable_reason
+from sidecar.model.engines.openvino_engine import (
+    RUNTIME_CACHE_CAPACITY,
+    OpenVinoEngine,
+    openvino_precisions,
+    unavailable_reason,
+)
 from sidecar.model.parity import compare
 from tests.conditions import needs_native_bf16
 from tests.models import padded_batch
@@ -60,6 +66,23 @@ def test_after_giving_back_its_scratch_memory_it_scores_the_same(tiny_exported, 
         after = list(workers.map(engine.forward, batches))
     for first, again in zip(before, after, strict=True):
         np.testing.assert_array_equal(first, again)
+
+
+def test_more_batch_shapes_than_its_runtime_cache_holds_score_the_same(tmp_path: Path, tiny_exported):
+    engine = openvino(tiny_exported, ArtifactCache(tmp_path))
+    # Executors are kept for a bounded number of shapes, so ever new traffic shapes cannot grow it; the
+    # compiled blob is keyed by that bound too.
+    (manifest,) = tmp_path.rglob("manifest.json")
+    assert json.loads(manifest.read_text())["key"]["CPU_RUNTIME_CACHE_CAPACITY"] == str(
+        RUNTIME_CACHE_CAPACITY
+    )
+    batches = [
+        padded_batch(1 + index % 4, 8 + index, seed=index) for index in range(RUNTIME_CACHE_CAPACITY + 8)
+    ]
+    first = [engine.forward(batch) for batch in batches]
+    again = [engine.forward(batch) for batch in batches]  # the early shapes were evicted meanwhile
+    for before, after in zip(first, again, strict=True):
+        np.testing.assert_array_equal(before, after)
 
 
 def test_its_compiled_blob_is_cached_with_a_manifest(tmp_path: Path, tiny_exported):

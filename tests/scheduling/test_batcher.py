@@ -393,6 +393,50 @@ async def test_an_idle_model_gives_back_its_scratch_memory_once_until_it_works_a
         await batcher.close()
 
 
+async def test_asked_to_release_soon_it_gives_back_its_scratch_memory_once_its_batches_end():
+    engine = ScratchEngine()
+    batcher = Batcher(
+        engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True, idle_release_s=60.0
+    )
+    batcher.start()
+    try:
+        batcher.release_scratch_soon()
+        await asyncio.sleep(0.1)
+        assert engine.releases == 0  # nothing ran yet, so there is nothing to give back
+        await batcher.score(pairs_of_length(4, 2), None)
+        batcher.release_scratch_soon()
+        await asyncio.sleep(0.1)
+        assert engine.releases == 1  # without waiting the idle time
+        engine.gate.clear()
+        scoring = asyncio.create_task(batcher.score(pairs_of_length(4, 2), None))
+        await asyncio.sleep(0.1)
+        batcher.release_scratch_soon()
+        await asyncio.sleep(0.1)
+        assert engine.releases == 1  # never while a batch runs
+        engine.gate.set()
+        await scoring
+        await asyncio.sleep(0.1)
+        assert engine.releases == 2  # as soon as it ended
+        await batcher.score(pairs_of_length(4, 1), None)
+        await asyncio.sleep(0.2)
+        assert engine.releases == 2  # the next busy spell waits for the idle time again
+    finally:
+        await batcher.close()
+
+
+async def test_with_no_idle_release_a_release_soon_keeps_the_scratch_memory():
+    engine = ScratchEngine()
+    batcher = Batcher(engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True)
+    batcher.start()
+    try:
+        await batcher.score(pairs_of_length(4, 2), None)
+        batcher.release_scratch_soon()
+        await asyncio.sleep(0.2)
+        assert engine.releases == 0
+    finally:
+        await batcher.close()
+
+
 async def test_with_no_idle_release_the_scratch_memory_is_kept():
     engine = ScratchEngine()
     batcher = Batcher(engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True)

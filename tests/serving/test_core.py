@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from sidecar.serving.reranking import (
 from sidecar.serving.runtime import load_runtime
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.status import STATUS_OF_ERROR
-from tests.conftest import ReferenceScorer
+from tests.conftest import RecordingEngine, ReferenceScorer, recording_runtime
 
 QUERY = "how do vaccines train the immune system"
 TEXTS = ("Vaccines expose the immune system to an antigen.", "Bread rises because of yeast.", "B cells.")
@@ -114,6 +115,55 @@ async def test_a_draining_core_refuses_new_requests(tiny_bert: Path):
         with pytest.raises(NotReady, match="shutting down"):
             serving.require_reranker()
         await serving.close()
+        assert serving.state is ServingState.STOPPED
+
+
+@pytest.mark.parametrize(("idle_release_after", "releases"), [(60.0, 1), (0.0, 0)])
+async def test_a_model_gives_back_its_warm_ups_scratch_memory_before_it_serves(
+    tiny_bert: Path, idle_release_after: float, releases: int
+):
+    with tempfile.TemporaryDirectory(prefix="sidecar-cache-") as cache_dir:
+        settings = Settings(
+            model=str(tiny_bert),
+            engine="torch",
+            precision="fp32",
+            torch_compile="off",
+            embed_model="",
+            cache_dir=cache_dir,
+            idle_release_after=idle_release_after,
+        )
+        serving = ServingCore(settings, Metrics())
+        serving.serve(await ModelAssembly(settings, serving.metrics, recording_runtime).build())
+        try:
+            engine = serving.ranking.engine
+            assert isinstance(engine, RecordingEngine)
+            for _ in range(50):  # the release runs on a model thread once the warm-up's batches end
+                if engine.scratch_releases >= releases:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
+            assert engine.batches  # the warm-up ran
+            assert engine.scratch_releases == releases  # once, long before the idle time; never with 0
+        finally:
+            await serving.close()
+
+
+async def test_a_core_closed_right_after_it_serves_stops_at_once(tiny_bert: Path):
+    # Its batcher is then asked to give back the warm-up's scratch memory in the same loop turns as
+    # it is cancelled; under Python 3.11, asyncio.wait_for swallowed that cancellation and close hung.
+    with tempfile.TemporaryDirectory(prefix="sidecar-cache-") as cache_dir:
+        settings = Settings(
+            model=str(tiny_bert),
+            engine="torch",
+            precision="fp32",
+            torch_compile="off",
+            embed_model="",
+            cache_dir=cache_dir,
+            idle_release_after=60.0,
+        )
+        serving = ServingCore(settings, Metrics())
+        serving.serve(await ModelAssembly(settings, serving.metrics, load_runtime).build())
+        await asyncio.wait_for(serving.close(), timeout=10)
         assert serving.state is ServingState.STOPPED
 
 

@@ -157,16 +157,23 @@ async def test_sigterm_while_compiling_in_the_background_exits_zero_at_once(tiny
             await process.wait()
 
 
-async def test_the_rust_tokenizer_pool_is_off_unless_the_operator_set_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("variable", "ours", "operators"),
+    [
+        ("TOKENIZERS_PARALLELISM", "false", "true"),  # the Rust tokenizer's own thread pool
+        ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64", "1024"),  # oneDNN's kernel cache
+    ],
+)
+async def test_library_settings_are_the_sidecars_unless_the_operator_set_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, ours: str, operators: str
 ):
     settings = Settings(model=str(tmp_path), host="127.0.0.1", port=0)
-    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.delenv(variable, raising=False)
     await SidecarServer(settings).stop(grace=0)
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    assert os.environ[variable] == ours
+    monkeypatch.setenv(variable, operators)
     await SidecarServer(settings).stop(grace=0)
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert os.environ[variable] == operators
 
 
 async def test_a_cache_dir_that_cannot_be_written_serves_with_one_warning(tiny_bert: Path, tmp_path: Path):

@@ -36,6 +36,8 @@ from sidecar.model.hardware import cpu_info, device_fingerprint
 logger = logging.getLogger(__name__)
 
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+# Enough for one forward pass's executors, which its layers share, and a few batch shapes more.
+RUNTIME_CACHE_CAPACITY = 32
 
 
 def openvino_precisions(device: str) -> tuple[str, ...]:
@@ -90,6 +92,10 @@ class OpenVinoEngine(Engine):
             # Pinned, every model's first stream takes the first core: two models' batches at once then
             # share one core while another idles (benchmarks/RESULTS.md, "Two models in one sidecar").
             "ENABLE_CPU_PINNING": False,
+            # Executors kept per stream for the batch shapes it ran. OpenVINO's default (5000) lets a
+            # stream hold about 2 MB for every shape until then, and traffic brings ever new shapes;
+            # a miss measured about 2% slower (benchmarks/RESULTS.md, "Memory under varied traffic").
+            "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY,
         }
         path = exported.path if precision != "int8" else static_int8_model(exported, calibration, cache)
         # The directory names the artifact's cache key (for int8 it covers the calibration too).
