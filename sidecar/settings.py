@@ -202,6 +202,7 @@ class Settings:
         "Seconds a model may stay idle (no batch queued or running) before its engine gives back the "
         "scratch memory it keeps for intermediate results, sized for the largest batch it ran (OpenVINO); "
         "the next batch allocates it again. A model seldom asked then holds little more than its weights. "
+        "What the start-up's gate and warm-up left is given back as soon as the warm-up ends. "
         "0 keeps the scratch memory.",
     )
     metrics_port: int = _setting(9400, "Port of the Prometheus metrics endpoint (on --host); 0 disables it.")
