@@ -5,12 +5,20 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from envflags import env_name, flag_name, settings_table
 from sidecar.errors import ModelLoadError
+from sidecar.model.batch import TokenBatch
 from sidecar.model.engines.base import Engine
-from sidecar.serving.runtime import batch_pair_limit, batch_token_budget, batch_workers, serving_workers
+from sidecar.serving.runtime import (
+    batch_pair_limit,
+    batch_token_budget,
+    batch_workers,
+    served_batch_tokens,
+    serving_workers,
+)
 from sidecar.settings import ENV_PREFIX, ModelEntry, Settings, model_entries, parse_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -58,6 +66,24 @@ def test_batch_token_budget_defaults_by_device_and_fits_one_full_input():
     assert batch_token_budget(0, "cuda:1", 512) == 32768
     assert batch_token_budget(0, "cpu", 8192) == 8192  # a long-context model still fits one input
     assert batch_token_budget(2048, "cpu", 512) == 2048  # an operator's value is kept as given
+
+
+def test_an_engine_that_serves_as_fast_with_smaller_batches_gets_them_unless_the_operator_set_a_budget():
+    class Small(Engine):
+        preferred_batch_tokens = 2048
+
+        def forward(self, batch: TokenBatch) -> np.ndarray:
+            raise NotImplementedError
+
+    class Plain(Small):
+        preferred_batch_tokens = None
+
+    small, plain = Small(precision="fp32", device="cpu"), Plain(precision="fp32", device="cpu")
+    assert served_batch_tokens(0, 4096, small, 512) == 2048
+    assert served_batch_tokens(0, 4096, plain, 512) == 4096
+    assert served_batch_tokens(0, 8192, small, 8192) == 8192  # a long-context model still fits one input
+    assert served_batch_tokens(0, 1024, small, 512) == 1024  # never above the device's budget
+    assert served_batch_tokens(4096, 4096, small, 512) == 4096  # an operator's value is kept as given
 
 
 def test_batch_pairs_default_by_device():

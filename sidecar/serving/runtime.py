@@ -83,6 +83,15 @@ def batch_token_budget(configured: int, device: str, max_length: int) -> int:
     return max(default, max_length)
 
 
+def served_batch_tokens(configured: int, budget: int, engine: Engine, max_length: int) -> int:
+    """The batcher's token budget: ``budget`` (see batch_token_budget), or when ``--max-batch-tokens``
+    is 0 and the engine serves as fast with smaller batches, its own, raised to fit one full-length
+    input."""
+    if configured or engine.preferred_batch_tokens is None:
+        return budget
+    return min(budget, max(engine.preferred_batch_tokens, max_length))
+
+
 def batch_pair_limit(configured: int, device: str) -> int:
     """``--max-batch-pairs``, or when it is 0 the device's default."""
     if configured:
@@ -480,6 +489,9 @@ def _serving_runtime(
 ) -> Runtime:
     engine = selection.engine
     workers = serving_workers(settings.batch_workers, workers, engine)
+    max_batch_tokens = served_batch_tokens(
+        settings.max_batch_tokens, request.max_batch_tokens, engine, model.max_length
+    )
     hardware = describe_device(request.device)
     logger.info(
         "loaded %s (%s %s, %s, max_length %d) on %s/%s/%s (%s%s), batches of up to %d tokens on %d "
@@ -494,7 +506,7 @@ def _serving_runtime(
         engine.device,
         hardware,
         ", remembered choice" if selection.from_cache else "",
-        request.max_batch_tokens,
+        max_batch_tokens,
         workers,
         request.threads,
         selection.parity.describe(),
@@ -502,7 +514,7 @@ def _serving_runtime(
     return Runtime(
         model,
         engine,
-        request.max_batch_tokens,
+        max_batch_tokens,
         request.max_batch_pairs,
         workers,
         selection,

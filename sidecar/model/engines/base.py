@@ -43,6 +43,9 @@ class Engine(ABC):
     forward_on_worker_share: ClassVar[bool] = False
     # The batch shapes the engine was built for, when it was: the batcher pads each batch to one.
     shape_buckets: ShapeBuckets | None = None
+    # A token budget below the device's default that the engine serves as fast with, used unless
+    # --max-batch-tokens is set: smaller batches then hold less memory at no cost. None: the default.
+    preferred_batch_tokens: ClassVar[int | None] = None
 
     def __init__(self, *, precision: str, device: str) -> None:
         self.precision = precision

@@ -68,6 +68,9 @@ class OpenVinoEngine(Engine):
     name = "openvino"
     compiled = True
     forward_on_worker_share = True
+    # Its time per pair is the same from 4 to 16 pairs of 230 tokens, while each stream's scratch
+    # memory grows with a batch's tokens (benchmarks/RESULTS.md, "Start-up to SERVING and memory").
+    preferred_batch_tokens = 2048
 
     def __init__(
         self,
