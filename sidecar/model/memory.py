@@ -17,19 +17,38 @@ import sys
 import threading
 from collections.abc import Callable
 
+# mallopt's parameter number for the mmap threshold, in glibc's malloc.h.
+_M_MMAP_THRESHOLD = -3
+
 
 @functools.cache
+def _libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """glibc's function ``name``, or None under another C library."""
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    function = getattr(ctypes.CDLL(library), name, None)
+    if function is None:
+        return None
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return function
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None under another C library."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
-    if trim is None:
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
+    return _libc_function("malloc_trim", ctypes.c_size_t)
+
+
+def fix_mmap_threshold(threshold: int) -> bool:
+    """Serve allocations of ``threshold`` bytes or more from their own memory maps, which go back to
+    the system when freed, and stop glibc from raising that threshold. By default glibc raises it to the
+    size of each large block freed (up to 32 MB), after which an engine's scratch buffers come from the
+    heap, where the small allocations of the requests served meanwhile keep pages of them resident
+    after they are freed (benchmarks/RESULTS.md, "Start-up to SERVING and memory"). Whether it was set:
+    False under another C library."""
+    mallopt = _libc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, threshold) == 1
 
 
 def release_unused_memory() -> None:

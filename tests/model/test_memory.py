@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -66,3 +68,41 @@ def test_stop_returns_while_work_is_pending():
     started = time.monotonic()
     trimmer.stop()
     assert time.monotonic() - started < 30  # not the 60 s interval
+
+
+_LARGE_BLOCKS_FREED = """
+import sys
+from sidecar.model.memory import fix_mmap_threshold
+
+def rss_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+
+fixed = fix_mmap_threshold(1 << 20) if sys.argv[1] == "fixed" else True
+first = bytearray(8 << 20)  # a larger block freed first: by default glibc's threshold rises past it
+del first
+large, small = [], []
+for _ in range(40):  # as an engine's scratch buffers, with a request's small objects between them
+    block = bytearray(4 << 20)
+    block[::4096] = b"x" * len(block[::4096])
+    large.append(block)
+    small.append(bytearray(1024))
+before = rss_mb()
+large.clear()
+print(fixed, before - rss_mb())
+"""
+
+
+def returned_mb(threshold: str) -> float:
+    """MB given back by freeing 160 MB of large blocks, in a fresh interpreter."""
+    fixed, returned = subprocess.check_output(
+        [sys.executable, "-c", _LARGE_BLOCKS_FREED, threshold], text=True
+    ).split()
+    assert fixed == "True"
+    return float(returned)
+
+
+def test_with_the_mmap_threshold_fixed_large_blocks_go_back_when_freed():
+    assert returned_mb("fixed") > 150
+    # By default glibc serves them from the heap once a larger block was freed, and the small
+    # allocations between them keep the freed pages resident until a trim.
+    assert returned_mb("default") < 50
