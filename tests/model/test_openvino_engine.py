@@ -44,6 +44,15 @@ def test_bf16_passes_the_parity_gate(tiny_exported, artifact_cache, tiny_referen
     assert report.max_abs_diff > 0  # it really ran in bf16
 
 
+@needs_native_bf16
+def test_bf16_compiles_from_weights_stored_in_fp16(tmp_path: Path, tiny_exported):
+    # The compiled model keeps its constants as stored: fp16 storage holds half of fp32's.
+    openvino(tiny_exported, ArtifactCache(tmp_path), "bf16")
+    (weights,) = tmp_path.rglob("openvino-fp16-weights-*/model.bin")
+    onnx_bytes = sum(path.stat().st_size for path in tiny_exported.path.parent.iterdir())
+    assert weights.stat().st_size < 0.6 * onnx_bytes
+
+
 def test_batch_workers_each_get_a_request_of_their_own(tiny_exported, artifact_cache, tiny_reference):
     engine = OpenVinoEngine(
         tiny_exported, artifact_cache, precision="fp32", device="cpu", threads=1, workers=2
