@@ -424,25 +424,15 @@ async def test_asked_to_release_soon_it_gives_back_its_scratch_memory_once_its_b
         await batcher.close()
 
 
-async def test_with_no_idle_release_a_release_soon_keeps_the_scratch_memory():
+@pytest.mark.parametrize("asked_to_release_soon", [False, True])
+async def test_with_no_idle_release_the_scratch_memory_is_kept(asked_to_release_soon: bool):
     engine = ScratchEngine()
     batcher = Batcher(engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True)
     batcher.start()
     try:
         await batcher.score(pairs_of_length(4, 2), None)
-        batcher.release_scratch_soon()
-        await asyncio.sleep(0.2)
-        assert engine.releases == 0
-    finally:
-        await batcher.close()
-
-
-async def test_with_no_idle_release_the_scratch_memory_is_kept():
-    engine = ScratchEngine()
-    batcher = Batcher(engine, BatchLimits(64, 8, 100), pad_token_id=0, with_token_type_ids=True)
-    batcher.start()
-    try:
-        await batcher.score(pairs_of_length(4, 2), None)
+        if asked_to_release_soon:
+            batcher.release_scratch_soon()
         await asyncio.sleep(0.2)
         assert engine.releases == 0
     finally:

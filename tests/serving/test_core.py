@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sidecar
-from sidecar.composition import ModelAssembly
+from sidecar.composition import ModelAssembly, RuntimeFactory
 from sidecar.errors import InvalidArgument, NotReady, ServingError
 from sidecar.serving.core import ServingCore, ServingState
 from sidecar.serving.metrics import Metrics
@@ -118,22 +118,30 @@ async def test_a_draining_core_refuses_new_requests(tiny_bert: Path):
         assert serving.state is ServingState.STOPPED
 
 
+async def serving_tiny_bert(
+    tiny_bert: Path, cache_dir: str, runtime_factory: RuntimeFactory, idle_release_after: float
+) -> ServingCore:
+    """A core serving the tiny model alone on uncompiled torch fp32, loaded and warmed up."""
+    settings = Settings(
+        model=str(tiny_bert),
+        engine="torch",
+        precision="fp32",
+        torch_compile="off",
+        embed_model="",
+        cache_dir=cache_dir,
+        idle_release_after=idle_release_after,
+    )
+    serving = ServingCore(settings, Metrics())
+    serving.serve(await ModelAssembly(settings, serving.metrics, runtime_factory).build())
+    return serving
+
+
 @pytest.mark.parametrize(("idle_release_after", "releases"), [(60.0, 1), (0.0, 0)])
 async def test_a_model_gives_back_its_warm_ups_scratch_memory_before_it_serves(
     tiny_bert: Path, idle_release_after: float, releases: int
 ):
     with tempfile.TemporaryDirectory(prefix="sidecar-cache-") as cache_dir:
-        settings = Settings(
-            model=str(tiny_bert),
-            engine="torch",
-            precision="fp32",
-            torch_compile="off",
-            embed_model="",
-            cache_dir=cache_dir,
-            idle_release_after=idle_release_after,
-        )
-        serving = ServingCore(settings, Metrics())
-        serving.serve(await ModelAssembly(settings, serving.metrics, recording_runtime).build())
+        serving = await serving_tiny_bert(tiny_bert, cache_dir, recording_runtime, idle_release_after)
         try:
             engine = serving.ranking.engine
             assert isinstance(engine, RecordingEngine)
@@ -152,17 +160,7 @@ async def test_a_core_closed_right_after_it_serves_stops_at_once(tiny_bert: Path
     # Its batcher is then asked to give back the warm-up's scratch memory in the same loop turns as
     # it is cancelled; under Python 3.11, asyncio.wait_for swallowed that cancellation and close hung.
     with tempfile.TemporaryDirectory(prefix="sidecar-cache-") as cache_dir:
-        settings = Settings(
-            model=str(tiny_bert),
-            engine="torch",
-            precision="fp32",
-            torch_compile="off",
-            embed_model="",
-            cache_dir=cache_dir,
-            idle_release_after=60.0,
-        )
-        serving = ServingCore(settings, Metrics())
-        serving.serve(await ModelAssembly(settings, serving.metrics, load_runtime).build())
+        serving = await serving_tiny_bert(tiny_bert, cache_dir, load_runtime, 60.0)
         await asyncio.wait_for(serving.close(), timeout=10)
         assert serving.state is ServingState.STOPPED
 
