@@ -24,10 +24,10 @@ from sidecar.model.engines import Engine
 from sidecar.model.kinds import kind_of
 from sidecar.model.loading import ModelSource
 from sidecar.model.memory import HeapTrimmer, fix_mmap_threshold
-from sidecar.model.tokenization import PairSpec
+from sidecar.model.tokenization import PairSpec, PairTokenizer
 from sidecar.scheduling.batcher import Batcher, BatchLimits
 from sidecar.scheduling.capacity import SharedCapacity
-from sidecar.scheduling.tokenizer_pool import TokenizerPool, tokenizer_workers
+from sidecar.scheduling.tokenizer_pool import TokenizerPool, tokenizer_workers, tokenizes_in_processes
 from sidecar.serving.core import ServedModel, ServedModels, ServingCore
 from sidecar.serving.embedding import Embedder
 from sidecar.serving.info import SelectionInfo
@@ -133,7 +133,7 @@ class ModelAssembly:
             self._selection_process.close()
             for served in self._built:
                 await served.batcher.close()
-            self._tokenizer_pool.shutdown()
+            await self._tokenizer_pool.close()
             raise
         self._selection_process.close()
         return models
@@ -206,6 +206,7 @@ class ModelAssembly:
             idle_release_s=self.settings.idle_release_after,
         )
         batcher.start()
+        await self._start_tokenizer_pool(engine, model.tokenizer)
         selection = runtime.selection
         served = ServedModel(
             name,
@@ -240,6 +241,16 @@ class ModelAssembly:
             runtime.phases.describe(),
         )
         return served
+
+    async def _start_tokenizer_pool(self, engine: Engine, tokenizer: PairTokenizer) -> None:
+        """Start the pool with the first model (whose device decides ``--tokenize-in auto``), and give its
+        processes each model's tokenizer."""
+        pool = self._tokenizer_pool
+        if not pool.started:
+            pool.use_processes(tokenizes_in_processes(self.settings.tokenize_in, engine.device))
+            await pool.start()
+            logger.info("tokenizing in %d %s", pool.workers, "processes" if pool.processes else "threads")
+        await pool.share(tokenizer)
 
     def _batch_observer(self, model_id: str) -> Callable[[int, int], None]:
         """Counts each batch in the metrics, and tells the heap trimmer that memory may have been freed."""

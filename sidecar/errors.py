@@ -71,6 +71,11 @@ class NonFiniteOutput(EngineFailure):
         self.rows = rows
 
 
+class TokenizationFailure(ServingError):
+    """Tokenization failed for a reason other than the request's input: a tokenizer process died on it,
+    and again on the retry."""
+
+
 class ModelLoadError(ServingError):
     """The model could not be loaded; raised at start-up, not in a call."""
 

@@ -16,6 +16,8 @@ from typing import Any
 from envflags import add_settings_arguments, require_non_negative, require_positive, settings_table
 from sidecar.model.engines import ENGINE_CHOICES, PRECISION_CHOICES, TORCH_COMPILE_CHOICES
 
+TOKENIZE_IN_CHOICES = ("auto", "threads", "processes")
+
 ENV_PREFIX = "RERANK_"
 
 
@@ -184,9 +186,17 @@ class Settings:
     )
     tokenizer_workers: int = _setting(
         0,
-        "Threads that tokenize requests off the event loop; a large request is split across them, at "
-        "least 16 documents each. They replace the tokenizer's own thread pool "
+        "Threads or processes (--tokenize-in) that tokenize requests off the event loop; a large request is "
+        "split across them, at least 16 documents each. They replace the tokenizer's own thread pool "
         "(TOKENIZERS_PARALLELISM=false unless set). 0 uses one per core the process may run on, at most 8.",
+    )
+    tokenize_in: str = _setting(
+        "auto",
+        "Where requests are tokenized: threads of the server process, or tokenizer processes that hand "
+        "back ready token arrays, so tokenizing holds none of the server's GIL. A GPU's pace leaves that "
+        "GIL the limit; each process adds about 40 MB. auto: processes when the first model is served on "
+        "CUDA, threads on a CPU, where the engine needs the cores.",
+        choices=TOKENIZE_IN_CHOICES,
     )
     grace_period: float = _setting(
         10.0, "Seconds in-flight calls get to finish after SIGTERM or SIGINT before they are cancelled."

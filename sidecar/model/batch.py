@@ -4,21 +4,57 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# A row's token ids: a list from the tokenizer, or a view of ``PackedRows`` from a tokenizer process.
+TokenIds = list[int] | np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
 class EncodedPair:
     """One (query, document-or-chunk) pair, special tokens included, no padding."""
 
-    input_ids: list[int]
-    token_type_ids: list[int]
+    input_ids: TokenIds
+    token_type_ids: TokenIds
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedRows:
+    """Rows laid end to end in flat arrays: how they cross from a tokenizer process, as three buffers
+    instead of a Python int per token, and how ``collate`` copies them, a row at a time."""
+
+    input_ids: np.ndarray  # int32
+    token_type_ids: np.ndarray  # int16
+    ends: np.ndarray  # int64: where each row ends
+
+    @classmethod
+    def of(cls, pairs: Sequence[EncodedPair]) -> PackedRows:
+        ends = np.cumsum([len(pair) for pair in pairs], dtype=np.int64)
+        total = int(ends[-1]) if len(ends) else 0
+
+        def flat(rows: Sequence[TokenIds], dtype: type[np.generic]) -> np.ndarray:
+            return np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=total)
+
+        return cls(
+            flat([pair.input_ids for pair in pairs], np.int32),
+            flat([pair.token_type_ids for pair in pairs], np.int16),
+            ends,
+        )
+
+    def pairs(self) -> list[EncodedPair]:
+        """The rows again, each a view of the flat arrays."""
+        ids, types = self.input_ids, self.token_type_ids
+        return [
+            EncodedPair(ids[start:end], types[start:end])
+            for start, end in itertools.pairwise([0, *self.ends.tolist()])
+        ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,6 @@ family (``families.py``) and whether its checkpoint is a causal LM.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
@@ -30,7 +28,7 @@ from sidecar.model.loading import (
     load_cross_encoder,
 )
 from sidecar.model.parity import Probe, bi_encoder_probe, cross_encoder_probe
-from sidecar.model.tokenization import EncodedDocuments, PairSpec, PairTokenizer, PromptPairTokenizer
+from sidecar.model.tokenization import PairSpec, PairTokenizer, PromptPairTokenizer, RowEncoder
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -38,9 +36,6 @@ if TYPE_CHECKING:
     from sidecar.model.network import Network
 
 M = TypeVar("M", bound=TextModel)
-
-# Turns a list of texts into model rows: documents paired with a query, or texts on their own.
-RowEncoder = Callable[[Sequence[str]], EncodedDocuments]
 
 
 class KindSpec(ABC, Generic[M]):
@@ -160,7 +155,7 @@ class CrossEncoderKind(KindSpec[CrossEncoderModel]):
         return model.tokenizer.encode(query, [text], spec).pairs
 
     def document_encoder(self, model: CrossEncoderModel, query: str, spec: PairSpec) -> RowEncoder:
-        return partial(model.tokenizer.encode, query, spec=spec)
+        return RowEncoder(model.tokenizer, spec, query)
 
     def raw_scores(self, model: CrossEncoderModel, outputs: np.ndarray) -> np.ndarray:
         logits = outputs.astype(np.float32, copy=False)
@@ -228,10 +223,10 @@ class BiEncoderKind(KindSpec[BiEncoderModel]):
 
     def query_encoder(self, model: BiEncoderModel, spec: PairSpec) -> RowEncoder:
         # The query is never chunked: one row, cut at the request's length.
-        return partial(model.tokenizer.encode_texts, spec=PairSpec(max_length=spec.max_length))
+        return RowEncoder(model.tokenizer, PairSpec(max_length=spec.max_length))
 
     def document_encoder(self, model: BiEncoderModel, query: str, spec: PairSpec) -> RowEncoder:
-        return partial(model.tokenizer.encode_texts, spec=spec)
+        return RowEncoder(model.tokenizer, spec)
 
     def raw_scores(self, model: BiEncoderModel, outputs: np.ndarray) -> np.ndarray:
         vectors = unit_vectors(outputs)

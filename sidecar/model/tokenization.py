@@ -238,6 +238,22 @@ class PairTokenizer:
 
 
 @dataclass(frozen=True, slots=True)
+class RowEncoder:
+    """Turns texts into model rows with ``tokenizer``: each paired with ``query`` (a cross-encoder), or
+    alone when ``query`` is None (a bi-encoder). Plain data, so a tokenizer process can run it on its own
+    copy of the tokenizer (``scheduling.tokenizer_pool``)."""
+
+    tokenizer: PairTokenizer
+    spec: PairSpec
+    query: str | None = None
+
+    def __call__(self, texts: Sequence[str]) -> EncodedDocuments:
+        if self.query is None:
+            return self.tokenizer.encode_texts(texts, self.spec)
+        return self.tokenizer.encode(self.query, texts, self.spec)
+
+
+@dataclass(frozen=True, slots=True)
 class PromptFormat:
     """How a decoder LLM reranker reads a (query, document) pair: a prompt around an instruction, the
     query and the document, after which the model answers ``yes`` (or ``no``).

@@ -222,7 +222,7 @@ class ServingCore:
         self.models.heap_trimmer.stop()
         for served in self.models.distinct:
             await served.batcher.close()
-        self.models.tokenizer_pool.shutdown()
+        await self.models.tokenizer_pool.close()
 
     def info(self) -> ServingInfo:
         reranker = self.require_reranker()

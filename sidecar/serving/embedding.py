@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 
 from sidecar.errors import InvalidArgument
 from sidecar.model.kinds import unit_vectors
 from sidecar.model.loading import BiEncoderModel
-from sidecar.model.tokenization import PairSpec, Truncation
+from sidecar.model.tokenization import PairSpec, RowEncoder, Truncation
 from sidecar.scheduling.batcher import Batcher
 from sidecar.scheduling.tokenizer_pool import TokenizerPool
 from sidecar.serving.reranking import check_tokens
@@ -79,8 +78,7 @@ class Embedder:
         spec = self._spec(texts, max_length, truncation, truncate)
         started = time.monotonic_ns()
         self.batcher.admit(len(texts))
-        encode_texts = partial(self.model.tokenizer.encode_texts, spec=spec)
-        encoded = await self._tokenizer_pool.encode(encode_texts, texts)
+        encoded = await self._tokenizer_pool.encode(RowEncoder(self.model.tokenizer, spec), texts)
         tokenized = time.monotonic_ns()
         check_tokens(encoded.tokens, self.max_request_tokens)
         rows = await self.batcher.score(encoded.pairs, deadline)

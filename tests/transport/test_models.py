@@ -23,7 +23,12 @@ TEXTS = ("the cat sleeps on the mat", "stock prices fell", "a dog in the yard")
 @pytest.fixture(scope="module")
 async def two_models(tiny_bert: Path, tiny_bert_two_labels: Path) -> AsyncIterator[RunningSidecar]:
     models = f"one={tiny_bert},two={tiny_bert_two_labels}"
-    async with running_sidecar(models, embed_model=f"vectors={MINILM}", http_port=free_port()) as running:
+    # Tokenized in processes (the GPU's default), each given all three models' tokenizers.
+    async with running_sidecar(
+        models, embed_model=f"vectors={MINILM}", http_port=free_port(), tokenize_in="processes"
+    ) as running:
+        assert running.server.core.models is not None
+        assert running.server.core.models.tokenizer_pool.processes
         yield running
 
 

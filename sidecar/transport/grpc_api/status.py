@@ -15,6 +15,7 @@ from sidecar.errors import (
     Overloaded,
     RequestTooLarge,
     ServingError,
+    TokenizationFailure,
     Unauthenticated,
     nearest_mapped,
 )
@@ -28,6 +29,7 @@ STATUS_OF_ERROR: dict[type[ServingError], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     EngineFailure: grpc.StatusCode.INTERNAL,
+    TokenizationFailure: grpc.StatusCode.INTERNAL,
     NonFiniteOutput: grpc.StatusCode.INTERNAL,
     ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
 }

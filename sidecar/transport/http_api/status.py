@@ -19,6 +19,7 @@ from sidecar.errors import (
     Overloaded,
     RequestTooLarge,
     ServingError,
+    TokenizationFailure,
     Unauthenticated,
     nearest_mapped,
 )
@@ -30,6 +31,7 @@ STATUS_OF_ERROR: dict[type[ServingError], int] = {
     RequestTooLarge: 413,
     Overloaded: 429,
     EngineFailure: 500,
+    TokenizationFailure: 500,
     NotReady: 503,
     ModelLoadError: 503,
     DeadlineExpired: 504,
