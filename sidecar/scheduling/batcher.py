@@ -20,9 +20,12 @@ keeps serving the other requests (see ``NonFiniteOutput``).
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import itertools
 import logging
 import math
+import operator
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +49,8 @@ from sidecar.model.memory import release_unused_memory
 from sidecar.scheduling.capacity import SharedCapacity
 
 logger = logging.getLogger(__name__)
+
+_by_order = operator.attrgetter("order")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +104,17 @@ class ScoringJob:
         return ScoredRows(self.future.result(), self.batches, self.queue_ns, self.inference_ns)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class _QueuedPair:
     job: ScoringJob
     row: int
     length: int
     sequence: int
+    queued: bool = True  # False once batched or dropped; the arrival order forgets it lazily
+    order: tuple[int, int] = (0, 0)  # its place in the queue: by length, ties by arrival
+
+    def __post_init__(self) -> None:
+        self.order = (self.length, self.sequence)
 
 
 class QueueArea:
@@ -163,7 +173,11 @@ class Batcher:
         self._capacity.grow(workers)
         self._pad_token_id = pad_token_id
         self._with_token_type_ids = with_token_type_ids
-        self._queue: list[_QueuedPair] = []  # arrival order
+        # The queue, by length (``_QueuedPair.order``): a batch is a window of it. Its arrival order
+        # (with pairs no longer queued left in, until they reach the front), and its pairs per job.
+        self._queue: list[_QueuedPair] = []
+        self._arrivals: collections.deque[_QueuedPair] = collections.deque()
+        self._queued_jobs: dict[ScoringJob, int] = {}
         self._queue_area = QueueArea()
         self._sequence = itertools.count()
         self._work_available = asyncio.Event()
@@ -211,10 +225,9 @@ class Batcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for queued in self._queue:
-            self._fail(queued.job, NotReady("the server is shutting down"))
-        self._queue.clear()
-        self._queued_pairs = 0
+        for job in self._queued_jobs:
+            self._fail(job, NotReady("the server is shutting down"))
+        self._keep_queued(lambda queued: False)
         self._model_threads.shutdown(wait=True)
         for engine in (self.engine, *self._replaced_engines):
             engine.close()
@@ -265,7 +278,10 @@ class Batcher:
         job = ScoringJob(pairs=pairs, deadline=deadline, future=asyncio.get_running_loop().create_future())
         job.remaining = len(pairs)
         for row, pair in enumerate(pairs):
-            self._queue.append(_QueuedPair(job, row, len(pair), next(self._sequence)))
+            queued = _QueuedPair(job, row, len(pair), next(self._sequence))
+            self._arrivals.append(queued)
+            bisect.insort(self._queue, queued, key=_by_order)
+        self._queued_jobs[job] = len(pairs)
         self._queued_pairs += len(pairs)
         self._work_available.set()
         return job
@@ -417,36 +433,59 @@ class Batcher:
         self._drop_dead_work()
         if not self._queue:
             return []
+        limits = self.limits
         share = math.ceil(len(self._queue) / max(1, idle_workers))
-        anchor = self._queue[0]
-        by_length = sorted(self._queue, key=lambda queued: (queued.length, queued.sequence))
-        anchor_position = next(i for i, queued in enumerate(by_length) if queued is anchor)
-        prefix = [0, *itertools.accumulate(queued.length for queued in by_length)]
+        by_length = self._queue
+        anchor = self._oldest()
+        anchor_position = bisect.bisect_left(by_length, anchor.order, key=_by_order)
+        # Every window holding the anchor lies within this many pairs of it.
+        reach = max(1, min(share, limits.max_batch_pairs))
+        low = max(0, anchor_position - reach + 1)
+        high = min(len(by_length), anchor_position + reach)
+        prefix = [0, *itertools.accumulate(queued.length for queued in by_length[low:high])]
         best: tuple[int, int] = (-1, 0)  # (real tokens, -padded tokens)
         best_window = (anchor_position, anchor_position)
-        for end in range(anchor_position, len(by_length)):
+        for end in range(anchor_position, high):
             longest = by_length[end].length
-            fits = max(1, min(share, self.limits.max_batch_pairs, self.limits.max_batch_tokens // longest))
+            fits = max(1, min(reach, limits.max_batch_tokens // longest))
             start = max(0, end - fits + 1)
             if start > anchor_position:
                 break  # longer pairs only shrink the window further
-            score = (prefix[end + 1] - prefix[start], -(end - start + 1) * longest)
+            score = (prefix[end + 1 - low] - prefix[start - low], -(end - start + 1) * longest)
             if score > best:
                 best, best_window = score, (start, end)
         start, end = best_window
         batch = by_length[start : end + 1]
-        taken = {id(queued) for queued in batch}
-        self._queue = [queued for queued in self._queue if id(queued) not in taken]
+        del by_length[start : end + 1]
+        for queued in batch:
+            self._forget(queued)
         self._queued_pairs -= len(batch)
         return batch
 
+    def _oldest(self) -> _QueuedPair:
+        """The pair queued longest (the queue is not empty)."""
+        while not self._arrivals[0].queued:
+            self._arrivals.popleft()
+        return self._arrivals[0]
+
+    def _forget(self, queued: _QueuedPair) -> None:
+        """``queued`` has left the queue (the caller took it out of ``_queue``)."""
+        queued.queued = False
+        left = self._queued_jobs[queued.job] - 1
+        if left:
+            self._queued_jobs[queued.job] = left
+        else:
+            del self._queued_jobs[queued.job]
+
     def _drop_dead_work(self) -> None:
         now = time.monotonic()
-        for queued in self._queue:
-            job = queued.job
-            if not job.finished and job.expired(now):
+        dead = {job for job in self._queued_jobs if job.finished or job.expired(now)}
+        if not dead:
+            return
+        for job in dead:
+            if not job.finished:
                 self._fail(job, DeadlineExpired("the deadline passed while the request waited in the queue"))
-        self._keep_queued(lambda queued: not queued.job.finished)
+        self._keep_queued(lambda queued: queued.job not in dead)
 
     def _withdraw(self, job: ScoringJob) -> None:
         """Its caller left: cancel the job and take its pairs out of the queue now."""
@@ -456,11 +495,17 @@ class Batcher:
     def _dequeue(self, job: ScoringJob) -> None:
         """Take a finished job's pairs still queued out of the queue, so they stop counting toward the
         limit; its rows already running are dropped when their batch comes back."""
-        self._keep_queued(lambda queued: queued.job is not job)
+        if job in self._queued_jobs:
+            self._keep_queued(lambda queued: queued.job is not job)
 
     def _keep_queued(self, keep: Callable[[_QueuedPair], bool]) -> None:
         """Only the queued pairs ``keep`` holds stay queued, and counted."""
-        alive = [queued for queued in self._queue if keep(queued)]
+        alive = []
+        for queued in self._queue:
+            if keep(queued):
+                alive.append(queued)
+            else:
+                self._forget(queued)
         self._queued_pairs -= len(self._queue) - len(alive)
         self._queue = alive
 

@@ -459,3 +459,48 @@ async def test_an_engine_that_cannot_give_back_its_scratch_memory_keeps_serving(
         assert [float(row[0]) for row in scored.outputs] == [20.0, 24.0]
     finally:
         await batcher.close()
+
+
+async def test_the_length_sorted_queue_stays_whole_through_random_arrivals_departures_and_batches():
+    """The queue is kept sorted by length as pairs arrive, leave and are batched; every batch must still
+    be a window of the queued pairs in that order around the oldest one, within the limits."""
+    rng = np.random.default_rng(7)
+    limits = BatchLimits(max_batch_tokens=600, max_batch_pairs=12, max_queued_pairs=10_000)
+    batcher = Batcher(SumEngine(), limits, pad_token_id=0, with_token_type_ids=True)
+    queued: dict[int, tuple[object, int, int]] = {}  # the test's own account: sequence -> (job, row, length)
+    jobs = []
+    batched: set[tuple[int, int]] = set()
+    sequence = 0
+    for _ in range(300):
+        action = rng.random()
+        if action < 0.35:
+            lengths = rng.integers(1, 80, size=rng.integers(1, 30))
+            job = batcher.submit([pair(*([1] * int(length))) for length in lengths], None)
+            jobs.append(job)
+            for row, length in enumerate(lengths):
+                queued[sequence] = (job, row, int(length))
+                sequence += 1
+        elif action < 0.45 and jobs:
+            job = jobs[int(rng.integers(len(jobs)))]
+            batcher._withdraw(job)
+            queued = {key: value for key, value in queued.items() if value[0] is not job}
+        else:
+            batch = batcher._next_batch(idle_workers=int(rng.integers(1, 4)))
+            if not queued:
+                assert batch == []
+                continue
+            oldest = min(queued)
+            assert oldest in {item.sequence for item in batch}
+            longest = max(item.length for item in batch)
+            assert len(batch) <= limits.max_batch_pairs
+            assert len(batch) == 1 or len(batch) * longest <= limits.max_batch_tokens
+            orders = sorted((length, key) for key, (_, _, length) in queued.items())
+            window = [(item.length, item.sequence) for item in batch]
+            start = orders.index(window[0])
+            assert orders[start : start + len(window)] == window  # contiguous, in length order
+            for item in batch:
+                assert (id(item.job), item.row) not in batched
+                batched.add((id(item.job), item.row))
+                del queued[item.sequence]
+        assert batcher.queued_pairs == len(queued)
+    await batcher.close()

@@ -14,6 +14,7 @@ import pytest
 import sidecar
 from sidecar.composition import ModelAssembly, RuntimeFactory
 from sidecar.errors import InvalidArgument, NotReady, ServingError
+from sidecar.model.loading import ModelSource
 from sidecar.serving.core import ServingCore, ServingState
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import (
@@ -24,7 +25,7 @@ from sidecar.serving.reranking import (
     StreamMessage,
     StreamSession,
 )
-from sidecar.serving.runtime import load_runtime
+from sidecar.serving.runtime import Runtime, load_runtime
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.status import STATUS_OF_ERROR
 from tests.conftest import RecordingEngine, ReferenceScorer, recording_runtime
@@ -198,3 +199,33 @@ def test_every_error_maps_to_a_status():
         return {cls, *(grand for sub in cls.__subclasses__() for grand in subclasses(sub))}
 
     assert subclasses(ServingError) - {ServingError} <= set(STATUS_OF_ERROR)
+
+
+def served_on(device: str) -> RuntimeFactory:
+    """A runtime whose engine says it runs on ``device`` (it computes on the CPU all the same)."""
+
+    def runtime(settings: Settings, source: ModelSource) -> Runtime:
+        served = recording_runtime(settings, source)
+        served.engine.device = device
+        return served
+
+    return runtime
+
+
+@pytest.mark.parametrize(("device", "processes"), [("cpu", False), ("cuda", True)])
+async def test_auto_tokenizes_in_processes_for_a_model_on_a_gpu_and_in_threads_on_a_cpu(
+    tiny_bert: Path, reference: ReferenceScorer, device: str, processes: bool
+):
+    with tempfile.TemporaryDirectory(prefix="sidecar-cache-") as cache_dir:
+        serving = await serving_tiny_bert(tiny_bert, cache_dir, served_on(device), idle_release_after=0.0)
+        try:
+            assert serving.models is not None
+            pool = serving.models.tokenizer_pool
+            assert pool.processes is processes
+            ranking = await serving.require_reranker().rerank(QUERY, documents(*TEXTS), RerankOptions(), None)
+            by_index = {result.index: result.score for result in ranking.results}
+            expected = reference.scores(QUERY, TEXTS)
+            np.testing.assert_allclose([by_index[i] for i in range(len(TEXTS))], expected, atol=1e-5)
+        finally:
+            await serving.close()
+        assert not pool._every_process  # closing the core stopped the pool's processes
