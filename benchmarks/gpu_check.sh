@@ -24,11 +24,12 @@ if [[ "$DRY_RUN" == 1 ]]; then
     DEVICE=cpu
     TOTAL_S=${GPU_CHECK_TOTAL_S:-1500}
     # Seconds per step, then the step's sizes: few repeats, short levels, 16 candidates, a 2-layer XLM-R
-    # and the torch engine alone in the sidecar, whose full CPU chain takes minutes to choose.
+    # and the torch engine alone in the sidecar, whose full CPU chain takes minutes to choose; and
+    # tokenizer processes, which CUDA's defaults use.
     WHEELS_S=60 HARDWARE_S=120 TESTS_S=300 IN_PROCESS_S=400 CPU_S=400
     declare -A SERVE_S=([minilm-l6]=240 [xlm-r-base]=240)
     REPEATS=3 CPU_REPEATS=3 LEVELS=(1 2) LEVEL_S=3 THREADS=$(nproc) CANDIDATES=16 GIL_PROFILE_S=2
-    SERVE_SIZES=(--layers 2 --setting engine=torch --setting torch-compile=off)
+    SERVE_SIZES=(--layers 2 --setting engine=torch --setting torch-compile=off --setting tokenize-in=processes)
 else
     : "${OUT:?set OUT to the folder the results go to}"
     PYTHON=${PYTHON:-python3}
