@@ -79,3 +79,12 @@ def test_precisions_it_does_not_run_are_refused(tiny_exported, artifact_cache):
 
 def test_documented_tolerances_cover_every_precision():
     assert set(TOLERANCES) == {"fp32", "bf16", "fp16", "int8"}
+
+
+def test_after_giving_back_its_scratch_memory_it_scores_the_same(tiny_exported, artifact_cache):
+    engine = OnnxRuntimeEngine(tiny_exported, artifact_cache, precision="fp32", device="cpu", threads=1)
+    large, small = padded_batch(16, 300, seed=2), padded_batch(3, 20, seed=3)
+    before = [engine.forward(large), engine.forward(small)]
+    engine.release_scratch()
+    np.testing.assert_array_equal(engine.forward(small), before[1])
+    np.testing.assert_array_equal(engine.forward(large), before[0])

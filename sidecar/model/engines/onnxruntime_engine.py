@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,8 +59,12 @@ def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
             "ONNX Runtime has no CUDA execution provider here; install onnxruntime-gpu to run it on "
             f"{device}, or use --device cpu"
         )
-    device_id = device.partition(":")[2] or "0"
-    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": _device_id(device)}), "CPUExecutionProvider"]
+
+
+def _device_id(device: str) -> str:
+    """The CUDA device's index: ``cuda:1`` is 1, ``cuda`` is 0."""
+    return device.partition(":")[2] or "0"
 
 
 def optimized_model(exported: ExportedModel, precision: str, device: str, cache: ArtifactCache) -> Path:
@@ -207,8 +212,24 @@ class OnnxRuntimeEngine(Engine):
         logger.info("onnxruntime engine ready: %s on %s from %s", precision, device, path)
 
     def forward(self, batch: TokenBatch) -> np.ndarray:
+        return self._run(batch)
+
+    def release_scratch(self) -> None:
+        # The arena keeps the chunks it grew for the largest batch it ran; a run that asks for shrinkage
+        # gives back every chunk that run leaves unused, so a smallest batch gives back nearly all.
+        import onnxruntime
+
+        options = onnxruntime.RunOptions()
+        arenas = ["cpu:0"] + ([] if self.device == "cpu" else [f"gpu:{_device_id(self.device)}"])
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", ";".join(arenas))
+        ones = np.ones((1, 2), dtype=np.int64)
+        self._run(TokenBatch(np.zeros_like(ones), ones, np.zeros_like(ones)), options)
+
+    def _run(self, batch: TokenBatch, options: Any = None) -> np.ndarray:
         feeds = batch.as_dict()
-        (outputs,) = self._session.run([OUTPUT_NAME], {name: feeds[name] for name in self._input_names})
+        (outputs,) = self._session.run(
+            [OUTPUT_NAME], {name: feeds[name] for name in self._input_names}, options
+        )
         return np.asarray(outputs, dtype=np.float32)
 
 
