@@ -210,7 +210,8 @@ class Settings:
     idle_release_after: float = _setting(
         10.0,
         "Seconds a model may stay idle (no batch queued or running) before its engine gives back the "
-        "scratch memory it keeps for intermediate results, sized for the largest batch it ran (OpenVINO); "
+        "scratch memory it keeps for intermediate results, sized for the largest batch it ran (OpenVINO's "
+        "buffers, ONNX Runtime's arena); "
         "the next batch allocates it again. A model seldom asked then holds little more than its weights. "
         "What the start-up's gate and warm-up left is given back as soon as the warm-up ends. "
         "0 keeps the scratch memory.",
