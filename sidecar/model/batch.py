@@ -103,17 +103,20 @@ def collate(
     """The pairs right-padded to the longest; with ``shape``, to that many rows and columns. A padding
     row attends to one padding token, so no row is all mask (which some attention kernels turn into
     NaN); its output is dropped."""
-    rows, columns = shape or (len(pairs), max(len(pair) for pair in pairs))
+    lengths = np.fromiter((len(pair) for pair in pairs), dtype=np.int64, count=len(pairs))
+    rows, columns = shape or (len(pairs), int(lengths.max()))
+    # Each row's tokens fill its first ``length`` columns: one masked assignment of every row's tokens
+    # laid end to end (row-major, as the mask is), not a copy per row.
+    filled = np.arange(columns) < lengths[:, None]
     input_ids = np.full((rows, columns), pad_token_id, dtype=np.int64)
+    input_ids[: len(pairs)][filled] = np.concatenate([pair.input_ids for pair in pairs])
     attention_mask = np.zeros((rows, columns), dtype=np.int64)
+    attention_mask[: len(pairs)] = filled
     attention_mask[len(pairs) :, 0] = 1
-    token_type_ids = np.zeros((rows, columns), dtype=np.int64) if with_token_type_ids else None
-    for row, pair in enumerate(pairs):
-        length = len(pair)
-        input_ids[row, :length] = pair.input_ids
-        attention_mask[row, :length] = 1
-        if token_type_ids is not None:
-            token_type_ids[row, :length] = pair.token_type_ids
+    token_type_ids = None
+    if with_token_type_ids:
+        token_type_ids = np.zeros((rows, columns), dtype=np.int64)
+        token_type_ids[: len(pairs)][filled] = np.concatenate([pair.token_type_ids for pair in pairs])
     return TokenBatch(input_ids, attention_mask, token_type_ids)
 
 
