@@ -315,6 +315,8 @@ def main() -> None:
             "family": args.family,
             "embed_model": args.embed_model,
             "malloc_arena_max": args.malloc_arena_max,
+            # The sidecar reads its settings from these too, e.g. RERANK_ENGINE to pin an engine.
+            "environment": {name: value for name, value in os.environ.items() if name.startswith("RERANK_")},
         },
         "imports": imports,
         "starts": [asdict(s) for s in starts],
