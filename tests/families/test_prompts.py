@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 from rerank.v1 import rerank_pb2
 from sidecar.errors import ModelLoadError
 from sidecar.model.loading import ModelSource, load_cross_encoder
-from sidecar.model.tokenization import PairSpec, PromptPairTokenizer, Truncation
+from sidecar.model.tokenization import PairSpec, PromptPairTokenizer, RowEncoder, Truncation
+from sidecar.scheduling.tokenizer_pool import TokenizerPool
 from testkit.model_cards import GEMMA_PROMPT, QWEN3_INSTRUCTION, QWEN3_SUFFIX
 from tests.conftest import docs, running_sidecar
 from tests.families.conftest import FamilyModels
@@ -112,3 +113,16 @@ async def test_an_encoder_refuses_an_instruction_field(family_models: FamilyMode
     assert info.instruction == ""
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "reads no instruction" in (refused.value.details() or "")
+
+
+async def test_a_tokenizer_process_builds_the_same_prompt_pairs(qwen3):
+    pool = TokenizerPool(workers=2, processes=True)
+    try:
+        for spec in (PairSpec(max_length=160), PairSpec(max_length=200, chunk=True, max_chunks_per_doc=3)):
+            encoder = RowEncoder(qwen3.tokenizer, spec, QUERY)
+            in_process = await pool.encode(encoder, TEXTS)
+            here = encoder(TEXTS)
+            assert [pair.input_ids.tolist() for pair in in_process.pairs] == [p.input_ids for p in here.pairs]
+            assert in_process.document_of_pair == here.document_of_pair
+    finally:
+        await pool.close()
