@@ -194,7 +194,8 @@ class Settings:
         "auto",
         "Where requests are tokenized: threads of the server process, or tokenizer processes that hand "
         "back ready token arrays, so tokenizing holds none of the server's GIL. A GPU's pace leaves that "
-        "GIL the limit; each process holds about 50 MB. auto: processes when the first model is served on "
+        "GIL the limit; each process holds about 50 MB with MiniLM's tokenizer, more with a larger "
+        "vocabulary. auto: processes when the first model is served on "
         "CUDA, threads on a CPU, where the engine needs the cores.",
         choices=TOKENIZE_IN_CHOICES,
     )
