@@ -111,7 +111,7 @@ class _QueuedPair:
     length: int
     sequence: int
     queued: bool = True  # False once batched or dropped; the arrival order forgets it lazily
-    order: tuple[int, int] = (0, 0)  # its place in the queue: by length, ties by arrival
+    order: tuple[int, int] = field(init=False)  # its place in the queue: by length, ties by arrival
 
     def __post_init__(self) -> None:
         self.order = (self.length, self.sequence)
@@ -460,6 +460,7 @@ class Batcher:
         for queued in batch:
             self._forget(queued)
         self._queued_pairs -= len(batch)
+        self._forget_arrivals_if_empty()
         return batch
 
     def _oldest(self) -> _QueuedPair:
@@ -508,6 +509,12 @@ class Batcher:
                 self._forget(queued)
         self._queued_pairs -= len(self._queue) - len(alive)
         self._queue = alive
+        self._forget_arrivals_if_empty()
+
+    def _forget_arrivals_if_empty(self) -> None:
+        """With nothing queued, the arrival order lets go of the pairs it still held, and their jobs."""
+        if not self._queue:
+            self._arrivals.clear()
 
     @staticmethod
     def _fail(job: ScoringJob, error: ServingError) -> None:
