@@ -231,7 +231,14 @@ class _TokenizerProcess:
             env=env,
         )
         started = cls(process)
-        await started._answer()  # it says it is ready once its imports are done
+        try:
+            await started._answer()  # it says it is ready once its imports are done
+        except _DIED:
+            await process.wait()
+            raise TokenizationFailure(
+                f"a tokenizer process exited before it was ready (exit code {process.returncode}); "
+                "its error is in the log above"
+            ) from None
         return started
 
     @property

@@ -10,6 +10,7 @@ raised (a request's bad input).
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import struct
@@ -61,4 +62,8 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
 if __name__ == "__main__":
     # Ctrl-C reaches the whole process group; the serving process decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    # The answers keep stdout's pipe to themselves: anything else written to stdout, by Python or by a
+    # library's C code, goes to stderr (the serving process's log) instead of into an answer.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    serve(sys.stdin.buffer, answers)

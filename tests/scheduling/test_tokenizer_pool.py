@@ -146,6 +146,23 @@ async def test_a_request_whose_process_dies_twice_fails_with_a_clear_error(
     assert rows(await process_pool.encode(healthy, DOCUMENTS[:4])) == rows(healthy(DOCUMENTS[:4]))
 
 
+class ChattyTokenizer(PairTokenizer):
+    """Writes to stdout as it encodes, from Python and straight to the file descriptor as C code would."""
+
+    def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
+        print("encoding", len(documents), "documents")
+        os.write(1, b"a library's own line\n")
+        return super().encode(query, documents, spec)
+
+
+async def test_what_a_tokenizer_writes_to_stdout_never_reaches_the_answers(
+    model: CrossEncoderModel, process_pool: TokenizerPool
+):
+    chatty = RowEncoder(ChattyTokenizer(model.tokenizer._tokenizer), PairSpec(max_length=32), "a query")
+    for _ in range(3):
+        assert rows(await process_pool.encode(chatty, DOCUMENTS[:5])) == rows(chatty(DOCUMENTS[:5]))
+
+
 async def test_closing_the_pool_stops_its_processes(model: CrossEncoderModel):
     pool = TokenizerPool(workers=2, processes=True)
     await pool.start()
