@@ -452,6 +452,7 @@ def serve(
             engine=sidecar.engine,
             compiled=sidecar.compiled,
             engine_notes=list(sidecar.engine_notes),
+            tokenization=sidecar.tokenization,
             start_s=sidecar.start_s,
         )
         asyncio.run(run_level(sidecar, request, 1, min(5.0, seconds)))  # warm-up, not reported

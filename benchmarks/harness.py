@@ -217,6 +217,7 @@ class Sidecar:
     start_s: float = 0.0  # from the process start to answering Info (SERVING)
     compiled: bool = False
     engine_notes: tuple[str, ...] = ()
+    tokenization: str = ""  # Info's tokenize_in and tokenizer_workers, e.g. "processes x8"
 
     def rss_bytes(self) -> int:
         return self._status_bytes("VmRSS:")
@@ -282,7 +283,8 @@ def start_sidecar(
                 info = stub.Info(rerank_pb2.InfoRequest(), timeout=5)
         print(
             f"sidecar {info.engine}/{info.precision} ready (compiled: {info.compiled}, remembered choice: "
-            f"{info.selection.from_cache}); notes: {list(info.engine_notes)}",
+            f"{info.selection.from_cache}, tokenized in {info.tokenize_in} x{info.tokenizer_workers}); "
+            f"notes: {list(info.engine_notes)}",
             flush=True,
         )
         metrics_port = int(flags["metrics-port"])
@@ -294,6 +296,7 @@ def start_sidecar(
             start_s,
             info.compiled,
             tuple(info.engine_notes),
+            f"{info.tokenize_in} x{info.tokenizer_workers}",
         )
     finally:
         process.terminate()

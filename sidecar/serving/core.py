@@ -280,6 +280,8 @@ class ServingCore:
                     for name, served in models.embedding.items()
                 ),
             ),
+            tokenize_in="processes" if models.tokenizer_pool.processes else "threads",
+            tokenizer_workers=models.tokenizer_pool.workers,
         )
 
 

@@ -95,3 +95,5 @@ class ServingInfo:
     embedding: EmbeddingInfo | None
     server_version: str
     models: tuple[ModelInfo, ...]
+    tokenize_in: str  # "threads" or "processes", for every model
+    tokenizer_workers: int

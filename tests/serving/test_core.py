@@ -222,6 +222,11 @@ async def test_auto_tokenizes_in_processes_for_a_model_on_a_gpu_and_in_threads_o
             assert serving.models is not None
             pool = serving.models.tokenizer_pool
             assert pool.processes is processes
+            info = serving.info()
+            assert (info.tokenize_in, info.tokenizer_workers) == (
+                "processes" if processes else "threads",
+                pool.workers,
+            )
             ranking = await serving.require_reranker().rerank(QUERY, documents(*TEXTS), RerankOptions(), None)
             by_index = {result.index: result.score for result in ranking.results}
             expected = reference.scores(QUERY, TEXTS)

@@ -27,8 +27,9 @@ async def two_models(tiny_bert: Path, tiny_bert_two_labels: Path) -> AsyncIterat
     async with running_sidecar(
         models, embed_model=f"vectors={MINILM}", http_port=free_port(), tokenize_in="processes"
     ) as running:
-        assert running.server.core.models is not None
-        assert running.server.core.models.tokenizer_pool.processes
+        info = await running.stub.Info(rerank_pb2.InfoRequest(), timeout=10)
+        assert info.tokenize_in == "processes"
+        assert info.tokenizer_workers >= 1
         yield running
 
 

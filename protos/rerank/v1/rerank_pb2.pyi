@@ -206,7 +206,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_queued_pairs: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_chunks_per_doc: _Optional[int] = ..., batch_workers: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled", "selection", "model_family", "instruction", "models", "score_cache")
+    __slots__ = ("model_id", "model_revision", "model_kind", "engine", "precision", "device", "max_length", "num_labels", "limits", "server_version", "engine_notes", "embedding_model", "compiled", "selection", "model_family", "instruction", "models", "score_cache", "tokenize_in", "tokenizer_workers")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,8 @@ class InfoResponse(_message.Message):
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SCORE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZE_IN_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_WORKERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_revision: str
     model_kind: str
@@ -243,7 +245,9 @@ class InfoResponse(_message.Message):
     instruction: str
     models: _containers.RepeatedCompositeFieldContainer[ServedModel]
     score_cache: ScoreCacheInfo
-    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ..., model_family: _Optional[str] = ..., instruction: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., score_cache: _Optional[_Union[ScoreCacheInfo, _Mapping]] = ...) -> None: ...
+    tokenize_in: str
+    tokenizer_workers: int
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ..., model_family: _Optional[str] = ..., instruction: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., score_cache: _Optional[_Union[ScoreCacheInfo, _Mapping]] = ..., tokenize_in: _Optional[str] = ..., tokenizer_workers: _Optional[int] = ...) -> None: ...
 
 class ServedModel(_message.Message):
     __slots__ = ("name", "service", "is_default", "model_id", "model_kind", "model_family", "engine", "precision", "device", "compiled", "max_length", "max_batch_tokens", "max_batch_pairs", "batch_workers", "score_cache")

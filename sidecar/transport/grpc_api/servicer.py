@@ -162,6 +162,8 @@ def info_to_proto(info: ServingInfo) -> rerank_pb2.InfoResponse:
         model_family=ranking.model_family,
         instruction=ranking.instruction,
         score_cache=score_cache_to_proto(ranking.score_cache),
+        tokenize_in=info.tokenize_in,
+        tokenizer_workers=info.tokenizer_workers,
     )
     if info.embedding is not None:
         response.embedding_model.CopyFrom(embedding_info_to_proto(info.embedding))
