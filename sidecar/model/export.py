@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,10 +90,6 @@ def _export(network: Network, input_names: tuple[str, ...], target: Path) -> Non
     import torch
 
     logger.info("exporting the model to ONNX (opset %d) at %s", OPSET, target)
-    # ONNX Runtime's BERT fusion recognises the eager attention pattern, not the SDPA one, and only
-    # in graphs from the TorchScript exporter; the copy keeps the served network untouched.
-    exported = copy.deepcopy(network).float().cpu().eval()
-    exported.model.set_attn_implementation("eager")
     example = tuple(
         torch.ones(_EXAMPLE_ROWS, _EXAMPLE_COLUMNS, dtype=torch.int64)
         if name != "token_type_ids"
@@ -102,7 +99,7 @@ def _export(network: Network, input_names: tuple[str, ...], target: Path) -> Non
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
     dynamic_axes[OUTPUT_NAME] = {0: "batch"}
     try:
-        with torch.inference_mode():
+        with _traceable(network) as exported, torch.inference_mode():
             torch.onnx.export(
                 exported,
                 example,
@@ -115,3 +112,34 @@ def _export(network: Network, input_names: tuple[str, ...], target: Path) -> Non
             )
     except Exception as exc:  # the exporter raises many types for unsupported graphs
         raise ModelLoadError(f"could not export the model to ONNX: {type(exc).__name__}: {exc}") from exc
+
+
+@contextmanager
+def _traceable(network: Network) -> Iterator[Network]:
+    """The network with eager attention, fp32 on the CPU, to trace: ONNX Runtime's BERT fusion recognises
+    the eager attention pattern, not the SDPA one, and only in graphs from the TorchScript exporter.
+
+    A network already fp32 on the CPU is switched to eager attention and back, so the export does not
+    hold a second copy of the weights (a base-sized model's start-up peaks there); any other is copied.
+    """
+    import torch
+
+    on_cpu_in_fp32 = all(
+        parameter.device.type == "cpu" and parameter.dtype == torch.float32
+        for parameter in network.parameters()
+    )
+    if not on_cpu_in_fp32:
+        exported = copy.deepcopy(network).float().cpu().eval()
+        exported.model.set_attn_implementation("eager")
+        yield exported
+        return
+    config = network.model.config
+    previous = config._attn_implementation
+    was_training = network.training
+    network.model.set_attn_implementation("eager")
+    network.eval()
+    try:
+        yield network
+    finally:
+        network.model.set_attn_implementation(previous)
+        network.train(was_training)

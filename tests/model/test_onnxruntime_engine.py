@@ -10,6 +10,7 @@ import pytest
 from sidecar.errors import ModelLoadError
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, optimized_model
+from sidecar.model.engines.onnxruntime_fusion import fuse_in_subprocess
 from sidecar.model.engines.torch_engine import TorchEngine
 from sidecar.model.export import export_onnx
 from sidecar.model.kinds import load_network
@@ -88,3 +89,40 @@ def test_after_giving_back_its_scratch_memory_it_scores_the_same(tiny_exported, 
     engine.release_scratch()
     np.testing.assert_array_equal(engine.forward(small), before[1])
     np.testing.assert_array_equal(engine.forward(large), before[0])
+
+
+def test_the_fusion_process_fuses_as_the_library_does_in_process(tiny_exported, tmp_path: Path):
+    from onnx import numpy_helper
+    from onnxruntime.transformers import optimizer
+
+    fused = fuse_in_subprocess(
+        tiny_exported.path, tmp_path / "fused.onnx", tiny_exported.num_heads, tiny_exported.hidden_size, False
+    )
+    in_process = optimizer.optimize_model(
+        str(tiny_exported.path),
+        model_type="bert",
+        num_heads=tiny_exported.num_heads,
+        hidden_size=tiny_exported.hidden_size,
+        opt_level=0,
+        use_gpu=False,
+    )
+    in_process.topological_sort()
+    expected, graph = in_process.model.graph, onnx.load(str(tmp_path / "fused.onnx")).graph
+    assert fused == {k: v for k, v in in_process.get_fused_operator_statistics().items() if v}
+    assert [node.SerializeToString() for node in graph.node] == [
+        node.SerializeToString() for node in expected.node
+    ]
+    # The weights came back into the one file: none is left outside it.
+    assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer)
+    values = {init.name: numpy_helper.to_array(init) for init in expected.initializer}
+    assert sorted(init.name for init in graph.initializer) == sorted(values)
+    for init in graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(init), values[init.name])
+    assert [path.name for path in tmp_path.iterdir()] == ["fused.onnx"]  # its scratch files are gone
+
+
+def test_a_fusion_that_fails_says_which_file(tmp_path: Path):
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"not an onnx file")
+    with pytest.raises(ModelLoadError, match=r"fusion of .*model\.onnx failed"):
+        fuse_in_subprocess(broken, tmp_path / "fused.onnx", 2, 32, False)

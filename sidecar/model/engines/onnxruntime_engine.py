@@ -19,6 +19,7 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine, require_precision
+from sidecar.model.engines.onnxruntime_fusion import fuse_in_subprocess
 from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec, Offer, offer
 from sidecar.model.export import OUTPUT_NAME, ExportedModel
 from sidecar.model.hardware import cpu_info
@@ -92,19 +93,8 @@ def optimized_model(exported: ExportedModel, precision: str, device: str, cache:
 
 
 def _fuse(exported: ExportedModel, use_gpu: bool, target: Path) -> None:
-    from onnxruntime.transformers import optimizer
-
-    model = optimizer.optimize_model(
-        str(exported.path),
-        model_type="bert",
-        num_heads=exported.num_heads,
-        hidden_size=exported.hidden_size,
-        opt_level=0,  # the session applies the graph optimizations; this pass only fuses
-        use_gpu=use_gpu,
-    )
-    fused = {name: count for name, count in model.get_fused_operator_statistics().items() if count}
+    fused = fuse_in_subprocess(exported.path, target, exported.num_heads, exported.hidden_size, use_gpu)
     logger.info("ONNX Runtime fused %s: %s", exported.model_type, fused or "nothing")
-    model.save_model_to_file(str(target))
 
 
 def _quantize(fused: Path, target: Path) -> None:
