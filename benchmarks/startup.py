@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ _RERANKS = 3
 # Past the sidecar's default --idle-release-after (10 s), with the heap trim after it.
 IDLE_WAIT_S = 13.0
 _IMPORT_RUNS = 3
+TREE_SAMPLE_S = 0.5
 
 _READY = re.compile(
     r"(?P<model>\S+) ready on (?P<engine>\S+) in (?P<total>[\d.]+) s: (?P<phases>.*)$", re.MULTILINE
@@ -79,6 +81,9 @@ class Start:
     rerank_after_idle_s: float = 0.0
     # The engine selection's child process's peak, MB, as the sidecar logs it (0: no child ran).
     child_peak_rss_mb: float = 0.0
+    # The most the sidecar and every process under it held together until SERVING, MB: proportional set
+    # sizes (shared pages counted once), sampled every TREE_SAMPLE_S; what a pod's limit must allow.
+    tree_peak_pss_mb: float = 0.0
 
 
 def _status_mb(pid: int, field_name: str) -> float:
@@ -86,6 +91,50 @@ def _status_mb(pid: int, field_name: str) -> float:
         if line.startswith(f"{field_name}:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"/proc/{pid}/status has no {field_name}")
+
+
+def _tree_pss_mb(root: int) -> float:
+    """The proportional set size of ``root`` and all its descendants, MB; 0 for any that just exited."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0.0
+    for pid in tree:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+    return total / 1024
+
+
+class _TreeSampler:
+    """The most ``_tree_pss_mb(pid)`` reached, sampled in a thread until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(pid,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, pid: int) -> None:
+        while not self._stop.wait(TREE_SAMPLE_S):
+            self.peak_mb = max(self.peak_mb, _tree_pss_mb(pid))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mb
 
 
 def _rerank(port: int, passages: list[str], times: int, first: int = 0) -> float:
@@ -157,9 +206,10 @@ def start(
         process = subprocess.Popen(
             command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
         )
+        sampler = _TreeSampler(process.pid)
         try:
             seconds = _wait_serving(port, process, started)
-            result = Start(kind, seconds)
+            result = Start(kind, seconds, tree_peak_pss_mb=sampler.stop())
             _measure_memory(result, process, port, passages)
             # Only a torch engine compiles in the background (--torch-compile auto).
             compiling = {model for model, engine in _ready(log_path).items() if engine.startswith("torch/")}
@@ -172,6 +222,7 @@ def start(
                     break
                 time.sleep(1)
         finally:
+            sampler.stop()
             process.terminate()
             process.wait(timeout=120)
     log = log_path.read_text()
@@ -271,7 +322,8 @@ def main() -> None:
                 print(
                     f"run {run + 1} {kind}: {result.seconds_to_serving:.1f} s to SERVING, RSS peak "
                     f"{result.peak_rss_mb:.0f} MB, settled {result.settled_rss_mb:.0f} MB, idle "
-                    f"{result.idle_rss_mb:.0f} MB, child peak {result.child_peak_rss_mb:.0f} MB, torch "
+                    f"{result.idle_rss_mb:.0f} MB, child peak {result.child_peak_rss_mb:.0f} MB, "
+                    f"all processes' peak until SERVING {result.tree_peak_pss_mb:.0f} MB (PSS), torch "
                     f"{'loaded' if result.torch_loaded else 'not loaded'}; a rerank {result.rerank_s:.3f} s, "
                     f"after idling {result.rerank_after_idle_s:.3f} s",
                     flush=True,

@@ -408,3 +408,49 @@ def test_on_cuda_torch_is_compiled_for_shape_buckets_before_serving(
     assert built == [ShapeBuckets(32, 2048, 512)]
     assert selection.engine.shape_buckets == built[0]
     assert selection.notes[0].startswith("tensorrt: unavailable")
+
+
+def test_a_large_model_is_timed_in_turns_and_a_released_candidate_is_rebuilt_to_gate(
+    tmp_path, tiny_network, tiny_probe, monkeypatch
+):
+    from sidecar.model.engines import selection as selection_module
+
+    # Every network counts as large: three candidates at most are held at once.
+    monkeypatch.setattr(selection_module, "_HELD_WEIGHT_BYTES", 1)
+    assert selection_module.candidates_held_at_once(tiny_network) == 3
+
+    def wrong(self, batch) -> np.ndarray:  # fast and failing the gate: they lead every turn, then fail
+        return np.random.default_rng(0).normal(size=(batch.shape[0], 1)).astype(np.float32)
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "forward", wrong)
+    monkeypatch.setattr(OpenVinoEngine, "forward", wrong)
+    alive: set[int] = set()
+    most_alive = [0]
+    builds: dict[str, int] = {}
+    build, close = selection_module._Builder.build, Engine.close
+
+    def counting_build(self, candidate):
+        engine = build(self, candidate)
+        builds[str(candidate)] = builds.get(str(candidate), 0) + 1
+        if engine is not self.reference:
+            alive.add(id(engine))
+            most_alive[0] = max(most_alive[0], len(alive))
+        return engine
+
+    def counting_close(self) -> None:
+        alive.discard(id(self))
+        close(self)
+
+    monkeypatch.setattr(selection_module._Builder, "build", counting_build)
+    monkeypatch.setattr(Engine, "close", counting_close)
+    selection = select_engine(
+        request(tmp_path, precision="auto"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe
+    )
+    assert selection.engine.name == "torch"
+    assert selection.parity.passed
+    assert most_alive[0] <= 3
+    assert set(selection.timings) == set(builds)  # every candidate that loaded was timed
+    assert max(builds.values()) == 2, builds  # a released candidate was built again for its gate
+    assert alive <= {id(selection.engine)}  # all but the serving engine were released
+    failed = [note for note in selection.notes if "failed the parity gate" in note]
+    assert {note.split(":")[0] for note in failed} >= {"onnxruntime/fp32", "openvino/fp32"}

@@ -3,8 +3,9 @@
 ``--engine auto`` tries TensorRT, then ONNX Runtime, then OpenVINO, then torch; an explicit engine is
 the only one tried. Every candidate that loads must pass the parity gate against torch fp32 before it
 may serve. With a fixed precision the first candidate that passes serves. With ``--precision auto`` every
-candidate the device offers is loaded and timed on a batch shaped like the batcher's; the fastest that
-passes serves, except that a lossy precision must beat the fastest lossless one by ``--lossy-margin``.
+candidate the device offers is loaded and timed on a batch shaped like the batcher's (a large model's in
+turns, so its engines' weights are not all held at once); the fastest that passes serves, except that
+a lossy precision must beat the fastest lossless one by ``--lossy-margin``.
 Candidates are gated only as far as that choice needs (``choose``): usually just the one that serves.
 The verdict is remembered in the cache (``verdict``): a restart on the same model, hardware, libraries
 and settings loads and gates only the chosen engine. When torch serves and ``--torch-compile`` asks,
@@ -18,6 +19,7 @@ artifacts alone and gates it against the remembered reference scores: no network
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import logging
 import time
@@ -50,6 +52,11 @@ logger = logging.getLogger(__name__)
 # Timing rounds after a warm-up; a candidate clearly behind the leader stops being timed early.
 _TIMED_ROUNDS = 3
 _CLEARLY_BEHIND = 1.25
+# Candidates held at once while selecting: as many as this much of the network's fp32 weights, and at
+# least one more than the two that are kept (the fastest lossy and lossless). A base-sized model would
+# otherwise hold every candidate's weights at once (benchmarks/RESULTS.md, "Start-up to SERVING and memory").
+_HELD_WEIGHT_BYTES = 2 << 30
+_HELD_AT_LEAST = 3
 # The pair length candidates are timed at: a query and a passage, the batcher's common case.
 _TYPICAL_PAIR_TOKENS = 256
 
@@ -403,7 +410,12 @@ def _select(
 ) -> Selection:
     """With a fixed precision, the first candidate in chain order that loads and passes the parity gate.
     Under precision auto, every candidate that loads is timed first, then gated in order of speed only as
-    far as ``choose`` needs: a candidate that could not serve however it scored is never gated."""
+    far as ``choose`` needs: a candidate that could not serve however it scored is never gated.
+
+    Candidates are timed side by side, all together while ``candidates_held_at_once`` allows. A larger
+    model's are timed in turns as they load, each turn keeping only the fastest lossy and the fastest
+    lossless engine; one released that the choice then gates is rebuilt from the artifacts its first
+    build cached. A candidate that fails the gate is released at once."""
     request = builder.request
     explicit = request.engine != "auto" and request.precision != "auto"
     gate = _Gate(builder, reference_scores, notes, phases, explicit)
@@ -418,39 +430,68 @@ def _select(
             if engine is not builder.reference:
                 engine.close()
         raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
-    built = [
-        (candidate, engine)
-        for candidate in candidates
-        if (engine := _built(candidate, builder, notes, phases, explicit)) is not None
-    ]
-    if not built:
+    loaded: list[EngineCandidate] = []  # the candidates that loaded, in chain order
+    held: dict[int, Engine] = {}  # their engines not yet released, by index into ``loaded``
+    speeds: dict[int, float] = {}
+    lossy: list[bool] = []  # whether each loaded candidate is lossy
+    held_at_once = candidates_held_at_once(builder.inputs.network)
+
+    def release(index: int) -> None:
+        engine = held.pop(index)
+        if engine is not builder.reference:
+            engine.close()
+
+    for position, candidate in enumerate(candidates):
+        engine = _built(candidate, builder, notes, phases, explicit)
+        if engine is None:
+            continue
+        held[len(loaded)] = engine
+        loaded.append(candidate)
+        lossy.append(is_lossy(candidate.precision, request.device))
+        costly = [index for index, held_engine in held.items() if held_engine is not builder.reference]
+        if len(costly) >= held_at_once and position < len(candidates) - 1:
+            # Past what may be held at once: time what is held, and keep only the fastest of each group
+            # (lossy or not), which the choice compares; the others are rebuilt if it needs them.
+            _time_held(held, lossy, speeds, builder, phases)
+            for group in {lossy[index] for index in held}:
+                members = [index for index in held if lossy[index] == group]
+                for index in members:
+                    if index != max(members, key=speeds.__getitem__):
+                        release(index)
+            gc.collect()
+    if not loaded:
         raise ModelLoadError("no engine could load: " + "; ".join(notes))
-    if len(built) == 1:
-        (candidate, engine), timings, speedup = built[0], {}, 0.0
+    if len(loaded) == 1:
+        (candidate, engine), timings, speedup = (loaded[0], held[0]), {}, 0.0
         report = gate.passes(candidate, engine)
         if report is None:
             raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
     else:
-        with phases.timed("timing"), worker_threads(request.threads):
-            speeds = throughputs(
-                [engine for _, engine in built],
-                typical_batch(request, builder.probe, worker_share=True),
-                groups=[is_lossy(candidate.precision, request.device) for candidate, _ in built],
-            )
-        timings = {str(candidate): speed for (candidate, _), speed in zip(built, speeds, strict=True)}
+        if any(index not in speeds for index in held):
+            _time_held(held, lossy, speeds, builder, phases)
+        timings = {str(candidate): speeds[index] for index, candidate in enumerate(loaded)}
         reports: dict[int, ParityReport | None] = {}
 
         def passes(index: int) -> bool:
-            reports[index] = gate.passes(*built[index])
+            if index not in held:  # released while timing: rebuilt from the artifacts cached then
+                rebuilt = _built(loaded[index], builder, notes, phases, explicit)
+                if rebuilt is None:
+                    return False
+                held[index] = rebuilt
+            reports[index] = gate.passes(loaded[index], held[index])
+            if reports[index] is None:
+                release(index)
             return reports[index] is not None
 
-        best, speedup = choose([candidate for candidate, _ in built], speeds, request, passes, notes)
-        candidate, engine = built[best]
+        best, speedup = choose(
+            loaded, [speeds[index] for index in range(len(loaded))], request, passes, notes
+        )
+        candidate, engine = loaded[best], held[best]
         report = reports[best]
         assert report is not None  # choose serves only a candidate that passed
-    for _, other in built:
-        if other is not engine and other is not builder.reference:
-            other.close()
+    for index in list(held):
+        if held[index] is not engine:
+            release(index)
     return Selection(engine, report, notes, timings=timings, speedup_over_lossless=speedup)
 
 
@@ -466,6 +507,33 @@ def _built(
             raise ModelLoadError(f"the requested engine {candidate} could not load: {exc}") from exc
         _skip(notes, f"{candidate}: failed to load: {type(exc).__name__}: {exc}", exc)
         return None
+
+
+def candidates_held_at_once(network: Network) -> int:
+    """How many candidate engines selection holds at once: as many as ``_HELD_WEIGHT_BYTES`` of the
+    network's fp32 weights, and at least ``_HELD_AT_LEAST``."""
+    weight_bytes = 4 * sum(weight.numel() for weight in network.parameters())
+    return max(_HELD_AT_LEAST, _HELD_WEIGHT_BYTES // max(weight_bytes, 1))
+
+
+def _time_held(
+    held: Mapping[int, Engine],
+    lossy: list[bool],
+    speeds: dict[int, float],
+    builder: _Builder,
+    phases: PhaseTimer,
+) -> None:
+    """Times the held engines side by side into ``speeds``, keeping each one's best figure so far."""
+    request = builder.request
+    indices = list(held)
+    with phases.timed("timing"), worker_threads(request.threads):
+        measured = throughputs(
+            [held[index] for index in indices],
+            typical_batch(request, builder.probe, worker_share=True),
+            groups=[lossy[index] for index in indices],
+        )
+    for index, speed in zip(indices, measured, strict=True):
+        speeds[index] = max(speeds.get(index, 0.0), speed)
 
 
 @dataclass
