@@ -344,6 +344,12 @@ def test_timing_stops_for_a_candidate_clearly_behind_unless_it_leads_its_group()
     assert speeds[0] > speeds[1] > speeds[2]
 
 
+def test_an_engine_timed_before_is_not_warmed_up_again():
+    timed_before, new = SleepingEngine(0.01), SleepingEngine(0.01)
+    throughputs([timed_before, new], padded_batch(2, 8, seed=0), warm=[True, False])
+    assert (timed_before.calls, new.calls) == (3, 4)
+
+
 async def test_torch_compile_auto_serves_at_once_then_the_compiled_engine_takes_over(
     tiny_bert: Path, tmp_path: Path
 ):

@@ -19,7 +19,6 @@ artifacts alone and gates it against the remembered reference scores: no network
 
 from __future__ import annotations
 
-import gc
 import importlib.metadata
 import logging
 import time
@@ -41,6 +40,7 @@ from sidecar.model.engines.registry import EngineInputs, EngineShape, Offer, Una
 from sidecar.model.engines.verdict import Verdict, VerdictStore
 from sidecar.model.export import ExportedModel, library_versions
 from sidecar.model.hardware import device_fingerprint
+from sidecar.model.memory import release_unused_memory
 from sidecar.model.parity import ParityReport, Probe, compare
 from sidecar.model.phases import PhaseTimer
 
@@ -443,22 +443,25 @@ def _select(
 
     for position, candidate in enumerate(candidates):
         engine = _built(candidate, builder, notes, phases, explicit)
-        if engine is None:
-            continue
-        held[len(loaded)] = engine
-        loaded.append(candidate)
-        lossy.append(is_lossy(candidate.precision, request.device))
+        if engine is not None:
+            held[len(loaded)] = engine
+            loaded.append(candidate)
+            lossy.append(is_lossy(candidate.precision, request.device))
         costly = [index for index, held_engine in held.items() if held_engine is not builder.reference]
-        if len(costly) >= held_at_once and position < len(candidates) - 1:
-            # Past what may be held at once: time what is held, and keep only the fastest of each group
-            # (lossy or not), which the choice compares; the others are rebuilt if it needs them.
-            _time_held(held, lossy, speeds, builder, phases)
-            for group in {lossy[index] for index in held}:
-                members = [index for index in held if lossy[index] == group]
-                for index in members:
-                    if index != max(members, key=speeds.__getitem__):
-                        release(index)
-            gc.collect()
+        if engine is not None and len(costly) >= held_at_once and position < len(candidates) - 1:
+            # Past what may be held at once: time the new candidates against the fastest held of their
+            # group (lossy or not), and keep only each group's fastest, which the choice compares; the
+            # others are rebuilt if it needs them.
+            untimed = [index for index in held if index not in speeds]
+            groups = {lossy[index] for index in untimed}
+            leaders = [index for index in _group_leaders(held, lossy, speeds) if lossy[index] in groups]
+            _time(held, untimed + leaders, lossy, speeds, builder, phases)
+            kept = _group_leaders(held, lossy, speeds)
+            for index in [index for index in held if index not in kept]:
+                release(index)
+        # What a build left behind (a calibration's model copies, a compile's buffers, a failed build's
+        # remains) goes back to the system before the next one.
+        release_unused_memory()
     if not loaded:
         raise ModelLoadError("no engine could load: " + "; ".join(notes))
     if len(loaded) == 1:
@@ -467,8 +470,8 @@ def _select(
         if report is None:
             raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
     else:
-        if any(index not in speeds for index in held):
-            _time_held(held, lossy, speeds, builder, phases)
+        if len(held) > 1 or any(index not in speeds for index in held):  # the groups' leaders side by side
+            _time(held, list(held), lossy, speeds, builder, phases)
         timings = {str(candidate): speeds[index] for index, candidate in enumerate(loaded)}
         reports: dict[int, ParityReport | None] = {}
 
@@ -516,21 +519,33 @@ def candidates_held_at_once(network: Network) -> int:
     return max(_HELD_AT_LEAST, _HELD_WEIGHT_BYTES // max(weight_bytes, 1))
 
 
-def _time_held(
+def _group_leaders(held: Mapping[int, Engine], lossy: list[bool], speeds: Mapping[int, float]) -> list[int]:
+    """The fastest timed engine held of each group, lossy and lossless."""
+    leaders = []
+    for group in (True, False):
+        timed = [index for index in held if lossy[index] == group and index in speeds]
+        if timed:
+            leaders.append(max(timed, key=speeds.__getitem__))
+    return leaders
+
+
+def _time(
     held: Mapping[int, Engine],
+    indices: list[int],
     lossy: list[bool],
     speeds: dict[int, float],
     builder: _Builder,
     phases: PhaseTimer,
 ) -> None:
-    """Times the held engines side by side into ``speeds``, keeping each one's best figure so far."""
+    """Times the held engines ``indices`` side by side into ``speeds``, keeping each one's best figure;
+    one timed before is warm already."""
     request = builder.request
-    indices = list(held)
     with phases.timed("timing"), worker_threads(request.threads):
         measured = throughputs(
             [held[index] for index in indices],
             typical_batch(request, builder.probe, worker_share=True),
             groups=[lossy[index] for index in indices],
+            warm=[index in speeds for index in indices],
         )
     for index, speed in zip(indices, measured, strict=True):
         speeds[index] = max(speeds.get(index, 0.0), speed)
@@ -685,8 +700,14 @@ def typical_batch(request: EngineRequest, probe: Probe, *, worker_share: bool = 
     return TokenBatch(token_ids, np.ones((rows, columns), dtype=np.int64), token_types)
 
 
-def throughputs(engines: list[Engine], batch: TokenBatch, groups: list[bool] | None = None) -> list[float]:
-    """Rows per second of each engine: the best of a few rounds after a warm-up.
+def throughputs(
+    engines: list[Engine],
+    batch: TokenBatch,
+    groups: list[bool] | None = None,
+    warm: list[bool] | None = None,
+) -> list[float]:
+    """Rows per second of each engine: the best of a few rounds after a warm-up (none for an engine
+    ``warm`` says has run this batch before).
 
     Every round times each engine still in the race once, so load from other processes falls on all of
     them alike. After the first round an engine more than ``_CLEARLY_BEHIND`` slower than the leader
@@ -694,8 +715,10 @@ def throughputs(engines: list[Engine], batch: TokenBatch, groups: list[bool] | N
     compares.
     """
     groups = groups or [False] * len(engines)
-    for engine in engines:
-        engine.forward(batch)
+    warm = warm or [False] * len(engines)
+    for engine, warmed_up in zip(engines, warm, strict=True):
+        if not warmed_up:
+            engine.forward(batch)
     best = [float("inf")] * len(engines)
     racing = list(range(len(engines)))
     for _ in range(_TIMED_ROUNDS):
