@@ -344,6 +344,16 @@ def test_timing_stops_for_a_candidate_clearly_behind_unless_it_leads_its_group()
     assert speeds[0] > speeds[1] > speeds[2]
 
 
+def test_finding_each_groups_fastest_ends_once_each_group_has_one_left():
+    fast, slow, lossy = SleepingEngine(0.01), SleepingEngine(0.03), SleepingEngine(0.02)
+    batch = padded_batch(2, 8, seed=0)
+    throughputs([fast, slow, lossy], batch, [False, False, True], group_leaders_only=True)
+    assert (fast.calls, slow.calls, lossy.calls) == (2, 2, 2)  # a warm-up and one round decided it
+    close_one, close_other = SleepingEngine(0.02), SleepingEngine(0.021)
+    throughputs([close_one, close_other], batch, group_leaders_only=True)
+    assert close_one.calls == close_other.calls == 4  # too close to call: every round
+
+
 def test_an_engine_timed_before_is_not_warmed_up_again():
     timed_before, new = SleepingEngine(0.01), SleepingEngine(0.01)
     throughputs([timed_before, new], padded_batch(2, 8, seed=0), warm=[True, False])

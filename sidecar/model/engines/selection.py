@@ -455,7 +455,7 @@ def _select(
             untimed = [index for index in held if index not in speeds]
             groups = {lossy[index] for index in untimed}
             leaders = [index for index in _group_leaders(held, lossy, speeds) if lossy[index] in groups]
-            _time(held, untimed + leaders, lossy, speeds, builder, phases)
+            _time(held, untimed + leaders, lossy, speeds, builder, phases, group_leaders_only=True)
             kept = _group_leaders(held, lossy, speeds)
             for index in [index for index in held if index not in kept]:
                 release(index)
@@ -536,9 +536,11 @@ def _time(
     speeds: dict[int, float],
     builder: _Builder,
     phases: PhaseTimer,
+    *,
+    group_leaders_only: bool = False,
 ) -> None:
     """Times the held engines ``indices`` side by side into ``speeds``, keeping each one's best figure;
-    one timed before is warm already."""
+    one timed before is warm already. ``group_leaders_only`` as for ``throughputs``."""
     request = builder.request
     with phases.timed("timing"), worker_threads(request.threads):
         measured = throughputs(
@@ -546,6 +548,7 @@ def _time(
             typical_batch(request, builder.probe, worker_share=True),
             groups=[lossy[index] for index in indices],
             warm=[index in speeds for index in indices],
+            group_leaders_only=group_leaders_only,
         )
     for index, speed in zip(indices, measured, strict=True):
         speeds[index] = max(speeds.get(index, 0.0), speed)
@@ -705,6 +708,8 @@ def throughputs(
     batch: TokenBatch,
     groups: list[bool] | None = None,
     warm: list[bool] | None = None,
+    *,
+    group_leaders_only: bool = False,
 ) -> list[float]:
     """Rows per second of each engine: the best of a few rounds after a warm-up (none for an engine
     ``warm`` says has run this batch before).
@@ -712,7 +717,8 @@ def throughputs(
     Every round times each engine still in the race once, so load from other processes falls on all of
     them alike. After the first round an engine more than ``_CLEARLY_BEHIND`` slower than the leader
     stops being timed, unless it leads its group (``groups``: lossy or not), whose best the choice
-    compares.
+    compares. With ``group_leaders_only`` the timing ends once each group has one engine left racing:
+    it was to find each group's fastest, not to measure the groups against each other.
     """
     groups = groups or [False] * len(engines)
     warm = warm or [False] * len(engines)
@@ -731,4 +737,6 @@ def throughputs(
         }
         leader = min(best)
         racing = [i for i in racing if i in leaders or best[i] <= _CLEARLY_BEHIND * leader]
+        if group_leaders_only and len(racing) == len({groups[i] for i in racing}):
+            break
     return [batch.shape[0] / seconds for seconds in best]
