@@ -23,7 +23,7 @@ from sidecar.model.cache import usable_cache_dir
 from sidecar.model.engines import Engine
 from sidecar.model.kinds import kind_of
 from sidecar.model.loading import ModelSource
-from sidecar.model.memory import HeapTrimmer, large_allocations_in_own_maps
+from sidecar.model.memory import HeapTrimmer, fix_mmap_threshold
 from sidecar.model.tokenization import PairSpec, PairTokenizer
 from sidecar.scheduling.batcher import Batcher, BatchLimits
 from sidecar.scheduling.capacity import SharedCapacity
@@ -51,6 +51,9 @@ RuntimeFactory = Callable[[Settings, ModelSource], Runtime]
 _WARMUP_TEXT = "warm-up " * 512
 # oneDNN's kernel cache, in kernels, unless the operator sets ONEDNN_PRIMITIVE_CACHE_CAPACITY.
 ONEDNN_PRIMITIVE_CACHE_CAPACITY = 64
+# Allocations from this size up get memory maps of their own (see fix_mmap_threshold): an engine's
+# scratch buffers are larger, a batch's token arrays smaller.
+MMAP_THRESHOLD = 1 << 20
 
 
 def prepare_process(settings: Settings) -> Settings:
@@ -70,7 +73,8 @@ def prepare_process(settings: Settings) -> Settings:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
-    large_allocations_in_own_maps()
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc's own variable, read at the process's start
+        fix_mmap_threshold(MMAP_THRESHOLD)
     if settings.otel_endpoint:
         configure_tracing(settings.otel_endpoint, "rerank-sidecar")
     return dataclasses.replace(settings, cache_dir=str(cache_dir))

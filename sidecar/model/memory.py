@@ -13,16 +13,12 @@ import ctypes
 import ctypes.util
 import functools
 import gc
-import os
 import sys
 import threading
 from collections.abc import Callable
 
 # mallopt's parameter number for the mmap threshold, in glibc's malloc.h.
 _M_MMAP_THRESHOLD = -3
-# Allocations from this size up get memory maps of their own (see fix_mmap_threshold): an engine's
-# scratch buffers are larger, a batch's token arrays smaller.
-MMAP_THRESHOLD = 1 << 20
 
 
 @functools.cache
@@ -53,13 +49,6 @@ def fix_mmap_threshold(threshold: int) -> bool:
     False under another C library."""
     mallopt = _libc_function("mallopt", ctypes.c_int, ctypes.c_int)
     return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, threshold) == 1
-
-
-def large_allocations_in_own_maps() -> None:
-    """``fix_mmap_threshold(MMAP_THRESHOLD)``, unless the operator set glibc's own variable, which glibc
-    read at the process's start."""
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        fix_mmap_threshold(MMAP_THRESHOLD)
 
 
 def release_unused_memory() -> None:

@@ -26,7 +26,7 @@ from sidecar.model.export import cached_export
 from sidecar.model.hardware import describe_device
 from sidecar.model.kinds import kind_of, load_model, load_model_network
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource
-from sidecar.model.memory import large_allocations_in_own_maps, release_unused_memory
+from sidecar.model.memory import release_unused_memory
 from sidecar.model.parity import Probe
 from sidecar.model.phases import PhaseTimer
 from sidecar.model.warm import NEEDS_NETWORK, WarmStore, model_files, rebuild_model, record_of, warm_key
@@ -285,7 +285,6 @@ def _select_each(settings: Settings, requests: Connection) -> None:
     remember in the cache directory given (the parent's, checked usable) what a warm start needs; then the
     phases' seconds, or the load error, go back to the parent. Until the parent sends None."""
     configure_logging(settings)
-    large_allocations_in_own_maps()  # as in the server: freed weights and buffers go back to the system
     while (request := requests.recv()) is not None:
         model_settings, source, cache_dir = request
         phases = PhaseTimer()

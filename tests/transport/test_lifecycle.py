@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
-from sidecar.model import memory
+from sidecar import composition
 from sidecar.server import SidecarServer
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.server import RERANKER_SERVICE
@@ -177,12 +177,12 @@ async def test_library_settings_are_the_sidecars_unless_the_operator_set_them(
     assert os.environ[variable] == operators
 
 
-@pytest.mark.parametrize(("operators", "calls"), [(None, [memory.MMAP_THRESHOLD]), ("131072", [])])
+@pytest.mark.parametrize(("operators", "calls"), [(None, [composition.MMAP_THRESHOLD]), ("131072", [])])
 async def test_the_mmap_threshold_is_fixed_unless_the_operator_set_glibcs_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operators: str | None, calls: list[int]
 ):
     fixed: list[int] = []
-    monkeypatch.setattr(memory, "fix_mmap_threshold", fixed.append)
+    monkeypatch.setattr(composition, "fix_mmap_threshold", fixed.append)
     if operators is None:
         monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     else:

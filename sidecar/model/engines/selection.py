@@ -459,9 +459,11 @@ def _select(
             kept = _group_leaders(held, lossy, speeds)
             for index in [index for index in held if index not in kept]:
                 release(index)
-        # What a build left behind (a calibration's model copies, a compile's buffers, a failed build's
-        # remains) goes back to the system before the next one.
-        release_unused_memory()
+        if held_at_once < len(candidates):
+            # A large model: what a build left behind (a calibration's model copies, a compile's
+            # buffers, a failed build's remains) goes back to the system before the next one. A small
+            # one's is little, and each collection costs its cold start time.
+            release_unused_memory()
     if not loaded:
         raise ModelLoadError("no engine could load: " + "; ".join(notes))
     if len(loaded) == 1:
