@@ -12,10 +12,12 @@ Memory: once SERVING, each start serves three reranks of 100 SciFact passages (t
 benchmark's workload), then its resident memory is read from ``/proc``: the peak (``VmHWM``) and the
 settled figure a second later (``VmRSS``), and whether ``libtorch_cpu`` is mapped at all; then again
 once the models were idle past ``--idle-release-after`` and gave their scratch memory back, and one
-more rerank is timed against the last of the three. Apart from the starts, each heavy library is
-imported alone in a fresh interpreter, several times: the median seconds and resident megabytes it adds
-to a bare interpreter. ``--family`` serves another model instead (with ``--embed-model ''``, alone):
-an XLM-R base shape with random weights, or the packaged embedder.
+more rerank is timed against the last of the three. Until SERVING, the proportional set size of the
+sidecar and every process under it (the selection child, ONNX Runtime's fusion) is sampled twice a
+second: the most they held together, what a pod's memory limit must allow. Apart from the starts, each
+heavy library is imported alone in a fresh interpreter, several times: the median seconds and resident
+megabytes it adds to a bare interpreter. ``--family`` serves another model instead (with
+``--embed-model ''``, alone): an XLM-R base shape with random weights, or the packaged embedder.
 
     .venv/bin/python -m benchmarks.startup [--runs 3] [--out benchmarks/out/startup.json]
     .venv/bin/python -m benchmarks.startup --runs 1 --family xlm-r-base --embed-model '' \
