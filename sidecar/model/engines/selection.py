@@ -435,6 +435,7 @@ def _select(
     speeds: dict[int, float] = {}
     lossy: list[bool] = []  # whether each loaded candidate is lossy
     held_at_once = candidates_held_at_once(builder.inputs.network)
+    in_turns = held_at_once < len(candidates)  # too large a model to hold every candidate at once
 
     def release(index: int) -> None:
         engine = held.pop(index)
@@ -447,8 +448,8 @@ def _select(
             held[len(loaded)] = engine
             loaded.append(candidate)
             lossy.append(is_lossy(candidate.precision, request.device))
-        costly = [index for index, held_engine in held.items() if held_engine is not builder.reference]
-        if engine is not None and len(costly) >= held_at_once and position < len(candidates) - 1:
+        costly = sum(held_engine is not builder.reference for held_engine in held.values())
+        if engine is not None and costly >= held_at_once and position < len(candidates) - 1:
             # Past what may be held at once: time the new candidates against the fastest held of their
             # group (lossy or not), and keep only each group's fastest, which the choice compares; the
             # others are rebuilt if it needs them.
@@ -459,10 +460,10 @@ def _select(
             kept = _group_leaders(held, lossy, speeds)
             for index in [index for index in held if index not in kept]:
                 release(index)
-        if held_at_once < len(candidates):
-            # A large model: what a build left behind (a calibration's model copies, a compile's
-            # buffers, a failed build's remains) goes back to the system before the next one. A small
-            # one's is little, and each collection costs its cold start time.
+        if in_turns:
+            # What a build left behind (a calibration's model copies, a compile's buffers, a failed
+            # build's remains) goes back to the system before the next one. A small model's is little,
+            # and each collection would cost its cold start time.
             release_unused_memory()
     if not loaded:
         raise ModelLoadError("no engine could load: " + "; ".join(notes))
