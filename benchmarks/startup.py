@@ -14,7 +14,9 @@ settled figure a second later (``VmRSS``), and whether ``libtorch_cpu`` is mappe
 once the models were idle past ``--idle-release-after`` and gave their scratch memory back, and one
 more rerank is timed against the last of the three. Until SERVING, the proportional set size of the
 sidecar and every process under it (the selection child, ONNX Runtime's fusion) is sampled twice a
-second: the most they held together, what a pod's memory limit must allow. Apart from the starts, each
+second: the most they held together, what a pod's memory limit must allow; so is the size of the files
+in ``--cache-dir`` (what a cache volume must allow), read again once the start is over (what it keeps).
+Apart from the starts, each
 heavy library is imported alone in a fresh interpreter, several times: the median seconds and resident
 megabytes it adds to a bare interpreter. ``--family`` serves another model instead (with
 ``--embed-model ''``, alone): an XLM-R base shape with random weights, or the packaged embedder.
@@ -27,6 +29,7 @@ megabytes it adds to a bare interpreter. ``--family`` serves another model inste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -86,6 +89,10 @@ class Start:
     # The most the sidecar and every process under it held together until SERVING, MB: proportional set
     # sizes (shared pages counted once), sampled every TREE_SAMPLE_S; what a pod's limit must allow.
     tree_peak_pss_mb: float = 0.0
+    # The --cache-dir's files, MB: the most they held until SERVING (sampled with the memory), and what
+    # they held once the start was over.
+    cache_peak_mb: float = 0.0
+    cache_mb: float = 0.0
 
 
 def _status_mb(pid: int, field_name: str) -> float:
@@ -120,23 +127,35 @@ def _tree_pss_mb(root: int) -> float:
     return total / 1024
 
 
-class _TreeSampler:
-    """The most ``_tree_pss_mb(pid)`` reached, sampled in a thread until stopped."""
+def _directory_mb(directory: Path) -> float:
+    """The size of the files under ``directory``, MB; a file removed while counted counts nothing."""
+    total = 0
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(parent, name)).st_size
+    return total / 1e6
 
-    def __init__(self, pid: int) -> None:
-        self.peak_mb = 0.0
+
+class _StartSampler:
+    """The most ``_tree_pss_mb(pid)`` and ``_directory_mb(cache_dir)`` reached, sampled in a thread
+    until stopped."""
+
+    def __init__(self, pid: int, cache_dir: Path) -> None:
+        self.peak_pss_mb = 0.0
+        self.peak_cache_mb = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, args=(pid,), daemon=True)
+        self._thread = threading.Thread(target=self._sample, args=(pid, cache_dir), daemon=True)
         self._thread.start()
 
-    def _sample(self, pid: int) -> None:
+    def _sample(self, pid: int, cache_dir: Path) -> None:
         while not self._stop.wait(TREE_SAMPLE_S):
-            self.peak_mb = max(self.peak_mb, _tree_pss_mb(pid))
+            self.peak_pss_mb = max(self.peak_pss_mb, _tree_pss_mb(pid))
+            self.peak_cache_mb = max(self.peak_cache_mb, _directory_mb(cache_dir))
 
-    def stop(self) -> float:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        return self.peak_mb
 
 
 def _rerank(port: int, passages: list[str], times: int, first: int = 0) -> float:
@@ -208,11 +227,15 @@ def start(
         process = subprocess.Popen(
             command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
         )
-        sampler = _TreeSampler(process.pid)
+        sampler = _StartSampler(process.pid, cache_dir)
         try:
             seconds = _wait_serving(port, process, started)
-            result = Start(kind, seconds, tree_peak_pss_mb=sampler.stop())
+            sampler.stop()
+            result = Start(
+                kind, seconds, tree_peak_pss_mb=sampler.peak_pss_mb, cache_peak_mb=sampler.peak_cache_mb
+            )
             _measure_memory(result, process, port, passages)
+            result.cache_mb = _directory_mb(cache_dir)
             # Only a torch engine compiles in the background (--torch-compile auto).
             compiling = {model for model, engine in _ready(log_path).items() if engine.startswith("torch/")}
             deadline = time.monotonic() + 600
@@ -325,7 +348,8 @@ def main() -> None:
                     f"run {run + 1} {kind}: {result.seconds_to_serving:.1f} s to SERVING, RSS peak "
                     f"{result.peak_rss_mb:.0f} MB, settled {result.settled_rss_mb:.0f} MB, idle "
                     f"{result.idle_rss_mb:.0f} MB, child peak {result.child_peak_rss_mb:.0f} MB, "
-                    f"all processes' peak until SERVING {result.tree_peak_pss_mb:.0f} MB (PSS), torch "
+                    f"all processes' peak until SERVING {result.tree_peak_pss_mb:.0f} MB (PSS), cache "
+                    f"{result.cache_mb:.0f} MB (peak {result.cache_peak_mb:.0f} MB), torch "
                     f"{'loaded' if result.torch_loaded else 'not loaded'}; a rerank {result.rerank_s:.3f} s, "
                     f"after idling {result.rerank_after_idle_s:.3f} s",
                     flush=True,

@@ -11,6 +11,9 @@ a ModelLoadError with the reason where it would build, so the start can go the f
 
 A cache directory that cannot be written is not an error: ``usable_cache_dir`` says so once and hands
 out a temporary directory instead, so the server still starts, only without remembering anything.
+
+``recording_cache_use`` notes which entries a stretch of work built and which it was handed (built or
+reused), so a start can remove what it built that serving turned out not to need (``remove_entries``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +105,45 @@ def key_digest(key: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:24]
 
 
+@dataclass
+class CacheUse:
+    """The cache entries (artifact directories) that work built, and every one it was handed."""
+
+    built: set[Path] = field(default_factory=set)
+    handed_out: set[Path] = field(default_factory=set)
+
+
+_CACHE_USE: ContextVar[CacheUse | None] = ContextVar("cache_use", default=None)
+
+
+@contextmanager
+def recording_cache_use() -> Iterator[CacheUse]:
+    """Notes the entries any ``ArtifactCache`` builds or hands out in this thread until the block ends."""
+    use = CacheUse()
+    token = _CACHE_USE.set(use)
+    try:
+        yield use
+    finally:
+        _CACHE_USE.reset(token)
+
+
+def _note_use(entry: Path, *, built: bool) -> None:
+    use = _CACHE_USE.get()
+    if use is not None:
+        use.handed_out.add(entry)
+        if built:
+            use.built.add(entry)
+
+
+def remove_entries(entries: Iterable[Path]) -> int:
+    """Removes cache entries whole; the bytes their files held."""
+    freed = 0
+    for entry in entries:
+        freed += sum(path.stat().st_size for path in entry.rglob("*") if path.is_file())
+        shutil.rmtree(entry, ignore_errors=True)
+    return freed
+
+
 class ArtifactCache:
     def __init__(self, root: Path, *, reuse_only: bool = False) -> None:
         self.root = root
@@ -115,6 +160,7 @@ class ArtifactCache:
         if problem is not None:
             raise ModelLoadError(f"the cached {kind} {artifact} is unusable: {problem}")
         logger.info("reusing cached %s %s", kind, artifact)
+        _note_use(artifact.parent, built=False)
         return artifact
 
     def get_or_build(
@@ -132,6 +178,7 @@ class ArtifactCache:
         problem = self._verify(entry, key, filename)
         if problem is None:
             logger.info("reusing cached %s %s", kind, artifact)
+            _note_use(entry, built=False)
             return artifact
         if problem != "absent":
             logger.warning("rebuilding cached %s %s: %s", kind, artifact, problem)
@@ -146,11 +193,14 @@ class ArtifactCache:
             shutil.rmtree(entry, ignore_errors=True)
             try:
                 os.replace(staging, entry)
+                built_here = True
             except OSError:
                 if self._verify(entry, key, filename) is not None:  # no concurrent builder won the race
                     raise
+                built_here = False
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        _note_use(entry, built=built_here)
         return artifact
 
     @staticmethod

@@ -17,7 +17,7 @@ from typing import Any
 
 from sidecar.errors import ModelLoadError
 from sidecar.logs import configure_logging
-from sidecar.model.cache import ArtifactCache, usable_cache_dir
+from sidecar.model.cache import ArtifactCache, recording_cache_use, remove_entries, usable_cache_dir
 from sidecar.model.calibration import CalibrationSet, model_calibration, read_calibration
 from sidecar.model.engines import NETWORK_ENGINES, Engine
 from sidecar.model.engines.registry import EngineInputs
@@ -168,15 +168,34 @@ def load_runtime(
     if settings.select_in_subprocess and warm is _NotWarm.NOT_REMEMBERED:
         if selection_process is None:
             with SelectionProcess() as own_process:
-                chosen_from_cache = own_process.select(settings, source, cache_dir, phases)
+                chosen = own_process.select(settings, source, cache_dir, phases)
         else:
-            chosen_from_cache = selection_process.select(settings, source, cache_dir, phases)
-        if chosen_from_cache is not None:
-            warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
+            chosen = selection_process.select(settings, source, cache_dir, phases)
+        if chosen is not None:
+            with recording_cache_use() as use:
+                warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
             if isinstance(warm, Runtime):
-                warm.selection.from_cache = chosen_from_cache  # the child's selection, not this recall
+                warm.selection.from_cache = chosen.from_cache  # the child's selection, not this recall
+                _remove_unserved_artifacts(source, chosen.built - use.handed_out)
                 return warm
     return _cold_runtime(settings, source, cache_dir, calibration_set, phases)
+
+
+def _remove_unserved_artifacts(source: ModelSource, entries: frozenset[Path]) -> None:
+    """Removes what the selection built that the warm start from its choice did not read: the artifacts
+    of the candidates that lost, most of a first start's cache (benchmarks/RESULTS.md, "Start-up to
+    SERVING and memory"). A later start reads only what the remembered choice needs; one that selects
+    afresh (other library versions or settings, or --reselect) builds its candidates again."""
+    if not entries:
+        return
+    freed = remove_entries(entries)
+    logger.info(
+        "removed %d cached artifacts (%.0f MB) that only the candidates which lost for %s read: %s",
+        len(entries),
+        freed / 1e6,
+        source.model_id,
+        ", ".join(sorted(entry.name for entry in entries)),
+    )
 
 
 class _NotWarm(enum.Enum):
@@ -185,6 +204,15 @@ class _NotWarm(enum.Enum):
     CANNOT = "cannot"  # nothing remembered could serve it (a hub id, --engine torch, a GPU, ...)
     NOT_REMEMBERED = "not remembered"  # nothing (or nothing valid) is remembered for it yet
     NEEDS_NETWORK = "needs network"  # the remembered engine runs the PyTorch network
+
+
+@dataclass(frozen=True)
+class ChildSelection:
+    """What the selection child did for a model: whether it found the choice remembered, and the cache
+    entries it built."""
+
+    from_cache: bool
+    built: frozenset[Path]
 
 
 class SelectionProcess:
@@ -209,9 +237,9 @@ class SelectionProcess:
 
     def select(
         self, settings: Settings, source: ModelSource, cache_dir: Path, phases: PhaseTimer
-    ) -> bool | None:
-        """Select the model's engine in the child; whether the child found the choice remembered, or None
-        when it died (the reason logged), for this process to select instead."""
+    ) -> ChildSelection | None:
+        """Select the model's engine in the child; what it did, or None when it died (the reason logged),
+        for this process to select instead."""
         if self._connection is None:
             context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this one
             self._connection, child_end = context.Pipe()
@@ -244,14 +272,14 @@ class SelectionProcess:
         status, detail = outcome
         if status == "failed":
             raise ModelLoadError(detail)
-        seconds, from_cache = detail
+        seconds, from_cache, built = detail
         phases.add(seconds)
         logger.info(
             "the engine selection's process chose for %s; its peak RSS so far was %s",
             source.model_id,
             _peak_rss(self._child.pid),
         )
-        return bool(from_cache)
+        return ChildSelection(bool(from_cache), frozenset(Path(entry) for entry in built))
 
     def close(self) -> None:
         """Let the child exit, if one was started, or stop it in the middle of a selection, which nobody
@@ -289,9 +317,9 @@ def _select_each(settings: Settings, requests: Connection) -> None:
         model_settings, source, cache_dir = request
         phases = PhaseTimer()
         try:
-            runtime = _cold_runtime(
-                model_settings, source, cache_dir, read_calibration(model_settings.calibration_file), phases
-            )
+            calibration = read_calibration(model_settings.calibration_file)
+            with recording_cache_use() as use:
+                runtime = _cold_runtime(model_settings, source, cache_dir, calibration, phases)
         except ModelLoadError as exc:
             requests.send(("failed", str(exc)))
             continue
@@ -299,7 +327,7 @@ def _select_each(settings: Settings, requests: Connection) -> None:
         runtime.engine.close()
         del runtime  # the next model's selection starts from what a fresh child would hold
         release_unused_memory()
-        requests.send(("selected", (phases.seconds, from_cache)))
+        requests.send(("selected", (phases.seconds, from_cache, sorted(str(entry) for entry in use.built))))
 
 
 def _warm_obstacle(settings: Settings, source: ModelSource) -> str | None:

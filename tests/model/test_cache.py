@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from sidecar.model import export as export_module
-from sidecar.model.cache import ArtifactCache, usable_cache_dir, write_problem
+from sidecar.model.cache import (
+    ArtifactCache,
+    recording_cache_use,
+    remove_entries,
+    usable_cache_dir,
+    write_problem,
+)
 from sidecar.model.engines import onnxruntime_engine
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, optimized_model
 from sidecar.model.export import export_onnx
@@ -86,6 +92,31 @@ def test_a_failed_build_leaves_no_entry_behind(tmp_path: Path):
     with pytest.raises(RuntimeError):
         cache.get_or_build("thing", KEY, "file.bin", failing)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_entries_built_and_handed_out_are_recorded_until_the_block_ends(tmp_path: Path):
+    cache = ArtifactCache(tmp_path)
+    _, build = build_counter()
+    earlier = cache.get_or_build("thing", KEY, "file.bin", build).parent
+    with recording_cache_use() as use:
+        reused = cache.get_or_build("thing", KEY, "file.bin", build).parent
+        built = cache.get_or_build("thing", {**KEY, "torch": "2"}, "file.bin", build).parent
+        read = ArtifactCache(tmp_path, reuse_only=True).cached("thing", KEY, "file.bin").parent
+    cache.get_or_build("other", KEY, "file.bin", build)  # after the block: not recorded
+    assert reused == read == earlier
+    assert use.built == {built}
+    assert use.handed_out == {earlier, built}
+
+
+def test_removing_entries_deletes_them_whole_and_counts_their_bytes(tmp_path: Path):
+    cache = ArtifactCache(tmp_path)
+    kept = cache.get_or_build("thing", KEY, "file.bin", build_counter(b"x" * 100)[1]).parent
+    gone = cache.get_or_build("thing", {**KEY, "torch": "2"}, "file.bin", build_counter(b"y" * 300)[1]).parent
+    (gone / "file.bin.data").write_bytes(b"z" * 50)  # a companion file, as ONNX external data
+    manifest_bytes = (gone / "manifest.json").stat().st_size
+    assert remove_entries([gone]) == 300 + 50 + manifest_bytes
+    assert not gone.exists()
+    assert (kept / "file.bin").read_bytes() == b"x" * 100
 
 
 def test_the_export_is_reused_on_a_second_start(tiny_network, tiny_exported, artifact_cache, monkeypatch):

@@ -113,14 +113,16 @@ _WARM_START = textwrap.dedent(
 )
 
 
-def serve_in_a_fresh_process(model: Path | str, cache_dir: Path, engine: str) -> dict[str, Any]:
+def serve_in_a_fresh_process(
+    model: Path | str, cache_dir: Path, engine: str, precision: str = "fp32"
+) -> dict[str, Any]:
     """Start a server in a fresh interpreter, rerank once, and say what it served and imported, and
     what it logged."""
     options = {
         "model": str(model),
         "cache_dir": str(cache_dir),
         "engine": engine,
-        "precision": "fp32",
+        "precision": precision,
         "embed_model": "",
         "batch_workers": 1,
         "torch_compile": "off",
@@ -155,6 +157,24 @@ def test_a_first_start_selects_in_a_child_process_and_serves_without_torch(
 ) -> None:
     served = serve_in_a_fresh_process(model_dir, tmp_path / "empty-cache", "openvino")
     assert not served["from_cache"]  # this start chose it, in its child
+
+
+def test_a_first_start_keeps_only_the_artifacts_a_warm_start_reads(model_dir: Path, tmp_path: Path) -> None:
+    # OpenVINO under precision auto builds static int8 and fp32 (and bf16 where the CPU has it): one serves.
+    cache = tmp_path / "cache"
+    first = serve_in_a_fresh_process(model_dir, cache, "openvino", precision="auto")
+    removed = re.search(r"removed (\d+) cached artifacts \(\d+ MB\) .*: (\S.*)$", first["log"], re.MULTILINE)
+    assert removed is not None, first["log"]
+    removed_names = set(removed[2].split(", "))
+    assert len(removed_names) == int(removed[1]) >= 1
+    left = {entry.name for entry in cache.iterdir() if (entry / "manifest.json").is_file()}
+    assert not left & removed_names
+
+    again = serve_in_a_fresh_process(model_dir, cache, "openvino", precision="auto")
+    assert again["from_cache"]
+    assert "removed" not in again["log"]  # nothing was built
+    read = set(re.findall(r"reusing cached \S+ \S*/([^/\s]+)/[^/\s]+$", again["log"], re.MULTILINE))
+    assert read == left
 
 
 def test_the_models_of_a_first_start_share_one_selection_process(
