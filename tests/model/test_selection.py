@@ -338,10 +338,11 @@ class SleepingEngine(Engine):
 def test_timing_stops_for_a_candidate_clearly_behind_unless_it_leads_its_group():
     fast, slow, slow_lossy_leader = SleepingEngine(0.01), SleepingEngine(0.03), SleepingEngine(0.04)
     batch = padded_batch(2, 8, seed=0)
-    speeds = throughputs([fast, slow, slow_lossy_leader], batch, groups=[False, False, True])
+    timed = throughputs([fast, slow, slow_lossy_leader], batch, groups=[False, False, True])
     assert fast.calls == slow_lossy_leader.calls == 4  # a warm-up and three rounds
     assert slow.calls == 2  # the warm-up and the first round
-    assert speeds[0] > speeds[1] > speeds[2]
+    assert [throughput.rounds for throughput in timed] == [3, 1, 3]
+    assert timed[0].rows_per_s > timed[1].rows_per_s > timed[2].rows_per_s
 
 
 def test_finding_each_groups_fastest_ends_once_each_group_has_one_left():
@@ -470,3 +471,82 @@ def test_a_large_model_is_timed_in_turns_and_a_released_candidate_is_rebuilt_to_
     assert alive <= {id(selection.engine)}  # all but the serving engine were released
     failed = [note for note in selection.notes if "failed the parity gate" in note]
     assert {note.split(":")[0] for note in failed} >= {"onnxruntime/fp32", "openvino/fp32"}
+
+
+class ScheduledEngine(Engine):
+    """An engine whose forwards take the given seconds in turn, the last for every one after; its gate
+    passes or fails as told."""
+
+    name = "scheduled"
+
+    def __init__(self, precision: str, seconds: list[float], passes: bool) -> None:
+        super().__init__(precision=precision, device="cpu")
+        self.seconds = seconds
+        self.passes = passes
+        self.calls = 0
+
+    def forward(self, batch) -> np.ndarray:
+        time.sleep(self.seconds[min(self.calls, len(self.seconds) - 1)])
+        self.calls += 1
+        return np.zeros((batch.shape[0], 1), dtype=np.float32)
+
+
+def select_among(
+    engines: dict[str, ScheduledEngine], tmp_path: Path, tiny_network, tiny_probe
+) -> tuple[str, list[str]]:
+    """Which of ``engines`` (by "name/precision") a selection under precision auto serves, and its notes."""
+    from sidecar.model.cache import ArtifactCache
+    from sidecar.model.engines import selection as selection_module
+    from sidecar.model.engines.registry import EngineInputs
+    from sidecar.model.phases import PhaseTimer
+
+    reference = np.linspace(0.0, 1.0, len(tiny_probe.scores(TorchEngine(tiny_network, precision="fp32"))))
+
+    class Builder(selection_module._Builder):
+        def build(self, candidate: EngineCandidate) -> Engine:
+            return engines[str(candidate)]
+
+        def scores(self, engine: Engine) -> np.ndarray:
+            return reference if engine.passes else reference[::-1]  # type: ignore[attr-defined]
+
+    inputs = EngineInputs(tiny_network, "hash", CROSS_ENCODER_INPUTS, ArtifactCache(tmp_path))
+    builder = Builder(request(tmp_path, precision="auto"), inputs, None, tiny_probe)
+    candidates = [EngineCandidate(*label.split("/")) for label in engines]
+    notes: list[str] = []
+    selection = selection_module._select(candidates, notes, builder, reference, PhaseTimer())
+    served = next(label for label, engine in engines.items() if engine is selection.engine)
+    return served, notes
+
+
+def test_when_the_leader_fails_the_gate_the_close_candidates_behind_it_are_timed_again(
+    tmp_path, tiny_network, tiny_probe
+):
+    # b's first timed forward was disturbed; it and c stopped being timed after it, behind a, which
+    # then failed the gate. One round would have served c.
+    engines = {
+        "a/int8": ScheduledEngine("int8", [0.005], passes=False),
+        "b/bf16": ScheduledEngine("bf16", [0.01, 0.022, 0.01], passes=True),
+        "c/bf16": ScheduledEngine("bf16", [0.02], passes=True),
+        "d/fp32": ScheduledEngine("fp32", [0.1], passes=True),
+    }
+    served, notes = select_among(engines, tmp_path, tiny_network, tiny_probe)
+    assert served == "b/bf16"
+    # Each had its warm-up and a round; timed again up to three rounds, c was clearly behind b after one.
+    assert (engines["b/bf16"].calls, engines["c/bf16"].calls) == (2 + 2, 2 + 1)
+    assert engines["d/fp32"].calls == 4  # the lossless leader raced every round, and far behind b
+    # c was gated when it looked fastest of those left.
+    (note,) = [note for note in notes if note.startswith("c/bf16")]
+    assert note.startswith("c/bf16: slower here")
+    assert note.endswith("passed the parity gate")
+
+
+def test_when_the_leader_passes_the_gate_nothing_is_timed_again(tmp_path, tiny_network, tiny_probe):
+    engines = {
+        "a/int8": ScheduledEngine("int8", [0.005], passes=True),
+        "b/bf16": ScheduledEngine("bf16", [0.01, 0.022, 0.01], passes=True),
+        "c/bf16": ScheduledEngine("bf16", [0.02], passes=True),
+        "d/fp32": ScheduledEngine("fp32", [0.1], passes=True),
+    }
+    served, _ = select_among(engines, tmp_path, tiny_network, tiny_probe)
+    assert served == "a/int8"
+    assert engines["b/bf16"].calls == engines["c/bf16"].calls == 2  # the warm-up and the first round

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -415,7 +415,11 @@ def _select(
     Candidates are timed side by side, all together while ``candidates_held_at_once`` allows. A larger
     model's are timed in turns as they load, each turn keeping only the fastest lossy and the fastest
     lossless engine; one released that the choice then gates is rebuilt from the artifacts its first
-    build cached. A candidate that fails the gate is released at once."""
+    build cached. A candidate that fails the gate is released at once.
+
+    Where the choice falls to a candidate whose order against those close to it rests on fewer than the
+    full rounds (it stopped being timed behind a leader that then failed the gate), they are timed
+    again and the choice made again; gates already run are not repeated."""
     request = builder.request
     explicit = request.engine != "auto" and request.precision != "auto"
     gate = _Gate(builder, reference_scores, notes, phases, explicit)
@@ -432,12 +436,14 @@ def _select(
         raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
     loaded: list[EngineCandidate] = []  # the candidates that loaded, in chain order
     held: dict[int, Engine] = {}  # their engines not yet released, by index into ``loaded``
-    speeds: dict[int, float] = {}
+    timed = _Timed()
+    speeds = timed.speeds
     lossy: list[bool] = []  # whether each loaded candidate is lossy
     held_at_once = candidates_held_at_once(builder.inputs.network)
     in_turns = held_at_once < len(candidates)  # too large a model to hold every candidate at once
 
     def release(index: int) -> None:
+        timed.warm.discard(index)
         engine = held.pop(index)
         if engine is not builder.reference:
             engine.close()
@@ -456,7 +462,7 @@ def _select(
             untimed = [index for index in held if index not in speeds]
             groups = {lossy[index] for index in untimed}
             leaders = [index for index in _group_leaders(held, lossy, speeds) if lossy[index] in groups]
-            _time(held, untimed + leaders, lossy, speeds, builder, phases, group_leaders_only=True)
+            _time(held, untimed + leaders, lossy, timed, builder, phases, group_leaders_only=True)
             kept = _group_leaders(held, lossy, speeds)
             for index in [index for index in held if index not in kept]:
                 release(index)
@@ -474,14 +480,16 @@ def _select(
             raise ModelLoadError("no engine passed the parity gate: " + "; ".join(notes))
     else:
         if len(held) > 1 or any(index not in speeds for index in held):  # the groups' leaders side by side
-            _time(held, list(held), lossy, speeds, builder, phases)
-        timings = {str(candidate): speeds[index] for index, candidate in enumerate(loaded)}
+            _time(held, list(held), lossy, timed, builder, phases)
         reports: dict[int, ParityReport | None] = {}
 
         def passes(index: int) -> bool:
+            if index in reports:  # gated before this decision
+                return reports[index] is not None
             if index not in held:  # released while timing: rebuilt from the artifacts cached then
                 rebuilt = _built(loaded[index], builder, notes, phases, explicit)
                 if rebuilt is None:
+                    reports[index] = None
                     return False
                 held[index] = rebuilt
             reports[index] = gate.passes(loaded[index], held[index])
@@ -489,9 +497,34 @@ def _select(
                 release(index)
             return reports[index] is not None
 
-        best, speedup = choose(
-            loaded, [speeds[index] for index in range(len(loaded))], request, passes, notes
-        )
+        def speed_list() -> list[float]:
+            return [speeds[index] for index in range(len(loaded))]
+
+        gated: set[int] = set()
+        timed_again: set[int] = set()
+        while True:
+            best, speedup, newly_gated = decide(loaded, speed_list(), request, passes, notes)
+            gated |= newly_gated
+            failed = {index for index, report in reports.items() if report is None}
+            rivals = _rivals_to_time_again(best, timed, failed, timed_again)
+            if not rivals:
+                break
+            # Which of them serves, or sets the lossy margin, rests on a round or two: a candidate clearly
+            # behind the leader stopped being timed early, and the leader then failed the gate.
+            for index in [index for index in rivals if index not in held]:
+                rebuilt = _built(loaded[index], builder, notes, phases, explicit)
+                if rebuilt is None:
+                    reports[index] = None
+                    rivals.remove(index)
+                else:
+                    held[index] = rebuilt
+            if len(rivals) > 1:  # rounds enough that each has been timed the full number
+                more = _TIMED_ROUNDS - min(timed.rounds[index] for index in rivals)
+                _time(held, rivals, lossy, timed, builder, phases, rounds=more)
+            timed_again.update(rivals)
+        timings = {str(candidate): speeds[index] for index, candidate in enumerate(loaded)}
+        failed = {index for index, report in reports.items() if report is None}
+        note_the_others(loaded, speed_list(), request, best, gated, failed, notes)
         candidate, engine = loaded[best], held[best]
         report = reports[best]
         assert report is not None  # choose serves only a candidate that passed
@@ -532,29 +565,59 @@ def _group_leaders(held: Mapping[int, Engine], lossy: list[bool], speeds: Mappin
     return leaders
 
 
+@dataclass
+class _Timed:
+    """What timing the candidates found, by their index among those loaded."""
+
+    speeds: dict[int, float] = field(default_factory=dict)  # rows per second, each one's best
+    rounds: dict[int, int] = field(default_factory=dict)  # the rounds timed, after the warm-up
+    warm: set[int] = field(default_factory=set)  # the engines held that ran the timing batch
+
+
+def _rivals_to_time_again(best: int, timed: _Timed, failed: set[int], timed_again: set[int]) -> list[int]:
+    """``best`` and the candidates close enough to it to serve instead or set its lossy margin (each not
+    failed within ``_CLEARLY_BEHIND`` of its speed), when their order rests on fewer than the full rounds
+    for one of them that was not timed again already; else none."""
+    speeds, rounds = timed.speeds, timed.rounds
+    near = [
+        index
+        for index in speeds
+        if index not in failed
+        and max(speeds[index], speeds[best]) <= _CLEARLY_BEHIND * min(speeds[index], speeds[best])
+    ]
+    if len(near) > 1 and any(rounds[index] < _TIMED_ROUNDS and index not in timed_again for index in near):
+        return near
+    return []
+
+
 def _time(
     held: Mapping[int, Engine],
     indices: list[int],
     lossy: list[bool],
-    speeds: dict[int, float],
+    timed: _Timed,
     builder: _Builder,
     phases: PhaseTimer,
     *,
     group_leaders_only: bool = False,
+    rounds: int = _TIMED_ROUNDS,
 ) -> None:
-    """Times the held engines ``indices`` side by side into ``speeds``, keeping each one's best figure;
-    one timed before is warm already. ``group_leaders_only`` as for ``throughputs``."""
+    """Times the held engines ``indices`` side by side into ``timed``, keeping each one's best speed and
+    counting its rounds; one warm already is not warmed up again. ``group_leaders_only`` and ``rounds``
+    as for ``throughputs``."""
     request = builder.request
     with phases.timed("timing"), worker_threads(request.threads):
         measured = throughputs(
             [held[index] for index in indices],
             typical_batch(request, builder.probe, worker_share=True),
             groups=[lossy[index] for index in indices],
-            warm=[index in speeds for index in indices],
+            warm=[index in timed.warm for index in indices],
             group_leaders_only=group_leaders_only,
+            rounds=rounds,
         )
-    for index, speed in zip(indices, measured, strict=True):
-        speeds[index] = max(speeds.get(index, 0.0), speed)
+    for index, throughput in zip(indices, measured, strict=True):
+        timed.speeds[index] = max(timed.speeds.get(index, 0.0), throughput.rows_per_s)
+        timed.rounds[index] = timed.rounds.get(index, 0) + throughput.rounds
+    timed.warm.update(indices)
 
 
 @dataclass
@@ -601,8 +664,23 @@ def choose(
     called only while the outcome is open: first for the lossy candidates past the margin over the
     fastest lossless one, fastest first; a lossless candidate only when no lossy one beats it, and it
     would serve. If it fails, the next lossless one sets the margin and the lossy ones past that are
-    tried, and so on. So usually one candidate is gated, the one that serves.
+    tried, and so on. So usually one candidate is gated, the one that serves. Each other candidate gets
+    a note saying why it does not serve.
     """
+    best, speedup, gated = decide(candidates, speeds, request, passes, notes)
+    note_the_others(candidates, speeds, request, best, gated, gated - {best}, notes)
+    return best, speedup
+
+
+def decide(
+    candidates: list[EngineCandidate],
+    speeds: list[float],
+    request: EngineRequest,
+    passes: Callable[[int], bool],
+    notes: list[str],
+) -> tuple[int, float, set[int]]:
+    """``choose``'s choice, and the candidates it gated, without the notes on the others; ``notes`` only
+    explain an error when none passes."""
     lossy = [is_lossy(candidate.precision, request.device) for candidate in candidates]
     by_speed = sorted(range(len(candidates)), key=speeds.__getitem__, reverse=True)
     lossless = [index for index in by_speed if not lossy[index]]
@@ -631,20 +709,34 @@ def choose(
             if gate(bar_setter):
                 best = bar_setter
     speedup = 0.0 if bar_setter is None else speeds[best] / speeds[bar_setter]
-    for index in by_speed:
+    return best, speedup, gated
+
+
+def note_the_others(
+    candidates: list[EngineCandidate],
+    speeds: list[float],
+    request: EngineRequest,
+    best: int,
+    gated: set[int],
+    failed: set[int],
+    notes: list[str],
+) -> None:
+    """Logs every candidate's speed, and notes why each that neither serves nor failed the gate (noted
+    there) does not serve."""
+    for index in sorted(range(len(candidates)), key=speeds.__getitem__, reverse=True):
         candidate = candidates[index]
         logger.info("%s: %.1f rows/s", candidate, speeds[index])
-        if index in gated:
-            continue  # the one serving, or one that failed the gate (noted there)
+        if index == best or index in failed:
+            continue
         against = f"({speeds[index]:.1f} rows/s against {speeds[best]:.1f} for {candidates[best]})"
+        gating = "passed the parity gate" if index in gated else "not gated"
         if speeds[index] > speeds[best]:
             notes.append(
                 f"{candidate}: faster {against}, but a lossy precision serves only when "
-                f"{request.lossy_margin:.0%} faster than lossless (--lossy-margin); not gated"
+                f"{request.lossy_margin:.0%} faster than lossless (--lossy-margin); {gating}"
             )
         else:
-            notes.append(f"{candidate}: slower here {against}; not gated")
-    return best, speedup
+            notes.append(f"{candidate}: slower here {against}; {gating}")
 
 
 def _compile_step(
@@ -706,6 +798,12 @@ def typical_batch(request: EngineRequest, probe: Probe, *, worker_share: bool = 
     return TokenBatch(token_ids, np.ones((rows, columns), dtype=np.int64), token_types)
 
 
+class Throughput(NamedTuple):
+    rows_per_s: float
+    # The rounds it was timed, after its warm-up.
+    rounds: int
+
+
 def throughputs(
     engines: list[Engine],
     batch: TokenBatch,
@@ -713,8 +811,9 @@ def throughputs(
     warm: list[bool] | None = None,
     *,
     group_leaders_only: bool = False,
-) -> list[float]:
-    """Rows per second of each engine: the best of a few rounds after a warm-up (none for an engine
+    rounds: int = _TIMED_ROUNDS,
+) -> list[Throughput]:
+    """Rows per second of each engine: the best of ``rounds`` rounds after a warm-up (none for an engine
     ``warm`` says has run this batch before).
 
     Every round times each engine still in the race once, so load from other processes falls on all of
@@ -729,12 +828,14 @@ def throughputs(
         if not warmed_up:
             engine.forward(batch)
     best = [float("inf")] * len(engines)
+    timed_rounds = [0] * len(engines)
     racing = list(range(len(engines)))
-    for _ in range(_TIMED_ROUNDS):
+    for _ in range(rounds):
         for index in racing:
             started = time.perf_counter()
             engines[index].forward(batch)
             best[index] = min(best[index], time.perf_counter() - started)
+            timed_rounds[index] += 1
         leaders = {
             min((i for i in racing if groups[i] == group), key=best.__getitem__) for group in set(groups)
         }
@@ -742,4 +843,5 @@ def throughputs(
         racing = [i for i in racing if i in leaders or best[i] <= _CLEARLY_BEHIND * leader]
         if group_leaders_only and len(racing) == len({groups[i] for i in racing}):
             break
-    return [batch.shape[0] / seconds for seconds in best]
+    rows = batch.shape[0]
+    return [Throughput(rows / seconds, count) for seconds, count in zip(best, timed_rounds, strict=True)]
