@@ -152,20 +152,28 @@ def test_the_probe_keeps_to_the_batch_token_budget_and_scores_the_same_rows(tiny
     np.testing.assert_allclose(bounded.scores(tiny_reference), unbounded.scores(tiny_reference), atol=1e-5)
 
 
-def test_probe_batches_run_side_by_side_score_the_same_rows_in_the_same_order(tiny_probe, tiny_reference):
-    started_together = threading.Barrier(2, timeout=30)
+def test_probe_batches_run_side_by_side_after_the_first_alone(tiny_probe, tiny_reference):
+    together = threading.Barrier(2, timeout=30)
+    first_done = threading.Event()
 
     class TwoWorkers(Engine):
-        """The reference, whose first two forwards each wait for the other: they must run at once."""
+        """The reference; its first forward must end before any other starts (a first call into an
+        engine's bindings initializes what two threads at once can deadlock on), and its second and third
+        each wait for the other: they must run at once."""
 
         name = "two-workers"
         calls = itertools.count(1)
 
         def forward(self, batch: TokenBatch) -> np.ndarray:
-            if next(self.calls) <= 2:
-                started_together.wait()
-            return tiny_reference.forward(batch)
+            call = next(self.calls)
+            assert call == 1 or first_done.is_set()
+            if call in (2, 3):
+                together.wait()
+            scores = tiny_reference.forward(batch)
+            if call == 1:
+                first_done.set()
+            return scores
 
-    assert len(tiny_probe.batches) >= 2
+    assert len(tiny_probe.batches) >= 3
     side_by_side = tiny_probe.scores(TwoWorkers(precision="fp32", device="cpu"), side_by_side=2)
     np.testing.assert_array_equal(side_by_side, tiny_probe.scores(tiny_reference))

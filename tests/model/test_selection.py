@@ -531,8 +531,8 @@ def test_when_the_leader_fails_the_gate_the_close_candidates_behind_it_are_timed
     }
     served, notes = select_among(engines, tmp_path, tiny_network, tiny_probe)
     assert served == "b/bf16"
-    # Each had its warm-up and a round; timed again up to three rounds, c was clearly behind b after one.
-    assert (engines["b/bf16"].calls, engines["c/bf16"].calls) == (2 + 2, 2 + 1)
+    # Each had its warm-up and a round, then one more: with two, b is clearly ahead.
+    assert (engines["b/bf16"].calls, engines["c/bf16"].calls) == (2 + 1, 2 + 1)
     assert engines["d/fp32"].calls == 4  # the lossless leader raced every round, and far behind b
     # c was gated when it looked fastest of those left.
     (note,) = [note for note in notes if note.startswith("c/bf16")]

@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 # Timing rounds after a warm-up; a candidate clearly behind the leader stops being timed early.
 _TIMED_ROUNDS = 3
 _CLEARLY_BEHIND = 1.25
+# The rounds that settle the order of candidates within _CLEARLY_BEHIND of each other: one disturbed
+# forward can put a candidate that far behind.
+_SETTLING_ROUNDS = 2
 # Candidates held at once while selecting: as many as this much of the network's fp32 weights, and at
 # least one more than the two that are kept (the fastest lossy and lossless). A base-sized model would
 # otherwise hold every candidate's weights at once (benchmarks/RESULTS.md, "Start-up to SERVING and memory").
@@ -417,9 +420,9 @@ def _select(
     lossless engine; one released that the choice then gates is rebuilt from the artifacts its first
     build cached. A candidate that fails the gate is released at once.
 
-    Where the choice falls to a candidate whose order against those close to it rests on fewer than the
-    full rounds (it stopped being timed behind a leader that then failed the gate), they are timed
-    again and the choice made again; gates already run are not repeated."""
+    Where the choice falls to a candidate whose order against those close to it rests on one round (it
+    stopped being timed behind a leader that then failed the gate), they are timed again and the choice
+    made again; gates already run are not repeated."""
     request = builder.request
     explicit = request.engine != "auto" and request.precision != "auto"
     gate = _Gate(builder, reference_scores, notes, phases, explicit)
@@ -518,8 +521,8 @@ def _select(
                     rivals.remove(index)
                 else:
                     held[index] = rebuilt
-            if len(rivals) > 1:  # rounds enough that each has been timed the full number
-                more = _TIMED_ROUNDS - min(timed.rounds[index] for index in rivals)
+            if len(rivals) > 1:
+                more = _SETTLING_ROUNDS - min(timed.rounds[index] for index in rivals)
                 _time(held, rivals, lossy, timed, builder, phases, rounds=more)
             timed_again.update(rivals)
         timings = {str(candidate): speeds[index] for index, candidate in enumerate(loaded)}
@@ -576,8 +579,8 @@ class _Timed:
 
 def _rivals_to_time_again(best: int, timed: _Timed, failed: set[int], timed_again: set[int]) -> list[int]:
     """``best`` and the candidates close enough to it to serve instead or set its lossy margin (each not
-    failed within ``_CLEARLY_BEHIND`` of its speed), when their order rests on fewer than the full rounds
-    for one of them that was not timed again already; else none."""
+    failed within ``_CLEARLY_BEHIND`` of its speed), when their order rests on fewer than
+    ``_SETTLING_ROUNDS`` for one of them that was not timed again already; else none."""
     speeds, rounds = timed.speeds, timed.rounds
     near = [
         index
@@ -585,7 +588,7 @@ def _rivals_to_time_again(best: int, timed: _Timed, failed: set[int], timed_agai
         if index not in failed
         and max(speeds[index], speeds[best]) <= _CLEARLY_BEHIND * min(speeds[index], speeds[best])
     ]
-    if len(near) > 1 and any(rounds[index] < _TIMED_ROUNDS and index not in timed_again for index in near):
+    if len(near) > 1 and any(rounds[index] < _SETTLING_ROUNDS and index not in timed_again for index in near):
         return near
     return []
 
