@@ -112,13 +112,13 @@ class Probe:
     def scores(self, engine: Engine, side_by_side: int = 1) -> np.ndarray:
         """Normalized scores of the engine on the probe; NaN where a row's output is not finite, which
         normalizing alone could hide (the sigmoid of an infinite logit is 1). With ``side_by_side`` > 1
-        that many batches run at once, as the batcher's workers run them, after the first alone: an
+        that many batches run at once, as the batcher's workers run them, after one row alone: an
         engine's first call through its Python bindings initializes statics (pybind11's numpy API, in
         OpenVINO's) that two threads entering at once deadlocked on, hanging a warm start."""
         if side_by_side > 1:
-            first = engine.forward(self.batches[0])
+            engine.forward(self.batches[0].rows(0, 1))
             with ThreadPoolExecutor(side_by_side, thread_name_prefix="probe") as pool:
-                batched = np.concatenate([first, *pool.map(engine.forward, self.batches[1:])])
+                batched = np.concatenate(list(pool.map(engine.forward, self.batches)))
         else:
             batched = np.concatenate([engine.forward(batch) for batch in self.batches])
         outputs = np.empty_like(batched, dtype=np.float64)
