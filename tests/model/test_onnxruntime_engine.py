@@ -9,8 +9,9 @@ import pytest
 
 from sidecar.errors import ModelLoadError
 from sidecar.model.cache import ArtifactCache
+from sidecar.model.engines import onnxruntime_fusion
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, optimized_model
-from sidecar.model.engines.onnxruntime_fusion import fuse_in_subprocess
+from sidecar.model.engines.onnxruntime_fusion import fuse_export, fuse_in_subprocess
 from sidecar.model.engines.torch_engine import TorchEngine
 from sidecar.model.export import export_onnx
 from sidecar.model.kinds import load_network
@@ -93,22 +94,13 @@ def test_after_giving_back_its_scratch_memory_it_scores_the_same(tiny_exported, 
 
 def test_the_fusion_process_fuses_as_the_library_does_in_process(tiny_exported, tmp_path: Path):
     from onnx import numpy_helper
-    from onnxruntime.transformers import optimizer
 
-    fused = fuse_in_subprocess(
-        tiny_exported.path, tmp_path / "fused.onnx", tiny_exported.num_heads, tiny_exported.hidden_size, False
-    )
-    in_process = optimizer.optimize_model(
-        str(tiny_exported.path),
-        model_type="bert",
-        num_heads=tiny_exported.num_heads,
-        hidden_size=tiny_exported.hidden_size,
-        opt_level=0,
-        use_gpu=False,
-    )
-    in_process.topological_sort()
-    expected, graph = in_process.model.graph, onnx.load(str(tmp_path / "fused.onnx")).graph
-    assert fused == {k: v for k, v in in_process.get_fused_operator_statistics().items() if v}
+    shape = (tiny_exported.num_heads, tiny_exported.hidden_size, False)
+    (tmp_path / "process").mkdir()
+    fused = fuse_in_subprocess(tiny_exported.path, tmp_path / "process" / "fused.onnx", *shape)
+    assert fuse_export(tiny_exported.path, tmp_path / "in-process.onnx", *shape) == fused  # a small export
+    expected = onnx.load(str(tmp_path / "in-process.onnx")).graph
+    graph = onnx.load(str(tmp_path / "process" / "fused.onnx")).graph
     assert [node.SerializeToString() for node in graph.node] == [
         node.SerializeToString() for node in expected.node
     ]
@@ -118,11 +110,31 @@ def test_the_fusion_process_fuses_as_the_library_does_in_process(tiny_exported, 
     assert sorted(init.name for init in graph.initializer) == sorted(values)
     for init in graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(init), values[init.name])
-    assert [path.name for path in tmp_path.iterdir()] == ["fused.onnx"]  # its scratch files are gone
+    assert [path.name for path in (tmp_path / "process").iterdir()] == ["fused.onnx"]  # no scratch left
 
 
-def test_a_fusion_that_fails_says_which_file(tmp_path: Path):
+def test_only_an_export_past_the_limit_is_fused_in_a_process_of_its_own(
+    tiny_exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    in_processes: list[Path] = []
+
+    def in_a_process(export: Path, *args: object) -> dict[str, int]:
+        in_processes.append(export)
+        return {}
+
+    monkeypatch.setattr(onnxruntime_fusion, "fuse_in_subprocess", in_a_process)
+    shape = (tiny_exported.num_heads, tiny_exported.hidden_size, False)
+    fuse_export(tiny_exported.path, tmp_path / "small.onnx", *shape)
+    assert in_processes == []
+    monkeypatch.setattr(onnxruntime_fusion, "IN_PROCESS_BYTES", tiny_exported.path.stat().st_size - 1)
+    fuse_export(tiny_exported.path, tmp_path / "large.onnx", *shape)
+    assert in_processes == [tiny_exported.path]
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "own-process"])
+def test_a_fusion_that_fails_says_which_file(tmp_path: Path, in_process: bool):
     broken = tmp_path / "model.onnx"
     broken.write_bytes(b"not an onnx file")
+    fuse = fuse_export if in_process else fuse_in_subprocess
     with pytest.raises(ModelLoadError, match=r"fusion of .*model\.onnx failed"):
-        fuse_in_subprocess(broken, tmp_path / "fused.onnx", 2, 32, False)
+        fuse(broken, tmp_path / "fused.onnx", 2, 32, False)

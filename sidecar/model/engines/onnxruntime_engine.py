@@ -19,7 +19,7 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine, require_precision
-from sidecar.model.engines.onnxruntime_fusion import fuse_in_subprocess
+from sidecar.model.engines.onnxruntime_fusion import fuse_export
 from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec, Offer, offer
 from sidecar.model.export import OUTPUT_NAME, ExportedModel
 from sidecar.model.hardware import cpu_info
@@ -93,7 +93,7 @@ def optimized_model(exported: ExportedModel, precision: str, device: str, cache:
 
 
 def _fuse(exported: ExportedModel, use_gpu: bool, target: Path) -> None:
-    fused = fuse_in_subprocess(exported.path, target, exported.num_heads, exported.hidden_size, use_gpu)
+    fused = fuse_export(exported.path, target, exported.num_heads, exported.hidden_size, use_gpu)
     logger.info("ONNX Runtime fused %s: %s", exported.model_type, fused or "nothing")
 
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime's BERT fusion of an exported graph, run as a process of its own.
+"""ONNX Runtime's BERT fusion of an exported graph, run as a process of its own for a large export.
 
 ``onnxruntime.transformers`` copies the whole model, weights and all, for each of its several shape
 inferences, and the memory it frees stays with the process: on a base-sized model it peaked near eight
@@ -6,6 +6,8 @@ times the export's size (benchmarks/RESULTS.md, "Start-up to SERVING and memory"
 to a scratch file first, so the fusion works on the graph and reads from that file only the few tensors
 it merges; they come back into the fused file at the end. The scratch directory is this process's
 working directory, where ONNX resolves external data, which is why the work has a process of its own.
+A small export (``IN_PROCESS_BYTES``) is fused in the caller's process, as the library does it: its
+copies are small, and a process of its own would cost the start its interpreter and imports.
 
 Run by ``fuse_in_subprocess`` as ``python -m sidecar.model.engines.onnxruntime_fusion EXPORT TARGET
 NUM_HEADS HIDDEN_SIZE {cpu,gpu}``; it prints the fused operators' counts as JSON on stdout.
@@ -26,6 +28,35 @@ from sidecar.errors import ModelLoadError
 # graph, where shape inference reads their values.
 _EXTERNAL_BYTES = 1024
 _WEIGHTS_FILE = "weights.bin"
+# The largest export fused in the caller's process; MiniLM's is 87 MB, a base-sized model's 1.1 GB.
+IN_PROCESS_BYTES = 256 << 20
+
+
+def fuse_export(
+    export: Path, target: Path, num_heads: int, hidden_size: int, use_gpu: bool
+) -> dict[str, int]:
+    """Writes the fused graph of ``export`` to ``target``, in this process for an export of at most
+    ``IN_PROCESS_BYTES`` (with its weights files), else in a process of its own; returns how many of each
+    operator it fused. A fusion that fails raises a ModelLoadError naming the file."""
+    size = sum(path.stat().st_size for path in export.parent.iterdir() if path.is_file())
+    if size > IN_PROCESS_BYTES:
+        return fuse_in_subprocess(export, target, num_heads, hidden_size, use_gpu)
+    from onnxruntime.transformers import optimizer
+
+    try:
+        model = optimizer.optimize_model(
+            str(export),
+            model_type="bert",
+            num_heads=num_heads,
+            hidden_size=hidden_size,
+            opt_level=0,  # the session applies the graph optimizations; this pass only fuses
+            use_gpu=use_gpu,
+        )
+        model.save_model_to_file(str(target))
+    except Exception as exc:  # the library raises whatever its passes raise
+        failure = f"{type(exc).__name__}: {exc}"
+        raise ModelLoadError(f"ONNX Runtime's fusion of {export} failed: {failure}") from exc
+    return {name: count for name, count in model.get_fused_operator_statistics().items() if count}
 
 
 def fuse_in_subprocess(
