@@ -21,7 +21,12 @@ heavy library is imported alone in a fresh interpreter, several times: the media
 megabytes it adds to a bare interpreter. ``--family`` serves another model instead (with
 ``--embed-model ''``, alone): an XLM-R base shape with random weights, or the packaged embedder.
 
+With ``--baseline-code DIR`` (another checkout, from ``git worktree add`` or ``git archive``) each run
+starts that code too, cold then warm, just before this checkout's, so the two are compared in one run;
+``--no-sample-memory`` leaves the memory sampling out, whose own CPU time would fall on the starts.
+
     .venv/bin/python -m benchmarks.startup [--runs 3] [--out benchmarks/out/startup.json]
+    .venv/bin/python -m benchmarks.startup --runs 3 --no-sample-memory --baseline-code /tmp/before
     .venv/bin/python -m benchmarks.startup --runs 1 --family xlm-r-base --embed-model '' \
         --out benchmarks/out/startup-xlm-r-base.json
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -69,6 +75,8 @@ _COMPILED = re.compile(r"(?P<model>\S+) now serves compiled .* after (?P<seconds
 class Start:
     kind: str
     seconds_to_serving: float
+    # Which code started: this checkout, or the one --baseline-code names.
+    code: str = "this"
     # Per model: the engine it serves with and the seconds of each loading phase.
     models: dict[str, dict[str, object]] = field(default_factory=dict)
     # Per model: seconds the background compile took, once it took over (--wait-compiled).
@@ -216,24 +224,30 @@ def start(
     passages: list[str],
     extra: list[str],
     env: dict[str, str],
+    code_dir: Path = REPO,
+    sample: bool = True,
 ) -> Start:
+    """One start of the sidecar whose code is at ``code_dir``; with ``sample``, its processes' memory and
+    the cache's size are sampled until SERVING (which costs the start a little CPU time)."""
     port = free_port()
     log_path = cache_dir.parent / f"{kind}.log"
+    if code_dir != REPO:
+        env = {**env, "PYTHONPATH": str(code_dir)}
     command = [sys.executable, "-m", "sidecar", "--model", str(model_dir), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--metrics-port", "0", "--cache-dir", str(cache_dir)]
     command += ["--log-format", "text", *extra]
     with log_path.open("w") as log:
         started = time.perf_counter()
         process = subprocess.Popen(
-            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+            command, cwd=code_dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
         )
-        sampler = _StartSampler(process.pid, cache_dir)
+        sampler = _StartSampler(process.pid, cache_dir) if sample else None
         try:
             seconds = _wait_serving(port, process, started)
-            sampler.stop()
-            result = Start(
-                kind, seconds, tree_peak_pss_mb=sampler.peak_pss_mb, cache_peak_mb=sampler.peak_cache_mb
-            )
+            result = Start(kind, seconds, "this" if code_dir == REPO else "baseline")
+            if sampler is not None:
+                sampler.stop()
+                result.tree_peak_pss_mb, result.cache_peak_mb = sampler.peak_pss_mb, sampler.peak_cache_mb
             _measure_memory(result, process, port, passages)
             result.cache_mb = _directory_mb(cache_dir)
             # Only a torch engine compiles in the background (--torch-compile auto).
@@ -247,7 +261,8 @@ def start(
                     break
                 time.sleep(1)
         finally:
-            sampler.stop()
+            if sampler is not None:
+                sampler.stop()
             process.terminate()
             process.wait(timeout=120)
     log = log_path.read_text()
@@ -322,6 +337,20 @@ def main() -> None:
         help="the sidecar's --model: the MiniLM-L6 cross-encoder; an XLM-R base (bge-reranker-base) shape "
         "with seeded random weights, for memory and time only; or the packaged embedder, served alone",
     )
+    parser.add_argument(
+        "--sample-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sample every process's memory and the cache's size until SERVING; without it the times "
+        "to SERVING are free of the sampling's own CPU time",
+    )
+    parser.add_argument(
+        "--baseline-code",
+        type=Path,
+        default=None,
+        help="a checkout of other code (git worktree or archive) whose starts alternate with this one's "
+        "in every run, on the same model and settings",
+    )
     parser.add_argument("--out", type=Path, default=OUT / "startup.json")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -330,7 +359,8 @@ def main() -> None:
     extra = [] if args.embed_model is None else ["--embed-model", args.embed_model]
     env = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
     starts: list[Start] = []
-    for run in range(args.runs):
+    code_dirs = [REPO] if args.baseline_code is None else [args.baseline_code.resolve(), REPO]
+    for run, code_dir in itertools.product(range(args.runs), code_dirs):
         with tempfile.TemporaryDirectory(prefix="rerank-startup-") as scratch:
             cache_dir = Path(scratch) / "cache"
             for kind in ("cold", "warm"):
@@ -342,10 +372,13 @@ def main() -> None:
                     passages,
                     extra,
                     env,
+                    code_dir,
+                    args.sample_memory,
                 )
                 starts.append(result)
                 print(
-                    f"run {run + 1} {kind}: {result.seconds_to_serving:.1f} s to SERVING, RSS peak "
+                    f"run {run + 1} {result.code} {kind}: {result.seconds_to_serving:.1f} s to SERVING, "
+                    f"RSS peak "
                     f"{result.peak_rss_mb:.0f} MB, settled {result.settled_rss_mb:.0f} MB, idle "
                     f"{result.idle_rss_mb:.0f} MB, child peak {result.child_peak_rss_mb:.0f} MB, "
                     f"all processes' peak until SERVING {result.tree_peak_pss_mb:.0f} MB (PSS), cache "
@@ -364,12 +397,12 @@ def main() -> None:
     print(f"hardware: {hardware['cpu']} ({hardware['isa_class']}), {hardware['cores']} cores")
     print(f"load average at the end: {' '.join(load_average)}")
     print(
-        "| start | median s to SERVING | min | max | peak RSS MB | settled RSS MB | idle RSS MB | "
-        "torch loaded | rerank s | rerank after idle s |"
+        "| code | start | median s to SERVING | min | max | peak RSS MB | settled RSS MB | idle RSS MB | "
+        "torch loaded | rerank s | rerank after idle s | cache MB (peak) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for kind in ("cold", "warm"):
-        runs = [result for result in starts if result.kind == kind]
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for code, kind in itertools.product(dict.fromkeys(result.code for result in starts), ("cold", "warm")):
+        runs = [result for result in starts if result.kind == kind and result.code == code]
         seconds = [result.seconds_to_serving for result in runs]
         peak = statistics.median(result.peak_rss_mb for result in runs)
         settled = statistics.median(result.settled_rss_mb for result in runs)
@@ -377,10 +410,12 @@ def main() -> None:
         loaded = sum(result.torch_loaded for result in runs)
         rerank = statistics.median(result.rerank_s for result in runs)
         after_idle = statistics.median(result.rerank_after_idle_s for result in runs)
+        cache = statistics.median(result.cache_mb for result in runs)
+        cache_peak = statistics.median(result.cache_peak_mb for result in runs)
         print(
-            f"| {kind} | {statistics.median(seconds):.1f} | {min(seconds):.1f} | {max(seconds):.1f} | "
-            f"{peak:.0f} | {settled:.0f} | {idle:.0f} | {loaded} of {len(runs)} | {rerank:.3f} | "
-            f"{after_idle:.3f} |"
+            f"| {code} | {kind} | {statistics.median(seconds):.1f} | {min(seconds):.1f} | "
+            f"{max(seconds):.1f} | {peak:.0f} | {settled:.0f} | {idle:.0f} | {loaded} of {len(runs)} | "
+            f"{rerank:.3f} | {after_idle:.3f} | {cache:.0f} ({cache_peak:.0f}) |"
         )
     print("| library | import s (median) | resident MB added |")
     print("|---|---|---|")
@@ -393,6 +428,8 @@ def main() -> None:
             "family": args.family,
             "embed_model": args.embed_model,
             "malloc_arena_max": args.malloc_arena_max,
+            "sample_memory": args.sample_memory,
+            "baseline_code": None if args.baseline_code is None else str(args.baseline_code),
             # The sidecar reads its settings from these too, e.g. RERANK_ENGINE to pin an engine.
             "environment": {name: value for name, value in os.environ.items() if name.startswith("RERANK_")},
         },
