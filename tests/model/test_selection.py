@@ -518,17 +518,23 @@ def select_among(
     return served, notes
 
 
-def test_when_the_leader_fails_the_gate_the_close_candidates_behind_it_are_timed_again(
-    tmp_path, tiny_network, tiny_probe
-):
-    # b's first timed forward was disturbed; it and c stopped being timed after it, behind a, which
-    # then failed the gate. One round would have served c.
-    engines = {
-        "a/int8": ScheduledEngine("int8", [0.005], passes=False),
+def leader_and_disturbed_rivals(leader_passes: bool) -> dict[str, ScheduledEngine]:
+    """a leads and passes the gate or not; b's first timed forward is disturbed, which puts it behind c
+    after one round; d is the lossless leader, far behind."""
+    return {
+        "a/int8": ScheduledEngine("int8", [0.005], passes=leader_passes),
         "b/bf16": ScheduledEngine("bf16", [0.01, 0.022, 0.01], passes=True),
         "c/bf16": ScheduledEngine("bf16", [0.02], passes=True),
         "d/fp32": ScheduledEngine("fp32", [0.1], passes=True),
     }
+
+
+def test_when_the_leader_fails_the_gate_the_close_candidates_behind_it_are_timed_again(
+    tmp_path, tiny_network, tiny_probe
+):
+    # b and c stopped being timed after one round, behind a, which then failed the gate: one round would
+    # have served c.
+    engines = leader_and_disturbed_rivals(leader_passes=False)
     served, notes = select_among(engines, tmp_path, tiny_network, tiny_probe)
     assert served == "b/bf16"
     # Each had its warm-up and a round, then one more: with two, b is clearly ahead.
@@ -541,12 +547,7 @@ def test_when_the_leader_fails_the_gate_the_close_candidates_behind_it_are_timed
 
 
 def test_when_the_leader_passes_the_gate_nothing_is_timed_again(tmp_path, tiny_network, tiny_probe):
-    engines = {
-        "a/int8": ScheduledEngine("int8", [0.005], passes=True),
-        "b/bf16": ScheduledEngine("bf16", [0.01, 0.022, 0.01], passes=True),
-        "c/bf16": ScheduledEngine("bf16", [0.02], passes=True),
-        "d/fp32": ScheduledEngine("fp32", [0.1], passes=True),
-    }
+    engines = leader_and_disturbed_rivals(leader_passes=True)
     served, _ = select_among(engines, tmp_path, tiny_network, tiny_probe)
     assert served == "a/int8"
     assert engines["b/bf16"].calls == engines["c/bf16"].calls == 2  # the warm-up and the first round
