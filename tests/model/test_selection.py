@@ -522,10 +522,10 @@ def leader_and_disturbed_rivals(leader_passes: bool) -> dict[str, ScheduledEngin
     """a leads and passes the gate or not; b's first timed forward is disturbed, which puts it behind c
     after one round; d is the lossless leader, far behind."""
     return {
-        "a/int8": ScheduledEngine("int8", [0.005], passes=leader_passes),
-        "b/bf16": ScheduledEngine("bf16", [0.01, 0.022, 0.01], passes=True),
-        "c/bf16": ScheduledEngine("bf16", [0.02], passes=True),
-        "d/fp32": ScheduledEngine("fp32", [0.1], passes=True),
+        "a/int8": ScheduledEngine("int8", [0.01], passes=leader_passes),
+        "b/bf16": ScheduledEngine("bf16", [0.02, 0.045, 0.02], passes=True),
+        "c/bf16": ScheduledEngine("bf16", [0.04], passes=True),
+        "d/fp32": ScheduledEngine("fp32", [0.2], passes=True),
     }
 
 
