@@ -513,18 +513,22 @@ def _select(
             if not rivals:
                 break
             # Which of them serves, or sets the lossy margin, rests on a round or two: a candidate clearly
-            # behind the leader stopped being timed early, and the leader then failed the gate.
+            # behind the leader stopped being timed early, and the leader then failed the gate. One
+            # released in turns is rebuilt while no more are held than ``held_at_once``.
+            timed_again.update(rivals)
             for index in [index for index in rivals if index not in held]:
+                if sum(engine is not builder.reference for engine in held.values()) >= held_at_once:
+                    rivals.remove(index)  # no room to rebuild it: its round stands
+                    continue
                 rebuilt = _built(loaded[index], builder, notes, phases, explicit)
                 if rebuilt is None:
                     reports[index] = None
                     rivals.remove(index)
                 else:
                     held[index] = rebuilt
-            if len(rivals) > 1:
-                more = _SETTLING_ROUNDS - min(timed.rounds[index] for index in rivals)
+            more = _SETTLING_ROUNDS - min(timed.rounds[index] for index in rivals)
+            if len(rivals) > 1 and more > 0:
                 _time(held, rivals, lossy, timed, builder, phases, rounds=more)
-            timed_again.update(rivals)
         timings = {str(candidate): speeds[index] for index, candidate in enumerate(loaded)}
         failed = {index for index, report in reports.items() if report is None}
         note_the_others(loaded, speed_list(), request, best, gated, failed, notes)
