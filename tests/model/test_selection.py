@@ -551,3 +551,41 @@ def test_when_the_leader_passes_the_gate_nothing_is_timed_again(tmp_path, tiny_n
     served, _ = select_among(engines, tmp_path, tiny_network, tiny_probe)
     assert served == "a/int8"
     assert engines["b/bf16"].calls == engines["c/bf16"].calls == 2  # the warm-up and the first round
+
+
+def test_timing_again_rebuilds_released_candidates_only_within_the_held_limit(
+    tmp_path, tiny_network, tiny_probe, monkeypatch
+):
+    from sidecar.model.engines import selection as selection_module
+
+    monkeypatch.setattr(selection_module, "_HELD_WEIGHT_BYTES", 1)  # three held at most: timed in turns
+    alive: set[int] = set()
+    most_alive = [0]
+    builds: list[str] = []
+
+    class CountingBuilds(dict):
+        def __getitem__(self, label: str) -> ScheduledEngine:
+            engine = super().__getitem__(label)
+            builds.append(label)
+            alive.add(id(engine))
+            most_alive[0] = max(most_alive[0], len(alive))
+            return engine
+
+    def counting_close(self) -> None:
+        alive.discard(id(self))
+
+    monkeypatch.setattr(ScheduledEngine, "close", counting_close)
+    # a leads and fails the gate; the three bf16 candidates are close, each timed one round in its turn.
+    engines = CountingBuilds(
+        {
+            "a/int8": ScheduledEngine("int8", [0.01], passes=False),
+            "b/bf16": ScheduledEngine("bf16", [0.03], passes=True),
+            "c/bf16": ScheduledEngine("bf16", [0.032], passes=True),
+            "e/bf16": ScheduledEngine("bf16", [0.034], passes=True),
+            "d/fp32": ScheduledEngine("fp32", [0.2], passes=True),
+        }
+    )
+    served, _ = select_among(engines, tmp_path, tiny_network, tiny_probe)
+    assert served in {"b/bf16", "c/bf16", "e/bf16"}
+    assert len(builds) > len(engines)  # released candidates were built again
+    assert most_alive[0] <= 3
