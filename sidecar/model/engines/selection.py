@@ -451,14 +451,16 @@ def _select(
         if engine is not builder.reference:
             engine.close()
 
+    def costly_held() -> int:  # the engines held that are not the reference
+        return sum(held_engine is not builder.reference for held_engine in held.values())
+
     for position, candidate in enumerate(candidates):
         engine = _built(candidate, builder, notes, phases, explicit)
         if engine is not None:
             held[len(loaded)] = engine
             loaded.append(candidate)
             lossy.append(is_lossy(candidate.precision, request.device))
-        costly = sum(held_engine is not builder.reference for held_engine in held.values())
-        if engine is not None and costly >= held_at_once and position < len(candidates) - 1:
+        if engine is not None and costly_held() >= held_at_once and position < len(candidates) - 1:
             # Past what may be held at once: time the new candidates against the fastest held of their
             # group (lossy or not), and keep only each group's fastest, which the choice compares; the
             # others are rebuilt if it needs them.
@@ -486,15 +488,25 @@ def _select(
             _time(held, list(held), lossy, timed, builder, phases)
         reports: dict[int, ParityReport | None] = {}
 
-        def passes(index: int) -> bool:
-            if index in reports:  # gated before this decision
-                return reports[index] is not None
-            if index not in held:  # released while timing: rebuilt from the artifacts cached then
+        def is_held(index: int) -> bool:
+            """Whether the candidate's engine is held, one released while timing rebuilt from the artifacts
+            cached then; one that no longer loads counts as failed."""
+            if index not in held:
                 rebuilt = _built(loaded[index], builder, notes, phases, explicit)
                 if rebuilt is None:
                     reports[index] = None
                     return False
                 held[index] = rebuilt
+            return True
+
+        def failed() -> set[int]:
+            return {index for index, report in reports.items() if report is None}
+
+        def passes(index: int) -> bool:
+            if index in reports:  # gated before this decision
+                return reports[index] is not None
+            if not is_held(index):
+                return False
             reports[index] = gate.passes(loaded[index], held[index])
             if reports[index] is None:
                 release(index)
@@ -508,30 +520,20 @@ def _select(
         while True:
             best, speedup, newly_gated = decide(loaded, speed_list(), request, passes, notes)
             gated |= newly_gated
-            failed = {index for index, report in reports.items() if report is None}
-            rivals = _rivals_to_time_again(best, timed, failed, timed_again)
+            rivals = _rivals_to_time_again(best, timed, failed(), timed_again)
             if not rivals:
                 break
             # Which of them serves, or sets the lossy margin, rests on a round or two: a candidate clearly
             # behind the leader stopped being timed early, and the leader then failed the gate. One
-            # released in turns is rebuilt while no more are held than ``held_at_once``.
+            # released in turns is rebuilt only while fewer than ``held_at_once`` are held; else its round
+            # stands.
             timed_again.update(rivals)
-            for index in [index for index in rivals if index not in held]:
-                if sum(engine is not builder.reference for engine in held.values()) >= held_at_once:
-                    rivals.remove(index)  # no room to rebuild it: its round stands
-                    continue
-                rebuilt = _built(loaded[index], builder, notes, phases, explicit)
-                if rebuilt is None:
-                    reports[index] = None
-                    rivals.remove(index)
-                else:
-                    held[index] = rebuilt
+            rivals = [i for i in rivals if i in held or (costly_held() < held_at_once and is_held(i))]
             more = _SETTLING_ROUNDS - min(timed.rounds[index] for index in rivals)
             if len(rivals) > 1 and more > 0:
                 _time(held, rivals, lossy, timed, builder, phases, rounds=more)
         timings = {str(candidate): speeds[index] for index, candidate in enumerate(loaded)}
-        failed = {index for index, report in reports.items() if report is None}
-        note_the_others(loaded, speed_list(), request, best, gated, failed, notes)
+        note_the_others(loaded, speed_list(), request, best, gated, failed(), notes)
         candidate, engine = loaded[best], held[best]
         report = reports[best]
         assert report is not None  # choose serves only a candidate that passed
