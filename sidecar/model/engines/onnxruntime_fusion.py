@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sidecar.errors import ModelLoadError
 
@@ -41,22 +42,13 @@ def fuse_export(
     size = sum(path.stat().st_size for path in export.parent.iterdir() if path.is_file())
     if size > IN_PROCESS_BYTES:
         return fuse_in_subprocess(export, target, num_heads, hidden_size, use_gpu)
-    from onnxruntime.transformers import optimizer
-
     try:
-        model = optimizer.optimize_model(
-            str(export),
-            model_type="bert",
-            num_heads=num_heads,
-            hidden_size=hidden_size,
-            opt_level=0,  # the session applies the graph optimizations; this pass only fuses
-            use_gpu=use_gpu,
-        )
+        model = _bert_fusion(str(export), num_heads, hidden_size, use_gpu)
         model.save_model_to_file(str(target))
     except Exception as exc:  # the library raises whatever its passes raise
         failure = f"{type(exc).__name__}: {exc}"
         raise ModelLoadError(f"ONNX Runtime's fusion of {export} failed: {failure}") from exc
-    return {name: count for name, count in model.get_fused_operator_statistics().items() if count}
+    return _fused_operators(model)
 
 
 def fuse_in_subprocess(
@@ -89,7 +81,6 @@ def fuse(export: Path, target: Path, num_heads: int, hidden_size: int, use_gpu: 
     """The fusion itself; changes the working directory, so only for a process of its own."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
-    from onnxruntime.transformers import optimizer
 
     with tempfile.TemporaryDirectory(prefix=".fusion-", dir=target.parent) as scratch:
         graph_path = Path(scratch) / "graph.onnx"
@@ -103,16 +94,28 @@ def fuse(export: Path, target: Path, num_heads: int, hidden_size: int, use_gpu: 
         )
         graph = onnx.load(str(graph_path), load_external_data=False)
         os.chdir(scratch)
-        model = optimizer.optimize_model(
-            graph,
-            model_type="bert",
-            num_heads=num_heads,
-            hidden_size=hidden_size,
-            opt_level=0,  # the session applies the graph optimizations; this pass only fuses
-            use_gpu=use_gpu,
-        )
+        model = _bert_fusion(graph, num_heads, hidden_size, use_gpu)
         load_external_data_for_model(model.model, scratch)
         model.save_model_to_file(str(target))
+    return _fused_operators(model)
+
+
+def _bert_fusion(model: Any, num_heads: int, hidden_size: int, use_gpu: bool) -> Any:
+    """The library's BERT fusion of ``model`` (a path or a ModelProto), as an ``OnnxModel``."""
+    from onnxruntime.transformers import optimizer
+
+    return optimizer.optimize_model(
+        model,
+        model_type="bert",
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        opt_level=0,  # the session applies the graph optimizations; this pass only fuses
+        use_gpu=use_gpu,
+    )
+
+
+def _fused_operators(model: Any) -> dict[str, int]:
+    """How many of each operator the fusion made, those it made at all."""
     return {name: count for name, count in model.get_fused_operator_statistics().items() if count}
 
 
