@@ -24,13 +24,12 @@ n-th of a larger one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from sidecar.model.batch import EncodedPair, TokenBatch, batches_digest, collate
-from sidecar.model.engines.base import Engine
+from sidecar.model.engines.base import Engine, forward_side_by_side
 from sidecar.model.loading import CrossEncoderModel
 from sidecar.model.tokenization import PairSpec, PairTokenizer
 
@@ -112,15 +111,9 @@ class Probe:
     def scores(self, engine: Engine, side_by_side: int = 1) -> np.ndarray:
         """Normalized scores of the engine on the probe; NaN where a row's output is not finite, which
         normalizing alone could hide (the sigmoid of an infinite logit is 1). With ``side_by_side`` > 1
-        that many batches run at once, as the batcher's workers run them, after one row alone: an
-        engine's first call through its Python bindings initializes statics (pybind11's numpy API, in
-        OpenVINO's) that two threads entering at once deadlocked on, hanging a warm start."""
-        if side_by_side > 1:
-            engine.forward(self.batches[0].rows(0, 1))
-            with ThreadPoolExecutor(side_by_side, thread_name_prefix="probe") as pool:
-                batched = np.concatenate(list(pool.map(engine.forward, self.batches)))
-        else:
-            batched = np.concatenate([engine.forward(batch) for batch in self.batches])
+        that many batches run at once (``forward_side_by_side``)."""
+        calls = [(engine, batch) for batch in self.batches]
+        batched = np.concatenate(forward_side_by_side(calls, side_by_side))
         outputs = np.empty_like(batched, dtype=np.float64)
         outputs[self.order] = batched
         outputs[~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)] = np.nan

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -359,6 +361,47 @@ def test_an_engine_timed_before_is_not_warmed_up_again():
     timed_before, new = SleepingEngine(0.01), SleepingEngine(0.01)
     throughputs([timed_before, new], padded_batch(2, 8, seed=0), warm=[True, False])
     assert (timed_before.calls, new.calls) == (3, 4)
+
+
+def test_warm_ups_run_side_by_side_after_one_row_of_each_library_alone_and_rounds_one_at_a_time():
+    together = threading.Barrier(2, timeout=30)
+    calls: list[tuple[Engine, int, float, float]] = []  # engine, rows, start, end
+    batch = padded_batch(4, 8, seed=0)
+
+    class Recorded(Engine):
+        """Records its forwards; the first full batches of ``meets`` engines wait for each other, so they
+        must run at once."""
+
+        def __init__(self, meets: bool) -> None:
+            super().__init__(precision="fp32", device="cpu")
+            self.meets = meets
+
+        def forward(self, batch) -> np.ndarray:
+            started = time.perf_counter()
+            warm_up = batch.shape[0] > 1 and not any(call[0] is self and call[1] > 1 for call in calls)
+            if self.meets and warm_up:
+                together.wait()
+            time.sleep(0.01)
+            calls.append((self, batch.shape[0], started, time.perf_counter()))
+            return np.zeros((batch.shape[0], 1), dtype=np.float32)
+
+    class OneLibrary(Recorded):
+        name = "one-library"
+
+    class AnotherLibrary(Recorded):
+        name = "another-library"
+
+    engines = [OneLibrary(meets=True), OneLibrary(meets=True), AnotherLibrary(meets=False)]
+    throughputs(engines, batch, side_by_side=2)
+    one_rows = [call for call in calls if call[1] == 1]
+    assert [type(call[0]) for call in one_rows] == [OneLibrary, AnotherLibrary]  # one each, first
+    assert max(call[3] for call in one_rows) <= min(call[2] for call in calls if call[1] > 1)
+    full = [call for call in calls if call[1] > 1]
+    warm_ups = [next(call for call in full if call[0] is engine) for engine in engines]
+    rounds = sorted((call for call in full if call not in warm_ups), key=lambda call: call[2])
+    assert len(rounds) == 9  # three rounds each, all close
+    assert all(earlier[3] <= later[2] for earlier, later in itertools.pairwise(rounds))
+    assert max(call[3] for call in warm_ups) <= rounds[0][2]
 
 
 async def test_torch_compile_auto_serves_at_once_then_the_compiled_engine_takes_over(

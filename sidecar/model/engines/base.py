@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -62,3 +64,20 @@ class Engine(ABC):
         """Give back the memory the engine keeps between batches for its intermediate results (sized
         for the largest batch it ran); the next batch allocates what it needs again. Called only while
         no forward runs."""
+
+
+def forward_side_by_side(calls: Sequence[tuple[Engine, TokenBatch]], side_by_side: int) -> list[np.ndarray]:
+    """Each call's outputs, ``side_by_side`` forwards running at once, as the batcher's workers run them.
+
+    Before that, one row of the first call into each engine library runs alone: a library's first call
+    through its Python bindings initializes statics (pybind11's numpy API, in OpenVINO's) that two
+    threads entering at once deadlocked on, hanging a warm start."""
+    if side_by_side <= 1 or len(calls) <= 1:
+        return [engine.forward(batch) for engine, batch in calls]
+    first_of_library: dict[str, tuple[Engine, TokenBatch]] = {}
+    for engine, batch in calls:
+        first_of_library.setdefault(engine.name, (engine, batch))
+    for engine, batch in first_of_library.values():
+        engine.forward(batch.rows(0, 1))
+    with ThreadPoolExecutor(side_by_side, thread_name_prefix="side-by-side") as pool:
+        return list(pool.map(lambda call: call[0].forward(call[1]), calls))

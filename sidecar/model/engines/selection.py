@@ -35,7 +35,7 @@ from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.calibration import Calibration
 from sidecar.model.engines import ENGINE_CHAIN, ENGINE_CHOICES, NETWORK_ENGINES, PRECISION_CHOICES
-from sidecar.model.engines.base import Engine
+from sidecar.model.engines.base import Engine, forward_side_by_side
 from sidecar.model.engines.registry import EngineInputs, EngineShape, Offer, Unavailable, engine_spec
 from sidecar.model.engines.verdict import Verdict, VerdictStore
 from sidecar.model.export import ExportedModel, library_versions
@@ -622,6 +622,7 @@ def _time(
             warm=[index in timed.warm for index in indices],
             group_leaders_only=group_leaders_only,
             rounds=rounds,
+            side_by_side=request.workers,
         )
     for index, throughput in zip(indices, measured, strict=True):
         timed.speeds[index] = max(timed.speeds.get(index, 0.0), throughput.rows_per_s)
@@ -821,9 +822,11 @@ def throughputs(
     *,
     group_leaders_only: bool = False,
     rounds: int = _TIMED_ROUNDS,
+    side_by_side: int = 1,
 ) -> list[Throughput]:
     """Rows per second of each engine: the best of ``rounds`` rounds after a warm-up (none for an engine
-    ``warm`` says has run this batch before).
+    ``warm`` says has run this batch before). The warm-ups run ``side_by_side`` at once: they are not
+    timed, and each forward runs on one batch worker's share of the threads.
 
     Every round times each engine still in the race once, so load from other processes falls on all of
     them alike. After the first round an engine more than ``_CLEARLY_BEHIND`` slower than the leader
@@ -833,9 +836,8 @@ def throughputs(
     """
     groups = groups or [False] * len(engines)
     warm = warm or [False] * len(engines)
-    for engine, warmed_up in zip(engines, warm, strict=True):
-        if not warmed_up:
-            engine.forward(batch)
+    cold = [engine for engine, warmed_up in zip(engines, warm, strict=True) if not warmed_up]
+    forward_side_by_side([(engine, batch) for engine in cold], side_by_side)
     best = [float("inf")] * len(engines)
     timed_rounds = [0] * len(engines)
     racing = list(range(len(engines)))
