@@ -33,7 +33,7 @@ from sidecar.serving.embedding import Embedder
 from sidecar.serving.info import SelectionInfo
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import Limits, Reranker
-from sidecar.serving.runtime import Runtime, SelectionProcess, load_runtime
+from sidecar.serving.runtime import Runtime, SelectionProcess, clear_unused_cache, load_runtime
 from sidecar.serving.score_cache import ScoreCache
 from sidecar.serving.scoring import Scorer
 from sidecar.settings import Settings, model_entries
@@ -97,8 +97,12 @@ class Composition:
         self._runtime_factory = runtime_factory
 
     async def load_models(self) -> None:
-        """Load, gate and warm up every model, then hand them to the core, which serves from then on."""
+        """Load, gate and warm up every model, then hand them to the core, which serves from then on;
+        then clear the cache of what no start has used for ``--cache-retention-days``: after this start
+        marked what it uses, and without delaying SERVING."""
         self.core.serve(await ModelAssembly(self.settings, self.metrics, self._runtime_factory).build())
+        settings = self.settings
+        await asyncio.to_thread(clear_unused_cache, Path(settings.cache_dir), settings.cache_retention_days)
 
 
 class ModelAssembly:

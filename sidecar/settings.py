@@ -147,6 +147,12 @@ class Settings:
         "One that cannot be written is a warning: the server then builds in a temporary directory and "
         "remembers nothing.",
     )
+    cache_retention_days: int = _setting(
+        30,
+        "Once every model serves, remove the artifacts in --cache-dir that no start has used for this many "
+        "days (those of models no longer served, or of library versions no longer installed), and builds "
+        "that a stopped start left unfinished a day ago or more; 0 removes no artifact.",
+    )
     device: str = _setting("auto", "Device: auto (CUDA when present), cpu, cuda or cuda:N.")
     threads: int = _setting(0, "Threads of the engine, shared among its batch workers; 0 uses every core.")
     batch_workers: int = _setting(
@@ -241,6 +247,7 @@ class Settings:
         non_negative = ("port", "http_port", "metrics_port", "threads", "batch_workers", "max_length")
         non_negative += ("max_batch_tokens", "max_batch_pairs", "grace_period", "heap_trim_interval")
         non_negative += ("idle_release_after", "lossy_margin", "tokenizer_workers", "score_cache_size")
+        non_negative += ("cache_retention_days",)
         require_non_negative(self, non_negative)
         if not model_entries("--model", self.model):
             raise ValueError("--model is empty; name the reranking model")

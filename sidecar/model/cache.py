@@ -14,18 +14,26 @@ out a temporary directory instead, so the server still starts, only without reme
 
 ``recording_cache_use`` notes which entries a stretch of work built and which it was handed (built or
 reused), so a start can remove what it built that serving turned out not to need (``remove_entries``).
+
+Every use of an entry marks its manifest's modification time, so ``remove_unused_entries`` can remove
+what no start has used for a while: the artifacts of models no longer served and of library versions
+no longer installed, which would otherwise fill the volume upgrade after upgrade, and the builds of
+starts that were killed before they finished.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -128,6 +136,8 @@ def recording_cache_use() -> Iterator[CacheUse]:
 
 
 def _note_use(entry: Path, *, built: bool) -> None:
+    with contextlib.suppress(OSError):  # a volume mounted read-only: nothing will be removed from it
+        os.utime(entry / _MANIFEST)
     use = _CACHE_USE.get()
     if use is not None:
         use.handed_out.add(entry)
@@ -139,9 +149,53 @@ def remove_entries(entries: Iterable[Path]) -> int:
     """Removes cache entries whole; the bytes their files held."""
     freed = 0
     for entry in entries:
-        freed += sum(path.stat().st_size for path in entry.rglob("*") if path.is_file())
+        with contextlib.suppress(OSError):  # a file removed meanwhile
+            freed += sum(path.stat().st_size for path in entry.rglob("*") if path.is_file())
         shutil.rmtree(entry, ignore_errors=True)
     return freed
+
+
+# An entry's directory, and the private directory a build writes in before it is swapped in under that
+# name (``ArtifactCache.get_or_build``).
+_ENTRY_NAME = re.compile(r"[a-z0-9][a-z0-9-]*-[0-9a-f]{24}")
+_BUILD_NAME = re.compile(r"\.[a-z0-9][a-z0-9-]*-[0-9a-f]{24}-.+")
+# A build's private directory this old belongs to a start that was stopped or killed (a finishing build
+# swaps its directory in at once; the longest, a base-sized model's calibration, takes minutes).
+_ABANDONED_BUILD_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class RemovedEntries:
+    """What ``remove_unused_entries`` removed: entry names and bytes, and abandoned builds."""
+
+    unused: tuple[str, ...] = ()
+    unused_bytes: int = 0
+    abandoned_builds: int = 0
+    abandoned_bytes: int = 0
+
+
+def remove_unused_entries(root: Path, retention_days: float, *, now: float | None = None) -> RemovedEntries:
+    """Removes the entries under ``root`` that no start has used for ``retention_days`` (none when it is
+    0), and the private directories of builds abandoned a day ago or more. Records and other files
+    (verdicts, warm-start records, TorchInductor's kernels) are left alone: a record whose artifacts
+    are gone sends its model's next start the full way."""
+    now = time.time() if now is None else now
+    unused: list[Path] = []
+    abandoned: list[Path] = []
+    for path in root.iterdir() if root.is_dir() else ():
+        with contextlib.suppress(OSError):  # removed meanwhile by another start on the same volume
+            if _ENTRY_NAME.fullmatch(path.name) and (path / _MANIFEST).is_file():
+                unused_days = (now - (path / _MANIFEST).stat().st_mtime) / 86400
+                if retention_days > 0 and unused_days > retention_days:
+                    unused.append(path)
+            elif _BUILD_NAME.fullmatch(path.name) and now - path.stat().st_mtime > _ABANDONED_BUILD_SECONDS:
+                abandoned.append(path)
+    return RemovedEntries(
+        tuple(sorted(path.name for path in unused)),
+        remove_entries(unused),
+        len(abandoned),
+        remove_entries(abandoned),
+    )
 
 
 class ArtifactCache:

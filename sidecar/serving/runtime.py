@@ -17,7 +17,13 @@ from typing import Any
 
 from sidecar.errors import ModelLoadError
 from sidecar.logs import configure_logging
-from sidecar.model.cache import ArtifactCache, recording_cache_use, remove_entries, usable_cache_dir
+from sidecar.model.cache import (
+    ArtifactCache,
+    recording_cache_use,
+    remove_entries,
+    remove_unused_entries,
+    usable_cache_dir,
+)
 from sidecar.model.calibration import CalibrationSet, model_calibration, read_calibration
 from sidecar.model.engines import NETWORK_ENGINES, Engine
 from sidecar.model.engines.registry import EngineInputs
@@ -196,6 +202,32 @@ def _remove_unserved_artifacts(source: ModelSource, entries: frozenset[Path]) ->
         source.model_id,
         ", ".join(sorted(entry.name for entry in entries)),
     )
+
+
+def clear_unused_cache(cache_dir: Path, retention_days: int) -> None:
+    """Removes from ``cache_dir`` the artifacts no start has used for ``retention_days`` and the builds
+    stopped starts left unfinished (``remove_unused_entries``), and logs what went; a volume that
+    refuses is a warning, never a failed start."""
+    try:
+        removed = remove_unused_entries(cache_dir, retention_days)
+    except OSError as exc:
+        logger.warning("could not clear unused artifacts from --cache-dir %s: %s", cache_dir, exc)
+        return
+    if removed.unused:
+        logger.info(
+            "removed %d cached artifacts (%.0f MB) that no start had used for %d days "
+            "(--cache-retention-days): %s",
+            len(removed.unused),
+            removed.unused_bytes / 1e6,
+            retention_days,
+            ", ".join(removed.unused),
+        )
+    if removed.abandoned_builds:
+        logger.info(
+            "removed %d unfinished builds (%.0f MB) that stopped starts left in --cache-dir",
+            removed.abandoned_builds,
+            removed.abandoned_bytes / 1e6,
+        )
 
 
 class _NotWarm(enum.Enum):

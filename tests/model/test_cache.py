@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 import onnx
@@ -13,6 +15,7 @@ from sidecar.model.cache import (
     ArtifactCache,
     recording_cache_use,
     remove_entries,
+    remove_unused_entries,
     usable_cache_dir,
     write_problem,
 )
@@ -117,6 +120,64 @@ def test_removing_entries_deletes_them_whole_and_counts_their_bytes(tmp_path: Pa
     assert remove_entries([gone]) == 300 + 50 + manifest_bytes
     assert not gone.exists()
     assert (kept / "file.bin").read_bytes() == b"x" * 100
+
+
+def _age(path: Path, days: float) -> None:
+    then = time.time() - days * 86400
+    os.utime(path, (then, then))
+
+
+def test_entries_unused_past_the_retention_and_abandoned_builds_are_removed(tmp_path: Path):
+    cache = ArtifactCache(tmp_path)
+    _, build = build_counter(b"x" * 100)
+    stale = cache.get_or_build("openvino", KEY, "model.blob", build).parent
+    recent = cache.get_or_build("openvino", {**KEY, "torch": "2"}, "model.blob", build).parent
+    old_but_reused = cache.get_or_build("onnx", KEY, "model.onnx", build).parent
+    old_but_read = cache.get_or_build("tokenizer", KEY, "tokenizer.json", build).parent
+    for entry, days in ((stale, 31), (recent, 29), (old_but_reused, 90), (old_but_read, 90)):
+        _age(entry / "manifest.json", days)
+    cache.get_or_build("onnx", KEY, "model.onnx", build)  # this start uses them: they are kept
+    ArtifactCache(tmp_path, reuse_only=True).cached("tokenizer", KEY, "tokenizer.json")
+    abandoned = tmp_path / f".{stale.name}-k3y_x9"
+    (abandoned / "model.blob").parent.mkdir()
+    (abandoned / "model.blob").write_bytes(b"y" * 50)
+    _age(abandoned, 2)
+    building = tmp_path / f".{recent.name}-a8b_c1"  # a build under way in another start
+    building.mkdir()
+    records = [tmp_path / "verdicts" / "v.json", tmp_path / "warm" / "w.json", tmp_path / "inductor" / "k.py"]
+    for record in records:
+        record.parent.mkdir(exist_ok=True)
+        record.write_text("{}")
+        _age(record, 400)
+        _age(record.parent, 400)
+
+    stale_bytes = sum(path.stat().st_size for path in stale.iterdir())
+
+    removed = remove_unused_entries(tmp_path, 30)
+
+    assert removed.unused == (stale.name,)
+    assert removed.unused_bytes == stale_bytes
+    assert (removed.abandoned_builds, removed.abandoned_bytes) == (1, 50)
+    assert not stale.exists()
+    assert not abandoned.exists()
+    assert all(path.exists() for path in (recent, old_but_reused, old_but_read, building, *records))
+
+
+def test_a_retention_of_zero_keeps_every_entry_but_not_abandoned_builds(tmp_path: Path):
+    cache = ArtifactCache(tmp_path)
+    entry = cache.get_or_build("onnx", KEY, "model.onnx", build_counter()[1]).parent
+    _age(entry / "manifest.json", 3650)
+    abandoned = tmp_path / f".{entry.name}-k3y_x9"
+    abandoned.mkdir()
+    _age(abandoned, 2)
+    removed = remove_unused_entries(tmp_path, 0)
+    assert (removed.unused, removed.abandoned_builds) == ((), 1)
+    assert entry.exists()
+    assert not abandoned.exists()
+
+
+def test_clearing_a_missing_cache_dir_removes_nothing(tmp_path: Path):
+    assert remove_unused_entries(tmp_path / "absent", 30).unused == ()
 
 
 def test_the_export_is_reused_on_a_second_start(tiny_network, tiny_exported, artifact_cache, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -384,3 +385,29 @@ def test_a_model_torch_serves_loads_in_full_at_once_on_the_next_start(
     assert again.selection.from_cache  # the verdict, remembered
     assert "the remembered engine runs the PyTorch network: torch/fp32" in caplog.text
     again.engine.close()
+
+
+async def test_a_start_removes_the_artifacts_no_start_used_within_the_retention_once_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.conftest import running_sidecar
+
+    model = save_tiny_bert(tmp_path / "model")
+    cache_dir = tmp_path / "cache"
+    stale = cache_dir / f"openvino-{'0' * 24}"  # a blob of a library version no longer installed
+    stale.mkdir(parents=True)
+    (stale / "model.blob").write_bytes(b"x" * 1000)
+    (stale / "manifest.json").write_text("{}")
+    long_ago = time.time() - 31 * 86400
+    os.utime(stale / "manifest.json", (long_ago, long_ago))
+    recent = cache_dir / f"openvino-{'1' * 24}"  # used by another start on the same volume, 29 days ago
+    shutil.copytree(stale, recent)
+    not_so_long_ago = time.time() - 29 * 86400
+    os.utime(recent / "manifest.json", (not_so_long_ago, not_so_long_ago))
+    with caplog.at_level(logging.INFO, logger="sidecar.serving.runtime"):
+        async with running_sidecar(model, cache_dir=str(cache_dir), cache_retention_days=30) as running:
+            assert running.server.core.ranking is not None  # serving
+            assert not stale.exists()
+            assert recent.exists()
+    assert "removed 1 cached artifacts (0 MB) that no start had used for 30 days" in caplog.text
+    assert stale.name in caplog.text
