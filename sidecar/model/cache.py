@@ -174,12 +174,12 @@ class RemovedEntries:
     abandoned_bytes: int = 0
 
 
-def remove_unused_entries(root: Path, retention_days: float, *, now: float | None = None) -> RemovedEntries:
+def remove_unused_entries(root: Path, retention_days: float) -> RemovedEntries:
     """Removes the entries under ``root`` that no start has used for ``retention_days`` (none when it is
     0), and the private directories of builds abandoned a day ago or more. Records and other files
     (verdicts, warm-start records, TorchInductor's kernels) are left alone: a record whose artifacts
     are gone sends its model's next start the full way."""
-    now = time.time() if now is None else now
+    now = time.time()
     unused: list[Path] = []
     abandoned: list[Path] = []
     for path in root.iterdir() if root.is_dir() else ():
