@@ -192,6 +192,7 @@ def _remove_unserved_artifacts(source: ModelSource, entries: frozenset[Path]) ->
     of the candidates that lost, most of a first start's cache (benchmarks/RESULTS.md, "Start-up to
     SERVING and memory"). A later start reads only what the remembered choice needs; one that selects
     afresh (other library versions or settings, or --reselect) builds its candidates again."""
+    entries = frozenset(entry for entry in entries if entry.exists())  # not those another start removed
     if not entries:
         return
     freed = remove_entries(entries)
