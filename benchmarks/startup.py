@@ -381,8 +381,7 @@ def main() -> None:
                 starts.append(result)
                 print(
                     f"run {run + 1} {result.code} {kind}: {result.seconds_to_serving:.1f} s to SERVING, "
-                    f"RSS peak "
-                    f"{result.peak_rss_mb:.0f} MB, settled {result.settled_rss_mb:.0f} MB, idle "
+                    f"RSS peak {result.peak_rss_mb:.0f} MB, settled {result.settled_rss_mb:.0f} MB, idle "
                     f"{result.idle_rss_mb:.0f} MB, child peak {result.child_peak_rss_mb:.0f} MB, "
                     f"all processes' peak until SERVING {result.tree_peak_pss_mb:.0f} MB (PSS), cache "
                     f"{result.cache_mb:.0f} MB (peak {result.cache_peak_mb:.0f} MB), torch "
