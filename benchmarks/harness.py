@@ -139,8 +139,8 @@ def registered_engines(
     wanted: Callable[[str], bool] = lambda label: True,
 ) -> dict[str, Any]:
     """Every engine and precision the registry offers on this CPU, built as the sidecar builds them
-    (one worker of ``threads``; static int8 calibrated on the packaged pairs), under labels such as
-    "onnxruntime int8"; only those ``wanted``."""
+    (one worker of ``threads``; static int8 calibrated on the packaged pairs: its fastest model, since
+    nothing gates here), under labels such as "onnxruntime int8"; only those ``wanted``."""
     from sidecar.model.calibration import model_calibration, read_calibration
     from sidecar.model.engines import ENGINE_CHAIN
     from sidecar.model.engines.registry import EngineInputs, EngineShape, Unavailable, engine_spec

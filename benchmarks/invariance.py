@@ -38,6 +38,7 @@ def main() -> None:
     from sidecar.model.calibration import model_calibration, read_calibration
     from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine, onnxruntime_precisions
     from sidecar.model.engines.openvino_engine import OpenVinoEngine, openvino_precisions
+    from sidecar.model.engines.openvino_int8 import StaticInt8
     from sidecar.model.engines.selection import EngineRequest, typical_batch
     from sidecar.model.engines.torch_engine import TorchEngine, torch_precisions
     from sidecar.model.export import export_onnx
@@ -71,10 +72,21 @@ def main() -> None:
             exported, cache, precision=precision, device="cpu", threads=1
         )
     calibration = model_calibration(model, read_calibration(""))
+    int8_models = StaticInt8(exported, calibration, cache)
     for precision in openvino_precisions("cpu"):
-        engines[f"openvino/{precision}"] = OpenVinoEngine(
-            exported, cache, precision=precision, device="cpu", threads=1, workers=1, calibration=calibration
-        )
+        if precision != "int8":
+            engines[f"openvino/{precision}"] = OpenVinoEngine(
+                exported, cache, precision=precision, device="cpu", threads=1, workers=1
+            )
+            continue
+        # Both of static int8's models, fastest first: the sidecar serves the first that passes the gate.
+        for label, int8_model in (
+            ("openvino/int8", int8_models.all_in_int8()),
+            ("openvino/int8 (feed-forward outputs in fp32)", int8_models.feed_forward_in_fp32("measured")),
+        ):
+            engines[label] = OpenVinoEngine(
+                exported, cache, precision="int8", device="cpu", threads=1, workers=1, model=int8_model
+            )
     engines["onnxruntime/int8 dynamic (former recipe)"] = DynamicInt8(exported.path, exported.input_names)
 
     probe = cross_encoder_probe(model, 32, vocab_size=network.model.get_input_embeddings().num_embeddings)

@@ -217,6 +217,10 @@ class ArtifactCache:
         _note_use(artifact.parent, built=False)
         return artifact
 
+    def holds(self, kind: str, key: Mapping[str, str], filename: str) -> bool:
+        """Whether a verified artifact for ``key`` is there, without handing it out."""
+        return self._verify(self.entry_dir(kind, key), key, filename) is None
+
     def get_or_build(
         self, kind: str, key: Mapping[str, str], filename: str, build: Callable[[Path], None]
     ) -> Path:

@@ -12,6 +12,7 @@ from sidecar.model.batch import collate
 from sidecar.model.engines.base import Engine
 from sidecar.model.engines.onnxruntime_engine import OnnxRuntimeEngine
 from sidecar.model.engines.openvino_engine import OpenVinoEngine
+from sidecar.model.engines.openvino_int8 import StaticInt8
 from sidecar.model.engines.torch_engine import TorchEngine
 from sidecar.model.tokenization import PairSpec
 from tests.conditions import needs_int8_dot_products, needs_native_bf16
@@ -39,8 +40,19 @@ def torch_engine(precision: str, compiled: bool = False) -> Callable[..., Engine
 
 def openvino_engine(precision: str) -> Callable[..., Engine]:
     def build(network, exported, cache, probe, sample, calibration) -> Engine:
+        return OpenVinoEngine(exported, cache, precision=precision, device="cpu", threads=1, workers=1)
+
+    return build
+
+
+def openvino_int8_engine(*, feed_forward_in_fp32: bool) -> Callable[..., Engine]:
+    def build(network, exported, cache, probe, sample, calibration) -> Engine:
+        models = StaticInt8(exported, calibration, cache)
+        model = (
+            models.feed_forward_in_fp32("asked by the test") if feed_forward_in_fp32 else models.all_in_int8()
+        )
         return OpenVinoEngine(
-            exported, cache, precision=precision, device="cpu", threads=1, workers=1, calibration=calibration
+            exported, cache, precision="int8", device="cpu", threads=1, workers=1, model=model
         )
 
     return build
@@ -65,7 +77,12 @@ def onnxruntime_engine(precision: str) -> Callable[..., Engine]:
         pytest.param(
             ROUNDED, onnxruntime_engine("int8"), id="onnxruntime/int8", marks=needs_int8_dot_products
         ),
-        pytest.param(ROUNDED, openvino_engine("int8"), id="openvino/int8"),
+        pytest.param(ROUNDED, openvino_int8_engine(feed_forward_in_fp32=False), id="openvino/int8"),
+        pytest.param(
+            ROUNDED,
+            openvino_int8_engine(feed_forward_in_fp32=True),
+            id="openvino/int8-feed-forward-in-fp32",
+        ),
     ],
 )
 def test_a_pair_scores_the_same_whatever_shares_its_batch(

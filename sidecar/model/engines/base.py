@@ -48,6 +48,9 @@ class Engine(ABC):
     # A token budget below the device's default that the engine serves as fast with, used unless
     # --max-batch-tokens is set: smaller batches then hold less memory at no cost. None: the default.
     preferred_batch_tokens: ClassVar[int | None] = None
+    # How this build departs from the engine's usual one and why (a recipe the parity gate refused),
+    # for Info's engine notes; empty when it does not.
+    note: str = ""
 
     def __init__(self, *, precision: str, device: str) -> None:
         self.precision = precision

@@ -4,8 +4,9 @@ fp32 everywhere; bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), where it me
 compiled torch bf16 engine (benchmarks/RESULTS.md, "OpenVINO"). int8 is static: NNCF's post-training
 quantization (``openvino_int8``) gives the weights and the activations int8 with scales fixed by
 calibration, so the matrix products run on the CPU's int8 dot products and a pair's score does not
-depend on its batch companions. Each batch worker gets a stream of its own with its share of the
-threads, and an inference request per model thread; inference releases the GIL. The compiled blob is
+depend on its batch companions; of its models the fastest that passes the parity gate serves. Each
+batch worker gets a stream of its own with its share of the threads, and an inference request per
+model thread; inference releases the GIL. The compiled blob is
 cached like every other artifact (``ArtifactCache``: a manifest and a checksum, verified before each
 use), keyed by the model, the configuration, OpenVINO's version and the CPU, so a restart compiles
 nothing. OpenVINO's own ``CACHE_DIR`` is not used: it loads its blobs unchecked, and a damaged one
@@ -26,10 +27,9 @@ import numpy as np
 from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
-from sidecar.model.calibration import Calibration
 from sidecar.model.engines.base import Engine, require_precision
-from sidecar.model.engines.openvino_int8 import nncf_unavailable_reason, static_int8_model
-from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec, offer
+from sidecar.model.engines.openvino_int8 import StaticInt8, nncf_unavailable_reason
+from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec, Gate, offer
 from sidecar.model.export import ExportedModel
 from sidecar.model.hardware import cpu_info, device_fingerprint
 
@@ -81,8 +81,10 @@ class OpenVinoEngine(Engine):
         device: str,
         threads: int,
         workers: int,
-        calibration: Calibration | None = None,
+        model: Path | None = None,
     ) -> None:
+        """``model`` is the OpenVINO model to compile: by default the export (fp32) or its copy with fp16
+        weights (bf16); int8 needs one of ``StaticInt8``'s."""
         require_precision(self.name, precision, device, openvino_precisions(device))
         import openvino
 
@@ -100,8 +102,10 @@ class OpenVinoEngine(Engine):
             # a miss measured about 2% slower (benchmarks/RESULTS.md, "Memory under varied traffic").
             "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY,
         }
-        if precision == "int8":
-            path = static_int8_model(exported, calibration, cache)
+        if model is not None:
+            path = model
+        elif precision == "int8":
+            raise ModelLoadError("OpenVINO int8 needs a static int8 model (StaticInt8)")
         elif precision == "bf16":
             path = half_weights_model(exported, cache)
         else:
@@ -194,15 +198,47 @@ def _load_error_if_failing(compile_or_import: Callable[[], Any], path: Path) -> 
 
 
 def _build(inputs: EngineInputs, shape: EngineShape, precision: str) -> Engine:
-    return OpenVinoEngine(
-        inputs.exported(),
-        inputs.cache,
-        precision=precision,
-        device=shape.device,
-        threads=shape.threads,
-        workers=shape.workers,
-        calibration=inputs.calibration,
+    exported = inputs.exported()
+
+    def engine(model: Path | None = None) -> OpenVinoEngine:
+        return OpenVinoEngine(
+            exported,
+            inputs.cache,
+            precision=precision,
+            device=shape.device,
+            threads=shape.threads,
+            workers=shape.workers,
+            model=model,
+        )
+
+    if precision != "int8":
+        return engine()
+    return static_int8_engine(StaticInt8(exported, inputs.calibration, inputs.cache), engine, inputs.gate)
+
+
+def static_int8_engine(models: StaticInt8, engine: Callable[[Path], Engine], gate: Gate | None) -> Engine:
+    """The engine of the fastest static int8 model that passes ``gate`` (without one, the fastest): the
+    model with the feed-forward output projections in int8, else the one with them in fp32 from the same
+    calibration. A refused model is removed from the cache, so later starts, warm ones too, go straight
+    to the one that passed. The one returned is gated again by the selection, as every candidate is."""
+    refused = models.refused_before()
+    if refused is None:
+        first = engine(models.all_in_int8())
+        report = gate(first) if gate is not None else None
+        if report is None or report.passed or not models.has_fallback():
+            return first
+        first.close()
+        refused = f"it failed the parity gate: {report.describe()}"
+        logger.info("static int8 with the feed-forward output projections in int8: %s", refused)
+        path = models.feed_forward_in_fp32(refused)
+        models.discard_all_in_int8()
+    else:
+        path = models.feed_forward_in_fp32(refused)
+    fallback = engine(path)
+    fallback.note = (
+        f"static int8 with the feed-forward output projections in fp32; with them in int8, {refused}"
     )
+    return fallback
 
 
 def _withheld(device: str) -> dict[str, str]:

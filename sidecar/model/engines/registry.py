@@ -20,6 +20,11 @@ from sidecar.model.export import ExportedModel, export_onnx
 
 if TYPE_CHECKING:
     from sidecar.model.network import Network
+    from sidecar.model.parity import ParityReport
+
+# The parity gate's verdict on a built engine's scores: how an engine with several builds of one
+# precision (static int8's models) picks the fastest that passes.
+Gate = Callable[[Engine], "ParityReport"]
 
 
 class EngineInputs:
@@ -48,6 +53,8 @@ class EngineInputs:
         self.input_names = input_names
         self._on_export = on_export  # e.g. times the export as a loading phase
         self._exported = exported
+        # Set by the selection; None where nothing gates (benchmarks), and the fastest build serves.
+        self.gate: Gate | None = None
 
     @property
     def network(self) -> Network:

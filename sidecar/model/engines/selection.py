@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -177,6 +178,11 @@ class _Builder:
         self.inputs = inputs
         self.reference = reference
         self.probe = probe
+        # The scores every candidate is gated against: the reference's, or those remembered with the
+        # verdict; set before the first candidate is built.
+        self.reference_scores: np.ndarray | None = None
+        self._probe_scores: weakref.WeakKeyDictionary[Engine, np.ndarray] = weakref.WeakKeyDictionary()
+        inputs.gate = self.gate
         self.shape = EngineShape(
             device=request.device,
             threads=request.threads,
@@ -198,11 +204,19 @@ class _Builder:
 
     def scores(self, engine: Engine) -> np.ndarray:
         """The engine's normalized scores on the probe, its batches run as the batcher would run them:
-        side by side on the workers where one forward uses only a worker's share of the threads."""
-        side_by_side = (
-            self.request.workers if engine.forward_on_worker_share and engine.concurrent_forward else 1
-        )
-        return self.probe.scores(engine, side_by_side)
+        side by side on the workers where one forward uses only a worker's share of the threads. Kept
+        while the engine lives: an engine gated while it was built is not run on the probe again."""
+        if engine not in self._probe_scores:
+            side_by_side = (
+                self.request.workers if engine.forward_on_worker_share and engine.concurrent_forward else 1
+            )
+            self._probe_scores[engine] = self.probe.scores(engine, side_by_side)
+        return self._probe_scores[engine]
+
+    def gate(self, engine: Engine) -> ParityReport:
+        """The parity gate's report on the engine's scores against the reference scores."""
+        assert self.reference_scores is not None, "the reference scores come before any candidate"
+        return compare(self.scores(engine), self.reference_scores, engine.precision)
 
     def compiled_torch(self, candidate: EngineCandidate) -> Engine:
         """The torch engine at the candidate's precision, compiled by TorchInductor."""
@@ -270,7 +284,7 @@ def select_engine(
             logger.info("selecting an engine afresh: %s", why_not)
     if selection is None:
         with phases.timed("gate"):
-            reference_scores = builder.scores(reference)
+            reference_scores = builder.reference_scores = builder.scores(reference)
         selection = _select(candidates, notes, builder, reference_scores, phases)
         store.remember(
             model_hash,
@@ -382,6 +396,7 @@ def _remembered(
     """The remembered candidate, loaded and gated once against the remembered reference scores; or None
     and why it no longer serves."""
     candidate = EngineCandidate(verdict.engine, verdict.precision)
+    builder.reference_scores = reference_scores
     try:
         with phases.timed("build"):
             engine = builder.build(candidate)
@@ -549,12 +564,16 @@ def _built(
     """The candidate's engine, or None when it fails to load (an error when it was asked for)."""
     try:
         with phases.timed("build"):
-            return builder.build(candidate)
+            engine = builder.build(candidate)
     except Exception as exc:  # any failure to export, build or load moves down the chain
         if explicit:
             raise ModelLoadError(f"the requested engine {candidate} could not load: {exc}") from exc
         _skip(notes, f"{candidate}: failed to load: {type(exc).__name__}: {exc}", exc)
         return None
+    note = f"{candidate}: {engine.note}"
+    if engine.note and note not in notes:  # a candidate rebuilt after release is noted once
+        notes.append(note)
+    return engine
 
 
 def candidates_held_at_once(network: Network) -> int:
