@@ -244,6 +244,8 @@ def start_sidecar(
         "model": str(model_dir),
         "host": "127.0.0.1",
         "port": str(port),
+        # A port of its own, as the default one may be taken (by another sidecar, say).
+        "metrics-port": str(free_port()),
         "cache-dir": str(OUT / "cache"),
         "embed-model": "",
         # The benchmarks repeat their requests to time the model: a cached answer would skip it.
