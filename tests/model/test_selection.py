@@ -554,9 +554,10 @@ def select_among(
 
     inputs = EngineInputs(tiny_network, "hash", CROSS_ENCODER_INPUTS, ArtifactCache(tmp_path))
     builder = Builder(request(tmp_path, precision="auto"), inputs, None, tiny_probe)
+    builder.reference_scores = reference
     candidates = [EngineCandidate(*label.split("/")) for label in engines]
     notes: list[str] = []
-    selection = selection_module._select(candidates, notes, builder, reference, PhaseTimer())
+    selection = selection_module._select(candidates, notes, builder, PhaseTimer())
     served = next(label for label, engine in engines.items() if engine is selection.engine)
     return served, notes
 

@@ -285,7 +285,7 @@ def select_engine(
     if selection is None:
         with phases.timed("gate"):
             reference_scores = builder.reference_scores = builder.scores(reference)
-        selection = _select(candidates, notes, builder, reference_scores, phases)
+        selection = _select(candidates, notes, builder, phases)
         store.remember(
             model_hash,
             request.device,
@@ -301,7 +301,7 @@ def select_engine(
         )
     candidate = EngineCandidate(selection.engine.name, selection.engine.precision)
     if candidate.engine in NETWORK_ENGINES and compile_wanted(request.torch_compile, request.device):
-        compile_step = _compile_step(builder, candidate, selection, reference_scores)
+        compile_step = _compile_step(builder, candidate, selection)
         # On CUDA the compile comes before serving, so the graphs are captured with the GPU to themselves.
         if request.torch_compile == "on" or request.device != "cpu":
             with phases.timed("compile"), worker_threads(request.threads):
@@ -403,7 +403,7 @@ def _remembered(
     except Exception as exc:  # any failure to load sends the start through the full selection
         return None, f"the remembered {candidate} could not load: {type(exc).__name__}: {exc}"
     with phases.timed("gate"):
-        report = compare(builder.scores(engine), reference_scores, candidate.precision)
+        report = builder.gate(engine)
     if not report.passed:
         engine.close()
         return None, f"the remembered {candidate} failed the parity gate: {report.describe()}"
@@ -423,7 +423,6 @@ def _select(
     candidates: list[EngineCandidate],
     notes: list[str],
     builder: _Builder,
-    reference_scores: np.ndarray,
     phases: PhaseTimer,
 ) -> Selection:
     """With a fixed precision, the first candidate in chain order that loads and passes the parity gate.
@@ -440,7 +439,7 @@ def _select(
     made again; gates already run are not repeated."""
     request = builder.request
     explicit = request.engine != "auto" and request.precision != "auto"
-    gate = _Gate(builder, reference_scores, notes, phases, explicit)
+    gate = _Gate(builder, notes, phases, explicit)
     if request.precision != "auto":
         for candidate in candidates:
             engine = _built(candidate, builder, notes, phases, explicit)
@@ -655,7 +654,6 @@ class _Gate:
     was asked for)."""
 
     builder: _Builder
-    reference_scores: np.ndarray
     notes: list[str]
     phases: PhaseTimer
     explicit: bool
@@ -663,9 +661,7 @@ class _Gate:
     def passes(self, candidate: EngineCandidate, engine: Engine) -> ParityReport | None:
         """The candidate's passing report, or None when it failed the gate."""
         with self.phases.timed("gate"):
-            reference = engine is self.builder.reference
-            scores = self.reference_scores if reference else self.builder.scores(engine)
-            report = compare(scores, self.reference_scores, candidate.precision)
+            report = self.builder.gate(engine)
         if report.passed:
             logger.info("%s passed the parity gate: %s", candidate, report.describe())
             return report
@@ -772,7 +768,6 @@ def _compile_step(
     builder: _Builder,
     candidate: EngineCandidate,
     selection: Selection,
-    reference_scores: np.ndarray,
 ) -> Upgrade:
     """Compiles the serving torch engine and gates it; the candidates were timed uncompiled, since
     compiling each would multiply the start-up time.
@@ -791,7 +786,7 @@ def _compile_step(
                 raise ModelLoadError(f"--torch-compile on: compiling {candidate} failed: {exc}") from exc
             _skip(notes, f"{candidate} compiled: {type(exc).__name__}: {exc}; it runs uncompiled", exc)
             return None
-        report = compare(builder.scores(compiled), reference_scores, candidate.precision)
+        report = builder.gate(compiled)
         if not report.passed:
             if required:
                 raise ModelLoadError(
