@@ -30,6 +30,20 @@ def int8(exported, cache, calibration) -> OpenVinoEngine:
     return OpenVinoEngine(exported, cache, precision="int8", device="cpu", threads=1, workers=1, model=model)
 
 
+def openvino_request(cache_dir, precision: str) -> EngineRequest:
+    return EngineRequest(
+        engine="openvino",
+        precision=precision,
+        device="cpu",
+        threads=1,
+        max_batch_pairs=8,
+        max_batch_tokens=1024,
+        max_length=128,
+        cache_dir=cache_dir,
+        torch_compile="off",
+    )
+
+
 def test_it_is_offered_on_every_cpu_for_the_gate_to_decide():
     assert openvino_precisions("cpu")[0] == "int8"
 
@@ -102,17 +116,7 @@ def test_a_model_nncf_cannot_quantize_drops_the_candidate_with_the_reason(
         raise RuntimeError("unsupported operation in this test")
 
     monkeypatch.setattr(nncf, "quantize", cannot)
-    request = EngineRequest(
-        engine="openvino",
-        precision="auto",
-        device="cpu",
-        threads=1,
-        max_batch_pairs=8,
-        max_batch_tokens=1024,
-        max_length=128,
-        cache_dir=tmp_path,
-        torch_compile="off",
-    )
+    request = openvino_request(tmp_path, "auto")
     selection = select_engine(
         request, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe, calibration=tiny_calibration
     )
@@ -252,17 +256,7 @@ def test_the_selection_gates_static_int8_once_and_notes_a_fallback(
         return report
 
     monkeypatch.setattr(selection, "compare", refusing_the_first_int8)
-    request = EngineRequest(
-        engine="openvino",
-        precision="int8",
-        device="cpu",
-        threads=1,
-        max_batch_pairs=8,
-        max_batch_tokens=1024,
-        max_length=128,
-        cache_dir=tmp_path,
-        torch_compile="off",
-    )
+    request = openvino_request(tmp_path, "int8")
     chosen = select_engine(
         request, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe, calibration=tiny_calibration
     )
