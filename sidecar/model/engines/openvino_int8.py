@@ -106,11 +106,12 @@ class StaticInt8:
         )
 
     def has_fallback(self) -> bool:
-        """Whether the graph has feed-forward output projections to keep in fp32 (BERT-style names)."""
+        """Whether the first model has feed-forward output projections in int8 to put back in fp32: it
+        has none where their node names are not BERT's, or where NNCF left them out of int8."""
         import openvino
 
-        model = openvino.Core().read_model(str(self._exported.path))
-        return any(_is_feed_forward_output(op) for op in model.get_ops())
+        model = openvino.Core().read_model(str(self.all_in_int8()))
+        return any(_quantized_feed_forward_output(op) for op in model.get_ops())
 
     def refused_before(self) -> str | None:
         """Why the gate refused the first model in an earlier start, when it did: then the fallback is
@@ -143,10 +144,12 @@ class StaticInt8:
         remove_entries([self._cache.entry_dir("openvino-int8", self._key)])
 
 
-def _is_feed_forward_output(op: Any) -> bool:
+def _quantized_feed_forward_output(op: Any) -> bool:
+    """Whether ``op`` is a feed-forward output projection whose activation is quantized."""
     return (
         op.get_type_name() == "MatMul"
         and re.fullmatch(FEED_FORWARD_OUTPUT, op.get_friendly_name()) is not None
+        and op.input_value(0).get_node().get_type_name() == "FakeQuantize"
     )
 
 
@@ -183,7 +186,7 @@ def _quantize(exported: ExportedModel, calibration: Calibration, fix: str, targe
                 overflow_fix=OverflowFix(fix),
                 smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=_SMOOTH_QUANT_ALPHA),
                 # Bias correction moved fidelity either way by model and measure, and took about a
-                # quarter of the calibration (benchmarks/RESULTS.md, "Static int8's second model").
+                # quarter of the calibration (benchmarks/RESULTS.md, "Static int8's two models").
                 disable_bias_correction=True,
             ),
         )
@@ -205,11 +208,8 @@ def _feed_forward_in_fp32(quantized_path: Path, exported: ExportedModel, target:
     model = core.read_model(str(quantized_path))
     original = {op.get_friendly_name(): op for op in core.read_model(str(exported.path)).get_ops()}
     restored = 0
-    for matmul in [op for op in model.get_ops() if _is_feed_forward_output(op)]:
-        activation = matmul.input_value(0).get_node()
-        if activation.get_type_name() != "FakeQuantize":
-            continue  # NNCF left this one out of int8
-        before_quantizer = activation.input_value(0)
+    for matmul in [op for op in model.get_ops() if _quantized_feed_forward_output(op)]:
+        before_quantizer = matmul.input_value(0).get_node().input_value(0)
         if _SMOOTH_QUANT_NODE in before_quantizer.get_node().get_friendly_name():
             # The weights were scaled to match the smoothed activation: both go back to the export's.
             before_quantizer = before_quantizer.get_node().input_value(0)
