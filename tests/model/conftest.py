@@ -8,6 +8,7 @@ import pytest
 
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.calibration import Calibration, model_calibration, read_calibration
+from sidecar.model.engines.selection import EngineRequest
 from sidecar.model.engines.torch_engine import TorchEngine
 from sidecar.model.export import ExportedModel, export_onnx
 from sidecar.model.kinds import load_network
@@ -16,6 +17,23 @@ from sidecar.model.network import Network, content_hash
 from sidecar.model.parity import Probe, cross_encoder_probe
 
 CROSS_ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def engine_request(
+    cache_dir: Path, engine: str = "auto", precision: str = "fp32", torch_compile: str = "off"
+) -> EngineRequest:
+    """A selection request on the CPU with one thread and small batches, as the model tests use."""
+    return EngineRequest(
+        engine=engine,
+        precision=precision,
+        device="cpu",
+        threads=1,
+        max_batch_pairs=8,
+        max_batch_tokens=1024,
+        max_length=128,
+        cache_dir=cache_dir,
+        torch_compile=torch_compile,
+    )
 
 
 @pytest.fixture(scope="session")

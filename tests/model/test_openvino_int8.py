@@ -15,10 +15,10 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.openvino_engine import OpenVinoEngine, openvino_precisions, static_int8_engine
 from sidecar.model.engines.openvino_int8 import FEED_FORWARD_OUTPUT, StaticInt8, overflow_fix
-from sidecar.model.engines.selection import EngineRequest, select_engine
+from sidecar.model.engines.selection import select_engine
 from sidecar.model.hardware import CpuInfo
 from sidecar.model.parity import compare
-from tests.model.conftest import CROSS_ENCODER_INPUTS
+from tests.model.conftest import CROSS_ENCODER_INPUTS, engine_request
 
 
 def static_int8_model(exported, calibration, cache):
@@ -28,20 +28,6 @@ def static_int8_model(exported, calibration, cache):
 def int8(exported, cache, calibration) -> OpenVinoEngine:
     model = static_int8_model(exported, calibration, cache)
     return OpenVinoEngine(exported, cache, precision="int8", device="cpu", threads=1, workers=1, model=model)
-
-
-def openvino_request(cache_dir, precision: str) -> EngineRequest:
-    return EngineRequest(
-        engine="openvino",
-        precision=precision,
-        device="cpu",
-        threads=1,
-        max_batch_pairs=8,
-        max_batch_tokens=1024,
-        max_length=128,
-        cache_dir=cache_dir,
-        torch_compile="off",
-    )
 
 
 def test_it_is_offered_on_every_cpu_for_the_gate_to_decide():
@@ -116,7 +102,7 @@ def test_a_model_nncf_cannot_quantize_drops_the_candidate_with_the_reason(
         raise RuntimeError("unsupported operation in this test")
 
     monkeypatch.setattr(nncf, "quantize", cannot)
-    request = openvino_request(tmp_path, "auto")
+    request = engine_request(tmp_path, engine="openvino", precision="auto")
     selection = select_engine(
         request, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe, calibration=tiny_calibration
     )
@@ -258,7 +244,7 @@ def test_the_selection_gates_static_int8_once_and_notes_a_fallback(
         return report
 
     monkeypatch.setattr(selection, "compare", refusing_the_first_int8)
-    request = openvino_request(tmp_path, "int8")
+    request = engine_request(tmp_path, engine="openvino", precision="int8")
     chosen = select_engine(
         request, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe, calibration=tiny_calibration
     )

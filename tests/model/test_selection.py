@@ -20,7 +20,6 @@ from sidecar.model.engines.openvino_engine import OpenVinoEngine
 from sidecar.model.engines.registry import Offer, Unavailable
 from sidecar.model.engines.selection import (
     EngineCandidate,
-    EngineRequest,
     choose,
     plan_candidates,
     select_engine,
@@ -28,7 +27,7 @@ from sidecar.model.engines.selection import (
 )
 from sidecar.model.engines.torch_engine import TorchEngine
 from tests.conftest import running_sidecar
-from tests.model.conftest import CROSS_ENCODER_INPUTS
+from tests.model.conftest import CROSS_ENCODER_INPUTS, engine_request
 from tests.models import padded_batch
 
 NO_TENSORRT = "TensorRT needs a CUDA device; the device is cpu"
@@ -89,22 +88,6 @@ def test_an_explicit_engine_that_cannot_run_is_an_error_not_a_fallback():
         plan_candidates("auto", "fp16", CPU_OFFERS)
 
 
-def request(
-    tmp_path: Path, engine: str = "auto", precision: str = "fp32", torch_compile: str = "off"
-) -> EngineRequest:
-    return EngineRequest(
-        engine=engine,
-        precision=precision,
-        device="cpu",
-        threads=1,
-        max_batch_pairs=8,
-        max_batch_tokens=1024,
-        max_length=128,
-        cache_dir=tmp_path,
-        torch_compile=torch_compile,
-    )
-
-
 def fail_to_load(monkeypatch: pytest.MonkeyPatch, *engines: type[Engine]) -> None:
     """Make the given engines (by default every compiled CPU engine) fail to load."""
     for engine in engines or (OnnxRuntimeEngine, OpenVinoEngine):
@@ -122,7 +105,7 @@ BROKEN_NOTES = [
 
 
 def test_without_tensorrt_auto_serves_onnxruntime(tmp_path, tiny_network, tiny_probe):
-    selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    selection = select_engine(engine_request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert (selection.engine.name, selection.engine.precision) == ("onnxruntime", "fp32")
     assert selection.engine.compiled
     assert selection.parity.passed
@@ -131,14 +114,14 @@ def test_without_tensorrt_auto_serves_onnxruntime(tmp_path, tiny_network, tiny_p
 
 def test_with_the_compiled_engines_failing_auto_serves_torch(tmp_path, tiny_network, tiny_probe, monkeypatch):
     fail_to_load(monkeypatch)
-    selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    selection = select_engine(engine_request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert (selection.engine.name, selection.engine.precision) == ("torch", "fp32")
     assert selection.notes[1:] == BROKEN_NOTES
 
 
 def test_with_onnxruntime_failing_auto_moves_down_the_chain(tmp_path, tiny_network, tiny_probe, monkeypatch):
     fail_to_load(monkeypatch, OnnxRuntimeEngine)
-    selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    selection = select_engine(engine_request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert (selection.engine.name, selection.engine.precision) == ("openvino", "fp32")
     assert selection.notes[1:] == BROKEN_NOTES[:1]
 
@@ -148,7 +131,7 @@ def test_an_engine_failing_the_parity_gate_is_skipped(tmp_path, tiny_network, ti
         return np.random.default_rng(0).normal(size=(batch.shape[0], 1)).astype(np.float32)
 
     monkeypatch.setattr(OnnxRuntimeEngine, "forward", wrong)
-    selection = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    selection = select_engine(engine_request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert selection.engine.name == "openvino"  # the next in the chain
     assert selection.notes[1].startswith("onnxruntime/fp32: failed the parity gate: max abs diff")
 
@@ -156,14 +139,16 @@ def test_an_engine_failing_the_parity_gate_is_skipped(tmp_path, tiny_network, ti
 def test_an_explicit_engine_that_fails_is_an_error(tmp_path, tiny_network, tiny_probe, monkeypatch):
     fail_to_load(monkeypatch)
     with pytest.raises(ModelLoadError, match="requested engine onnxruntime/fp32 could not load"):
-        select_engine(request(tmp_path, engine="onnxruntime"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+        select_engine(
+            engine_request(tmp_path, engine="onnxruntime"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe
+        )
 
 
 def test_precision_auto_serves_a_passing_candidate_and_notes_the_slower_ones(
     tmp_path, tiny_network, tiny_probe
 ):
     selection = select_engine(
-        request(tmp_path, precision="auto"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe
+        engine_request(tmp_path, precision="auto"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe
     )
     served = f"{selection.engine.name}/{selection.engine.precision}"
     assert selection.parity.passed
@@ -198,7 +183,10 @@ async def test_info_says_the_serving_engine_is_compiled(tiny_bert: Path, tmp_pat
 
 def test_torch_compile_compiles_the_winner_and_gates_it_again(tmp_path, tiny_network, tiny_probe):
     selection = select_engine(
-        request(tmp_path, engine="torch", torch_compile="on"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe
+        engine_request(tmp_path, engine="torch", torch_compile="on"),
+        tiny_network,
+        CROSS_ENCODER_INPUTS,
+        tiny_probe,
     )
     assert isinstance(selection.engine, TorchEngine)
     assert selection.engine.compiled
@@ -217,7 +205,7 @@ def test_a_failed_compile_under_auto_serves_uncompiled_and_says_why(
     tmp_path, tiny_network, tiny_probe, monkeypatch
 ):
     break_compile(monkeypatch)
-    wanted = request(tmp_path, engine="torch", torch_compile="auto")
+    wanted = engine_request(tmp_path, engine="torch", torch_compile="auto")
     selection = select_engine(wanted, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert isinstance(selection.engine, TorchEngine)
     assert not selection.engine.compiled
@@ -232,7 +220,7 @@ def test_a_failed_compile_when_asked_for_is_an_error(tmp_path, tiny_network, tin
     break_compile(monkeypatch)
     with pytest.raises(ModelLoadError, match="--torch-compile on: compiling torch/fp32 failed"):
         select_engine(
-            request(tmp_path, engine="torch", torch_compile="on"),
+            engine_request(tmp_path, engine="torch", torch_compile="on"),
             tiny_network,
             CROSS_ENCODER_INPUTS,
             tiny_probe,
@@ -252,7 +240,7 @@ def every_one_passes(gated: list[int]) -> Callable[[int], bool]:
 
 
 def test_a_lossy_precision_serves_only_past_the_margin(tmp_path):
-    wanted = request(tmp_path, precision="auto")  # --lossy-margin 0.15 by default
+    wanted = engine_request(tmp_path, precision="auto")  # --lossy-margin 0.15 by default
     ranked = candidates_of("onnxruntime/int8", "onnxruntime/fp32", "torch/bf16", "torch/fp32")
     notes: list[str] = []
     gated: list[int] = []
@@ -274,7 +262,7 @@ def test_a_lossy_precision_serves_only_past_the_margin(tmp_path):
 
 
 def test_lossy_candidates_past_the_margin_are_gated_first_fastest_first(tmp_path):
-    wanted = request(tmp_path, precision="auto")
+    wanted = engine_request(tmp_path, precision="auto")
     ranked = candidates_of(
         "openvino/int8", "openvino/bf16", "openvino/fp32", "onnxruntime/fp32", "torch/fp32"
     )
@@ -291,7 +279,7 @@ def test_lossy_candidates_past_the_margin_are_gated_first_fastest_first(tmp_path
 
 
 def test_when_the_fastest_lossless_candidate_fails_the_next_one_sets_the_margin(tmp_path):
-    wanted = request(tmp_path, precision="auto")
+    wanted = engine_request(tmp_path, precision="auto")
     ranked = candidates_of("openvino/int8", "openvino/fp32", "onnxruntime/fp32")
     gated: list[int] = []
 
@@ -311,7 +299,7 @@ def test_with_no_lossless_candidate_the_fastest_lossy_serves(tmp_path):
     ranked = candidates_of("onnxruntime/int8", "torch/bf16")
     gated: list[int] = []
     best, speedup = choose(
-        ranked, [10.0, 12.0], request(tmp_path, precision="auto"), every_one_passes(gated), []
+        ranked, [10.0, 12.0], engine_request(tmp_path, precision="auto"), every_one_passes(gated), []
     )
     assert (str(ranked[best]), speedup) == ("torch/bf16", 0.0)
     assert gated == [1]
@@ -320,7 +308,7 @@ def test_with_no_lossless_candidate_the_fastest_lossy_serves(tmp_path):
 def test_when_no_candidate_passes_none_serves(tmp_path):
     ranked = candidates_of("onnxruntime/int8", "onnxruntime/fp32")
     with pytest.raises(ModelLoadError, match="no engine passed the parity gate"):
-        choose(ranked, [12.0, 10.0], request(tmp_path, precision="auto"), lambda index: False, [])
+        choose(ranked, [12.0, 10.0], engine_request(tmp_path, precision="auto"), lambda index: False, [])
 
 
 class SleepingEngine(Engine):
@@ -460,7 +448,7 @@ def test_on_cuda_torch_is_compiled_for_shape_buckets_before_serving(
     monkeypatch.setattr(selection_module, "device_fingerprint", lambda device: {"gpu": "stand-in"})
     # The probe's batches: up to 32 pairs of up to 512 tokens.
     limits = {"max_batch_pairs": 32, "max_batch_tokens": 2048, "max_length": 512}
-    on_cuda = dataclasses.replace(request(tmp_path, "auto", "auto", "auto"), device="cuda", **limits)
+    on_cuda = dataclasses.replace(engine_request(tmp_path, "auto", "auto", "auto"), device="cuda", **limits)
     selection = select_engine(on_cuda, tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     assert isinstance(selection.engine, BucketedTorchEngine)
     assert selection.upgrade is None  # compiled before serving, not in the background as on a CPU
@@ -504,7 +492,7 @@ def test_a_large_model_is_timed_in_turns_and_a_released_candidate_is_rebuilt_to_
     monkeypatch.setattr(selection_module._Builder, "build", counting_build)
     monkeypatch.setattr(Engine, "close", counting_close)
     selection = select_engine(
-        request(tmp_path, precision="auto"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe
+        engine_request(tmp_path, precision="auto"), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe
     )
     assert selection.engine.name == "torch"
     assert selection.parity.passed
@@ -553,7 +541,7 @@ def select_among(
             return reference if engine.passes else reference[::-1]  # type: ignore[attr-defined]
 
     inputs = EngineInputs(tiny_network, "hash", CROSS_ENCODER_INPUTS, ArtifactCache(tmp_path))
-    builder = Builder(request(tmp_path, precision="auto"), inputs, None, tiny_probe)
+    builder = Builder(engine_request(tmp_path, precision="auto"), inputs, None, tiny_probe)
     builder.reference_scores = reference
     candidates = [EngineCandidate(*label.split("/")) for label in engines]
     notes: list[str] = []
