@@ -153,6 +153,34 @@ def test_the_fallback_has_the_feed_forward_output_projections_back_in_fp32(
     assert 0 < report.max_abs_diff < 0.1, report.describe()
 
 
+def test_both_models_keep_the_embedding_tables_out_of_int8_stored_in_fp16(
+    tiny_exported, artifact_cache, tiny_calibration
+):
+    models = StaticInt8(tiny_exported, tiny_calibration, artifact_cache)
+    core = openvino.Core()
+    export = {op.get_friendly_name(): op for op in core.read_model(str(tiny_exported.path)).get_ops()}
+    for path in (models.all_in_int8(), models.feed_forward_in_fp32("asked by the test")):
+        lookups = [
+            op
+            for op in core.read_model(str(path)).get_ops()
+            if op.get_type_name() == "Gather" and "embeddings" in op.get_friendly_name()
+        ]
+        assert {op.get_friendly_name() for op in lookups} >= {
+            name for name in export if name.endswith("word_embeddings/Gather")
+        }
+        for lookup in lookups:
+            original = export[lookup.get_friendly_name()].input_value(0).get_node()
+            if original.get_type_name() != "Constant":
+                continue  # a lookup of ids, not a table
+            widened = lookup.input_value(0).get_node()
+            assert widened.get_type_name() == "Convert", lookup.get_friendly_name()
+            table = widened.input_value(0).get_node()
+            assert table.get_type_name() == "Constant"
+            assert table.get_element_type() == openvino.Type.f16
+            # The export's values rounded to fp16, not dequantized int8 ones.
+            assert (table.get_data() == original.get_data().astype("float16")).all()
+
+
 class RefusingGate:
     """The parity gate, refusing the first engine it sees (as a model whose scores static int8 with the
     feed-forward output projections in int8 moves too far)."""

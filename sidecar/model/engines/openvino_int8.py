@@ -30,7 +30,7 @@ from sidecar.model.hardware import cpu_info
 logger = logging.getLogger(__name__)
 
 # Bumped whenever the recipe below changes, so cached quantized models are rebuilt.
-_RECIPE = "nncf-transformer-v3"
+_RECIPE = "nncf-transformer-v4"
 # Operations kept out of int8, as regular expressions over the graph's node names: the pooler and
 # classifier head, whose one logit is the score itself, and in every encoder layer the output projection
 # after attention, which writes into the first residual sum. Chosen by fidelity against fp32 on real
@@ -45,6 +45,10 @@ FEED_FORWARD_OUTPUT = r"(?!.*/attention/).*/output/dense/MatMul"
 # MiniLM-L6's scores past the gate with the feed-forward output projections in int8; 0.7 kept both
 # models measured within it (benchmarks/RESULTS.md, "Static int8: the feed-forward output projections").
 _SMOOTH_QUANT_ALPHA = 0.7
+# Embedding tables stay out of int8 and are stored in fp16: OpenVINO's CPU plugin gathers from an fp16
+# table as it is, but widens an int8 or fp32 one to fp32 when it compiles, which held about twice the
+# table's fp16 size for every model (benchmarks/RESULTS.md, "Static int8: embedding tables in fp16").
+_EMBEDDING_LOOKUP = "Gather"
 # Beside the fallback model: why the gate refused the first.
 _REFUSAL = "refused.txt"
 # NNCF names the multiply it puts before a smoothed matrix product's activation quantizer so.
@@ -181,7 +185,7 @@ def _quantize(exported: ExportedModel, calibration: Calibration, fix: str, targe
             dataset,
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=len(calibration.rows),
-            ignored_scope=nncf.IgnoredScope(patterns=kept, validate=False),
+            ignored_scope=nncf.IgnoredScope(patterns=kept, types=[_EMBEDDING_LOOKUP], validate=False),
             advanced_parameters=AdvancedQuantizationParameters(
                 overflow_fix=OverflowFix(fix),
                 smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=_SMOOTH_QUANT_ALPHA),
@@ -196,8 +200,34 @@ def _quantize(exported: ExportedModel, calibration: Calibration, fix: str, targe
     if not fake_quantize:
         # Serving the fp32 graph under the int8 label would report a speed-up that is not there.
         raise ModelLoadError("NNCF could not quantize the model: it placed no int8 quantizer in the graph")
-    logger.info("static int8: %d quantizers placed", fake_quantize)
+    logger.info(
+        "static int8: %d quantizers placed, %d embedding tables stored in fp16",
+        fake_quantize,
+        _embedding_tables_in_fp16(quantized),
+    )
     openvino.save_model(quantized, str(target), compress_to_fp16=False)
+
+
+def _embedding_tables_in_fp16(model: Any) -> int:
+    """Stores each fp32 table a lookup gathers from in fp16, widened back to fp32 in the graph (which
+    the CPU plugin folds into the lookup); a table with values past fp16's range keeps fp32. Returns
+    how many tables were converted."""
+    import numpy as np
+    import openvino
+    from openvino import opset13
+
+    converted = 0
+    for lookup in [op for op in model.get_ops() if op.get_type_name() == _EMBEDDING_LOOKUP]:
+        table = lookup.input_value(0).get_node()
+        if table.get_type_name() != "Constant" or table.get_element_type() != openvino.Type.f32:
+            continue
+        values = table.get_data()
+        if np.abs(values).max(initial=0.0) > np.finfo(np.float16).max:
+            continue
+        stored = opset13.constant(values.astype(np.float16))
+        lookup.input(0).replace_source_output(opset13.convert(stored, openvino.Type.f32).output(0))
+        converted += 1
+    return converted
 
 
 def _feed_forward_in_fp32(quantized_path: Path, exported: ExportedModel, target: Path) -> None:
