@@ -108,14 +108,23 @@ def closest_to_target(tokenizer: Any, texts: list[str]) -> list[str]:
 
 def corpus_texts() -> list[str]:
     """SciFact's passages (title and abstract) when ../shared/data/scifact is present, else none."""
+    return [f"{row['title']} {row['text']}" for row in _scifact_rows("corpus.jsonl")]
+
+
+def scifact_queries() -> list[str]:
+    """SciFact's queries, in file order, when ../shared/data/scifact is present, else none."""
+    return [row["text"] for row in _scifact_rows("queries.jsonl")]
+
+
+def _scifact_rows(name: str) -> list[dict[str, Any]]:
     scifact = next(
         (p for p in (Path("/work/shared/data/scifact"), REPO.parent / "shared/data/scifact") if p.is_dir()),
         None,
     )
     if scifact is None:
         return []
-    with (scifact / "corpus.jsonl").open() as lines:
-        return [f"{row['title']} {row['text']}" for row in map(json.loads, lines)]
+    with (scifact / name).open() as lines:
+        return list(map(json.loads, lines))
 
 
 def interleaved(runs: dict[str, Run], repeats: int) -> dict[str, tuple[float, np.ndarray]]:

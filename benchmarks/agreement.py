@@ -1,0 +1,160 @@
+"""How closely each lossy OpenVINO model the sidecar may serve agrees with fp32, over many queries.
+
+The parity gate judges a candidate on one probe at start; this measures the same agreement on real
+text, per query, for the default pair of models: the engines benchmark's MiniLM-L6 cross-encoder (real
+encoder weights, a seeded random head, so agreement and never quality) and the packaged
+all-MiniLM-L6-v2 embedder. Query i of SciFact's queries is scored against the corpus abstracts
+i x D to (i + 1) x D - 1 (max_length 256): the cross-encoder's sigmoid score of each pair, the
+embedder's cosine of the two embeddings. Against torch fp32 it reports, over the queries: the median,
+mean and lowest Spearman of a query's scores, the mean and lowest count of fp32's top 10 kept in the
+top 10, how many queries kept fewer than 9 (the gate's limit), and the largest change of a score.
+Static int8 is calibrated on the packaged pairs, as the sidecar does by default.
+
+    .venv/bin/python -m benchmarks.agreement [--queries 50] [--documents 100] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.harness import OUT, build_model, corpus_texts, hardware_record, scifact_queries
+
+_BATCH_ROWS = 16
+
+
+def main() -> None:
+    from sidecar.model.cache import ArtifactCache
+    from sidecar.model.calibration import model_calibration, read_calibration
+    from sidecar.model.engines.openvino_engine import OpenVinoEngine
+    from sidecar.model.engines.openvino_int8 import StaticInt8
+    from sidecar.model.engines.torch_engine import TorchEngine
+    from sidecar.model.export import export_onnx
+    from sidecar.model.kinds import load_model, load_model_network
+    from sidecar.model.loading import ModelSource
+    from sidecar.model.network import content_hash
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--documents", type=int, default=100, help="abstracts scored for each query")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    queries = scifact_queries()[: args.queries]
+    documents = corpus_texts()[: len(queries) * args.documents]
+    if len(documents) < len(queries) * args.documents:
+        raise SystemExit("SciFact (../shared/data/scifact) is needed, with enough abstracts")
+    sources = {
+        "cross-encoder": ModelSource(str(build_model(OUT / "minilm-l6-cross-encoder"))),
+        "embedder": ModelSource.resolve("sentence-transformers/all-MiniLM-L6-v2"),
+    }
+    rows: list[dict[str, Any]] = []
+    print(
+        "| model | candidate | Spearman median | mean | lowest | top-10 kept mean | lowest | queries under 9 "
+        "| max abs |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, source in sources.items():
+        model = load_model(source, 256)
+        network = load_model_network(model)
+        inputs = ("input_ids", "attention_mask", "token_type_ids")[: 3 if model.uses_token_type_ids else 2]
+        cache = ArtifactCache(OUT / "cache")
+        exported = export_onnx(network, content_hash(network), inputs, cache)
+        int8 = StaticInt8(exported, model_calibration(model, read_calibration("")), cache)
+        score = _cross_encoder_scores if kind == "cross-encoder" else _embedder_scores
+        reference = score(TorchEngine(network, precision="fp32"), model, queries, documents, args.documents)
+        for label, precision, path in (
+            ("openvino/bf16", "bf16", None),
+            ("openvino/int8, first model", "int8", int8.all_in_int8()),
+            ("openvino/int8, second model", "int8", int8.feed_forward_in_fp32("measured")),
+        ):
+            engine = OpenVinoEngine(
+                exported, cache, precision=precision, device="cpu", threads=1, workers=2, model=path
+            )
+            scores = score(engine, model, queries, documents, args.documents)
+            engine.close()
+            row = {"model": kind, "candidate": label, **_agreement(scores, reference)}
+            rows.append(row)
+            print(
+                f"| {kind} | {label} | {row['spearman_median']:.5f} | {row['spearman_mean']:.5f} | "
+                f"{row['spearman_lowest']:.4f} | {row['top10_kept_mean']:.2f} | {row['top10_kept_lowest']} | "
+                f"{row['queries_under_9']} of {len(queries)} | {row['max_abs']:.3f} |",
+                flush=True,
+            )
+    hardware = hardware_record()
+    print(f"hardware: {hardware['cpu']} ({hardware['isa_class']})")
+    if args.out is not None:
+        settings = {"queries": len(queries), "documents": args.documents}
+        args.out.write_text(json.dumps({"hardware": hardware, **settings, "rows": rows}, indent=2))
+
+
+def _forward(engine: Any, model: Any, pairs: list[Any]) -> np.ndarray:
+    """The engine's outputs for ``pairs``, batched in order of length as the batcher would."""
+    from sidecar.model.batch import collate
+
+    order = np.argsort([len(pair) for pair in pairs], kind="stable")
+    outputs: list[np.ndarray] = []
+    for start in range(0, len(order), _BATCH_ROWS):
+        batch = [pairs[index] for index in order[start : start + _BATCH_ROWS]]
+        outputs.append(engine.forward(collate(batch, model.pad_token_id, model.uses_token_type_ids)))
+    ordered = np.concatenate(outputs)
+    result = np.empty_like(ordered)
+    result[order] = ordered
+    return result
+
+
+def _cross_encoder_scores(
+    engine: Any, model: Any, queries: list[str], documents: list[str], per_query: int
+) -> np.ndarray:
+    from sidecar.model.tokenization import PairSpec
+
+    pairs = [
+        pair
+        for index, query in enumerate(queries)
+        for pair in model.tokenizer.encode(
+            query, documents[index * per_query : (index + 1) * per_query], PairSpec(max_length=256)
+        ).pairs
+    ]
+    logits = _forward(engine, model, pairs)[:, 0].astype(np.float64)
+    return (1.0 / (1.0 + np.exp(-logits))).reshape(len(queries), per_query)
+
+
+def _embedder_scores(
+    engine: Any, model: Any, queries: list[str], documents: list[str], per_query: int
+) -> np.ndarray:
+    from sidecar.model.tokenization import PairSpec
+
+    rows = model.tokenizer.encode_texts([*queries, *documents], PairSpec(max_length=256)).pairs
+    embeddings = _forward(engine, model, rows).astype(np.float64)
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    query_units = unit[: len(queries)]
+    document_units = unit[len(queries) :].reshape(len(queries), per_query, -1)
+    return np.einsum("qd,qnd->qn", query_units, document_units)
+
+
+def _agreement(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    from sidecar.model.parity import spearman, top_kept
+
+    rank = [spearman(scores[query], reference[query]) for query in range(len(scores))]
+    kept = [top_kept(scores[query], reference[query]) for query in range(len(scores))]
+    return {
+        "spearman_median": float(np.median(rank)),
+        "spearman_mean": float(np.mean(rank)),
+        "spearman_lowest": float(np.min(rank)),
+        "top10_kept_mean": float(np.mean(kept)),
+        "top10_kept_lowest": int(min(kept)),
+        "queries_under_9": int(sum(count < 9 for count in kept)),
+        "max_abs": float(np.abs(scores - reference).max()),
+    }
+
+
+if __name__ == "__main__":
+    main()
