@@ -23,21 +23,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.harness import OUT, build_model, corpus_texts, hardware_record, scifact_queries
+from benchmarks.harness import (
+    OUT,
+    corpus_texts,
+    default_pair_openvino_models,
+    hardware_record,
+    scifact_queries,
+)
 
 _BATCH_ROWS = 16
 
 
 def main() -> None:
-    from sidecar.model.cache import ArtifactCache
-    from sidecar.model.calibration import model_calibration, read_calibration
     from sidecar.model.engines.openvino_engine import OpenVinoEngine
-    from sidecar.model.engines.openvino_int8 import StaticInt8
     from sidecar.model.engines.torch_engine import TorchEngine
-    from sidecar.model.export import export_onnx
-    from sidecar.model.kinds import load_model, load_model_network
-    from sidecar.model.loading import ModelSource
-    from sidecar.model.network import content_hash
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -50,41 +49,36 @@ def main() -> None:
     torch.set_num_threads(2)
     queries = scifact_queries()[: args.queries]
     documents = corpus_texts()[: len(queries) * args.documents]
-    if len(documents) < len(queries) * args.documents:
+    if not queries or len(documents) < len(queries) * args.documents:
         raise SystemExit("SciFact (../shared/data/scifact) is needed, with enough abstracts")
-    sources = {
-        "cross-encoder": ModelSource(str(build_model(OUT / "minilm-l6-cross-encoder"))),
-        "embedder": ModelSource.resolve("sentence-transformers/all-MiniLM-L6-v2"),
-    }
     rows: list[dict[str, Any]] = []
     print(
         "| model | candidate | Spearman median | mean | lowest | top-10 kept mean | lowest | queries under 9 "
         "| max abs |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for kind, source in sources.items():
-        model = load_model(source, 256)
-        network = load_model_network(model)
-        inputs = ("input_ids", "attention_mask", "token_type_ids")[: 3 if model.uses_token_type_ids else 2]
-        cache = ArtifactCache(OUT / "cache")
-        exported = export_onnx(network, content_hash(network), inputs, cache)
-        int8 = StaticInt8(exported, model_calibration(model, read_calibration("")), cache)
-        score = _cross_encoder_scores if kind == "cross-encoder" else _embedder_scores
-        reference = score(TorchEngine(network, precision="fp32"), model, queries, documents, args.documents)
-        for label, precision, path in (
-            ("openvino/bf16", "bf16", None),
-            ("openvino/int8, first model", "int8", int8.all_in_int8()),
-            ("openvino/int8, second model", "int8", int8.feed_forward_in_fp32("measured")),
-        ):
+    for models in default_pair_openvino_models(OUT / "cache"):
+        model = models.model
+        score = _cross_encoder_scores if models.kind == "cross-encoder" else _embedder_scores
+        reference = score(
+            TorchEngine(models.network, precision="fp32"), model, queries, documents, args.documents
+        )
+        for label, (precision, path) in models.candidates.items():
             engine = OpenVinoEngine(
-                exported, cache, precision=precision, device="cpu", threads=1, workers=2, model=path
+                models.exported,
+                models.cache,
+                precision=precision,
+                device="cpu",
+                threads=1,
+                workers=2,
+                model=path,
             )
             scores = score(engine, model, queries, documents, args.documents)
             engine.close()
-            row = {"model": kind, "candidate": label, **_agreement(scores, reference)}
+            row = {"model": models.kind, "candidate": label, **_agreement(scores, reference)}
             rows.append(row)
             print(
-                f"| {kind} | {label} | {row['spearman_median']:.5f} | {row['spearman_mean']:.5f} | "
+                f"| {models.kind} | {label} | {row['spearman_median']:.5f} | {row['spearman_mean']:.5f} | "
                 f"{row['spearman_lowest']:.4f} | {row['top10_kept_mean']:.2f} | {row['top10_kept_lowest']} | "
                 f"{row['queries_under_9']} of {len(queries)} | {row['max_abs']:.3f} |",
                 flush=True,

@@ -87,6 +87,51 @@ def build_deeper_model(directory: Path, source: Path, layers: int) -> Path:
     return directory
 
 
+@dataclass(frozen=True)
+class OpenVinoModels:
+    """One of the default pair's models with the OpenVINO models the selection can build for it here:
+    ``candidates`` maps a label to (precision, the OpenVINO model file)."""
+
+    kind: str
+    model: Any
+    network: Any
+    exported: Any
+    cache: Any
+    candidates: dict[str, tuple[str, Path]]
+
+
+def default_pair_openvino_models(cache_dir: Path) -> Iterator[OpenVinoModels]:
+    """The default sidecar's two models, the engines benchmark's cross-encoder and the packaged
+    all-MiniLM-L6-v2 embedder, at max_length 256: each with OpenVINO bf16 (weights stored in fp16) and
+    static int8's two models, calibrated on the packaged pairs as the sidecar does by default."""
+    from sidecar.model.cache import ArtifactCache
+    from sidecar.model.calibration import model_calibration, read_calibration
+    from sidecar.model.engines.openvino_engine import half_weights_model
+    from sidecar.model.engines.openvino_int8 import StaticInt8
+    from sidecar.model.export import export_onnx
+    from sidecar.model.kinds import load_model, load_model_network
+    from sidecar.model.loading import ModelSource
+    from sidecar.model.network import content_hash
+
+    sources = {
+        "cross-encoder": ModelSource(str(build_model(OUT / "minilm-l6-cross-encoder"))),
+        "embedder": ModelSource.resolve("sentence-transformers/all-MiniLM-L6-v2"),
+    }
+    for kind, source in sources.items():
+        model = load_model(source, 256)
+        network = load_model_network(model)
+        inputs = ("input_ids", "attention_mask", "token_type_ids")[: 3 if model.uses_token_type_ids else 2]
+        cache = ArtifactCache(cache_dir)
+        exported = export_onnx(network, content_hash(network), inputs, cache)
+        int8 = StaticInt8(exported, model_calibration(model, read_calibration("")), cache)
+        candidates = {
+            "openvino/bf16": ("bf16", half_weights_model(exported, cache)),
+            "openvino/int8, first model": ("int8", int8.all_in_int8()),
+            "openvino/int8, second model": ("int8", int8.feed_forward_in_fp32("measured")),
+        }
+        yield OpenVinoModels(kind, model, network, exported, cache, candidates)
+
+
 def candidates(model_dir: Path) -> list[str]:
     """100 passages whose (query, passage) pair is closest to 230 tokens."""
     from transformers import AutoTokenizer

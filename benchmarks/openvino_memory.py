@@ -42,38 +42,16 @@ def main() -> None:
 
 
 def _compare(repeats: int, out: Path | None) -> None:
-    from benchmarks.harness import OUT, build_model, hardware_record
-    from sidecar.model.cache import ArtifactCache
-    from sidecar.model.calibration import model_calibration, read_calibration
-    from sidecar.model.engines.openvino_engine import half_weights_model
-    from sidecar.model.engines.openvino_int8 import StaticInt8
-    from sidecar.model.export import export_onnx
-    from sidecar.model.kinds import load_model, load_model_network
-    from sidecar.model.loading import ModelSource
-    from sidecar.model.network import content_hash
+    from benchmarks.harness import OUT, default_pair_openvino_models, hardware_record
 
     OUT.mkdir(parents=True, exist_ok=True)
     cache_dir = OUT / "cache"
-    sources = {
-        "cross-encoder": ModelSource(str(build_model(OUT / "minilm-l6-cross-encoder"))),
-        "embedder": ModelSource.resolve("sentence-transformers/all-MiniLM-L6-v2"),
-    }
     rows = []
     print("| model | candidate | MB once loaded | MB after the batches |")
     print("|---|---|---|---|")
-    for kind, source in sources.items():
-        model = load_model(source, 256)
-        network = load_model_network(model)
-        inputs = ("input_ids", "attention_mask", "token_type_ids")[: 3 if model.uses_token_type_ids else 2]
-        cache = ArtifactCache(cache_dir)
-        exported = export_onnx(network, content_hash(network), inputs, cache)
-        int8 = StaticInt8(exported, model_calibration(model, read_calibration("")), cache)
-        variants = {
-            "openvino/bf16": ("bf16", half_weights_model(exported, cache)),
-            "openvino/int8": ("int8", int8.all_in_int8()),
-            "openvino/int8 (feed-forward outputs in fp32)": ("int8", int8.feed_forward_in_fp32("measured")),
-        }
-        for label, (precision, path) in variants.items():
+    for models in default_pair_openvino_models(cache_dir):
+        exported = models.exported
+        for label, (precision, path) in models.candidates.items():
             job = {
                 "cache": str(cache_dir),
                 "model": str(path),
@@ -90,7 +68,7 @@ def _compare(repeats: int, out: Path | None) -> None:
             _child(job)  # compiles and caches the blob, as the selection's child does
             runs = [_child(job) for _ in range(repeats)]
             row = {
-                "model": kind,
+                "model": models.kind,
                 "candidate": label,
                 "loaded_mb": statistics.median(run["loaded_mb"] for run in runs),
                 "after_batches_mb": statistics.median(run["after_batches_mb"] for run in runs),
@@ -98,7 +76,7 @@ def _compare(repeats: int, out: Path | None) -> None:
             }
             rows.append(row)
             print(
-                f"| {kind} | {label} | {row['loaded_mb']:.0f} | {row['after_batches_mb']:.0f} |",
+                f"| {models.kind} | {label} | {row['loaded_mb']:.0f} | {row['after_batches_mb']:.0f} |",
                 flush=True,
             )
     hardware = hardware_record()
