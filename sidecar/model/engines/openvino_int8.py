@@ -200,11 +200,8 @@ def _quantize(exported: ExportedModel, calibration: Calibration, fix: str, targe
     if not fake_quantize:
         # Serving the fp32 graph under the int8 label would report a speed-up that is not there.
         raise ModelLoadError("NNCF could not quantize the model: it placed no int8 quantizer in the graph")
-    logger.info(
-        "static int8: %d quantizers placed, %d embedding tables stored in fp16",
-        fake_quantize,
-        _embedding_tables_in_fp16(quantized),
-    )
+    tables = _embedding_tables_in_fp16(quantized)
+    logger.info("static int8: %d quantizers placed, %d embedding tables in fp16", fake_quantize, tables)
     openvino.save_model(quantized, str(target), compress_to_fp16=False)
 
 
