@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +91,6 @@ def main() -> None:
         args.out.write_text(json.dumps({"hardware": hardware, **settings, "rows": rows}, indent=2))
 
 
-def _forward(engine: Any, model: Any, pairs: list[Any]) -> np.ndarray:
-    """The engine's outputs for ``pairs``, batched in order of length as the batcher would."""
-    from sidecar.model.batch import collate
-
-    order = np.argsort([len(pair) for pair in pairs], kind="stable")
-    outputs: list[np.ndarray] = []
-    for start in range(0, len(order), _BATCH_ROWS):
-        batch = [pairs[index] for index in order[start : start + _BATCH_ROWS]]
-        outputs.append(engine.forward(collate(batch, model.pad_token_id, model.uses_token_type_ids)))
-    ordered = np.concatenate(outputs)
-    result = np.empty_like(ordered)
-    result[order] = ordered
-    return result
-
-
 def _cross_encoder_scores(
     engine: Any, model: Any, queries: list[str], documents: list[str], per_query: int
 ) -> np.ndarray:
@@ -117,8 +103,11 @@ def _cross_encoder_scores(
             query, documents[index * per_query : (index + 1) * per_query], PairSpec(max_length=256)
         ).pairs
     ]
-    logits = _forward(engine, model, pairs)[:, 0].astype(np.float64)
-    return (1.0 / (1.0 + np.exp(-logits))).reshape(len(queries), per_query)
+
+    def to_scores(logits: np.ndarray) -> np.ndarray:
+        return (1.0 / (1.0 + np.exp(-logits[:, 0]))).reshape(len(queries), per_query)
+
+    return _probe(model, pairs, to_scores).scores(engine)
 
 
 def _embedder_scores(
@@ -127,11 +116,21 @@ def _embedder_scores(
     from sidecar.model.tokenization import PairSpec
 
     rows = model.tokenizer.encode_texts([*queries, *documents], PairSpec(max_length=256)).pairs
-    embeddings = _forward(engine, model, rows).astype(np.float64)
-    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    query_units = unit[: len(queries)]
-    document_units = unit[len(queries) :].reshape(len(queries), per_query, -1)
-    return np.einsum("qd,qnd->qn", query_units, document_units)
+
+    def to_scores(embeddings: np.ndarray) -> np.ndarray:
+        unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        query_units = unit[: len(queries)]
+        document_units = unit[len(queries) :].reshape(len(queries), per_query, -1)
+        return np.einsum("qd,qnd->qn", query_units, document_units)
+
+    return _probe(model, rows, to_scores).scores(engine)
+
+
+def _probe(model: Any, rows: list[Any], to_scores: Callable[[np.ndarray], np.ndarray]) -> Any:
+    """The rows batched in order of length, as the batcher would."""
+    from sidecar.model.parity import length_sorted_probe
+
+    return length_sorted_probe(rows, model.pad_token_id, model.uses_token_type_ids, _BATCH_ROWS, to_scores)
 
 
 def _agreement(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:

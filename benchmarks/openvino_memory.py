@@ -15,6 +15,7 @@ after loading and after the batches (medians of the repeats).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -56,14 +57,7 @@ def _compare(repeats: int, out: Path | None) -> None:
                 "cache": str(cache_dir),
                 "model": str(path),
                 "precision": precision,
-                "exported": {
-                    "path": str(exported.path),
-                    "fingerprint": exported.fingerprint,
-                    "input_names": list(exported.input_names),
-                    "model_type": exported.model_type,
-                    "num_heads": exported.num_heads,
-                    "hidden_size": exported.hidden_size,
-                },
+                "exported": {**dataclasses.asdict(exported), "path": str(exported.path)},
             }
             _child(job)  # compiles and caches the blob, as the selection's child does
             runs = [_child(job) for _ in range(repeats)]

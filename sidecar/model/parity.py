@@ -129,7 +129,7 @@ class Probe:
         return last.input_ids[-1][last.attention_mask[-1] == 1]
 
 
-def _probe(
+def length_sorted_probe(
     rows: Sequence[EncodedPair],
     pad_token_id: int,
     with_token_type_ids: bool,
@@ -137,6 +137,8 @@ def _probe(
     to_scores: Callable[[np.ndarray], np.ndarray],
     max_batch_tokens: int = 0,
 ) -> Probe:
+    """A probe of ``rows`` batched in order of length, at most ``max_batch_pairs`` rows and (when set)
+    ``max_batch_tokens`` padded tokens a batch."""
     order = np.argsort([len(row.input_ids) for row in rows], kind="stable")
     ordered = [rows[index] for index in order]
     groups: list[list[EncodedPair]] = [[]]
@@ -182,7 +184,7 @@ def cross_encoder_probe(
         log_odds = logits[:, 0] if model.num_labels == 1 else logits[:, 1] - logits[:, 0]
         return 1.0 / (1.0 + np.exp(-log_odds))
 
-    return _probe(
+    return length_sorted_probe(
         pairs, model.pad_token_id, model.uses_token_type_ids, max_batch_pairs, to_scores, max_batch_tokens
     )
 
@@ -208,7 +210,9 @@ def bi_encoder_probe(
         queries, documents = unit[: len(PROBE_QUERIES)], unit[len(PROBE_QUERIES) :]
         return (queries @ documents.T).ravel()
 
-    return _probe(rows, pad_token_id, with_token_type_ids, max_batch, to_scores, max_batch_tokens)
+    return length_sorted_probe(
+        rows, pad_token_id, with_token_type_ids, max_batch, to_scores, max_batch_tokens
+    )
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
