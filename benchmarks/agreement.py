@@ -4,7 +4,7 @@ The parity gate judges a candidate on one probe at start; this measures the same
 text, per query, for the default pair of models: the engines benchmark's MiniLM-L6 cross-encoder (real
 encoder weights, a seeded random head, so agreement and never quality) and the packaged
 all-MiniLM-L6-v2 embedder. Query i of SciFact's queries is scored against the corpus abstracts
-i x D to (i + 1) x D - 1 (max_length 256): the cross-encoder's sigmoid score of each pair, the
+i x D to (i + 1) x D - 1 (max_length 256): the cross-encoder's normalized score of each pair, the
 embedder's cosine of the two embeddings. Against torch fp32 it reports, over the queries: the median,
 mean and lowest Spearman of a query's scores, the mean and lowest count of fp32's top 10 kept in the
 top 10, how many queries kept fewer than 9 (the gate's limit), and the largest change of a score.
@@ -94,6 +94,7 @@ def main() -> None:
 def _cross_encoder_scores(
     engine: Any, model: Any, queries: list[str], documents: list[str], per_query: int
 ) -> np.ndarray:
+    from sidecar.model.kinds import kind_of
     from sidecar.model.tokenization import PairSpec
 
     pairs = [
@@ -104,8 +105,9 @@ def _cross_encoder_scores(
         ).pairs
     ]
 
-    def to_scores(logits: np.ndarray) -> np.ndarray:
-        return (1.0 / (1.0 + np.exp(-logits[:, 0]))).reshape(len(queries), per_query)
+    def to_scores(outputs: np.ndarray) -> np.ndarray:  # as the sidecar scores a pair
+        kind = kind_of(model)
+        return kind.normalize(kind.raw_scores(model, outputs)).reshape(len(queries), per_query)
 
     return _probe(model, pairs, to_scores).scores(engine)
 
@@ -113,12 +115,13 @@ def _cross_encoder_scores(
 def _embedder_scores(
     engine: Any, model: Any, queries: list[str], documents: list[str], per_query: int
 ) -> np.ndarray:
+    from sidecar.model.kinds import unit_vectors
     from sidecar.model.tokenization import PairSpec
 
     rows = model.tokenizer.encode_texts([*queries, *documents], PairSpec(max_length=256)).pairs
 
     def to_scores(embeddings: np.ndarray) -> np.ndarray:
-        unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        unit = unit_vectors(embeddings)
         query_units = unit[: len(queries)]
         document_units = unit[len(queries) :].reshape(len(queries), per_query, -1)
         return np.einsum("qd,qnd->qn", query_units, document_units)
