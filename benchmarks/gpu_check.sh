@@ -3,9 +3,10 @@
 # the engines in process, serve both models over gRPC at 1 and 16 callers, time the CPU engines on every
 # core, and run the gpu-marked tests last. Each step runs under its own time limit, and all of them
 # under GPU_CHECK_TOTAL_S, so the call ends in time even when a step hangs; a failed step is recorded
-# and the next one runs. Writes $OUT/gpu_check.json and $OUT/gpu_check.log.
+# and the next one runs; the call exits 1 when any step failed. Writes $OUT/gpu_check.json and
+# $OUT/gpu_check.log.
 #
-#   .venv/bin/python -m benchmarks.gpu prepare          # here, once: the payload (.gpu-payload/)
+#   .venv/bin/python -m benchmarks.gpu prepare          # here, once: .gpu-payload/ and .whl/, to carry
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # on the device
 #   bash benchmarks/gpu_check.sh --dry-run              # here: the same steps on the CPU, small sizes
 #
@@ -50,10 +51,17 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 mkdir -p "$OUT"
 rm -f "$OUT/gpu_check.json" "$OUT/gpu_check.log"
-PARTS=$(mktemp -d)
 STARTED=$(date +%s)
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 echo "gpu_check: device $DEVICE, dry run $DRY_RUN, $(date -u +%FT%TZ), at most ${TOTAL_S} s"
+# Every step reads the payload: without it each would fail in turn, and the device's time be spent.
+if [[ ! -f "$REPO/.gpu-payload/minilm-l6/config.json" ]]; then
+    echo "gpu_check: no payload in $REPO/.gpu-payload: run '.venv/bin/python -m benchmarks.gpu prepare'" \
+        "first, and carry .gpu-payload and .whl with the device call"
+    exit 2
+fi
+PARTS=$(mktemp -d)
+FAILED=0
 
 # Run a step under `timeout` (which signals the step's whole process group, a sidecar included) for at
 # most its own seconds or what is left of the total, less a reserve for the merge; record its status.
@@ -71,6 +79,7 @@ step() {
     if ((limit < 10)); then
         echo "== $name: skipped, the check's time is spent"
         echo "{\"step\": \"$name\", \"skipped\": \"the check's time is spent\"}" >>"$PARTS/steps.jsonl"
+        FAILED=$((FAILED + 1))
         return
     fi
     echo "== $name (at most ${limit} s): $*"
@@ -81,6 +90,7 @@ step() {
     local timed_out=false
     ((rc == 124 || rc == 137)) && timed_out=true
     echo "== $name: exit $rc after ${took} s"
+    ((rc != 0)) && FAILED=$((FAILED + 1))
     local fields="\"rc\": $rc, \"seconds\": $took, \"limit_s\": $limit, \"timed_out\": $timed_out"
     echo "{\"step\": \"$name\", $fields}" >>"$PARTS/steps.jsonl"
 }
@@ -127,6 +137,7 @@ step tests "$TESTS_S" bash -c "$PYTEST 2>&1 | tee '$PARTS/tests.txt'; exit \${PI
 
 PART_NAMES=(hardware.json tests.txt in_process.json serve_minilm_l6.json serve_xlm_r_base.json cpu.json)
 "${BENCH[@]}" merge --steps "$PARTS/steps.jsonl" --dry-run "$DRY_RUN" --out "$OUT/gpu_check.json" \
-    "${PART_NAMES[@]/#/$PARTS/}" || echo "gpu_check: the merge failed; the parts are in $PARTS"
-echo "gpu_check: done in $(($(date +%s) - STARTED)) s; $OUT/gpu_check.json"
+    "${PART_NAMES[@]/#/$PARTS/}" || { echo "gpu_check: the merge failed; the parts are in $PARTS"; FAILED=$((FAILED + 1)); }
+echo "gpu_check: done in $(($(date +%s) - STARTED)) s, $FAILED step(s) failed or skipped; $OUT/gpu_check.json"
 [[ -f "$OUT/gpu_check.json" ]] && rm -rf "$PARTS"
+((FAILED == 0))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 from benchmarks.gpu import merge
@@ -50,3 +53,22 @@ def test_a_dry_run_is_not_judged_against_the_goals(tmp_path: Path):
 
     assert record["dry_run"] is True
     assert "goals" not in record
+
+
+def test_the_check_stops_at_once_without_its_payload(tmp_path: Path):
+    script = tmp_path / "benchmarks" / "gpu_check.sh"
+    script.parent.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh", script)
+
+    done = subprocess.run(
+        ["bash", str(script), "--dry-run"],
+        env={**os.environ, "OUT": str(tmp_path / "out")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2
+    assert "no payload" in done.stdout
+    assert "benchmarks.gpu prepare" in done.stdout
+    assert not (tmp_path / "out" / "gpu_check.json").exists()
