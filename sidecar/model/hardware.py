@@ -1,6 +1,7 @@
 """What the engine choice depends on in the machine: the CPU's model and the ISA features that decide
 speed, or the GPU. The remembered engine choice is keyed by it, and int8 is offered only where the CPU
-has int8 dot-product instructions.
+has int8 instructions an engine's kernels use (dot products for ONNX Runtime; those or AVX-512 for
+OpenVINO).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from sidecar.model.engines.openvino_engine import OpenVinoEngine
 from sidecar.model.engines.openvino_int8 import StaticInt8
 from sidecar.model.engines.torch_engine import TorchEngine
 from sidecar.model.tokenization import PairSpec
-from tests.conditions import needs_int8_dot_products, needs_native_bf16
+from tests.conditions import needs_int8_dot_products, needs_native_bf16, needs_openvino_int8
 
 QUERY = "what do cats eat"
 TARGET = "Cats are obligate carnivores: they eat meat, and kittens drink their mother's milk."
@@ -77,11 +77,17 @@ def onnxruntime_engine(precision: str) -> Callable[..., Engine]:
         pytest.param(
             ROUNDED, onnxruntime_engine("int8"), id="onnxruntime/int8", marks=needs_int8_dot_products
         ),
-        pytest.param(ROUNDED, openvino_int8_engine(feed_forward_in_fp32=False), id="openvino/int8"),
+        pytest.param(
+            ROUNDED,
+            openvino_int8_engine(feed_forward_in_fp32=False),
+            id="openvino/int8",
+            marks=needs_openvino_int8,
+        ),
         pytest.param(
             ROUNDED,
             openvino_int8_engine(feed_forward_in_fp32=True),
             id="openvino/int8-feed-forward-in-fp32",
+            marks=needs_openvino_int8,
         ),
     ],
 )

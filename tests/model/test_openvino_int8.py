@@ -14,10 +14,17 @@ import pytest
 from sidecar.errors import ModelLoadError
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.openvino_engine import OpenVinoEngine, openvino_precisions, static_int8_engine
-from sidecar.model.engines.openvino_int8 import FEED_FORWARD_OUTPUT, StaticInt8, overflow_fix
+from sidecar.model.engines.openvino_int8 import (
+    FEED_FORWARD_OUTPUT,
+    StaticInt8,
+    int8_withheld_reason,
+    overflow_fix,
+)
+from sidecar.model.engines.registry import engine_spec
 from sidecar.model.engines.selection import select_engine
 from sidecar.model.hardware import CpuInfo
 from sidecar.model.parity import compare
+from tests.conditions import needs_openvino_int8
 from tests.model.conftest import CROSS_ENCODER_INPUTS, engine_request
 
 
@@ -30,10 +37,33 @@ def int8(exported, cache, calibration) -> OpenVinoEngine:
     return OpenVinoEngine(exported, cache, precision="int8", device="cpu", threads=1, workers=1, model=model)
 
 
-def test_it_is_offered_on_every_cpu_for_the_gate_to_decide():
-    assert openvino_precisions("cpu")[0] == "int8"
+@pytest.mark.parametrize(
+    ("features", "offered"),
+    [
+        pytest.param({"avx2", "fma"}, False, id="avx2 alone"),
+        pytest.param({"avx2", "avx512f"}, True, id="avx-512 without vnni"),
+        pytest.param({"avx2", "avx_vnni"}, True, id="avx-vnni"),
+        pytest.param({"avx2", "avx512f", "avx512_vnni"}, True, id="avx-512 vnni"),
+    ],
+)
+def test_it_is_offered_where_openvino_has_int8_kernels_for_the_gate_to_decide(
+    features: set[str], offered: bool, monkeypatch: pytest.MonkeyPatch
+):
+    cpu = CpuInfo("Some CPU", "x86_64", frozenset(features))
+    monkeypatch.setattr("sidecar.model.engines.openvino_int8.cpu_info", lambda: cpu)
+    monkeypatch.setattr("sidecar.model.engines.openvino_engine.cpu_info", lambda: cpu)
+
+    assert ("int8" in openvino_precisions("cpu")) is offered
+    reason = int8_withheld_reason()
+    assert (reason is None) is offered
+    assert engine_spec("openvino").withheld("cpu") == ({} if offered else {"int8": reason})
+    if not offered:
+        assert reason is not None
+        assert "Some CPU (avx2)" in reason
+        assert "neither AVX-512 nor int8 dot products" in reason
 
 
+@needs_openvino_int8
 def test_int8_runs_int8_and_stays_near_fp32(
     tiny_exported, artifact_cache, tiny_calibration, tiny_reference, tiny_probe
 ):
@@ -86,8 +116,8 @@ def test_without_calibration_int8_does_not_load(tiny_exported, artifact_cache):
         int8(tiny_exported, artifact_cache, None)
 
 
-def test_without_vnni_every_weight_keeps_seven_bits(monkeypatch: pytest.MonkeyPatch):
-    no_vnni = CpuInfo("AMD EPYC 7B12", "x86_64", frozenset({"avx2", "fma"}))
+def test_with_avx512_but_without_vnni_every_weight_keeps_seven_bits(monkeypatch: pytest.MonkeyPatch):
+    no_vnni = CpuInfo("Intel Xeon Platinum 8175M", "x86_64", frozenset({"avx2", "avx512f", "avx512bw"}))
     monkeypatch.setattr("sidecar.model.engines.openvino_int8.cpu_info", lambda: no_vnni)
     assert overflow_fix() == "enable"
     with_vnni = CpuInfo("AMD EPYC 9B14", "x86_64", frozenset({"avx2", "avx512f", "avx512_vnni"}))
@@ -95,6 +125,7 @@ def test_without_vnni_every_weight_keeps_seven_bits(monkeypatch: pytest.MonkeyPa
     assert overflow_fix() == "disable"
 
 
+@needs_openvino_int8
 def test_a_model_nncf_cannot_quantize_drops_the_candidate_with_the_reason(
     tmp_path, tiny_network, tiny_probe, tiny_calibration, monkeypatch
 ):
@@ -117,6 +148,7 @@ def _feed_forward_outputs(model) -> list:
     return [op for op in model.get_ops() if re.fullmatch(FEED_FORWARD_OUTPUT, op.get_friendly_name())]
 
 
+@needs_openvino_int8
 def test_the_fallback_has_the_feed_forward_output_projections_back_in_fp32(
     tiny_exported, artifact_cache, tiny_calibration, tiny_reference, tiny_probe
 ):
@@ -196,6 +228,7 @@ class RefusingGate:
         return dataclasses.replace(report, spearman=0.9) if len(self.gated) == 1 else report
 
 
+@needs_openvino_int8
 def test_a_refused_first_model_falls_back_and_later_starts_go_straight_there(
     tiny_exported, tiny_calibration, tiny_reference, tiny_probe, tmp_path, monkeypatch
 ):
@@ -231,6 +264,7 @@ def test_a_refused_first_model_falls_back_and_later_starts_go_straight_there(
         assert (tiny_probe.scores(again) == tiny_probe.scores(served)).all()
 
 
+@needs_openvino_int8
 def test_a_first_model_that_passes_serves_and_no_fallback_is_made(
     tiny_exported, tiny_calibration, tiny_reference, tiny_probe, tmp_path
 ):
@@ -253,6 +287,7 @@ def test_a_first_model_that_passes_serves_and_no_fallback_is_made(
     assert models.refused_before() is None
 
 
+@needs_openvino_int8
 def test_the_selection_gates_static_int8_once_and_notes_a_fallback(
     tmp_path, tiny_network, tiny_probe, tiny_calibration, monkeypatch
 ):

@@ -26,6 +26,7 @@ from sidecar.model.engines.selection import (
     throughputs,
 )
 from sidecar.model.engines.torch_engine import TorchEngine
+from tests.conditions import needs_openvino_int8
 from tests.conftest import running_sidecar
 from tests.model.conftest import CROSS_ENCODER_INPUTS, engine_request
 from tests.models import padded_batch
@@ -458,6 +459,7 @@ def test_on_cuda_torch_is_compiled_for_shape_buckets_before_serving(
     assert selection.notes[0].startswith("tensorrt: unavailable")
 
 
+@needs_openvino_int8  # four candidates, so that three held at once takes turns
 def test_a_large_model_is_timed_in_turns_and_a_released_candidate_is_rebuilt_to_gate(
     tmp_path, tiny_network, tiny_probe, monkeypatch
 ):

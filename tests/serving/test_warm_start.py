@@ -28,6 +28,7 @@ from sidecar.model.warm import differing_files, model_files
 from sidecar.serving import runtime as runtime_module
 from sidecar.serving.runtime import Runtime, load_runtime
 from sidecar.settings import Settings
+from tests.conditions import needs_openvino_int8
 from tests.model.test_selection import fail_to_load
 from tests.models import save_tiny_bert
 
@@ -160,6 +161,7 @@ def test_a_first_start_selects_in_a_child_process_and_serves_without_torch(
     assert not served["from_cache"]  # this start chose it, in its child
 
 
+@needs_openvino_int8  # OpenVINO builds more than one candidate, so some are left unread
 def test_a_first_start_keeps_only_the_artifacts_a_warm_start_reads(model_dir: Path, tmp_path: Path) -> None:
     # OpenVINO under precision auto builds static int8 and fp32 (and bf16 where the CPU has it): one serves.
     cache = tmp_path / "cache"

@@ -28,7 +28,7 @@ from sidecar.errors import ModelLoadError
 from sidecar.model.batch import TokenBatch
 from sidecar.model.cache import ArtifactCache
 from sidecar.model.engines.base import Engine, require_precision
-from sidecar.model.engines.openvino_int8 import StaticInt8, nncf_unavailable_reason
+from sidecar.model.engines.openvino_int8 import StaticInt8, int8_withheld_reason
 from sidecar.model.engines.registry import EngineInputs, EngineShape, EngineSpec, Gate, offer
 from sidecar.model.export import ExportedModel
 from sidecar.model.hardware import cpu_info, device_fingerprint
@@ -41,11 +41,12 @@ RUNTIME_CACHE_CAPACITY = 32
 
 
 def openvino_precisions(device: str) -> tuple[str, ...]:
-    """Precisions this engine offers on the device, fastest first. Static int8 is offered on every CPU,
-    with or without int8 dot products: the parity gate and the timing decide whether it serves."""
+    """Precisions this engine offers on the device, fastest first. Static int8 is offered wherever
+    OpenVINO has int8 kernels faster than fp32 ones (``int8_withheld_reason``): the parity gate and the
+    timing decide whether it serves."""
     if device != "cpu":
         return ()
-    int8 = () if nncf_unavailable_reason() else ("int8",)
+    int8 = () if int8_withheld_reason() else ("int8",)
     return (*int8, "bf16", "fp32") if cpu_info().has_native_bf16 else (*int8, "fp32")
 
 
@@ -242,7 +243,7 @@ def static_int8_engine(models: StaticInt8, engine: Callable[[Path], Engine], gat
 
 
 def _withheld(device: str) -> dict[str, str]:
-    reason = nncf_unavailable_reason() if device == "cpu" else None
+    reason = int8_withheld_reason() if device == "cpu" else None
     return {"int8": reason} if reason else {}
 
 

@@ -55,15 +55,26 @@ _REFUSAL = "refused.txt"
 _SMOOTH_QUANT_NODE = "nncf_smooth_quant"
 
 
-def nncf_unavailable_reason() -> str | None:
+def int8_withheld_reason() -> str | None:
+    """Why static int8 is not offered on this CPU, or None where it is. An x86 CPU with neither AVX-512
+    nor int8 dot products (AVX2 alone) has no oneDNN int8 kernel of its own: OpenVINO's int8 matrix
+    products fall back to a generic gemm that runs slower than its fp32 ones (benchmarks/RESULTS.md,
+    "Static int8 without VNNI"), so calibrating would only lengthen each first start."""
     if importlib.util.find_spec("nncf") is None:
         return "the nncf package is not installed (static int8 is calibrated with NNCF)"
+    cpu = cpu_info()
+    if cpu.architecture == "x86_64" and not cpu.has_int8_dot and "avx512f" not in cpu.features:
+        return (
+            f"this CPU ({cpu.describe()}) has neither AVX-512 nor int8 dot products (VNNI), where "
+            "OpenVINO's int8 matrix products run slower than its fp32 ones"
+        )
     return None
 
 
 def overflow_fix() -> str:
-    """NNCF's overflow fix: on a CPU without int8 dot products (VNNI), OpenVINO multiplies u8 by s8 with
-    ``vpmaddubsw``, whose 16-bit sums can saturate, so every weight keeps 7 bits; with VNNI none need."""
+    """NNCF's overflow fix: on a CPU without int8 dot products (VNNI; AVX-512 alone), OpenVINO multiplies
+    u8 by s8 with ``vpmaddubsw``, whose 16-bit sums can saturate, so every weight keeps 7 bits; with VNNI
+    none need."""
     return "disable" if cpu_info().has_int8_dot else "enable"
 
 
