@@ -33,7 +33,13 @@ from sidecar.serving.embedding import Embedder
 from sidecar.serving.info import SelectionInfo
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import Limits, Reranker
-from sidecar.serving.runtime import Runtime, SelectionProcess, clear_unused_cache, load_runtime
+from sidecar.serving.runtime import (
+    Runtime,
+    SelectionProcess,
+    calibration_unused_reason,
+    clear_unused_cache,
+    load_runtime,
+)
 from sidecar.serving.score_cache import ScoreCache
 from sidecar.serving.scoring import Scorer
 from sidecar.settings import Settings, model_entries
@@ -77,6 +83,8 @@ def prepare_process(settings: Settings) -> Settings:
         fix_mmap_threshold(MMAP_THRESHOLD)
     if settings.otel_endpoint:
         configure_tracing(settings.otel_endpoint, "rerank-sidecar")
+    if settings.calibration_file and (unused := calibration_unused_reason(settings)) is not None:
+        logger.warning("--calibration-file %s is not used: %s", settings.calibration_file, unused)
     return dataclasses.replace(settings, cache_dir=str(cache_dir))
 
 

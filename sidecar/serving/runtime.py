@@ -26,6 +26,7 @@ from sidecar.model.cache import (
 )
 from sidecar.model.calibration import CalibrationSet, model_calibration, read_calibration
 from sidecar.model.engines import NETWORK_ENGINES, Engine
+from sidecar.model.engines.openvino_int8 import int8_withheld_reason
 from sidecar.model.engines.registry import EngineInputs
 from sidecar.model.engines.selection import EngineRequest, Selection, select_engine, select_remembered
 from sidecar.model.export import cached_export
@@ -374,6 +375,22 @@ def _warm_obstacle(settings: Settings, source: ModelSource) -> str | None:
     if warm_device(settings.device) is None:
         return f"--device {settings.device}: which device serves is for torch to say"
     return None
+
+
+def calibration_unused_reason(settings: Settings) -> str | None:
+    """Why this start's settings, on this machine, leave ``--calibration-file`` unused (only OpenVINO's
+    static int8 on the CPU calibrates), or None where it may be used. Unknown until torch resolves
+    ``--device auto`` beside an NVIDIA driver: None then."""
+    if settings.engine not in ("auto", "openvino"):
+        return f"--engine {settings.engine} has no static int8, the only candidate that calibrates"
+    if settings.precision not in ("auto", "int8"):
+        return f"--precision {settings.precision} leaves out static int8, the only candidate that calibrates"
+    if settings.device != "auto" and warm_device(settings.device) != "cpu":
+        return f"static int8 runs on the CPU, and --device is {settings.device}"
+    if warm_device(settings.device) is None:
+        return None
+    withheld = int8_withheld_reason()
+    return None if withheld is None else f"static int8 is not offered here: {withheld}"
 
 
 def warm_device(requested: str) -> str | None:
