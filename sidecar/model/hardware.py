@@ -7,6 +7,9 @@ OpenVINO).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,8 @@ SPEED_FEATURES = (
 _NATIVE_BF16_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
 # int8 dot products without saturation: VNNI on x86, the dot-product extension on Arm.
 _INT8_DOT_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+# Variables that keep torch's and oneDNN's kernels to a smaller instruction set than the CPU has.
+_ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,15 @@ def device_fingerprint(device: str) -> dict[str, str]:
             "driver": _nvidia_driver_version(),
         }
     return fingerprint
+
+
+def kernel_target_digest() -> str:
+    """A short digest of what compiled CPU kernels are built for here: the CPU's model and speed
+    features, and the variables that cap them. TorchInductor's cache does not tell apart kernels built
+    for another instruction set: one reused under another gave wrong scores or aborted the process
+    (with oneDNN and torch capped at AVX2, kernels built without the cap, and the other way round)."""
+    target = {**device_fingerprint("cpu"), **{name: os.environ.get(name, "") for name in _ISA_CAPS}}
+    return hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _nvidia_driver_version() -> str:

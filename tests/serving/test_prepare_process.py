@@ -1,4 +1,5 @@
-"""A --calibration-file that nothing in this start can use is said so at start, with the reason."""
+"""The process set-up before anything loads: a --calibration-file nothing in this start can use is said
+so, with the reason; TorchInductor's kernels are cached per CPU."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from sidecar.composition import prepare_process
+from sidecar.model import hardware
+from sidecar.model.hardware import parse_cpuinfo
 from sidecar.serving import runtime as runtime_module
 from sidecar.serving.runtime import calibration_unused_reason
 from sidecar.settings import parse_settings
@@ -66,3 +69,21 @@ def test_the_start_warns_once_with_the_reason(
         f"--calibration-file {pairs} is not used: --engine onnxruntime has no static int8, "
         "the only candidate that calibrates"
     ]
+
+
+def test_compiled_kernels_are_cached_per_cpu_and_instruction_set_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    def kernels_dir(cpu_flags: str, caps: dict[str, str]) -> str:
+        cpu = parse_cpuinfo(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {cpu_flags}\n", "x86_64")
+        monkeypatch.setattr(hardware, "cpu_info", lambda: cpu)
+        environ = {key: value for key, value in os.environ.items() if key != "TORCHINDUCTOR_CACHE_DIR"}
+        monkeypatch.setattr(os, "environ", {**environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), **caps})
+        prepare_process(parse_settings(["--cache-dir", str(tmp_path)], {}))
+        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+    avx512 = kernels_dir("avx2 avx512f avx512_vnni", {})
+    assert Path(avx512).parent == tmp_path / "inductor"
+    assert kernels_dir("avx2 avx512f avx512_vnni", {}) == avx512
+    assert kernels_dir("avx2", {}) != avx512
+    assert kernels_dir("avx2 avx512f avx512_vnni", {"ONEDNN_MAX_CPU_ISA": "AVX2"}) != avx512
