@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sidecar.errors import ModelLoadError
-from sidecar.model.cache import usable_cache_dir
+from sidecar.model.cache import key_digest, usable_cache_dir
 from sidecar.model.engines import Engine
-from sidecar.model.hardware import kernel_target_digest
+from sidecar.model.hardware import kernel_target
 from sidecar.model.kinds import kind_of
 from sidecar.model.loading import ModelSource
 from sidecar.model.memory import HeapTrimmer, fix_mmap_threshold
@@ -78,9 +78,10 @@ def prepare_process(settings: Settings) -> Settings:
     # it, so a small one costs nothing measurable (benchmarks/RESULTS.md, "Memory under varied
     # traffic"). It is read when oneDNN first runs. An operator's own settings win.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Per CPU (``kernel_target_digest``), so a cache directory shared by machines of two CPU classes
-    # never hands one the other's kernels.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor" / kernel_target_digest()))
+    # Per CPU (``kernel_target``), so a cache directory shared by machines of two CPU classes never
+    # hands one the other's kernels.
+    kernels_dir = cache_dir / "inductor" / key_digest(kernel_target())
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kernels_dir))
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc's own variable, read at the process's start
         fix_mmap_threshold(MMAP_THRESHOLD)

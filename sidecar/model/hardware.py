@@ -7,8 +7,6 @@ OpenVINO).
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import platform
 from dataclasses import dataclass
@@ -116,13 +114,12 @@ def device_fingerprint(device: str) -> dict[str, str]:
     return fingerprint
 
 
-def kernel_target_digest() -> str:
-    """A short digest of what compiled CPU kernels are built for here: the CPU's model and speed
-    features, and the variables that cap them. TorchInductor's cache does not tell apart kernels built
-    for another instruction set: one reused under another gave wrong scores or aborted the process
-    (with oneDNN and torch capped at AVX2, kernels built without the cap, and the other way round)."""
-    target = {**device_fingerprint("cpu"), **{name: os.environ.get(name, "") for name in _ISA_CAPS}}
-    return hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:16]
+def kernel_target() -> dict[str, str]:
+    """What compiled CPU kernels are built for here: the CPU's model and speed features, and the
+    variables that cap them. TorchInductor's cache does not tell apart kernels built for another
+    instruction set: one reused under another gave wrong scores or aborted the process (with oneDNN and
+    torch capped at AVX2, kernels built without the cap, and the other way round)."""
+    return {**device_fingerprint("cpu"), **{name: os.environ.get(name, "") for name in _ISA_CAPS}}
 
 
 def _nvidia_driver_version() -> str:

@@ -385,10 +385,9 @@ def calibration_unused_reason(settings: Settings) -> str | None:
         return f"--engine {settings.engine} has no static int8, the only candidate that calibrates"
     if settings.precision not in ("auto", "int8"):
         return f"--precision {settings.precision} leaves out static int8, the only candidate that calibrates"
-    if settings.device != "auto" and warm_device(settings.device) != "cpu":
-        return f"static int8 runs on the CPU, and --device is {settings.device}"
-    if warm_device(settings.device) is None:
-        return None
+    if warm_device(settings.device) is None:  # CUDA asked for, or auto beside an NVIDIA driver
+        on_cuda = f"static int8 runs on the CPU, and --device is {settings.device}"
+        return None if settings.device == "auto" else on_cuda
     withheld = int8_withheld_reason()
     return None if withheld is None else f"static int8 is not offered here: {withheld}"
 
