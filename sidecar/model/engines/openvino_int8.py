@@ -1,15 +1,18 @@
 """Static int8 for OpenVINO: NNCF post-training quantization of the ONNX export, calibrated on pairs.
 
 Weights get per-channel int8 scales and activations per-tensor ones, both fixed by calibration on
-``Calibration`` rows (``sidecar.model.calibration``), so a pair's score never depends on what shares
-its batch. NNCF's transformer preset keeps softmax, LayerNorm and the GELU in floating point; beyond
-that the parts kept out of int8 were chosen by measuring fidelity against fp32 (benchmarks/RESULTS.md,
-"Static int8"). One calibration gives two models, fastest first (``StaticInt8``): every projection but
-the head's and attention's output one in int8, and the same model with the feed-forward output
-projections back in fp32, for a model whose scores the first moves past the parity gate. The engine
-serves the first that passes. Both are artifacts like the others: cached under ``--cache-dir`` by the
-export, the library versions, the recipe and the calibration rows' digest, so a warm start does not
-calibrate again.
+``Calibration`` rows (``sidecar.model.calibration``). NNCF's transformer preset keeps softmax, LayerNorm
+and the GELU in floating point; beyond that the parts kept out of int8 were chosen by measuring fidelity
+against fp32 (benchmarks/RESULTS.md, "Static int8"). The feed-forward output projections, whose input
+(after the GELU) carries most of a per-tensor scale's error, quantize their activation at run time
+instead: OpenVINO's dynamic quantization, one scale per group of a token's values, so a token's scale
+depends on that token alone and a pair's score never on what shares its batch.
+
+One calibration gives two models, fastest first (``StaticInt8``): every projection but the head's and
+attention's output one in int8, and the same model with the feed-forward output projections back in
+fp32, for a model whose scores the first moves past the parity gate. The engine serves the first that
+passes. Both are artifacts like the others: cached under ``--cache-dir`` by the export, the library
+versions, the recipe and the calibration rows' digest, so a warm start does not calibrate again.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from sidecar.model.hardware import cpu_info
 logger = logging.getLogger(__name__)
 
 # Bumped whenever the recipe below changes, so cached quantized models are rebuilt.
-_RECIPE = "nncf-transformer-v4"
+_RECIPE = "nncf-transformer-v5"
 # Operations kept out of int8, as regular expressions over the graph's node names: the pooler and
 # classifier head, whose one logit is the score itself, and in every encoder layer the output projection
 # after attention, which writes into the first residual sum. Chosen by fidelity against fp32 on real
@@ -41,6 +44,12 @@ HIGHER_PRECISION = (r".*/(pooler|classifier|score)/.*", r".*/attention/output/de
 # 1.2x faster, and the part of the recipe some models' scores do not bear; the fallback model has them
 # back in fp32 (benchmarks/RESULTS.md, "Static int8: the feed-forward output projections").
 FEED_FORWARD_OUTPUT = r"(?!.*/attention/).*/output/dense/MatMul"
+# Their activations are quantized at run time in groups of this many of a token's values (OpenVINO's
+# DYNAMIC_QUANTIZATION_GROUP_SIZE, carried in the model), their weights per channel: as fast within a
+# few percent as a static scale and as close to fp32 as the fallback, on the groups measured (32 to a
+# whole token; benchmarks/RESULTS.md, "Static int8: the feed-forward output projections quantized at
+# run time"). 128 divides the common intermediate sizes.
+DYNAMIC_GROUP = 128
 # SmoothQuant's migration strength for matrix products. NNCF's default for transformers (0.95) moved
 # MiniLM-L6's scores past the gate with the feed-forward output projections in int8; 0.7 kept both
 # models measured within it (benchmarks/RESULTS.md, "Static int8: the feed-forward output projections").
@@ -82,9 +91,7 @@ class StaticInt8:
     """The static int8 models of one export and one calibration, fastest first.
 
     ``all_in_int8`` is calibrated (cached); ``feed_forward_in_fp32`` is derived from it without
-    calibrating again: each feed-forward output projection goes back to the export's fp32 weights, fed
-    by the activation before SmoothQuant's scaling and the quantizer (its bias was never changed: bias
-    correction is off).
+    calibrating again: each feed-forward output projection goes back to the export's fp32 weights.
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class StaticInt8:
             "recipe": _RECIPE,
             "higher_precision": ",".join(HIGHER_PRECISION),
             "smooth_quant_alpha": str(_SMOOTH_QUANT_ALPHA),
+            "dynamic_group": str(DYNAMIC_GROUP),
             "overflow_fix": self._fix,
             "calibration": calibration.digest(),
         }
@@ -122,11 +130,11 @@ class StaticInt8:
 
     def has_fallback(self) -> bool:
         """Whether the first model has feed-forward output projections in int8 to put back in fp32: it
-        has none where their node names are not BERT's, or where NNCF left them out of int8."""
+        has none where their node names are not BERT's."""
         import openvino
 
         model = openvino.Core().read_model(str(self.all_in_int8()))
-        return any(_quantized_feed_forward_output(op) for op in model.get_ops())
+        return any(_int8_feed_forward_output(op) for op in model.get_ops())
 
     def refused_before(self) -> str | None:
         """Why the gate refused the first model in an earlier start, when it did: then the fallback is
@@ -159,13 +167,19 @@ class StaticInt8:
         remove_entries([self._cache.entry_dir("openvino-int8", self._key)])
 
 
-def _quantized_feed_forward_output(op: Any) -> bool:
-    """Whether ``op`` is a feed-forward output projection whose activation is quantized."""
-    return (
-        op.get_type_name() == "MatMul"
-        and re.fullmatch(FEED_FORWARD_OUTPUT, op.get_friendly_name()) is not None
-        and op.input_value(0).get_node().get_type_name() == "FakeQuantize"
-    )
+def _is_feed_forward_output(op: Any) -> bool:
+    name = op.get_friendly_name()
+    return op.get_type_name() == "MatMul" and re.fullmatch(FEED_FORWARD_OUTPUT, name) is not None
+
+
+def _int8_feed_forward_output(op: Any) -> bool:
+    """Whether ``op`` is a feed-forward output projection whose weights are int8 (not an fp32 constant)."""
+    import openvino
+
+    if not _is_feed_forward_output(op):
+        return False
+    weights = op.input_value(1).get_node()
+    return not (weights.get_type_name() == "Constant" and weights.get_element_type() == openvino.Type.f32)
 
 
 def _quantize(exported: ExportedModel, calibration: Calibration, fix: str, target: Path) -> None:
@@ -212,8 +226,38 @@ def _quantize(exported: ExportedModel, calibration: Calibration, fix: str, targe
         # Serving the fp32 graph under the int8 label would report a speed-up that is not there.
         raise ModelLoadError("NNCF could not quantize the model: it placed no int8 quantizer in the graph")
     tables = _embedding_tables_in_fp16(quantized)
-    logger.info("static int8: %d quantizers placed, %d embedding tables in fp16", fake_quantize, tables)
+    quantized, dynamic = _feed_forward_quantized_at_run_time(quantized, exported)
+    logger.info(
+        "static int8: %d quantizers placed, %d embedding tables in fp16, %d feed-forward output "
+        "projections quantized at run time",
+        fake_quantize,
+        tables,
+        dynamic,
+    )
     openvino.save_model(quantized, str(target), compress_to_fp16=False)
+
+
+def _feed_forward_quantized_at_run_time(model: Any, exported: ExportedModel) -> tuple[Any, int]:
+    """Gives each feed-forward output projection the export's weights in int8 (per channel, NNCF's weight
+    compression) and an activation quantized at run time, in groups of DYNAMIC_GROUP of a token's values,
+    rather than through its calibrated quantizer. Returns the model and how many projections."""
+    import nncf
+
+    projections = _restore_feed_forward_outputs(model, exported)
+    if not projections:
+        return model, 0
+    others = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"]
+    model = nncf.compress_weights(
+        model,
+        mode=nncf.CompressWeightsMode.INT8_ASYM,
+        ignored_scope=nncf.IgnoredScope(
+            names=[name for name in others if name not in projections],
+            types=[_EMBEDDING_LOOKUP],
+            validate=False,
+        ),
+    )
+    model.set_rt_info(str(DYNAMIC_GROUP), ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
+    return model, len(projections)
 
 
 def _embedding_tables_in_fp16(model: Any) -> int:
@@ -240,18 +284,32 @@ def _embedding_tables_in_fp16(model: Any) -> int:
 
 def _feed_forward_in_fp32(quantized_path: Path, exported: ExportedModel, target: Path) -> None:
     import openvino
+
+    model = openvino.Core().read_model(str(quantized_path))
+    restored = _restore_feed_forward_outputs(model, exported)
+    if not restored:
+        raise ModelLoadError("static int8: no feed-forward output projection in int8 to keep in fp32")
+    logger.info("static int8: %d feed-forward output projections back in fp32", len(restored))
+    openvino.save_model(model, str(target), compress_to_fp16=False)
+
+
+def _restore_feed_forward_outputs(model: Any, exported: ExportedModel) -> list[str]:
+    """Puts each feed-forward output projection of ``model`` back to the export's: its fp32 weights, fed
+    by the activation before SmoothQuant's scaling and a calibrated quantizer, where it had them (its
+    bias was never changed: bias correction is off). Returns the projections' names."""
+    import openvino
     from openvino import opset13
 
-    core = openvino.Core()
-    model = core.read_model(str(quantized_path))
-    original = {op.get_friendly_name(): op for op in core.read_model(str(exported.path)).get_ops()}
-    restored = 0
-    for matmul in [op for op in model.get_ops() if _quantized_feed_forward_output(op)]:
-        before_quantizer = matmul.input_value(0).get_node().input_value(0)
-        if _SMOOTH_QUANT_NODE in before_quantizer.get_node().get_friendly_name():
-            # The weights were scaled to match the smoothed activation: both go back to the export's.
-            before_quantizer = before_quantizer.get_node().input_value(0)
-        matmul.input(0).replace_source_output(before_quantizer)
+    original = {op.get_friendly_name(): op for op in openvino.Core().read_model(str(exported.path)).get_ops()}
+    restored = []
+    for matmul in [op for op in model.get_ops() if _is_feed_forward_output(op)]:
+        activation = matmul.input_value(0)
+        if activation.get_node().get_type_name() == "FakeQuantize":
+            activation = activation.get_node().input_value(0)
+            if _SMOOTH_QUANT_NODE in activation.get_node().get_friendly_name():
+                # The weights were scaled to match the smoothed activation: both go back to the export's.
+                activation = activation.get_node().input_value(0)
+            matmul.input(0).replace_source_output(activation)
         export_matmul = original.get(matmul.get_friendly_name())
         weights = export_matmul.input_value(1).get_node() if export_matmul is not None else None
         if weights is None or weights.get_type_name() != "Constant":
@@ -259,16 +317,9 @@ def _feed_forward_in_fp32(quantized_path: Path, exported: ExportedModel, target:
                 f"static int8: cannot restore {matmul.get_friendly_name()}'s fp32 weights from the export"
             )
         matmul.input(1).replace_source_output(opset13.constant(weights.get_data().copy()).output(0))
-        restored += 1
-    if not restored:
-        raise ModelLoadError("static int8: no feed-forward output projection in int8 to keep in fp32")
+        restored.append(matmul.get_friendly_name())
     model.validate_nodes_and_infer_types()
-    logger.info(
-        "static int8: %d feed-forward output projections back in fp32, %d quantizers left",
-        restored,
-        _quantizers(model),
-    )
-    openvino.save_model(model, str(target), compress_to_fp16=False)
+    return restored
 
 
 def _quantizers(model: Any) -> int:
