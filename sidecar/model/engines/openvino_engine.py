@@ -3,7 +3,8 @@
 fp32 everywhere; bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), where it measured faster than the
 compiled torch bf16 engine (benchmarks/RESULTS.md, "OpenVINO"). int8 is static: NNCF's post-training
 quantization (``openvino_int8``) gives the weights and the activations int8 with scales fixed by
-calibration, so the matrix products run on the CPU's int8 dot products and a pair's score does not
+calibration (the feed-forward output projections' activations get one per group of a token's values,
+at run time), so the matrix products run on the CPU's int8 dot products and a pair's score does not
 depend on its batch companions; of its models the fastest that passes the parity gate serves. Each
 batch worker gets a stream of its own with its share of the threads, and an inference request per
 model thread; inference releases the GIL. The compiled blob is

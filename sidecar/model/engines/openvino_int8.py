@@ -40,15 +40,15 @@ _RECIPE = "nncf-transformer-v5"
 # MiniLM-L6 weights (benchmarks/RESULTS.md, "Static int8"): keeping the head alone, or with the last
 # layer or attention's products, stayed below Spearman 0.995.
 HIGHER_PRECISION = (r".*/(pooler|classifier|score)/.*", r".*/attention/output/dense/MatMul")
-# The feed-forward output projections (after the GELU, into the second residual sum): in int8 about
-# 1.2x faster, and the part of the recipe some models' scores do not bear; the fallback model has them
-# back in fp32 (benchmarks/RESULTS.md, "Static int8: the feed-forward output projections").
+# The feed-forward output projections (after the GELU, into the second residual sum): faster in int8,
+# and the part of the recipe some models' scores do not bear; the fallback model has them back in fp32
+# (benchmarks/RESULTS.md, "Static int8: the feed-forward output projections").
 FEED_FORWARD_OUTPUT = r"(?!.*/attention/).*/output/dense/MatMul"
-# Their activations are quantized at run time in groups of this many of a token's values (OpenVINO's
-# DYNAMIC_QUANTIZATION_GROUP_SIZE, carried in the model), their weights per channel: as fast within a
-# few percent as a static scale and as close to fp32 as the fallback, on the groups measured (32 to a
-# whole token; benchmarks/RESULTS.md, "Static int8: the feed-forward output projections quantized at
-# run time"). 128 divides the common intermediate sizes.
+# In the first model their activations are quantized at run time, in groups of this many of a token's
+# values (OpenVINO's DYNAMIC_QUANTIZATION_GROUP_SIZE, carried in the model file), their weights per
+# channel: near a calibrated scale's speed at the fallback's fidelity, with no group size measured
+# (32 to a whole token) better than another (benchmarks/RESULTS.md, "Static int8: the feed-forward
+# output projections quantized at run time"). 128 divides the common intermediate sizes.
 DYNAMIC_GROUP = 128
 # SmoothQuant's migration strength for matrix products. NNCF's default for transformers (0.95) moved
 # MiniLM-L6's scores past the gate with the feed-forward output projections in int8; 0.7 kept both
@@ -243,19 +243,26 @@ def _feed_forward_quantized_at_run_time(model: Any, exported: ExportedModel) -> 
     rather than through its calibrated quantizer. Returns the model and how many projections."""
     import nncf
 
-    projections = _restore_feed_forward_outputs(model, exported)
+    try:
+        projections = _restore_feed_forward_outputs(model, exported)
+    except ModelLoadError as exc:  # the model is left as calibrated: all static
+        logger.info("%s; its feed-forward output projections keep calibrated scales", exc)
+        return model, 0
     if not projections:
         return model, 0
     others = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"]
-    model = nncf.compress_weights(
-        model,
-        mode=nncf.CompressWeightsMode.INT8_ASYM,
-        ignored_scope=nncf.IgnoredScope(
-            names=[name for name in others if name not in projections],
-            types=[_EMBEDDING_LOOKUP],
-            validate=False,
-        ),
-    )
+    try:
+        model = nncf.compress_weights(
+            model,
+            mode=nncf.CompressWeightsMode.INT8_ASYM,
+            ignored_scope=nncf.IgnoredScope(
+                names=[name for name in others if name not in projections],
+                types=[_EMBEDDING_LOOKUP],
+                validate=False,
+            ),
+        )
+    except Exception as exc:  # NNCF raises many types for graphs it cannot handle
+        raise ModelLoadError(f"NNCF could not compress the weights: {type(exc).__name__}: {exc}") from exc
     model.set_rt_info(str(DYNAMIC_GROUP), ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
     return model, len(projections)
 
@@ -301,8 +308,16 @@ def _restore_feed_forward_outputs(model: Any, exported: ExportedModel) -> list[s
     from openvino import opset13
 
     original = {op.get_friendly_name(): op for op in openvino.Core().read_model(str(exported.path)).get_ops()}
-    restored = []
+    projections = []
     for matmul in [op for op in model.get_ops() if _is_feed_forward_output(op)]:
+        export_matmul = original.get(matmul.get_friendly_name())
+        weights = export_matmul.input_value(1).get_node() if export_matmul is not None else None
+        if weights is None or weights.get_type_name() != "Constant":
+            raise ModelLoadError(
+                f"static int8: cannot restore {matmul.get_friendly_name()}'s fp32 weights from the export"
+            )
+        projections.append((matmul, weights))
+    for matmul, weights in projections:  # each found before any is changed
         activation = matmul.input_value(0)
         if activation.get_node().get_type_name() == "FakeQuantize":
             activation = activation.get_node().input_value(0)
@@ -310,16 +325,9 @@ def _restore_feed_forward_outputs(model: Any, exported: ExportedModel) -> list[s
                 # The weights were scaled to match the smoothed activation: both go back to the export's.
                 activation = activation.get_node().input_value(0)
             matmul.input(0).replace_source_output(activation)
-        export_matmul = original.get(matmul.get_friendly_name())
-        weights = export_matmul.input_value(1).get_node() if export_matmul is not None else None
-        if weights is None or weights.get_type_name() != "Constant":
-            raise ModelLoadError(
-                f"static int8: cannot restore {matmul.get_friendly_name()}'s fp32 weights from the export"
-            )
         matmul.input(1).replace_source_output(opset13.constant(weights.get_data().copy()).output(0))
-        restored.append(matmul.get_friendly_name())
     model.validate_nodes_and_infer_types()
-    return restored
+    return [matmul.get_friendly_name() for matmul, _ in projections]
 
 
 def _quantizers(model: Any) -> int:
