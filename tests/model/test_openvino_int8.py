@@ -104,6 +104,11 @@ def test_calibration_is_deterministic_and_cached(tiny_exported, tiny_calibration
     assert static_int8_model(tiny_exported, tiny_calibration, ArtifactCache(tmp_path / "a")) == first
 
 
+def test_calibrating_draws_no_progress_bars_on_stdout(tiny_exported, tiny_calibration, tmp_path, capfd):
+    static_int8_model(tiny_exported, tiny_calibration, ArtifactCache(tmp_path))  # NNCF's bars discarded
+    assert capfd.readouterr().out == ""
+
+
 def test_another_calibration_set_is_another_artifact(tiny_exported, tiny_calibration, tmp_path):
     fewer = dataclasses.replace(tiny_calibration, rows=tiny_calibration.rows[:40])
     cache = ArtifactCache(tmp_path)

@@ -17,8 +17,10 @@ versions, the recipe and the calibration rows' digest, so a warm start does not 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
 import logging
 import re
 from pathlib import Path
@@ -205,20 +207,21 @@ def _quantize(exported: ExportedModel, calibration: Calibration, fix: str, targe
         ", ".join(kept) or "nothing",
     )
     try:
-        quantized = nncf.quantize(
-            model,
-            dataset,
-            model_type=nncf.ModelType.TRANSFORMER,
-            subset_size=len(calibration.rows),
-            ignored_scope=nncf.IgnoredScope(patterns=kept, types=[_EMBEDDING_LOOKUP], validate=False),
-            advanced_parameters=AdvancedQuantizationParameters(
-                overflow_fix=OverflowFix(fix),
-                smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=_SMOOTH_QUANT_ALPHA),
-                # Bias correction moved fidelity either way by model and measure, and took about a
-                # quarter of the calibration (benchmarks/RESULTS.md, "Static int8's two models").
-                disable_bias_correction=True,
-            ),
-        )
+        with _progress_bars_discarded():
+            quantized = nncf.quantize(
+                model,
+                dataset,
+                model_type=nncf.ModelType.TRANSFORMER,
+                subset_size=len(calibration.rows),
+                ignored_scope=nncf.IgnoredScope(patterns=kept, types=[_EMBEDDING_LOOKUP], validate=False),
+                advanced_parameters=AdvancedQuantizationParameters(
+                    overflow_fix=OverflowFix(fix),
+                    smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=_SMOOTH_QUANT_ALPHA),
+                    # Bias correction moved fidelity either way by model and measure, and took about a
+                    # quarter of the calibration (benchmarks/RESULTS.md, "Static int8's two models").
+                    disable_bias_correction=True,
+                ),
+            )
     except Exception as exc:  # NNCF raises many types for graphs it cannot handle
         raise ModelLoadError(f"NNCF could not quantize the model: {type(exc).__name__}: {exc}") from exc
     fake_quantize = _quantizers(quantized)
@@ -252,19 +255,25 @@ def _feed_forward_quantized_at_run_time(model: Any, exported: ExportedModel) -> 
         return model, 0
     others = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"]
     try:
-        model = nncf.compress_weights(
-            model,
-            mode=nncf.CompressWeightsMode.INT8_ASYM,
-            ignored_scope=nncf.IgnoredScope(
-                names=[name for name in others if name not in projections],
-                types=[_EMBEDDING_LOOKUP],
-                validate=False,
-            ),
-        )
+        with _progress_bars_discarded():
+            model = nncf.compress_weights(
+                model,
+                mode=nncf.CompressWeightsMode.INT8_ASYM,
+                ignored_scope=nncf.IgnoredScope(
+                    names=[name for name in others if name not in projections],
+                    types=[_EMBEDDING_LOOKUP],
+                    validate=False,
+                ),
+            )
     except Exception as exc:  # NNCF raises many types for graphs it cannot handle
         raise ModelLoadError(f"NNCF could not compress the weights: {type(exc).__name__}: {exc}") from exc
     model.set_rt_info(str(DYNAMIC_GROUP), ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
     return model, len(projections)
+
+
+def _progress_bars_discarded() -> contextlib.AbstractContextManager[Any]:
+    """NNCF draws progress bars on stdout whatever its log level; the sidecar's output is its logs."""
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _embedding_tables_in_fp16(model: Any) -> int:
