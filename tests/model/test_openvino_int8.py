@@ -288,6 +288,40 @@ def test_a_refused_first_model_falls_back_and_later_starts_go_straight_there(
 
 
 @needs_openvino_int8
+def test_a_first_model_that_fails_to_run_falls_back(tiny_exported, tiny_calibration, tiny_probe, tmp_path):
+    """OpenVINO has no kernel for the run-time quantized projections on some instruction sets (seen with
+    oneDNN capped at AVX2 or AVX2_VNNI): it raises when the first batch runs, here the gate's."""
+    cache = ArtifactCache(tmp_path)
+    models = StaticInt8(tiny_exported, tiny_calibration, cache)
+    first = models.all_in_int8()
+    gated: list[object] = []
+
+    def gate(engine):
+        gated.append(engine)
+        if len(gated) == 1:
+            raise RuntimeError(
+                "Exception from src/plugins/intel_cpu/src/node.cpp:823:\n[CPU] FullyConnectedCompressed node "
+                "could not create a primitive descriptor\n"
+            )
+        scores = tiny_probe.scores(engine)
+        return compare(scores, scores, engine.precision)
+
+    def engine(model):
+        return OpenVinoEngine(
+            tiny_exported, cache, precision="int8", device="cpu", threads=1, workers=1, model=model
+        )
+
+    served = static_int8_engine(models, engine, gate)
+    assert served.note == (
+        "static int8 with the feed-forward output projections in fp32; with them in int8, it failed to "
+        "run: RuntimeError: [CPU] FullyConnectedCompressed node could not create a primitive descriptor"
+    )
+    assert not first.exists()
+    assert models.refused_before() == served.note.split("in int8, ", 1)[1]
+    assert tiny_probe.scores(served).shape  # the fallback runs
+
+
+@needs_openvino_int8
 def test_a_first_model_that_passes_serves_and_no_fallback_is_made(
     tiny_exported, tiny_calibration, tiny_reference, tiny_probe, tmp_path
 ):

@@ -220,17 +220,28 @@ def _build(inputs: EngineInputs, shape: EngineShape, precision: str) -> Engine:
 
 def static_int8_engine(models: StaticInt8, engine: Callable[[Path], Engine], gate: Gate | None) -> Engine:
     """The engine of the fastest static int8 model that passes ``gate`` (without one, the fastest): the
-    model with the feed-forward output projections in int8, else the one with them in fp32 from the same
-    calibration. A refused model is removed from the cache, so later starts, warm ones too, go straight
-    to the one that passed. The one returned is gated again by the selection, as every candidate is."""
+    model with the feed-forward output projections in int8, else (it failed the gate, or failed to run
+    on this CPU) the one with them in fp32 from the same calibration. A refused model is removed from
+    the cache, so later starts, warm ones too, go straight to the one that passed. The one returned is
+    gated again by the selection, as every candidate is."""
     refused = models.refused_before()
     if refused is None:
-        first = engine(models.all_in_int8())
-        report = gate(first) if gate is not None else None
-        if report is None or report.passed or not models.has_fallback():
-            return first
-        first.close()
-        refused = f"it failed the parity gate: {report.describe()}"
+        first_model = models.all_in_int8()
+        first: Engine | None = None
+        try:
+            first = engine(first_model)
+            report = gate(first) if gate is not None else None
+        except Exception as exc:  # OpenVINO raises where the CPU lacks a kernel, compiling or running
+            if not models.has_fallback():
+                raise
+            if first is not None:
+                first.close()
+            refused = f"it failed to run: {type(exc).__name__}: {_first_line(exc)}"
+        else:
+            if report is None or report.passed or not models.has_fallback():
+                return first
+            first.close()
+            refused = f"it failed the parity gate: {report.describe()}"
         logger.info("static int8 with the feed-forward output projections in int8: %s", refused)
         path = models.feed_forward_in_fp32(refused)
         models.discard_all_in_int8()
@@ -241,6 +252,13 @@ def static_int8_engine(models: StaticInt8, engine: Callable[[Path], Engine], gat
         f"static int8 with the feed-forward output projections in fp32; with them in int8, {refused}"
     )
     return fallback
+
+
+def _first_line(exc: Exception) -> str:
+    """OpenVINO's errors run over several lines (the source location first): the first that says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith("Exception from ")]
+    return (reasons or lines or [""])[0]
 
 
 def _withheld(device: str) -> dict[str, str]:
