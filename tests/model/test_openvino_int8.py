@@ -287,6 +287,23 @@ def test_a_refused_first_model_falls_back_and_later_starts_go_straight_there(
         assert (tiny_probe.scores(again) == tiny_probe.scores(served)).all()
 
 
+def int8_engines(exported, cache):
+    """Builds the int8 engine of an OpenVINO model, as the sidecar's builder does."""
+    return lambda model: OpenVinoEngine(
+        exported, cache, precision="int8", device="cpu", threads=1, workers=1, model=model
+    )
+
+
+def passing_gate(probe):
+    """The gate, passing every engine: this tiny model's random weights are no fidelity test."""
+
+    def gate(engine):
+        scores = probe.scores(engine)
+        return compare(scores, scores, engine.precision)
+
+    return gate
+
+
 @needs_openvino_int8
 def test_a_first_model_that_fails_to_run_falls_back(tiny_exported, tiny_calibration, tiny_probe, tmp_path):
     """OpenVINO has no kernel for the run-time quantized projections on some instruction sets (seen with
@@ -303,15 +320,9 @@ def test_a_first_model_that_fails_to_run_falls_back(tiny_exported, tiny_calibrat
                 "Exception from src/plugins/intel_cpu/src/node.cpp:823:\n[CPU] FullyConnectedCompressed node "
                 "could not create a primitive descriptor\n"
             )
-        scores = tiny_probe.scores(engine)
-        return compare(scores, scores, engine.precision)
+        return passing_gate(tiny_probe)(engine)
 
-    def engine(model):
-        return OpenVinoEngine(
-            tiny_exported, cache, precision="int8", device="cpu", threads=1, workers=1, model=model
-        )
-
-    served = static_int8_engine(models, engine, gate)
+    served = static_int8_engine(models, int8_engines(tiny_exported, cache), gate)
     assert served.note == (
         "static int8 with the feed-forward output projections in fp32; with them in int8, it failed to "
         "run: RuntimeError: [CPU] FullyConnectedCompressed node could not create a primitive descriptor"
@@ -327,17 +338,7 @@ def test_a_first_model_that_passes_serves_and_no_fallback_is_made(
 ):
     cache = ArtifactCache(tmp_path)
     models = StaticInt8(tiny_exported, tiny_calibration, cache)
-
-    def gate(engine):  # passes every engine: this tiny model's random weights are no fidelity test
-        scores = tiny_probe.scores(engine)
-        return compare(scores, scores, engine.precision)
-
-    def engine(model):
-        return OpenVinoEngine(
-            tiny_exported, cache, precision="int8", device="cpu", threads=1, workers=1, model=model
-        )
-
-    served = static_int8_engine(models, engine, gate)
+    served = static_int8_engine(models, int8_engines(tiny_exported, cache), passing_gate(tiny_probe))
     assert served.note == ""
     int8_entries = [entry for entry in tmp_path.iterdir() if entry.name.startswith("openvino-int8-")]
     assert len(int8_entries) == 1  # the first model alone: no fallback derived
