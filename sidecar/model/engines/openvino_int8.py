@@ -253,14 +253,18 @@ def _feed_forward_quantized_at_run_time(model: Any, exported: ExportedModel) -> 
         return model, 0
     if not projections:
         return model, 0
-    others = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"]
+    other_matmuls = [
+        op.get_friendly_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "MatMul" and op.get_friendly_name() not in projections
+    ]
     try:
         with _progress_bars_discarded():
             model = nncf.compress_weights(
                 model,
                 mode=nncf.CompressWeightsMode.INT8_ASYM,
                 ignored_scope=nncf.IgnoredScope(
-                    names=[name for name in others if name not in projections],
+                    names=other_matmuls,
                     types=[_EMBEDDING_LOOKUP],
                     validate=False,
                 ),
