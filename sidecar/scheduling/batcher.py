@@ -242,7 +242,10 @@ class Batcher:
         job = self.submit(pairs, deadline)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            await asyncio.wait_for(asyncio.shield(job.future), timeout)
+            # Not wait_for: under Python 3.11 it can swallow the caller's cancellation when the job
+            # finishes in the same loop turn. The shield leaves the job to _withdraw.
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(job.future)
         except TimeoutError:
             self._withdraw(job)
             raise DeadlineExpired("the deadline passed before the request's pairs were scored") from None

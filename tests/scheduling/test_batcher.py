@@ -191,6 +191,25 @@ async def test_a_cancelled_caller_frees_the_queue_at_once(engine_and_batcher):
     assert engine.shapes == [(1, 1)]
 
 
+async def test_a_caller_cancelled_as_its_job_finishes_stays_cancelled(engine_and_batcher, monkeypatch):
+    """The cancellation and the outputs arrive in one loop turn: the caller must see the cancellation
+    (asyncio.wait_for in Python 3.11 swallowed it and returned the outputs)."""
+    _, batcher = engine_and_batcher
+    jobs = []
+    submit = batcher.submit
+
+    def submit_and_keep(*args):
+        jobs.append(submit(*args))
+        return jobs[-1]
+
+    monkeypatch.setattr(batcher, "submit", submit_and_keep)
+    caller = asyncio.create_task(batcher.score([pair(1, 2)], deadline=time.monotonic() + 30))
+    await asyncio.sleep(0)
+    jobs[0].future.add_done_callback(lambda _: caller.cancel())
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+
 async def test_a_passed_deadline_frees_the_queue_at_once_and_fails_the_call(engine_and_batcher):
     engine, batcher = engine_and_batcher
     engine.gate.clear()
