@@ -164,11 +164,14 @@ class PairTokenizer:
 
     def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         """(query, document) pairs for a cross-encoder; a long document is truncated or chunked."""
-        (query_encoding,) = self._encode_bounded([query], spec.max_length // 2, keep_end=False)
         # A long query keeps at most half the budget, and is cut further where the special tokens would
-        # leave the document no token: a pair always holds at least one token of its document.
-        query_budget = min(spec.max_length // 2, spec.max_length - self.special_tokens_per_pair - 1)
+        # leave the document no token: a pair always holds at least one token of its document. With
+        # truncation off, nothing is cut: the query may take all but that token, or it is refused.
+        query_limit = spec.max_length - self.special_tokens_per_pair - 1
+        query_budget = min(spec.max_length // 2, query_limit) if spec.truncate else query_limit
+        (query_encoding,) = self._encode_bounded([query], query_budget, keep_end=False)
         if len(query_encoding.ids) > query_budget:
+            check_query_fits(query_budget, spec)
             query_encoding.truncate(query_budget, direction="right")
         document_budget = spec.max_length - self.special_tokens_per_pair - len(query_encoding.ids)
         return self._encode_documents(documents, document_budget, spec, query_encoding)
@@ -320,7 +323,7 @@ class PromptPairTokenizer(PairTokenizer):
         leads = [sum(1 for start, _ in piece.offsets if start < self._lead_chars) for piece in encodings]
         # What no request can cut: the prompt with the instruction, the suffix and the longest lead.
         fixed = len(self._head("", instruction)) + len(suffix) + max(leads, default=0)
-        head = self._query_head(query, instruction, spec.max_length, fixed)
+        head = self._query_head(query, instruction, spec, fixed)
         pairs: list[EncodedPair] = []
         document_of_pair: list[int] = []
         for index, (encoding, lead) in enumerate(zip(encodings, leads, strict=True)):
@@ -337,17 +340,26 @@ class PromptPairTokenizer(PairTokenizer):
                 document_of_pair.append(index)
         return EncodedDocuments(pairs, document_of_pair)
 
-    def _query_head(self, query: str, instruction: str, max_length: int, fixed: int) -> list[int]:
+    def _query_head(self, query: str, instruction: str, spec: PairSpec, fixed: int) -> list[int]:
         """The head with as much of the query as leaves every document one token, and at most half of
         ``max_length``; cut at a token boundary of the query alone (the model cards cut the document
-        first, or keep three quarters), a token more while the cut query tokenizes longer in the prompt."""
+        first, or keep three quarters), a token more while the cut query tokenizes longer in the prompt.
+        With truncation off the whole query, or a refusal where it leaves a document no token."""
+        max_length = spec.max_length
         room = max_length - fixed - 1  # the query's tokens, leaving one for each document
-        (encoding,) = self._encode_bounded([query], max_length // 2, keep_end=False)
+        limit = min(max_length // 2, room) if spec.truncate else room
+        (encoding,) = self._encode_bounded([query], max(limit, 0), keep_end=False)
         offsets = encoding.offsets
         if not offsets and room >= 0:
             return self._head(query, instruction)
         empty_head = len(self._head("", instruction))
-        for keep in range(min(len(offsets), max_length // 2, room), 0, -1):
+        if not spec.truncate and room > 0:
+            if len(offsets) <= room:
+                head = self._head(query, instruction)
+                if len(head) - empty_head <= room:
+                    return head
+            check_query_fits(room, spec)
+        for keep in range(min(len(offsets), limit), 0, -1):
             cut = query if keep == len(offsets) else query[: offsets[keep - 1][1]]
             head = self._head(cut, instruction)
             if len(head) - empty_head <= room:
@@ -368,6 +380,17 @@ def _windows(ids: list[int], budget: int, spec: PairSpec) -> list[list[int]]:
     step = budget - spec.chunk_overlap
     starts = range(0, max(1, len(ids) - spec.chunk_overlap), step)
     return [ids[start : start + budget] for start in starts][: spec.max_chunks_per_doc]
+
+
+def check_query_fits(budget: int, spec: PairSpec) -> None:
+    """Refuse a query past its budget when truncation is off."""
+    if not spec.truncate:
+        raise InvalidArgument(
+            f"the query is longer than the {budget} tokens that fit in max_length {spec.max_length} beside "
+            "the special tokens and one token of a document, and truncation is off (truncate: false); "
+            "shorten it, or send truncate: true to cut it",
+            field="query",
+        )
 
 
 def check_fits(tokens: int, budget: int, spec: PairSpec) -> None:

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rerank.v1 import rerank_pb2
-from sidecar.errors import ModelLoadError
+from sidecar.errors import InvalidArgument, ModelLoadError
 from sidecar.model.loading import ModelSource, load_cross_encoder
 from sidecar.model.tokenization import PairSpec, PromptPairTokenizer, RowEncoder, Truncation
 from sidecar.scheduling.tokenizer_pool import TokenizerPool
@@ -67,6 +67,19 @@ def test_left_truncation_and_chunks_cut_the_document_only(qwen3, family_models: 
         assert len(chunk) <= 160
         assert chunk.input_ids[:head] == whole[:head]
         assert chunk.input_ids[-suffix:] == whole[-suffix:]
+
+
+def test_with_truncation_off_the_query_is_kept_whole_or_refused(qwen3):
+    tokenizer: PromptPairTokenizer = qwen3.tokenizer
+    query = " ".join(["cats"] * 70)
+    whole = tokenizer.encode(query, ["meat and fish"], PairSpec(max_length=1024)).pairs[0].input_ids
+    kept = tokenizer.encode(query, ["meat and fish"], PairSpec(max_length=len(whole), truncate=False)).pairs[
+        0
+    ]
+    assert kept.input_ids == whole  # the query past half of max_length, not cut
+    with pytest.raises(InvalidArgument, match="the query is longer") as refused:
+        tokenizer.encode(query, ["meat and fish"], PairSpec(max_length=len(whole) - 5, truncate=False))
+    assert refused.value.field == "query"
 
 
 def test_chunks_are_cut_as_the_rust_tokenizer_cuts_them(qwen3):

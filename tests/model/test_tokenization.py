@@ -63,6 +63,18 @@ def test_a_long_query_keeps_at_most_half_the_budget(pair_tokenizer):
     assert pair.token_type_ids.count(0) == 32 + 2  # [CLS] + 32 query tokens + [SEP]
 
 
+def test_with_truncation_off_a_query_is_kept_whole_or_refused(pair_tokenizer):
+    whole = PairSpec(max_length=64, truncate=False)
+    (pair,) = pair_tokenizer.encode("query " * 40, ["document"], whole).pairs
+    assert pair.token_type_ids.count(0) == 40 + 2  # past half the budget, not cut
+    assert len(pair) == 40 + 3 + 1
+    with pytest.raises(InvalidArgument, match="the query is longer than the 60 tokens") as refused:
+        pair_tokenizer.encode("query " * 61, ["document"], whole)
+    assert refused.value.field == "query"
+    with pytest.raises(InvalidArgument, match="a text is longer"):  # the document past what is left
+        pair_tokenizer.encode("query " * 40, ["document " * 30], whole)
+
+
 def test_chunks_overlap_and_cover_the_document(hf_tokenizer, pair_tokenizer):
     document = " ".join(f"w{i}" for i in range(100))
     doc_ids = hf_tokenizer(document, add_special_tokens=False)["input_ids"]
