@@ -221,6 +221,9 @@ async def test_errors_come_in_each_apis_shape(http_sidecar: RunningSidecar):
             headers={"x-request-id": "abc-1", "content-type": "application/json"},
         )
         openai_error = await client.post("/v1/embeddings", json={"input": []})
+        utf8_id = await client.post(
+            "/rerank", json={"query": "q", "texts": ["a"]}, headers={"x-request-id": "été-1".encode()}
+        )
         timeout = await client.post("/embed", json={"inputs": "a"}, headers={"x-request-timeout": "soon"})
     assert tei.status_code == 400
     assert tei.json()["error_type"] == "Validation"
@@ -228,6 +231,7 @@ async def test_errors_come_in_each_apis_shape(http_sidecar: RunningSidecar):
     assert not_json.status_code == 400
     assert "the body is not valid JSON" in not_json.json()["message"]
     assert not_json.headers["x-request-id"] == "abc-1"
+    assert utf8_id.headers.raw[-1] == (b"x-request-id", "été-1".encode())  # echoed byte for byte
     assert openai_error.json()["error"]["type"] == "invalid_request_error"
     assert "input: List should have at least 1 item" in openai_error.json()["error"]["message"]
     assert openai_error.json()["error"]["param"] == "input"

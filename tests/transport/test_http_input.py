@@ -183,9 +183,20 @@ async def test_cohere_v2_return_documents_and_v1_rank_fields(http_sidecar: Runni
             json={
                 "query": "what do cats eat",
                 "documents": documents,
-                "rank_fields": ["title", "body", "missing"],
+                "rank_fields": ["title", "body", "text", "missing"],
                 "return_documents": True,
             },
+        )
+        v2_fields = await client.post(
+            "/v2/rerank",
+            json={"query": "q", "documents": ["a"], "priority": 3, "relevant_spans": {"mode": "disabled"}},
+        )
+        spans = await client.post(
+            "/v2/rerank", json={"query": "q", "documents": ["a"], "relevant_spans": {"mode": "enabled"}}
+        )
+        no_text = await client.post("/v1/rerank", json={"query": "q", "documents": ["a", {"title": "b"}]})
+        no_field = await client.post(
+            "/v1/rerank", json={"query": "q", "documents": [{"title": "b"}], "rank_fields": ["body"]}
         )
         chunked = await client.post(
             "/v1/rerank",
@@ -204,6 +215,14 @@ async def test_cohere_v2_return_documents_and_v1_rank_fields(http_sidecar: Runni
         by_v2[index]["relevance_score"] for index in range(3)
     ]
     assert len({result["relevance_score"] for result in v1.json()["results"]}) == 3
+    assert [by_v1[index]["document"] for index in range(3)] == documents  # as sent, not as ranked
+    assert v2_fields.status_code == 200
+    assert spans.status_code == 400
+    assert "relevant_spans.mode" in spans.json()["message"]
+    assert no_text.status_code == 400
+    assert "documents[1] has no text to rank" in no_text.json()["message"]
+    assert no_field.status_code == 400
+    assert "documents[0] has none of the rank_fields ['body']" in no_field.json()["message"]
     assert chunked.status_code == 200
     assert chunked.json()["results"][0]["index"] == 0
     assert too_many_chunks.status_code == 400

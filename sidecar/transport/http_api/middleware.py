@@ -62,7 +62,10 @@ class CallMiddleware:
             await self._app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        request_id = headers.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+        # A header's bytes reach us decoded as Latin-1: they are echoed as sent, and logged as UTF-8.
+        sent_id = headers.get(REQUEST_ID_KEY, "").encode("latin-1")
+        request_id = sent_id.decode(errors="backslashreplace") or uuid.uuid4().hex
+        echoed_id = sent_id or request_id.encode()
         record = self._ledger.begin(f"http:{scope['path']}", request_id)
         started = time.monotonic_ns()
         status = CLIENT_CLOSED_STATUS
@@ -73,7 +76,7 @@ class CallMiddleware:
                 status = message["status"]
                 message["headers"] = [
                     *message.get("headers", []),
-                    (REQUEST_ID_KEY.encode(), request_id.encode()),
+                    (REQUEST_ID_KEY.encode(), echoed_id),
                 ]
             await send(message)
 

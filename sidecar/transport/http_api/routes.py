@@ -36,7 +36,6 @@ from sidecar.transport.http_api.schemas import (
     CohereApiVersion,
     CohereBilledUnits,
     CohereDocument,
-    CohereDocumentText,
     CohereError,
     CohereMeta,
     CohereRerankResponse,
@@ -118,7 +117,7 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
             top_n=body.top_n or 0, max_length=_pair_budget(reranker, body.max_tokens_per_doc)
         )
         ranking = await _rerank(reranker, body.query, body.documents, options)
-        echoed = body.documents if body.return_documents else None
+        echoed = [CohereDocument(text=text) for text in body.documents] if body.return_documents else None
         return _cohere_response(ranking, "2", len(body.documents), reranker, echoed)
 
     @app.post("/v1/rerank", tags=["Cohere"], response_model_exclude_none=True, responses=cohere_errors)
@@ -133,7 +132,12 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
             max_chunks_per_doc=body.max_chunks_per_doc or 0,
         )
         ranking = await _rerank(reranker, body.query, texts, options)
-        echoed = texts if body.return_documents else None
+        echoed = None
+        if body.return_documents:
+            echoed = [
+                CohereDocument(text=document) if isinstance(document, str) else document
+                for document in body.documents
+            ]
         return _cohere_response(ranking, "1", len(texts), reranker, echoed)
 
     @app.post(
@@ -241,8 +245,14 @@ def _cohere_v1_texts(
     """Each document's text: its `text`, or with `rank_fields` a `field: value` line per field it has."""
     texts = []
     for index, document in enumerate(documents):
-        fields = {"text": document} if isinstance(document, str) else document.model_dump()
+        fields = {"text": document} if isinstance(document, str) else document.model_dump(exclude_none=True)
         if rank_fields is None:
+            if "text" not in fields:
+                raise InvalidArgument(
+                    f"documents[{index}] has no text to rank; send its text field, or rank_fields naming "
+                    "the fields to rank",
+                    field=f"documents[{index}].text",
+                )
             texts.append(fields["text"])
             continue
         lines = []
@@ -259,6 +269,11 @@ def _cohere_v1_texts(
                     field=f"documents[{index}].{name}",
                 ) from None
             lines.append(f"{name}: {text}")
+        if not lines:
+            raise InvalidArgument(
+                f"documents[{index}] has none of the rank_fields {list(rank_fields)}; send at least one",
+                field=f"documents[{index}]",
+            )
         texts.append("\n".join(lines))
     return texts
 
@@ -280,13 +295,17 @@ async def _rerank(reranker: Reranker, query: str, texts: Sequence[str], options:
 
 
 def _cohere_response(
-    ranking: Ranking, api_version: str, documents: int, reranker: Reranker, echoed: Sequence[str] | None
+    ranking: Ranking,
+    api_version: str,
+    documents: int,
+    reranker: Reranker,
+    echoed: Sequence[CohereDocument] | None,
 ) -> CohereRerankResponse:
     results = [
         CohereRerankResult(
             index=result.index,
             relevance_score=result.score,
-            document=None if echoed is None else CohereDocumentText(text=echoed[result.index]),
+            document=None if echoed is None else echoed[result.index],
         )
         for result in ranking.results
     ]

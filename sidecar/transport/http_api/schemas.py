@@ -55,6 +55,12 @@ class Request(BaseModel):
     model_config = ConfigDict(regex_engine="python-re")
 
 
+class RelevantSpans(BaseModel):
+    mode: Literal["disabled"] = Field(description='Only "disabled": this server finds no relevant spans.')
+    threshold: float | None = None
+    max_spans: int | None = None
+
+
 class CohereRerankV2Request(Request):
     model: str = Field("", description=_MODEL_DESCRIPTION)
     query: Query
@@ -66,24 +72,35 @@ class CohereRerankV2Request(Request):
         "a long query is cut so that each document keeps at least one token.",
     )
     return_documents: StrictBool = Field(False, description="Echo each document's text in its result.")
+    priority: Annotated[int, Field(ge=0), BeforeValidator(_json_integer)] | None = Field(
+        None, description="Accepted and unused: requests are served in the order they arrive."
+    )
+    relevant_spans: RelevantSpans | None = Field(
+        None, description='Only `{"mode": "disabled"}`: this server finds no relevant spans.'
+    )
 
 
 class CohereDocument(BaseModel):
-    """A document as an object: its `text`, and other fields that `rank_fields` may name."""
+    """A document as an object: its `text`, and other fields that `rank_fields` may name; as a result's
+    `document`, what the caller sent."""
 
     model_config = ConfigDict(extra="allow")
 
-    text: Text = ""
+    text: Text | None = Field(None, description="Required unless `rank_fields` names other fields.")
 
 
 class CohereRerankV1Request(Request):
     model: str = Field("", description=_MODEL_DESCRIPTION)
     query: Query
     documents: list[Text | CohereDocument] = Field(
-        min_length=1, description="The texts to rank, as strings or as objects with a `text` field."
+        min_length=1,
+        description="The texts to rank, as strings or as objects with a `text` field; an object's other "
+        "fields are kept, for `rank_fields` and in the results.",
     )
     top_n: Count | None = Field(None, description="Return only the best N; all when unset.")
-    return_documents: StrictBool = Field(False, description="Echo each document's text in its result.")
+    return_documents: StrictBool = Field(
+        False, description="Echo each document in its result, as it was sent (a string as its `text`)."
+    )
     rank_fields: list[str] | None = Field(
         None,
         min_length=1,
@@ -97,14 +114,10 @@ class CohereRerankV1Request(Request):
     )
 
 
-class CohereDocumentText(BaseModel):
-    text: str
-
-
 class CohereRerankResult(BaseModel):
     index: int
     relevance_score: float = Field(description="The gRPC Rerank score: normalized to [0, 1].")
-    document: CohereDocumentText | None = None
+    document: CohereDocument | None = None
 
 
 class CohereApiVersion(BaseModel):
