@@ -196,7 +196,8 @@ class Reranker:
             if keys and self.batcher.engine is engine:
                 cache.put([keys[position] for position in missing], computed.tolist())
         usage.pairs, usage.cached_pairs = len(documents), len(documents) - len(missing)
-        scores = pooled if options.raw_scores else self.scorer.normalize(pooled)
+        # In float32, as gRPC carries them: the ranking's ties are the ties a caller sees.
+        scores = (pooled if options.raw_scores else self.scorer.normalize(pooled)).astype(np.float32)
         results = [
             ScoredDocument(
                 index=offset + position,

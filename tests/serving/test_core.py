@@ -67,6 +67,16 @@ async def test_the_core_reranks_as_the_reference_does(core: ServingCore, referen
     assert ranking.usage.pairs == len(TEXTS)
 
 
+async def test_scores_equal_as_served_are_ranked_by_index(core: ServingCore, monkeypatch):
+    reranker = core.require_reranker()
+    # Distinct in float64, one value in the float32 that gRPC carries.
+    monkeypatch.setattr(reranker.scorer, "normalize", lambda raw: 0.5 + 1e-12 * raw.astype(np.float64))
+    texts = ("cats", "the stock market fell", "B cells", "yeast", "rivers flood", "vaccines")
+    ranking = await reranker.rerank(QUERY, documents(*texts), RerankOptions(), None)
+    assert {result.score for result in ranking.results} == {0.5}
+    assert [result.index for result in ranking.results] == list(range(len(texts)))
+
+
 async def test_a_stream_session_answers_each_message_then_the_final_ranking(
     core: ServingCore, reference: ReferenceScorer
 ):
