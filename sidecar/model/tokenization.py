@@ -162,6 +162,13 @@ class PairTokenizer:
         """The smallest max_length that leaves room for one query token and one document token."""
         return self.special_tokens_per_pair + 2
 
+    def has_tokens(self, text: str) -> bool:
+        """Whether ``text`` tokenizes to anything: zero-width, control or other characters the
+        normalizer drops can leave a text that is not blank with no token. Reads only its start where
+        that holds a token."""
+        (encoding,) = self._encode_bounded([text], 1, keep_end=False)
+        return len(encoding) > 0
+
     def encode(self, query: str, documents: Sequence[str], spec: PairSpec) -> EncodedDocuments:
         """(query, document) pairs for a cross-encoder; a long document is truncated or chunked."""
         # A long query keeps at most half the budget, and is cut further where the special tokens would

@@ -86,7 +86,16 @@ class Reranker:
     def check_query(self, query: str, options: RerankOptions) -> PairSpec:
         """Validate what a request (or a stream's first message) fixes; returns its tokenization spec."""
         if not query.strip():
-            raise InvalidArgument("query is empty; send the text to rank the documents against")
+            raise InvalidArgument(
+                "query is empty; send the text to rank the documents against", field="query"
+            )
+        if not self.model.tokenizer.has_tokens(query):
+            raise InvalidArgument(
+                "query has no tokens for this model's tokenizer (it holds only characters the tokenizer "
+                "drops, such as zero-width or control characters); send the text to rank the documents "
+                "against",
+                field="query",
+            )
         if options.top_n > self.limits.max_documents_per_request:
             raise InvalidArgument(
                 f"top_n {options.top_n} is out of range: at most max_documents_per_request "

@@ -22,6 +22,7 @@ GOOD = {"query": "a question", "documents": docs("first passage", "second passag
     [
         ({"query": ""}, "query is empty"),
         ({"query": "   "}, "query is empty"),
+        ({"query": "\u200b\x00\ufeff"}, "query has no tokens for this model's tokenizer"),
         ({"documents": []}, "documents is empty"),
         ({"documents": docs(*["x"] * 1001, ids=[""] * 1001)}, "limit per request (or stream) is 1000"),
         ({"top_n": 1001}, "top_n 1001 is out of range"),
