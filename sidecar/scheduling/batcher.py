@@ -268,10 +268,11 @@ class Batcher:
                 f"this request needs {pairs} model pairs, more than the server queues at once "
                 f"({limit}, --max-queued-pairs); send fewer documents or chunks per request"
             )
-        if self._capacity.queued_pairs + pairs > limit:
+        queued = self._capacity.queued_pairs  # every model's, as the limit counts them
+        if queued + pairs > limit:
             raise Overloaded(
-                f"the server is at capacity: {self._queued_pairs} pairs are queued and this request adds "
-                f"{pairs}, over the limit of {limit}; retry with backoff"
+                f"the server is at capacity: {queued} pairs are queued and this request adds {pairs}, "
+                f"over the limit of {limit}; retry with backoff"
             )
 
     def submit(self, pairs: Sequence[EncodedPair], deadline: float | None) -> ScoringJob:

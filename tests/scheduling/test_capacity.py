@@ -94,7 +94,7 @@ async def test_the_queue_limit_counts_the_pairs_waiting_for_every_model():
         waiting = asyncio.create_task(first.score(pairs_of_length(2, 4), None))  # 1 running, 3 queued
         await asyncio.sleep(0.05)
         assert capacity.queued_pairs == 3
-        with pytest.raises(Overloaded):
+        with pytest.raises(Overloaded, match="3 pairs are queued and this request adds 2"):
             second.admit(2)
         second.admit(1)
         held.gate.set()
