@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from tests.conftest import docs, running_sidecar
@@ -55,7 +57,10 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(tiny_bert: Path
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_bearer_token_is_required_but_health_stays_open(tiny_bert: Path):
+async def test_bearer_token_is_required_but_health_stays_open(
+    tiny_bert: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="sidecar.access")
     async with running_sidecar(tiny_bert, auth_token="s3cret") as running:
         port = running.server.port
         with pytest.raises(grpc.aio.AioRpcError) as missing:
@@ -63,9 +68,26 @@ async def test_bearer_token_is_required_but_health_stays_open(tiny_bert: Path):
         assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "missing bearer token" in missing.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as wrong:
-            await call(port, None, metadata=(("authorization", "Bearer guess"),))
+            await call(
+                port, None, metadata=(("authorization", "Bearer guess"), ("x-request-id", "refused-1"))
+            )
         assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "not valid" in wrong.value.details()
+        # A refused call is answered, logged and measured as any other error is.
+        assert ("x-request-id", "refused-1") in tuple(wrong.value.trailing_metadata() or ())
+        stream = running.stub.RerankStream(iter([rerank_pb2.RerankStreamRequest(query="q")]), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            await stream.read()
+        assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reflection = reflection_pb2_grpc.ServerReflectionStub(running.channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as reflected:
+            await reflection.read()
+        assert reflected.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        logged = [record.fields for record in caplog.records if record.name == "sidecar.access"]  # type: ignore[attr-defined]
+        assert {"request_id": "refused-1", "status": "UNAUTHENTICATED"}.items() <= logged[1].items()
+        assert [fields["status"] for fields in logged] == ["UNAUTHENTICATED"] * 3
         response = await call(port, None, metadata=(("authorization", "Bearer s3cret"),))
         assert len(response.results) == 1
         health = health_pb2_grpc.HealthStub(running.channel)

@@ -144,7 +144,11 @@ async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without ``authorization: Bearer <token>`` metadata; health stays open for probes."""
+    """Refuses calls without ``authorization: Bearer <token>`` metadata; health stays open for probes.
+
+    It sits inside CallInterceptor, which answers a refused call to this server's own services as it
+    answers any error: its status, its request id, its log line and its metrics.
+    """
 
     def __init__(self, token: str) -> None:
         self._token = BearerToken(
@@ -171,26 +175,44 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         try:
             self._token.check(supplied)
         except Unauthenticated as refused:
-            return _refusing(handler, status_of(refused), str(refused))
+            return _refusing(handler, refused, answered_outside=method.startswith(_OWN_SERVICES_PREFIX))
         return handler
 
 
-def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that ends every call with ``code``."""
+def _refusing(
+    handler: grpc.RpcMethodHandler, refused: Unauthenticated, *, answered_outside: bool
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that ends every call refused: raising the error where
+    CallInterceptor answers it, aborting with its status elsewhere (reflection)."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
+        if answered_outside:
+            raise refused
+        await context.abort(status_of(refused), str(refused))
+
+    async def refuse_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await refuse(requests, context)
+        yield  # never reached: a generator, as a handler that streams its answers is
 
     if handler.unary_unary:
-        factory = grpc.unary_unary_rpc_method_handler
-    elif handler.unary_stream:
-        factory = grpc.unary_stream_rpc_method_handler
-    elif handler.stream_unary:
-        factory = grpc.stream_unary_rpc_method_handler
-    else:
-        factory = grpc.stream_stream_rpc_method_handler
+        return grpc.unary_unary_rpc_method_handler(
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
     return factory(
-        refuse,
+        refuse_stream,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )

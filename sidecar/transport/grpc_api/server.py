@@ -54,8 +54,8 @@ class GrpcTransport:
         )
         self.calls = CallLedger(core.metrics)
         interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(self.calls)]
-        if settings.auth_token:
-            interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
+        if settings.auth_token:  # inside: a refused call is logged and measured like any other
+            interceptors.append(BearerTokenInterceptor(settings.auth_token))
         self._server = grpc.aio.server(
             interceptors=interceptors,
             options=[
