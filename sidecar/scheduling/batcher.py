@@ -38,6 +38,7 @@ import numpy as np
 from sidecar.errors import (
     DeadlineExpired,
     EngineFailure,
+    InvalidArgument,
     NonFiniteOutput,
     NotReady,
     Overloaded,
@@ -255,7 +256,8 @@ class Batcher:
         return job.scored_rows()
 
     def admit(self, pairs: int) -> None:
-        """Raise Overloaded unless the queue has room for ``pairs`` more.
+        """Raise Overloaded unless the queue has room for ``pairs`` more, InvalidArgument where it
+        never will.
 
         Callers check before tokenizing too (with the document count, a lower bound of the pairs),
         so a refusal under overload costs next to nothing and leaves the CPU to the model.
@@ -263,8 +265,8 @@ class Batcher:
         if self._closed:
             raise NotReady("the server is shutting down")
         limit = self.limits.max_queued_pairs
-        if pairs > limit:
-            raise Overloaded(
+        if pairs > limit:  # no wait makes room for it: the caller's to change, not to retry
+            raise InvalidArgument(
                 f"this request needs {pairs} model pairs, more than the server queues at once "
                 f"({limit}, --max-queued-pairs); send fewer documents or chunks per request"
             )

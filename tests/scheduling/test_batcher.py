@@ -12,7 +12,14 @@ from contextlib import asynccontextmanager
 import numpy as np
 import pytest
 
-from sidecar.errors import DeadlineExpired, EngineFailure, NonFiniteOutput, NotReady, Overloaded
+from sidecar.errors import (
+    DeadlineExpired,
+    EngineFailure,
+    InvalidArgument,
+    NonFiniteOutput,
+    NotReady,
+    Overloaded,
+)
 from sidecar.model.batch import EncodedPair, ShapeBuckets, TokenBatch
 from sidecar.model.engines.base import Engine
 from sidecar.scheduling.batcher import Batcher, BatchLimits
@@ -143,7 +150,7 @@ async def test_overload_is_refused_without_queueing(engine_and_batcher):
     queued = batcher.submit(pairs_of_length(1, 90), None)
     with pytest.raises(Overloaded, match="at capacity"):
         batcher.submit(pairs_of_length(1, 20), None)
-    with pytest.raises(Overloaded, match="more than the server queues at once"):
+    with pytest.raises(InvalidArgument, match="more than the server queues at once"):
         batcher.submit(pairs_of_length(1, 101), None)
     assert batcher.queued_pairs == 90
     engine.gate.set()
