@@ -43,7 +43,7 @@ def model_entries(flag: str, value: str) -> list[ModelEntry]:
     entries = []
     for item in filter(None, (part.strip() for part in value.split(","))):
         name, separator, reference = item.partition("=")
-        if not separator:
+        if not separator or os.path.exists(item):  # a directory such as /data/run=3/model is a path
             name, reference = "", item
         elif not _MODEL_NAME.fullmatch(name) or not reference:
             raise ValueError(

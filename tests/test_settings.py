@@ -130,6 +130,13 @@ def test_models_are_named_entries_given_once_each_or_as_a_comma_separated_variab
     assert model_entries("--model", by_flags.model) == [ModelEntry("small", "/m/a"), ModelEntry("", "/m/b")]
 
 
+def test_a_model_directory_with_an_equals_sign_is_a_path_not_a_name(tmp_path):
+    directory = tmp_path / "run=3" / "model"
+    directory.mkdir(parents=True)
+    assert model_entries("--model", str(directory)) == [ModelEntry("", str(directory))]
+    assert model_entries("--model", f"small={directory}") == [ModelEntry("small", str(directory))]
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
