@@ -20,11 +20,20 @@ import grpc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from client.demo.walkthrough import run_demo
-from client.documents import count_records, read_documents
+from client.documents import count_records, documents_file, read_documents
 from client.embedding_cache import EmbeddingCache
-from client.errors import DOCUMENTS_REJECTED, USAGE, ClientError, InputMissing, SidecarError, UsageError
+from client.errors import (
+    DOCUMENTS_REJECTED,
+    USAGE,
+    ClientError,
+    InputInvalid,
+    InputMissing,
+    SidecarError,
+    UsageError,
+)
 from client.evaluation.datasets import BeirDataset, load_beir, prepare_index, workspace_name
 from client.evaluation.report import (
     EvalReport,
@@ -152,6 +161,8 @@ def run_ingest(
     settings: ClientSettings, retriever: Retriever, source: Path, out: Console, err: Console
 ) -> int:
     total = count_records(source)  # a missing or unreadable file fails here, before the sidecar is called
+    if not total:
+        raise InputInvalid(f"{documents_file(source)} holds no records: give one JSON object per line")
     progress = progress_bars(err)
     with blocking_client(settings) as client, progress:
         embedding = embedding_model_of(client.info(), client.target)
@@ -164,13 +175,16 @@ def run_ingest(
             embedding_model=embedding.model_id,
             on_progress=lambda done: progress.advance(task, done),
         )
-    created = "created" if report.created_index else "updated"
-    out.print(f"{report.indexed} documents indexed ({created} the index; it holds {retriever.count()}).")
+    if report.indexed or report.created_index:
+        created = "created" if report.created_index else "updated"
+        out.print(f"{report.indexed} documents indexed ({created} the index; it holds {retriever.count()}).")
+    else:  # nothing reached the index, which may not exist: it was neither created nor updated
+        out.print("No documents indexed: every record was refused.")
     if not report.rejected:
         return 0
     table = Table("id", "reason", title=f"{len(report.rejected)} documents rejected")
     for rejected in report.rejected:
-        table.add_row(rejected.id, rejected.reason)
+        table.add_row(Text(rejected.id), Text(rejected.reason))  # not markup
     out.print(table)
     return DOCUMENTS_REJECTED
 
@@ -252,13 +266,16 @@ def run_eval(
                     progress.update(embedded, completed=documents, description="embed (saved)")
                     progress.update(indexed, completed=documents, description="index (already built)")
             if ingested is not None and ingested.rejected:
+                first = ingested.rejected[0]
                 err.print(
-                    f"[yellow]{len(ingested.rejected)} documents rejected, first: "
-                    f"{ingested.rejected[0].id}: {ingested.rejected[0].reason}[/yellow]"
+                    Text(
+                        f"{len(ingested.rejected)} documents rejected, first: {first.id}: {first.reason}",
+                        style="yellow",
+                    )
                 )
             warnings = [warning] if (warning := lossy_embedder_warning(embedding)) else []
             for warning in warnings:
-                err.print(f"[yellow]warning: {warning}[/yellow]")
+                err.print(Text(f"warning: {warning}", style="yellow"))
             options = pipeline_options(settings)
             runs, swept = asyncio.run(_run_queries(settings, eval_settings, retriever, queries, dataset, err))
             reranker = reranker_description(info)
@@ -299,10 +316,10 @@ def run_eval(
             print(line)
     if eval_settings.output:
         Path(eval_settings.output).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        err.print(f"Report: {eval_settings.output}")
+        err.print(Text(f"Report: {eval_settings.output}"))
     if eval_settings.plot:
         write_plot(report, Path(eval_settings.plot))
-        err.print(f"Chart: {eval_settings.plot}")
+        err.print(Text(f"Chart: {eval_settings.plot}"))
     return 0
 
 

@@ -63,7 +63,9 @@ def convex_fusion(
 ) -> list[FusedHit]:
     """Fuse legs by their scores: each leg's scores are normalized over the hits it returned (min-max to
     [0, 1], or z-scores), and a document scores the weighted sum. A leg that did not return a document gives
-    it that leg's lowest normalized score, as if it ranked last. Ties break as in RRF."""
+    it that leg's lowest normalized score, as if it ranked last, or one less where the leg's hits all scored
+    the same (one hit, say): a document the leg missed never scores as high as the leg's best hit. Ties break
+    as in RRF."""
     if any(weight < 0 for weight in weights.values()):
         raise ValueError(f"leg weights must be zero or more, got {dict(weights)}")
     ranks, raw_scores = _leg_ranks(legs)
@@ -74,7 +76,9 @@ def convex_fusion(
             continue
         values = normalized(np.fromiter(returned.values(), dtype=np.float64), normalization)
         by_id = dict(zip(returned, values.tolist(), strict=True))
-        floor = float(values.min())
+        lowest = float(values.min())
+        # Equal scores all normalize to the leg's best (min-max: 1), which a missed document must not share.
+        floor = lowest if float(values.max()) > lowest else lowest - 1.0
         for doc_id in scores:
             scores[doc_id] += weights.get(leg, 1.0) * by_id.get(doc_id, floor)
     return _ordered(scores, ranks, raw_scores, size)

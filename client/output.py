@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from client.evaluation.report import EvalReport
 from client.pipeline import SearchResponse, SearchResult
@@ -97,7 +98,10 @@ def results_table(response: SearchResponse, *, width: int, explain: bool = False
     # Each column has a space either side and a border on its left, the table a border on its right.
     left = width - (sum(fixed) - fixed[TITLE]) - 3 * (len(headers) + flexible - 1) - 1
     title_width = max(MIN_TITLE_WIDTH, left // flexible)
-    table = Table(title=f"{response.query!r}", caption=caption)
+    # Text, not str: rich would read brackets in a query, title or id as markup and ":name:" as an emoji.
+    table = Table(
+        title=Text(repr(response.query), style="table.title"), caption=Text(caption, style="table.caption")
+    )
     for column, header in enumerate(headers):
         if column == TITLE:
             table.add_column(header, no_wrap=True, max_width=title_width)
@@ -110,7 +114,7 @@ def results_table(response: SearchResponse, *, width: int, explain: bool = False
         row[TITLE] = _cut(row[TITLE], title_width)
         if explain:
             row.append(response.not_reranked.reason if response.not_reranked else "")
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
     return table
 
 

@@ -80,12 +80,15 @@ class PipelineOptions:
         filters: Mapping[str, FilterValue] | None = None,
     ) -> SearchRequest:
         """The stage-1 search these options make, ``size`` deep (default: ``candidates``). Fusion in
-        Elasticsearch applies to hybrid searches only; a one-leg search fuses in the client."""
+        Elasticsearch applies to hybrid searches only; a one-leg search fuses in the client. A search deeper
+        than ``candidates`` (eval's, for Recall@100) raises ``num_candidates`` to its depth, the least
+        Elasticsearch takes."""
+        size = size or self.candidates
         return SearchRequest(
             query=query,
             query_vector=query_vector,
             mode=mode,
-            size=size or self.candidates,
+            size=size,
             page_size=self.batch_size,
             filters=filters or {},
             fusion=self.fusion if mode == "hybrid" else "client",
@@ -96,7 +99,7 @@ class PipelineOptions:
             convex_weight=self.convex_weight,
             normalization=self.normalization,
             title_boost=self.title_boost,
-            num_candidates=self.num_candidates,
+            num_candidates=max(self.num_candidates, size) if self.num_candidates else 0,
             embedding_model=embedding_model,
         )
 
@@ -233,8 +236,9 @@ class TwoStagePipeline:
         self, query: str, retrieval: _Retrieval, options: PipelineOptions
     ) -> tuple[Ranking | None, str | None]:
         """The final ranking, or why there is none (fail-open), or RerankFailed (strict)."""
-        # A blend needs every candidate's rerank score: a low one may still end in the top k.
-        top_n = options.top_k if options.rerank_blend == 1.0 else 0
+        # A blend needs every candidate's rerank score: a low one may still end in the top k. Stage 1 sends at
+        # most `candidates`, and a sidecar refuses a top_n above its per-request limit, whatever it was sent.
+        top_n = min(options.top_k, options.candidates) if options.rerank_blend == 1.0 else 0
         rerank_options = replace(options.rerank_options, top_n=top_n)
         stream = self.reranker.rerank_stream(
             query, retrieval.batches(), rerank_options, timeout=options.rerank_timeout

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.errors import UsageError
-from client.evaluation.runner import CONFIGURATIONS, DEFAULT_CONFIGURATIONS
-from client.retrieval.base import FilterValue
+from client.evaluation.runner import CONFIGURATIONS, DEFAULT_CONFIGURATIONS, RECALL_DEPTH
+from client.retrieval.base import MAX_NUM_CANDIDATES, FilterValue
 from client.retrieval.elasticsearch import VECTOR_INDEX_TYPES
 from envflags import flag_name, require_non_negative, require_positive, settings_table
 
@@ -119,7 +119,11 @@ class ClientSettings:
         "candidates; 1 (the default) ranks by the reranker alone.",
     )
     num_candidates: int = _setting(
-        0, "RERANK_CLIENT_NUM_CANDIDATES", "kNN num_candidates per shard; 0 uses twice --candidates."
+        0,
+        "RERANK_CLIENT_NUM_CANDIDATES",
+        f"kNN num_candidates per shard, from --candidates to {MAX_NUM_CANDIDATES} (Elasticsearch's limit); 0 "
+        f"uses twice --candidates, at most {MAX_NUM_CANDIDATES}. eval raises it to the depth it searches "
+        f"({RECALL_DEPTH}, or --candidates if more).",
     )
     filters: str = _setting(
         "",
@@ -159,6 +163,11 @@ class ClientSettings:
         for name in ("convex_weight", "rerank_blend"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{flag_name(name)} must be between 0 and 1, got {getattr(self, name)}")
+        if self.num_candidates > MAX_NUM_CANDIDATES or 0 < self.num_candidates < self.candidates:
+            raise ValueError(
+                f"--num-candidates must be 0 (twice --candidates) or from --candidates ({self.candidates}) "
+                f"to {MAX_NUM_CANDIDATES}, Elasticsearch's limit; got {self.num_candidates}"
+            )
         if self.title_boost < 1.0:
             raise ValueError(
                 f"--title-boost must be at least 1 (a combined_fields boost), got {self.title_boost}"

@@ -3,13 +3,15 @@ variable and a row of the README's settings table.
 
 The server and the client share this machinery and declare their own fields. A field's ``metadata``
 holds its ``help``, its ``choices``, and its ``env`` name, or none to take ``env_prefix`` plus the
-field's name in capitals. A flag beats its variable, which beats the default.
+field's name in capitals. A flag beats its variable, which beats the default. A variable is checked as its
+flag is: its type, its choices, and a float's being finite.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -35,6 +37,17 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean")
 
 
+def _finite_float(text: str) -> float:
+    """A float that is a number: ``nan`` and ``inf`` parse as floats but fit no setting."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def add_settings_arguments(
     parser: argparse.ArgumentParser,
     settings_type: type[Any],
@@ -46,7 +59,8 @@ def add_settings_arguments(
     """A flag per field of ``settings_type`` (but those in ``exclude``), defaulting to its variable.
 
     A boolean field gets ``--name`` and ``--no-name``. A variable that does not parse as the field's
-    type stops the parser with a message naming the variable.
+    type, or is not one of its choices, stops the parser with a message naming the variable: argparse
+    checks a flag's value, never a default's.
     """
     for settings_field in dataclasses.fields(settings_type):
         if settings_field.name in exclude:
@@ -54,12 +68,18 @@ def add_settings_arguments(
         env = env_name(settings_field, env_prefix)
         default = settings_field.default
         kind = type(default)
+        choices = settings_field.metadata.get("choices")
         if env in environ:
+            text = environ[env]
             try:
-                default = parse_bool(environ[env]) if kind is bool else kind(environ[env])
+                default = parse_bool(text) if kind is bool else kind(text)
             except ValueError as exc:
-                parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
+                parser.error(f"{env}={text!r} is not a valid {kind.__name__}")
                 raise AssertionError from exc  # parser.error exits
+            if kind is float and not math.isfinite(default):
+                parser.error(f"{env}={text!r} is not a finite number")
+            if choices and default not in choices:
+                parser.error(f"{env}={text!r} is not one of: {', '.join(choices)}")
         help_text = f"{settings_field.metadata['help']} [env {env}]"
         if kind is bool:
             parser.add_argument(
@@ -82,9 +102,9 @@ def add_settings_arguments(
         parser.add_argument(
             flag_name(settings_field.name),
             dest=settings_field.name,
-            type=kind,
+            type=_finite_float if kind is float else kind,
             default=default,
-            choices=settings_field.metadata.get("choices"),
+            choices=choices,
             help=help_text,
         )
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from rich.table import Table
+from rich.text import Text
 
 from client.evaluation.runner import BLEND, BM25, DENSE, HYBRID, RERANK, QueryRun
 from client.pipeline import PipelineOptions
@@ -108,7 +109,7 @@ def quality(
     qrels: Mapping[str, Mapping[str, int]], rankings: Mapping[str, Sequence[str]]
 ) -> dict[str, float]:
     """NDCG@10, MRR@10 and Recall@100 with ir-measures, averaged over every query in ``rankings`` (a query
-    that ranked nothing counts as 0)."""
+    that ranked nothing counts as 0; a document ranked twice counts once, at its first rank)."""
     import ir_measures
     from ir_measures import RR, R, nDCG
 
@@ -119,10 +120,11 @@ def quality(
         for doc_id, relevance in qrels[query_id].items()
     ]
     # Scores that fall with the rank: trec_eval reorders equal scores by document id, and our order stands.
+    # A document listed twice counts at its first rank (ir-measures would keep the last one's score).
     run = [
-        ir_measures.ScoredDoc(query_id, doc_id, float(len(ranking) - position))
+        ir_measures.ScoredDoc(query_id, doc_id, -float(position))
         for query_id, ranking in rankings.items()
-        for position, doc_id in enumerate(ranking)
+        for position, doc_id in enumerate(dict.fromkeys(ranking))
     ]
     totals = dict.fromkeys(measures.values(), 0.0)
     for metric in ir_measures.iter_calc(list(measures.values()), judged, run):
@@ -162,17 +164,24 @@ def report_table(report: EvalReport) -> Table:
         if report.concurrency == 1
         else f"measured under concurrency, {report.concurrency} queries in flight"
     )
+    # Text, not str: a dataset's or model's name is not rich markup.
     table = Table(
-        title=f"{report.dataset} ({report.split}): {report.documents} documents, {report.queries} queries, "
-        f"{report.retriever}",
-        caption=f"Latency in ms, p50 / p95, {load}. Embedding model: {report.embedding_model}; "
-        f"reranker engine: {report.engine}. Rerank overlaps retrieval (candidates stream in pages).",
+        title=Text(
+            f"{report.dataset} ({report.split}): {report.documents} documents, {report.queries} queries, "
+            f"{report.retriever}",
+            style="table.title",
+        ),
+        caption=Text(
+            f"Latency in ms, p50 / p95, {load}. Embedding model: {report.embedding_model}; "
+            f"reranker engine: {report.engine}. Rerank overlaps retrieval (candidates stream in pages).",
+            style="table.caption",
+        ),
     )
     table.add_column("configuration")
     for column in ("NDCG@10", "MRR@10", "R@100", *STAGES):
         table.add_column(column, justify="right")
     for result in report.configurations:
-        table.add_row(result.label, *_cells(result))
+        table.add_row(Text(result.label), *_cells(result))
     return table
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from client.evaluation.report import quality
 from client.fusion import LegHit
@@ -96,7 +97,9 @@ def sweep(
 
 def sweep_table(points: Sequence[SweepPoint], split: str) -> Table:
     table = Table(
-        title=f"Hybrid stage 1 over fusion settings, on the {split} split (best first)",
+        title=Text(  # not markup
+            f"Hybrid stage 1 over fusion settings, on the {split} split (best first)", style="table.title"
+        ),
         caption="Choose on a training split; report the chosen settings on test.",
     )
     for column in ("settings", "NDCG@10", "R@100"):

@@ -27,18 +27,26 @@ ENGLISH_STOP_WORDS = frozenset(
 
 # UAX #29 as far as text needs: letters and digits join, and so do letters across `.`, `'` or `:`
 # ("e.g", "o'neil") and digits across `.`, `,`, `;` or `'` ("3.5", "1,000"); hyphens, slashes and the
-# like split ("il-6" is "il", "6"); a token starts with a letter or digit; each ideograph or pictograph is
-# a token of its own.
+# like split ("il-6" is "il", "6"); a token starts with a letter or digit; each ideograph is a token of its
+# own. As in Lucene's StandardTokenizer, a run of Thai, Lao, Khmer, Myanmar or another script written without
+# spaces (Line_Break=Complex_Context) is one token, and so is an emoji with its modifiers, a ZWJ sequence of
+# them, or a flag (a pair of regional indicators).
 _START = r"\p{WB=ALetter}\p{WB=Hebrew_Letter}\p{WB=Numeric}\p{WB=Katakana}"
 _WORD_CHAR = rf"[{_START}\p{{WB=ExtendNumLet}}\p{{WB=Extend}}\p{{WB=Format}}]"
 _LETTER = r"[\p{WB=ALetter}\p{WB=Hebrew_Letter}]"
 _MID_LETTER = r"[\p{WB=MidLetter}\p{WB=MidNumLet}\p{WB=Single_Quote}]"
 _MID_NUMBER = r"[\p{WB=MidNum}\p{WB=MidNumLet}\p{WB=Single_Quote}]"
+_EXTENDED = r"[\p{WB=Extend}\p{WB=Format}]*"  # combining marks, variation selectors, skin tones
+_EMOJI = rf"(?:\p{{Regional_Indicator}}{{1,2}}|\p{{Extended_Pictographic}}){_EXTENDED}"
 _TOKEN = regex.compile(
     rf"\p{{WB=ExtendNumLet}}*[{_START}]{_WORD_CHAR}*(?:(?<={_LETTER}){_MID_LETTER}(?={_LETTER}){_WORD_CHAR}+"
     rf"|(?<=\p{{WB=Numeric}}){_MID_NUMBER}(?=\p{{WB=Numeric}}){_WORD_CHAR}+)*"
-    r"|[\p{Han}\p{Hiragana}\p{Extended_Pictographic}]"
+    rf"|(?:\p{{Line_Break=Complex_Context}}[\p{{WB=Extend}}\p{{WB=Format}}\p{{WB=ZWJ}}]*)+"
+    rf"|{_EMOJI}(?:\p{{WB=ZWJ}}{_EMOJI})*"
+    r"|[\p{Han}\p{Hiragana}]"
 )
+# Lucene's StandardTokenizer cuts a longer token into pieces of this many characters (UTF-16 units in Java).
+_MAX_TOKEN_LENGTH = 255
 _POSSESSIVE = regex.compile(r"['\u2019\uff07][sS]$")  # apostrophe, right single quote, fullwidth
 
 
@@ -57,5 +65,10 @@ def _stem(word: str) -> str:
 
 def analyze(text: str) -> list[str]:
     """The terms Elasticsearch's ``english`` analyzer makes of ``text``, in order."""
-    words = (_POSSESSIVE.sub("", token).lower() for token in _TOKEN.findall(text))
+    tokens = (
+        token[start : start + _MAX_TOKEN_LENGTH]
+        for token in _TOKEN.findall(text)
+        for start in range(0, len(token), _MAX_TOKEN_LENGTH)
+    )
+    words = (_POSSESSIVE.sub("", token).lower() for token in tokens)
     return [_stem(word) for word in words if word not in ENGLISH_STOP_WORDS]

@@ -26,6 +26,7 @@ FilterValue = str | Sequence[str]
 
 BM25_LEG = "bm25"
 VECTOR_LEG = "vector"
+MAX_NUM_CANDIDATES = 10_000  # Elasticsearch refuses a kNN num_candidates above it
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class SearchRequest:
     convex_weight: float = 0.5  # convex fusion: the vector leg's weight; BM25's is 1 minus it
     normalization: Normalization = "minmax"  # of each leg's scores, for convex fusion
     title_boost: float = 1.0  # of title against text in the BM25 leg's combined_fields (at least 1)
-    num_candidates: int = 0  # per-shard HNSW candidates of the kNN leg; 0: twice ``size``
+    num_candidates: int = 0  # per-shard HNSW candidates of the kNN leg; 0: ``knn_num_candidates``
     embedding_model: str = ""  # the model that made ``query_vector``; refused by an index built with another
 
     def __post_init__(self) -> None:
@@ -80,7 +81,9 @@ class SearchRequest:
 
     @property
     def knn_num_candidates(self) -> int:
-        return self.num_candidates or 2 * self.size
+        """``num_candidates``, or twice ``size`` capped at Elasticsearch's maximum (but never below ``size``,
+        which Elasticsearch requires and refuses past that maximum itself)."""
+        return self.num_candidates or max(self.size, min(2 * self.size, MAX_NUM_CANDIDATES))
 
     def fuse(self, legs: Mapping[str, Sequence[LegHit]]) -> list[FusedHit]:
         """The client-side fusion of the legs' hits, by ``fusion_method``, cut to ``size``."""

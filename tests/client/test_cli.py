@@ -13,7 +13,7 @@ from rich.console import Console
 
 from client.cli import build_parser, main
 from client.documents import Document
-from client.evaluation.report import ConfigurationResult, EvalReport
+from client.evaluation.report import ConfigurationResult, EvalReport, report_table
 from client.output import eval_lines, results_table
 from client.pipeline import SearchResponse, SearchResult, StageTimings
 from client.retrieval.base import Candidate
@@ -130,3 +130,40 @@ def test_eval_json_lines_give_one_configuration_per_line():
     records = [json.loads(line) for line in eval_lines(report)]
     assert [record["key"] for record in records] == ["bm25", "dense"]
     assert all(record["dataset"] == "data" and record["quality"] == {"ndcg@10": 0.5} for record in records)
+
+
+def test_tables_print_queries_titles_ids_and_names_as_given_not_as_markup():
+    document = Document("x[/i]", "text", title="The [citation needed] claim :cat:")
+    response = SearchResponse(
+        query="what does [/b] mean",
+        results=[SearchResult(1, Candidate(document, rank=1, fused_score=0.03), None)],
+        timings=StageTimings(total_ms=12.0),
+        candidates=1,
+    )
+    configuration = ConfigurationResult(
+        "bm25", "BM25 [b]", {"ndcg@10": 0.5, "mrr@10": 0.5, "recall@100": 1.0}, {}
+    )
+    report = EvalReport(
+        dataset="data[/red]",
+        documents=10,
+        queries=2,
+        retriever="embedded retriever",
+        reranker="tiny",
+        engine="torch fp32 on cpu",
+        embedding_model="minilm [int8]",
+        candidates=5,
+        configurations=[configuration],
+    )
+    console = Console(width=200, file=io.StringIO())
+    console.print(results_table(response, width=console.width))
+    console.print(report_table(report))
+    printed = console.file.getvalue()  # type: ignore[attr-defined]
+    for text in (
+        "'what does [/b] mean'",
+        "x[/i]",
+        "The [citation needed] claim :cat:",
+        "data[/red]",
+        "BM25 [b]",
+    ):
+        assert text in printed
+    assert "minilm [int8]" in " ".join(printed.split())

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from client.errors import (
+    DOCUMENTS_REJECTED,
     DeadlineExceeded,
     ElasticsearchRefused,
     ElasticsearchUnreachable,
@@ -35,7 +36,7 @@ from client.local_sidecar import free_port
 from client.retrieval.elasticsearch import ElasticsearchRetriever
 from client.retrieval.embedded import EmbeddedRetriever
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
-from tests.client.conftest import FAKE_DIMS, embed_fake, fake_vector, synthetic_corpus
+from tests.client.conftest import FAKE_DIMS, embed_fake, fake_vector, new_index_name, synthetic_corpus
 from tests.client.test_eval import write_beir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,10 +215,44 @@ async def test_ingest_of_a_file_in_the_wrong_format(
     assert not (tmp_path / "index").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("backend", ["embedded", "elasticsearch"])
+async def test_an_ingest_that_refuses_every_record_lists_them_and_exits_1(
+    tmp_path: Path, scripted: Scripted, backend: str, request: pytest.FixtureRequest
+):
+    (tmp_path / "bad.jsonl").write_text('{"_id": "x[/i]", "text": ""}\n{"_id": "b"}\nnot json\n')
+    env = {"ES_URL": request.getfixturevalue("es_url")} if backend == "elasticsearch" else {}
+    run = await rerank_client(
+        "ingest",
+        "bad.jsonl",
+        "--target",
+        scripted.target,
+        "--es-index",
+        new_index_name(),
+        cwd=tmp_path,
+        env=env,
+    )
+    assert run.returncode == DOCUMENTS_REJECTED, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "No documents indexed: every record was refused." in run.stdout
+    for refused in ("x[/i]", "b", "bad.jsonl:3", "3 documents rejected"):
+        assert refused in run.stdout  # an id is printed as it is, not read as rich markup
+
+
+async def test_ingest_of_an_empty_file(tmp_path: Path, scripted: Scripted):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    run = await rerank_client("ingest", "empty.jsonl", "--target", scripted.target, cwd=tmp_path)
+    assert_fails(run, InputInvalid.exit_code, "empty.jsonl", "no records")
+
+
 async def test_ingest_needs_the_sidecar(tmp_path: Path, documents: Path):
     target = f"127.0.0.1:{free_port()}"
     run = await rerank_client("ingest", str(documents), "--target", target, cwd=tmp_path)
     assert_fails(run, SidecarUnreachable.exit_code, target, "--target")
+
+
+async def test_a_demo_whose_sidecar_cannot_start(tmp_path: Path):
+    run = await rerank_client("demo", "--model", "/nonexistent/dir", "--startup-timeout", "60", cwd=tmp_path)
+    assert_fails(run, SidecarUnreachable.exit_code, "exited with status", "'/nonexistent/dir'")
 
 
 async def test_a_sidecar_refusing_the_token(tmp_path: Path, scripted: Scripted, documents: Path):
@@ -375,6 +410,35 @@ async def test_filters_that_do_not_parse(tmp_path: Path, how: Sequence[str]):
     env = {} if how else {"RERANK_CLIENT_FILTERS": "lang"}
     run = await rerank_client("search", "neuron", *how, cwd=tmp_path, env=env)
     assert_fails(run, UsageError.exit_code, "--filters", "'lang'")
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags", "named"),
+    [
+        ({"RERANK_CLIENT_MODE": "nope"}, [], ["RERANK_CLIENT_MODE='nope'", "hybrid, bm25, vector"]),
+        ({"RERANK_CLIENT_LOG_LEVEL": "verbose"}, [], ["RERANK_CLIENT_LOG_LEVEL", "DEBUG, INFO"]),
+        ({"RERANK_CLIENT_FORMAT": "xml"}, [], ["RERANK_CLIENT_FORMAT='xml'", "table, json, jsonl"]),
+        ({"RERANK_CLIENT_FUSION_METHOD": "foo"}, [], ["RERANK_CLIENT_FUSION_METHOD", "rrf, convex"]),
+        ({"ES_VECTOR_INDEX": "flat"}, [], ["ES_VECTOR_INDEX='flat'", "int8_hnsw"]),
+        ({"RERANK_CLIENT_TIMEOUT": "nan"}, [], ["RERANK_CLIENT_TIMEOUT='nan'", "finite"]),
+        ({}, ["--bm25-weight", "inf"], ["--bm25-weight", "'inf'", "finite"]),
+    ],
+)
+async def test_a_variable_outside_its_choices_or_a_number_that_is_not_finite(
+    tmp_path: Path, environ: dict[str, str], flags: list[str], named: list[str]
+):
+    run = await rerank_client("search", "neuron", *flags, cwd=tmp_path, env=environ)
+    assert_fails(run, UsageError.exit_code, *named)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--candidates", "20", "--num-candidates", "10"], ["--num-candidates", "10001"]]
+)
+async def test_num_candidates_below_the_candidates_or_above_elasticsearchs_limit(
+    tmp_path: Path, flags: list[str]
+):
+    run = await rerank_client("search", "neuron", *flags, cwd=tmp_path)
+    assert_fails(run, UsageError.exit_code, "--num-candidates", "10000", f"got {flags[-1]}")
 
 
 @pytest.mark.parametrize("how", ["flag", "environment"])

@@ -79,6 +79,16 @@ def test_quality_keeps_the_given_order_of_equal_looking_ids():
     assert quality({"q": {"b": 1}}, {"q": ["b", "a"]})["mrr@10"] == pytest.approx(1.0)
 
 
+def test_quality_counts_a_repeated_document_at_its_first_rank():
+    assert quality({"q": {"a": 1}}, {"q": ["a", "x", "y", "a"]}) == pytest.approx(
+        {"ndcg@10": 1.0, "mrr@10": 1.0, "recall@100": 1.0}
+    )
+    measured = quality({"q": {"a": 1, "b": 1}}, {"q": ["x", "a", "y", "a", "b"]})  # a at 2, b at 4
+    ideal = 1 + 1 / math.log2(3)
+    assert measured["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / ideal)
+    assert measured["mrr@10"] == pytest.approx(0.5)
+
+
 def test_an_interrupted_ingest_resumes_without_re_embedding(tmp_path: Path):
     dataset = load_beir(write_beir(tmp_path / "data", synthetic_corpus(50)))
     cache_dir = tmp_path / "embeddings"
@@ -193,6 +203,7 @@ async def test_eval_runs_the_chosen_configurations_concurrently_and_sweeps_fusio
     flags = eval_on_80_documents(embedding_sidecar, tmp_path)
     flags += ["--output", str(report_path), "--format", "json"]
     flags += ["--configs", "bm25,hybrid,blend", "--rerank-blend", "0.5", "--concurrency", "3", "--sweep"]
+    flags += ["--num-candidates", "50"]  # above --candidates 20, below the depth of 100 eval searches
     assert await asyncio.to_thread(main, flags) == 0
     capsys.readouterr()
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.fusion import LegHit, convex_fusion, normalized, reciprocal_rank_fusion
+from client.fusion import LegHit, Normalization, convex_fusion, normalized, reciprocal_rank_fusion
 
 
 def hits(*ids: str) -> list[LegHit]:
@@ -51,10 +51,27 @@ def test_convex_fusion_weighs_min_max_normalized_scores():
 
 
 def test_convex_fusion_with_z_scores_gives_a_missing_document_the_legs_lowest():
-    legs = {"bm25": [LegHit("a", 3.0), LegHit("b", 1.0)], "vector": [LegHit("b", 0.8)]}
+    legs = {"bm25": [LegHit("a", 3.0), LegHit("b", 1.0), LegHit("c", 2.0)], "vector": [LegHit("b", 0.8)]}
+    bm25 = {"bm25": legs["bm25"][:2]}
+    scores = {hit.id: hit.score for hit in convex_fusion(bm25, weights={}, normalization="zscore")}
+    assert scores == pytest.approx({"a": 1.0, "b": -1.0})  # z-scores: a +1, b -1
     scores = {hit.id: hit.score for hit in convex_fusion(legs, weights={}, normalization="zscore")}
-    # bm25 z-scores: a +1, b -1; the vector leg's one score has no spread: 0, and a gets that minimum too.
-    assert scores == pytest.approx({"a": 1.0, "b": -1.0})
+    # The vector leg's one score has no spread: b's z-score is 0, and a and c, which it missed, get -1.
+    assert scores == pytest.approx({"a": 1.5**0.5 - 1, "b": -(1.5**0.5), "c": -1.0})
+
+
+@pytest.mark.parametrize("normalization", ["minmax", "zscore"])
+@pytest.mark.parametrize("bm25", [[LegHit("a", 5.0)], [LegHit("a", 5.0), LegHit("c", 5.0)]])
+def test_a_document_a_leg_missed_scores_below_its_hits_even_when_they_scored_the_same(
+    bm25: list[LegHit], normalization: Normalization
+):
+    legs = {"bm25": bm25, "vector": [LegHit("b", 0.9), LegHit("a", 0.8), LegHit("c", 0.1)]}
+    fused = convex_fusion(legs, weights={"bm25": 0.5, "vector": 0.5}, normalization=normalization)
+    assert fused[0].id == "a"  # matched by both legs: b, missed by BM25, used to get BM25's full credit
+    if normalization == "minmax":
+        scores = {hit.id: hit.score for hit in fused}
+        assert scores["b"] == pytest.approx(0.5)  # vector 1, BM25 0
+        assert scores["a"] == pytest.approx(0.5 + 0.5 * 0.7 / 0.8)
 
 
 def test_normalized_handles_equal_scores():

@@ -53,6 +53,20 @@ async def test_results_carry_both_stages_scores_and_timings(
     assert timings.embed_ms > 0
 
 
+async def test_a_top_k_above_the_candidates_asks_the_sidecar_for_no_more_than_them(
+    sidecar: RunningSidecar, fake_embedder: RunningEmbedder, es_corpus_index: ElasticsearchRetriever
+):
+    # 5000 is above the sidecar's max_documents_per_request (1000): sent as top_n, the stream was refused.
+    options = PipelineOptions(candidates=10, top_k=5000, rerank_timeout=60, strict=True)
+    async with (
+        AsyncRerankClient(address(sidecar)) as reranker,
+        AsyncRerankClient(fake_embedder.target) as embedder,
+    ):
+        response = await TwoStagePipeline(es_corpus_index, reranker, embedder, options).search(QUERY)
+    assert response.reranked
+    assert len(response.results) == 10
+
+
 class WaitsBeforeTheLastPage:
     """Wraps a retriever: before fetching the last page it waits until the sidecar's model has run a batch of
     this search. Without overlap the pipeline would send only after the last page, and the wait would fail."""
@@ -199,3 +213,12 @@ def test_search_requests_come_from_the_options():
     )  # one leg: nothing for Elasticsearch to fuse
     with pytest.raises(ValueError, match="rerank_blend"):
         PipelineOptions(rerank_blend=1.5)
+
+
+def test_num_candidates_is_at_least_the_depth_searched_and_its_default_at_most_elasticsearchs_limit():
+    options = PipelineOptions(candidates=20, num_candidates=50)
+    assert options.search_request("q", "bm25").num_candidates == 50
+    assert options.search_request("q", "bm25", size=100).num_candidates == 100  # eval's Recall@100 depth
+    assert PipelineOptions(candidates=20).search_request("q", "bm25", size=100).num_candidates == 0
+    default = {size: SearchRequest("q", mode="bm25", size=size).knn_num_candidates for size in (100, 6000)}
+    assert default == {100: 200, 6000: 10_000}

@@ -20,6 +20,9 @@ TEXTS = [
     "Studies studied studying ponies caresses relational conditional technology assembly possibly",
     "O'Neil's U.S.A. 1,000 x_y km² h₂o₂ naïve β2-adrenergic CD4+ T-cells, p<0.05 ms us",
     "It is not the vitamin D that they're taking: such is THEIR view, and there it ends.",
+    # Scripts written without spaces: one token per run, as Lucene's StandardTokenizer has no dictionary.
+    "ภาษาไทย ข่าววันนี้ ភាសាខ្មែរ ພາສາລາວ မြန်မာဘာသာ abcภาษา๑๒3",
+    "flags 🇫🇷🇩🇪 🇫, a family 👨\u200d👩\u200d👧, thumbs 👍🏽; a token cut every 255 characters: " + "a" * 600,
 ]
 
 
@@ -28,6 +31,7 @@ def test_analyze_stems_drops_stop_words_and_possessives():
     # Porter's own departures, as Lucene has them: "logi" -> "log", "bli" -> "ble", two letters kept.
     assert analyze("technology assembly ms") == ["technolog", "assembl", "ms"]
     assert analyze("e.g. 3.5 1,000 IL-6") == ["e.g", "3.5", "1,000", "il", "6"]
+    assert analyze("ภาษาไทย ข่าววันนี้") == ["ภาษาไทย", "ข่าววันนี้"]  # Thai: a token per run, not dropped
 
 
 @pytest.mark.parametrize("text", TEXTS)
