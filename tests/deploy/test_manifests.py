@@ -251,9 +251,13 @@ def test_services_policy_and_budget_select_the_pods_and_name_their_ports(directo
     services = {service["metadata"]["name"]: service for service in of_kind(resources, "Service")}
     assert services["rerank-sidecar"]["spec"]["clusterIP"] == "None"  # headless, for gRPC balancing
     assert services["rerank-sidecar-http"]["spec"]["type"] == "ClusterIP"
+    # A mesh or gateway reads appProtocol: a TLS port announced as h2c or http gets cleartext.
+    serves_tls = any(variable["name"] == "RERANK_TLS_CERT_FILE" for variable in container.get("env", []))
     for service in services.values():
         assert selects(service["spec"]["selector"])
         assert {port["targetPort"] for port in service["spec"]["ports"]} <= port_names
+        announced = {port["appProtocol"] for port in service["spec"]["ports"] if "appProtocol" in port}
+        assert announced and (announced == {"https"}) == serves_tls
     (policy,) = of_kind(resources, "NetworkPolicy")
     assert selects(policy["spec"]["podSelector"]["matchLabels"])
     assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} == port_names
