@@ -257,7 +257,8 @@ def test_services_policy_and_budget_select_the_pods_and_name_their_ports(directo
         assert selects(service["spec"]["selector"])
         assert {port["targetPort"] for port in service["spec"]["ports"]} <= port_names
         announced = {port["appProtocol"] for port in service["spec"]["ports"] if "appProtocol" in port}
-        assert announced and (announced == {"https"}) == serves_tls
+        assert announced
+        assert (announced == {"https"}) == serves_tls
     (policy,) = of_kind(resources, "NetworkPolicy")
     assert selects(policy["spec"]["podSelector"]["matchLabels"])
     assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} == port_names
