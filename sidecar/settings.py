@@ -154,7 +154,11 @@ class Settings:
         "that a stopped start left unfinished a day ago or more; 0 removes no artifact.",
     )
     device: str = _setting("auto", "Device: auto (CUDA when present), cpu, cuda or cuda:N.")
-    threads: int = _setting(0, "Threads of the engine, shared among its batch workers; 0 uses every core.")
+    threads: int = _setting(
+        0,
+        "Threads of the engine, shared among its batch workers; 0 uses every core the process may use: its "
+        "CPU affinity, and no more than its container's CPU quota (a Kubernetes CPU limit, docker --cpus).",
+    )
     batch_workers: int = _setting(
         0,
         "Batches the engine runs at once, each on its own model thread with its share of --threads; 0 "
@@ -194,7 +198,8 @@ class Settings:
         0,
         "Threads or processes (--tokenize-in) that tokenize requests off the event loop; a large request is "
         "split across them, at least 16 documents each. They replace the tokenizer's own thread pool "
-        "(TOKENIZERS_PARALLELISM=false unless set). 0 uses one per core the process may run on, at most 8.",
+        "(TOKENIZERS_PARALLELISM=false unless set). 0 uses one per core the process may use (as --threads "
+        "counts them), at most 8.",
     )
     tokenize_in: str = _setting(
         "auto",

@@ -6,6 +6,7 @@ OpenVINO).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -75,6 +76,40 @@ def _read_cpuinfo() -> str:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity), fewer where its container's CPU quota allows
+    fewer (a Kubernetes CPU limit, ``docker run --cpus``): at least 1, the quota rounded down. Threads
+    past the quota are throttled, not run, and a host's core count is not the pod's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota(Path("/sys/fs/cgroup"), Path("/proc/self/cgroup"))
+    return max(1, min(cores, int(quota))) if quota else cores
+
+
+def cpu_quota(cgroup_root: Path, proc_cgroup: Path) -> float:
+    """The CPUs the process's cgroup quota allows (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``
+    over ``cpu.cfs_period_us``), or 0 where it sets none or cannot be read."""
+    try:
+        memberships = proc_cgroup.read_text().splitlines()
+    except OSError:
+        memberships = []
+    for line in memberships:
+        _, controllers, path = line.split(":", 2)
+        relative = path.lstrip("/")
+        if controllers == "":  # v2: one unified hierarchy
+            candidates = [cgroup_root / relative / "cpu.max", cgroup_root / "cpu.max"]
+            for limit in candidates:
+                with contextlib.suppress(OSError, ValueError):
+                    quota, period = limit.read_text().split()
+                    return 0.0 if quota == "max" else int(quota) / int(period)
+        elif "cpu" in controllers.split(","):
+            for directory in (cgroup_root / controllers / relative, cgroup_root / controllers):
+                with contextlib.suppress(OSError, ValueError):
+                    quota_us = int((directory / "cpu.cfs_quota_us").read_text())
+                    period_us = int((directory / "cpu.cfs_period_us").read_text())
+                    return quota_us / period_us if quota_us > 0 else 0.0
+    return 0.0
 
 
 def parse_cpuinfo(text: str, architecture: str) -> CpuInfo:

@@ -31,6 +31,7 @@ from sidecar import __version__
 from sidecar.errors import ModelLoadError
 from sidecar.model.cache import ArtifactCache, file_sha256, key_digest, write_json_atomically
 from sidecar.model.export import ExportedModel
+from sidecar.model.hardware import usable_cpus
 from sidecar.model.kinds import KINDS, kind_of
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelKind, ModelSource
 from sidecar.model.tokenization import PairTokenizer
@@ -117,7 +118,7 @@ def threads_environment() -> str:
     variables = ",".join(
         f"{name}={os.environ.get(name, '')}" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
     )
-    return f"cpus={os.cpu_count()},affinity={affinity},{variables}"
+    return f"cpus={os.cpu_count()},affinity={affinity},usable={usable_cpus()},{variables}"
 
 
 def warm_key(

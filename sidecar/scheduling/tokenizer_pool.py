@@ -16,6 +16,7 @@ from typing import Any
 
 import sidecar
 from sidecar.errors import TokenizationFailure
+from sidecar.model.hardware import usable_cpus
 from sidecar.model.tokenization import EncodedDocuments, PairSpec, PairTokenizer, RowEncoder
 from sidecar.scheduling import tokenizer_worker
 
@@ -31,11 +32,11 @@ _DIED = (asyncio.IncompleteReadError, BrokenPipeError, ConnectionResetError)
 
 
 def tokenizer_workers(configured: int) -> int:
-    """``--tokenizer-workers``, or when it is 0 one per core this process may run on, at most 8: a GPU
+    """``--tokenizer-workers``, or when it is 0 one per core this process may use, at most 8: a GPU
     host's cores tokenize while the GPU scores, and a 2-core pod keeps 2."""
     if configured:
         return configured
-    return max(1, min(_MOST_DEFAULT_WORKERS, len(os.sched_getaffinity(0))))
+    return min(_MOST_DEFAULT_WORKERS, usable_cpus())
 
 
 def tokenizes_in_processes(tokenize_in: str, device: str) -> bool:

@@ -30,7 +30,7 @@ from sidecar.model.engines.openvino_int8 import int8_withheld_reason
 from sidecar.model.engines.registry import EngineInputs
 from sidecar.model.engines.selection import EngineRequest, Selection, select_engine, select_remembered
 from sidecar.model.export import cached_export
-from sidecar.model.hardware import describe_device
+from sidecar.model.hardware import describe_device, usable_cpus
 from sidecar.model.kinds import kind_of, load_model, load_model_network
 from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource
 from sidecar.model.memory import release_unused_memory
@@ -76,10 +76,11 @@ _NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
 
 @functools.cache
 def _default_threads() -> int:
-    """Torch's own default (one per core, or OMP_NUM_THREADS), read once, before the server changes it."""
+    """Torch's own default (one per core, or OMP_NUM_THREADS), read before the server changes it, and
+    never past the cores the container's CPU quota allows (``usable_cpus``)."""
     import torch
 
-    return torch.get_num_threads()
+    return min(torch.get_num_threads(), usable_cpus())
 
 
 def batch_token_budget(configured: int, device: str, max_length: int) -> int:

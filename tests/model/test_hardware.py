@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from sidecar.errors import ModelLoadError
@@ -83,3 +86,44 @@ def test_with_int8_dot_products_int8_is_offered(monkeypatch: pytest.MonkeyPatch)
     assert onnxruntime_precisions("cpu") == ("int8", "fp32")
     assert int8_withheld_reason("cpu") is None
     assert isinstance(zen4, CpuInfo)
+
+
+def cgroup_tree(root: Path, files: dict[str, str], membership: str) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc = root / "proc-self-cgroup"
+    proc.write_text(membership)
+    return proc
+
+
+@pytest.mark.parametrize(
+    ("files", "membership", "cpus"),
+    [
+        ({"cpu.max": "250000 100000\n"}, "0::/\n", 2.5),  # v2, a namespace of its own
+        ({"kubepods/pod1/c1/cpu.max": "100000 100000\n"}, "0::/kubepods/pod1/c1\n", 1.0),  # v2, the host's
+        ({"cpu.max": "max 100000\n"}, "0::/\n", 0.0),  # v2, no limit
+        (
+            {"cpu,cpuacct/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+            "4:memory:/\n3:cpu,cpuacct:/\n0::/\n",
+            2.0,
+        ),  # v1 (its unified hierarchy holds no cpu controller)
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, "1:cpu:/\n", 0.0),
+        ({}, "", 0.0),  # nothing to read
+    ],
+)
+def test_the_cpu_quota_is_read_from_cgroup_v2_or_v1(
+    tmp_path: Path, files: dict, membership: str, cpus: float
+):
+    proc = cgroup_tree(tmp_path, files, membership)
+    assert hardware.cpu_quota(tmp_path, proc) == cpus
+
+
+def test_usable_cpus_are_the_affinity_capped_by_the_quota(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(hardware, "cpu_quota", lambda root, proc: 0.0)
+    assert hardware.usable_cpus() == 64
+    monkeypatch.setattr(hardware, "cpu_quota", lambda root, proc: 2.5)
+    assert hardware.usable_cpus() == 2  # rounded down: a thread past the quota waits for it
+    monkeypatch.setattr(hardware, "cpu_quota", lambda root, proc: 0.5)
+    assert hardware.usable_cpus() == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import InvalidArgument, TokenizationFailure
+from sidecar.model import hardware
 from sidecar.model.batch import EncodedPair
 from sidecar.model.loading import CrossEncoderModel, ModelSource, load_cross_encoder
 from sidecar.model.tokenization import EncodedDocuments, PairSpec, PairTokenizer, RowEncoder
@@ -61,6 +62,8 @@ def test_tokenizer_workers_default_to_the_usable_cores_at_most_8(monkeypatch):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert tokenizer_workers(0) == 8
+    monkeypatch.setattr(hardware, "cpu_quota", lambda root, proc: 3.5)  # a container's CPU limit
+    assert tokenizer_workers(0) == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert tokenizer_workers(0) == 2
     assert tokenizer_workers(3) == 3  # an operator's value is kept as given
