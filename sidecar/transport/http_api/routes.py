@@ -245,14 +245,8 @@ def _cohere_v1_texts(
     """Each document's text: its `text`, or with `rank_fields` a `field: value` line per field it has."""
     texts = []
     for index, document in enumerate(documents):
-        fields = {"text": document} if isinstance(document, str) else document.model_dump(exclude_none=True)
+        fields = {"text": document} if isinstance(document, str) else document.model_dump()
         if rank_fields is None:
-            if "text" not in fields:
-                raise InvalidArgument(
-                    f"documents[{index}] has no text to rank; send its text field, or rank_fields naming "
-                    "the fields to rank",
-                    field=f"documents[{index}].text",
-                )
             texts.append(fields["text"])
             continue
         lines = []
@@ -269,11 +263,6 @@ def _cohere_v1_texts(
                     field=f"documents[{index}].{name}",
                 ) from None
             lines.append(f"{name}: {text}")
-        if not lines:
-            raise InvalidArgument(
-                f"documents[{index}] has none of the rank_fields {list(rank_fields)}; send at least one",
-                field=f"documents[{index}]",
-            )
         texts.append("\n".join(lines))
     return texts
 

@@ -2,8 +2,9 @@
 and v2), text-embeddings-inference's /rerank and /embed, and OpenAI's /v1/embeddings.
 
 Every field an API defines is honoured or refused with a 400 naming it; only OpenAI's ``user`` (an id for
-OpenAI's abuse monitoring) is accepted and unused. ``model`` chooses among the served models by name (404
-for one not served); TEI's routes, which carry none, use the default.
+OpenAI's abuse monitoring) and Cohere's ``priority`` (an order under load) are accepted and unused.
+``model`` chooses among the served models by name (404 for one not served); TEI's routes, which carry
+none, use the default.
 Types are strict, as each API's JSON is: ``true`` is no count, ``0`` no boolean.
 """
 
@@ -36,6 +37,13 @@ def _json_integer(value: object) -> object:
     return value
 
 
+def _json_number(value: object) -> object:
+    """JSON Schema's number: never a boolean or a string."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number, not {type(value).__name__} {value!r}")
+    return value
+
+
 # A count, at least 1: JSON Schema's integer.
 Count = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
 # A text the models read.
@@ -57,8 +65,8 @@ class Request(BaseModel):
 
 class RelevantSpans(BaseModel):
     mode: Literal["disabled"] = Field(description='Only "disabled": this server finds no relevant spans.')
-    threshold: float | None = None
-    max_spans: int | None = None
+    threshold: Annotated[float, BeforeValidator(_json_number)] | None = None
+    max_spans: Count | None = None
 
 
 class CohereRerankV2Request(Request):
@@ -86,7 +94,7 @@ class CohereDocument(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    text: Text | None = Field(None, description="Required unless `rank_fields` names other fields.")
+    text: Text
 
 
 class CohereRerankV1Request(Request):
