@@ -148,6 +148,7 @@ async def test_tei_embed_takes_one_or_many_inputs_and_normalizes(http_sidecar: R
 async def test_health_info_metrics_and_openapi(http_sidecar: RunningSidecar):
     async with httpx.AsyncClient(base_url=http_sidecar.http_url) as client:
         assert (await client.get("/health")).json() == {"status": "serving"}
+        assert (await client.head("/health")).status_code == 200
         info = (await client.get("/info")).json()
         assert info["ranking"]["model_id"] == Path(http_sidecar.server.settings.model).name
         assert info["embedding"]["dims"] == 384

@@ -208,6 +208,8 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
                 usage=OpenAIUsage(prompt_tokens=tokens, total_tokens=tokens),
             )
 
+    # HEAD too (undocumented, as HEAD is for any GET): uptime monitors and some load balancers check with it.
+    @app.head("/health", include_in_schema=False)
     @app.get("/health", tags=["Server"], responses=HEALTH_RESPONSES)
     async def health() -> Response:
         """200 while the models serve; 503 while they load, and once the server drains."""
