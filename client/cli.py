@@ -67,19 +67,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+COMMANDS = ("ingest", "search", "eval", "demo")
+
+
+def build_parser(environ: Mapping[str, str], command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser, its flags defaulting to ``environ``'s variables. Given the ``command``
+    about to run, only its parser reads them: a variable only another command reads cannot fail it."""
     parser = _Parser(
         prog="rerank-client",
         description="Hybrid retrieval streamed into the reranking sidecar. Every setting is also an "
         "environment variable (shown in brackets); a flag wins over its variable.",
     )
+
+    def environ_of(name: str) -> Mapping[str, str]:
+        return environ if command in (None, name) else {}
+
     commands = parser.add_subparsers(dest="command", required=True)
     ingest_parser = commands.add_parser("ingest", help="Embed and index a JSONL file or a BEIR directory.")
     ingest_parser.add_argument("source", type=Path, help="A JSONL file, or a BEIR dataset directory.")
     search_parser = commands.add_parser("search", help="Retrieve, rerank and print the top results.")
     search_parser.add_argument("query")
-    for command_parser in (ingest_parser, search_parser):
-        add_settings_arguments(command_parser, ClientSettings, environ)
+    for name, command_parser in (("ingest", ingest_parser), ("search", search_parser)):
+        add_settings_arguments(command_parser, ClientSettings, environ_of(name))
     eval_parser = commands.add_parser(
         "eval",
         help="Measure BM25, dense, hybrid and hybrid + rerank on a BEIR dataset: quality and latency.",
@@ -87,12 +96,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     eval_parser.add_argument(
         "dataset", type=Path, help="A BEIR directory: corpus.jsonl, queries.jsonl, qrels/."
     )
-    add_settings_arguments(eval_parser, ClientSettings, environ, exclude=EVAL_IGNORES)
-    add_settings_arguments(eval_parser, EvalSettings, environ)
+    add_settings_arguments(eval_parser, ClientSettings, environ_of("eval"), exclude=EVAL_IGNORES)
+    add_settings_arguments(eval_parser, EvalSettings, environ_of("eval"))
     demo_parser = commands.add_parser(
         "demo", help="Answer questions about the packaged contract clauses with both stages, offline."
     )
-    add_settings_arguments(demo_parser, DemoSettings, environ)
+    add_settings_arguments(demo_parser, DemoSettings, environ_of("demo"))
     return parser
 
 
@@ -356,7 +365,8 @@ async def _run_queries(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(os.environ)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(os.environ, next((arg for arg in argv if arg in COMMANDS), None))
     args = parser.parse_args(argv)
     try:
         # Each command's parser holds the flags of the settings it uses; the others keep their defaults.
@@ -364,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         eval_settings = settings_from(args, EvalSettings)
         demo_settings = settings_from(args, DemoSettings)
     except ValueError as exc:
-        parser.error(str(exc))
+        command = f"{parser.prog} {args.command}"
+        print(f"{command}: error: {exc} (see {command} --help)", file=sys.stderr)
+        return USAGE
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     debug = demo_settings.debug if args.command == "demo" else settings.debug
     if not debug:
