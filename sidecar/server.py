@@ -48,15 +48,20 @@ class SidecarServer:
         return self.grpc.port
 
     async def start(self) -> None:
-        """Listen, with every service NOT_SERVING until ``load`` completes."""
-        await self.grpc.start()
-        if self.http is not None:
-            await self.http.start()
-        if self.settings.metrics_port:
-            self._metrics_http, _ = start_http_server(
-                self.settings.metrics_port, addr=self.settings.host, registry=self.core.metrics.registry
-            )
-            self.metrics_port = self._metrics_http.server_port
+        """Listen, with every service NOT_SERVING until ``load`` completes. Raises OSError, saying which
+        port, where one cannot be listened on; what had started stops again."""
+        started: list[GrpcTransport | HttpTransport] = []
+        try:
+            for transport in (self.grpc, self.http):
+                if transport is not None:
+                    await transport.start()
+                    started.append(transport)
+            if self.settings.metrics_port:
+                self._metrics_http = self._start_metrics()
+                self.metrics_port = self._metrics_http.server_port
+        except OSError:
+            await asyncio.gather(*(transport.stop(0) for transport in started))
+            raise
         logger.info(
             "listening on %s:%d (%s)%s%s",
             self.settings.host,
@@ -65,6 +70,19 @@ class SidecarServer:
             f", HTTP on port {self.http.port}" if self.http is not None else "",
             f", metrics on port {self.metrics_port}" if self.metrics_port else "",
         )
+
+    def _start_metrics(self) -> Any:
+        address = f"{self.settings.host}:{self.settings.metrics_port}"
+        try:
+            server, _ = start_http_server(
+                self.settings.metrics_port, addr=self.settings.host, registry=self.core.metrics.registry
+            )
+        except OSError as error:
+            raise OSError(
+                f"could not listen for metrics on {address}: {error.strerror}; free it, or set "
+                "--metrics-port (RERANK_METRICS_PORT; 0 turns the endpoint off)"
+            ) from error
+        return server
 
     async def load(self) -> None:
         """Load the models and engines, warm them up, then report SERVING."""
@@ -113,9 +131,13 @@ async def serve(settings: Settings) -> int:
     server = SidecarServer(settings)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
+    try:
+        await server.start()
+    except OSError as error:
+        logger.error("%s", error)
+        return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    await server.start()
     loading = asyncio.create_task(server.load())
     stopping = asyncio.create_task(stop_requested.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)

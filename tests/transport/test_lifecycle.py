@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar import composition
-from sidecar.server import SidecarServer
+from sidecar.server import SidecarServer, serve
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.server import RERANKER_SERVICE
 from tests.conftest import RunningSidecar, docs, running_sidecar
@@ -63,8 +64,35 @@ async def test_reflection_lists_the_services(sidecar: RunningSidecar):
     assert replies[1].file_descriptor_response.file_descriptor_proto
 
 
+@pytest.mark.parametrize(
+    ("taken", "says"),
+    [
+        ("port", "could not listen for gRPC on 127.0.0.1:{port}"),
+        ("http_port", "could not listen for HTTP on 127.0.0.1:{port}"),
+        ("metrics_port", "could not listen for metrics on 127.0.0.1:{port}: Address already in use"),
+    ],
+)
+async def test_a_port_in_use_fails_start_up_in_one_line_and_stops_what_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, taken: str, says: str
+):
+    ports = {"port": 0, "http_port": free_port(), "metrics_port": 0}
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        settings = Settings(model=str(tmp_path / "unread"), host="127.0.0.1", **{**ports, taken: busy})
+        assert await serve(settings) == 1
+    (error,) = [
+        record for record in caplog.records if record.levelname == "ERROR" and record.name == "sidecar.server"
+    ]
+    assert says.format(port=busy) in error.getMessage()
+    if taken == "metrics_port":  # the HTTP transport it had started listens no more
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", ports["http_port"]))
+
+
 async def test_a_model_that_cannot_load_fails_start_up_with_a_clear_error(tmp_path: Path):
-    settings = Settings(model=str(tmp_path / "no-such-model"), host="127.0.0.1", port=0)
+    settings = Settings(model=str(tmp_path / "no-such-model"), host="127.0.0.1", port=0, metrics_port=0)
     server = SidecarServer(settings)
     await server.start()
     try:

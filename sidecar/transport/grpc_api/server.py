@@ -76,12 +76,18 @@ class GrpcTransport:
         )
         await self._set_health(_NOT_SERVING)
         credentials = server_credentials(self._settings)
-        if credentials is None:
-            self.port = self._server.add_insecure_port(self._settings.address)
-        else:
-            self.port = self._server.add_secure_port(self._settings.address, credentials)
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(self._settings.address)
+            else:
+                self.port = self._server.add_secure_port(self._settings.address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind"
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not listen on {self._settings.address}")
+            raise OSError(
+                f"could not listen for gRPC on {self._settings.address}: the address is in use or not "
+                "this host's; free it, or set --port (RERANK_PORT) or --host (RERANK_HOST)"
+            )
         await self._server.start()
 
     async def serving(self) -> None:

@@ -51,7 +51,10 @@ class HttpTransport:
         try:
             await self._server.startup()
         except SystemExit as exit_:  # uvicorn exits when it cannot bind
-            raise OSError(f"could not listen for HTTP on {self._config.host}:{self._config.port}") from exit_
+            raise OSError(
+                f"could not listen for HTTP on {self._config.host}:{self._config.port}: the address is in "
+                "use or not this host's; free it, or set --http-port (RERANK_HTTP_PORT)"
+            ) from exit_
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
         self._ticking = asyncio.create_task(self._server.main_loop())  # the Date header, until should_exit
 
