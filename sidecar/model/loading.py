@@ -216,7 +216,7 @@ def load_bi_encoder(source: ModelSource, max_length_cap: int = 0) -> BiEncoderMo
     fields = _text_model_fields(source, config, max_length_cap, family)
     trained_file = _sentence_transformers_file(source, "sentence_bert_config.json")
     trained_length = json.loads(trained_file.read_text()).get("max_seq_length") if trained_file else None
-    if trained_length and not max_length_cap:
+    if trained_length:  # what it was trained on: a --max-length cap lowers it, never raises it
         fields["max_length"] = min(fields["max_length"], int(trained_length))
     return BiEncoderModel(**fields, dims=int(config.hidden_size), pooling=read_pooling(source))
 
@@ -241,15 +241,27 @@ def read_pooling(source: ModelSource) -> Pooling:
     return pooling
 
 
+# sentence-transformers' Pooling flags the sidecar runs, and what it calls them.
+_POOLING_MODES = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+}
+
+
 def _pooling_mode(source: ModelSource, pooling_config: dict[str, Any]) -> str:
-    if pooling_config.get("pooling_mode_cls_token"):
-        return "cls"
-    if pooling_config.get("pooling_mode_max_tokens"):
-        return "max"
-    if pooling_config.get("pooling_mode_mean_tokens", True):
+    """The one pooling mode the config sets (mean where it sets none). Several at once are concatenated
+    by sentence-transformers, which the sidecar does not do: refused, as is a mode it does not run."""
+    enabled = [
+        key for key, value in pooling_config.items() if key.startswith("pooling_mode_") and value is True
+    ]
+    if not enabled:
         return "mean"
+    if len(enabled) == 1 and enabled[0] in _POOLING_MODES:
+        return _POOLING_MODES[enabled[0]]
     raise ModelLoadError(
-        f"Model {source.name!r} uses a pooling mode the sidecar does not run: {pooling_config}"
+        f"Model {source.name!r} pools with {', '.join(enabled)}; the sidecar runs one of "
+        f"{', '.join(_POOLING_MODES)} alone"
     )
 
 
