@@ -195,24 +195,15 @@ def _refusing(
         yield  # never reached: a generator, as a handler that streams its answers is
 
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            refuse,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            refuse,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    factory = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.unary_stream
-        else grpc.stream_stream_rpc_method_handler
-    )
+        factory, behavior = grpc.unary_unary_rpc_method_handler, refuse
+    elif handler.stream_unary:
+        factory, behavior = grpc.stream_unary_rpc_method_handler, refuse
+    elif handler.unary_stream:
+        factory, behavior = grpc.unary_stream_rpc_method_handler, refuse_stream
+    else:
+        factory, behavior = grpc.stream_stream_rpc_method_handler, refuse_stream
     return factory(
-        refuse_stream,
+        behavior,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
