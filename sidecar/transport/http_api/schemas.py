@@ -11,6 +11,7 @@ Types are strict, as each API's JSON is: ``true`` is no count, ``0`` no boolean.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
@@ -30,18 +31,20 @@ def _valid_unicode(value: object) -> object:
     return value
 
 
-def _json_integer(value: object) -> object:
-    """JSON Schema's integer: a number without a fraction (4.0 too), never a boolean or a string."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be an integer, not {type(value).__name__} {value!r}")
-    return value
+def _json_numeric(kind: str) -> Callable[[object], object]:
+    """A check that a value is JSON's number, never a boolean or a string; pydantic then makes it the
+    field's ``kind`` (an integer takes 4.0 too)."""
+
+    def check(value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be {kind}, not {type(value).__name__} {value!r}")
+        return value
+
+    return check
 
 
-def _json_number(value: object) -> object:
-    """JSON Schema's number: never a boolean or a string."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a number, not {type(value).__name__} {value!r}")
-    return value
+_json_integer = _json_numeric("an integer")
+_json_number = _json_numeric("a number")
 
 
 # A count, at least 1: JSON Schema's integer.
