@@ -1,5 +1,5 @@
-"""The ``rerank-client`` console script: ``ingest`` a corpus, ``search`` with both stages, ``eval`` them on a
-BEIR dataset, or run the packaged ``demo``."""
+"""The commands of ``rerank-client`` (entered through ``client.__main__``): ``ingest`` a corpus, ``search``
+with both stages, ``eval`` them on a BEIR dataset, or run the packaged ``demo``."""
 
 from __future__ import annotations
 
@@ -415,7 +415,3 @@ def run_command(
         return asyncio.run(run_search(settings, retriever, args.query, out))
     finally:
         retriever.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,7 +50,7 @@ class Run:
 
 
 async def rerank_client(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Run:
-    """``python -m client.cli ARGS`` with this checkout's code and none of the caller's client settings."""
+    """``python -m client ARGS`` with this checkout's code and none of the caller's client settings."""
     environment = {
         name: value for name, value in os.environ.items() if not name.startswith(("RERANK_", "ES_"))
     }
@@ -59,7 +59,7 @@ async def rerank_client(*args: str, cwd: Path, env: dict[str, str] | None = None
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "client.cli",
+        "client",
         *args,
         cwd=cwd,
         env=environment,
