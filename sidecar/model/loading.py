@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tokenizers import Tokenizer
+
 from sidecar.errors import ModelLoadError
 from sidecar.model.families import DECODER_MODEL_TYPES, FAMILIES, Family, family_of
 from sidecar.model.tokenization import PairTokenizer, PromptPairTokenizer
@@ -213,9 +215,12 @@ def load_bi_encoder(source: ModelSource, max_length_cap: int = 0) -> BiEncoderMo
     family = family_of(config.model_type)
     if family.prompt is not None:  # an embedding model reads single texts, never a reranking prompt
         family = Family(config.model_type, family.model_types)
-    fields = _text_model_fields(source, config, max_length_cap, family)
     trained_file = _sentence_transformers_file(source, "sentence_bert_config.json")
-    trained_length = json.loads(trained_file.read_text()).get("max_seq_length") if trained_file else None
+    trained: dict[str, Any] = json.loads(trained_file.read_text()) if trained_file else {}
+    fields = _text_model_fields(
+        source, config, max_length_cap, family, lowercase=bool(trained.get("do_lower_case"))
+    )
+    trained_length = trained.get("max_seq_length")
     if trained_length:  # what it was trained on: a --max-length cap lowers it, never raises it
         fields["max_length"] = min(fields["max_length"], int(trained_length))
     return BiEncoderModel(**fields, dims=int(config.hidden_size), pooling=read_pooling(source))
@@ -314,14 +319,24 @@ def _refuse_remote_code(source: ModelSource) -> None:
 
 
 def _text_model_fields(
-    source: ModelSource, config: Any, max_length_cap: int, family: Family, instruction: str = ""
+    source: ModelSource,
+    config: Any,
+    max_length_cap: int,
+    family: Family,
+    instruction: str = "",
+    *,
+    lowercase: bool = False,
 ) -> dict[str, Any]:
+    """The fields every text model has; ``lowercase`` (sentence-transformers' ``do_lower_case``) makes
+    the tokenizer lowercase texts first, as sentence-transformers does."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.name, **source.from_pretrained_kwargs())
     except Exception as exc:
         raise load_failure(source, "tokenizer", exc) from exc
+    if lowercase:
+        _lowercase_first(tokenizer.backend_tokenizer)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelLoadError(
             f"Model {source.name!r} has no fast (Rust) tokenizer; the sidecar needs one (a tokenizer.json)."
@@ -351,6 +366,16 @@ def _text_model_fields(
         "tokenizer": pair_tokenizer,
         "revision": source.revision or getattr(config, "_commit_hash", None) or "",
     }
+
+
+def _lowercase_first(tokenizer: Tokenizer) -> None:
+    """Make ``tokenizer`` lowercase each text before its own normalizer runs, unless that lowercases."""
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    normalizer = tokenizer.normalizer
+    steps = list(normalizer) if isinstance(normalizer, Sequence) else [normalizer] if normalizer else []
+    if not any(isinstance(step, Lowercase) for step in steps):
+        tokenizer.normalizer = Sequence([Lowercase(), *steps])
 
 
 def _require_vocabulary_file(source: ModelSource, tokenizer: Any) -> None:

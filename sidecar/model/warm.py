@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 # 2: the export's description lost is_bi_encoder, which nothing read.
 _FORMAT = 2
+# How the loaded tokenizer is built from the model's files; a new way leaves the tokenizers cached the old
+# way unused. 2: a sentence-transformers model's do_lower_case lowercases.
+_TOKENIZER_BUILD = 2
 # How ``recall`` begins its reason when the model's remembered engine runs the PyTorch network.
 NEEDS_NETWORK = "the remembered engine runs the PyTorch network"
 _TOKENIZER_FILE = "tokenizer.json"
@@ -133,13 +136,14 @@ def warm_key(
         "instruction": instruction,
         "trust_remote_code": str(trust_remote_code),
         "sidecar": __version__,
+        "tokenizer_build": str(_TOKENIZER_BUILD),
         "threads_environment": threads_environment(),
         **versions,
     }
 
 
 def tokenizer_key(key: Mapping[str, str]) -> dict[str, str]:
-    return {name: key[name] for name in ("model_files", "transformers", "tokenizers")}
+    return {name: key[name] for name in ("model_files", "tokenizer_build", "transformers", "tokenizers")}
 
 
 def differing_files(directory: Path, remembered: Mapping[str, str], current: Mapping[str, str]) -> str:

@@ -18,6 +18,7 @@ from sidecar.model.loading import ModelKind, ModelSource, Pooling, load_bi_encod
 from sidecar.model.tokenization import PairSpec
 from testkit.models import bert_tokenizer_dir
 
+UNKNOWN_TOKEN_ID = 100  # [UNK] in bert-base-uncased's vocabulary
 TEXTS = ["Cats are obligate carnivores.", "short", "A much longer sentence about the stock market and rain."]
 
 
@@ -37,14 +38,39 @@ def test_pooling_matches_sentence_transformers(tmp_path: Path, mode: str):
     directory = with_pooling(tmp_path / mode, mode)
     source = ModelSource(str(directory))
     assert read_pooling(source) == Pooling(mode=mode, normalize=True)
+    reference = SentenceTransformer(str(directory), device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(our_vectors(source, TEXTS), reference, atol=1e-5)
+
+
+def our_vectors(source: ModelSource, texts: list[str]) -> np.ndarray:
     model = load_bi_encoder(source)
     network = load_network(source, ModelKind.BI_ENCODER)
-    pairs = model.tokenizer.encode_texts(TEXTS, PairSpec(max_length=model.max_length)).pairs
+    pairs = model.tokenizer.encode_texts(texts, PairSpec(max_length=model.max_length)).pairs
     batch = collate(pairs, model.pad_token_id, model.uses_token_type_ids)
     with torch.inference_mode():
-        ours = network(**{name: torch.from_numpy(array) for name, array in batch.as_dict().items()}).numpy()
-    reference = SentenceTransformer(str(directory), device="cpu").encode(TEXTS)
-    np.testing.assert_allclose(ours, reference, atol=1e-5)
+        return network(**{name: torch.from_numpy(array) for name, array in batch.as_dict().items()}).numpy()
+
+
+def test_do_lower_case_lowercases_before_a_cased_tokenizer(tmp_path: Path):
+    # A cased tokenizer under sentence-transformers' do_lower_case: each text is lowercased first. Served
+    # as written, "Cats" would be a word the uncased vocabulary lacks.
+    directory = with_pooling(tmp_path / "lowercased", "mean")
+    tokenizer_file = directory / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text())
+    tokenizer["normalizer"]["lowercase"] = False
+    tokenizer_file.write_text(json.dumps(tokenizer))
+    tokenizer_config_file = directory / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_config_file.read_text())
+    tokenizer_config_file.write_text(json.dumps({**tokenizer_config, "do_lower_case": False}))
+    trained_file = directory / "sentence_bert_config.json"
+    trained_file.write_text(json.dumps({**json.loads(trained_file.read_text()), "do_lower_case": True}))
+    texts = ["Cats ARE Obligate Carnivores.", "ÉCOLE Normale"]
+    source = ModelSource(str(directory))
+    (pair,) = load_bi_encoder(source).tokenizer.encode_texts(texts[:1], PairSpec(max_length=32)).pairs
+    assert UNKNOWN_TOKEN_ID not in pair.input_ids
+    reference = SentenceTransformer(str(directory), device="cpu").encode(texts)
+    np.testing.assert_allclose(our_vectors(source, texts), reference, atol=1e-5)
+    np.testing.assert_allclose(our_vectors(source, texts), our_vectors(source, [t.lower() for t in texts]))
 
 
 @pytest.mark.parametrize(
