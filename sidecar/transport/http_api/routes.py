@@ -125,19 +125,15 @@ def build_app(core: ServingCore, settings: Settings) -> FastAPI:
         """Cohere's Rerank v1: documents as strings or objects; `rank_fields` picks the fields ranked,
         `return_documents` echoes each document's text, `max_chunks_per_doc` chunks long documents."""
         reranker = reranker_for(core, body.model)
-        texts = _cohere_v1_texts(body.documents, body.rank_fields)
+        documents = [CohereDocument(text=d) if isinstance(d, str) else d for d in body.documents]
+        texts = _cohere_v1_texts(documents, body.rank_fields)
         options = RerankOptions(
             top_n=body.top_n or 0,
             chunk=body.max_chunks_per_doc is not None,
             max_chunks_per_doc=body.max_chunks_per_doc or 0,
         )
         ranking = await _rerank(reranker, body.query, texts, options)
-        echoed = None
-        if body.return_documents:
-            echoed = [
-                CohereDocument(text=document) if isinstance(document, str) else document
-                for document in body.documents
-            ]
+        echoed = documents if body.return_documents else None
         return _cohere_response(ranking, "1", len(texts), reranker, echoed)
 
     @app.post(
@@ -241,13 +237,11 @@ def _check_dimensions(embedder: Embedder, dimensions: int | None) -> None:
         )
 
 
-def _cohere_v1_texts(
-    documents: Sequence[str | CohereDocument], rank_fields: Sequence[str] | None
-) -> list[str]:
+def _cohere_v1_texts(documents: Sequence[CohereDocument], rank_fields: Sequence[str] | None) -> list[str]:
     """Each document's text: its `text`, or with `rank_fields` a `field: value` line per field it has."""
     texts = []
     for index, document in enumerate(documents):
-        fields = {"text": document} if isinstance(document, str) else document.model_dump()
+        fields = document.model_dump()
         if rank_fields is None:
             texts.append(fields["text"])
             continue
