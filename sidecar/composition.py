@@ -117,6 +117,20 @@ class Composition:
         await asyncio.to_thread(clear_unused_cache, Path(settings.cache_dir), settings.cache_retention_days)
 
 
+def _named_sources(flag: str, value: str, revision: str) -> dict[str, ModelSource]:
+    """Where each model of ``flag`` comes from, by name, in the order given: checked before any loads."""
+    sources: dict[str, ModelSource] = {}
+    for entry in model_entries(flag, value):
+        source = ModelSource.resolve(entry.reference, revision)
+        name = entry.name or source.model_id
+        if name in sources:
+            raise ModelLoadError(
+                f"{flag}: two models are named {name!r}; give each its own name as NAME=PATH_OR_ID"
+            )
+        sources[name] = source
+    return sources
+
+
 class ModelAssembly:
     """Builds the served models: a runtime (model and engine) per model, each behind its batcher and
     scorer, warmed up; the Reranker and Embedder over them; and the tokenizer pool they share.
@@ -159,8 +173,16 @@ class ModelAssembly:
         limits = Limits(
             settings.max_documents_per_request, settings.max_chunks_per_doc, settings.max_request_tokens
         )
-        ranking = await self._serve_named("--model", settings.model, settings.revision)
-        embedding = await self._serve_named("--embed-model", settings.embed_model, "")
+        ranking_sources = _named_sources("--model", settings.model, settings.revision)
+        embedding_sources = _named_sources("--embed-model", settings.embed_model, "")
+        for name in ranking_sources.keys() & embedding_sources.keys():
+            if ranking_sources[name] != embedding_sources[name]:
+                raise ModelLoadError(
+                    f"--model and --embed-model name two models {name!r}; the metrics and logs tell "
+                    "models apart by name: give each its own as NAME=PATH_OR_ID"
+                )
+        ranking = await self._serve_named(ranking_sources)
+        embedding = await self._serve_named(embedding_sources)
         embedders = {}
         for name, served in embedding.items():
             embed_model = kind_of(served.model).embedding_model(served.model)
@@ -182,17 +204,11 @@ class ModelAssembly:
             ranking, rerankers, embedding, embedders, self._tokenizer_pool, self._heap_trimmer
         )
 
-    async def _serve_named(self, flag: str, value: str, revision: str) -> dict[str, ServedModel]:
-        """The models of ``flag``, by name, in the order given; a model already served (under another
-        name, or by the other service) is served once."""
+    async def _serve_named(self, sources: dict[str, ModelSource]) -> dict[str, ServedModel]:
+        """The models by name, in the order given; a model already served (under another name, or by
+        the other service) is served once."""
         served: dict[str, ServedModel] = {}
-        for entry in model_entries(flag, value):
-            source = ModelSource.resolve(entry.reference, revision)
-            name = entry.name or source.model_id
-            if name in served:
-                raise ModelLoadError(
-                    f"{flag}: two models are named {name!r}; give each its own name as NAME=PATH_OR_ID"
-                )
+        for name, source in sources.items():
             same = self._by_source.get(source)
             served[name] = same if same is not None else await self._serve_model(source, name)
             self._by_source[source] = served[name]

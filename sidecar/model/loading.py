@@ -6,6 +6,7 @@ import enum
 import importlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,8 +44,11 @@ class ModelSource:
 
     @classmethod
     def resolve(cls, requested: str, revision: str = "") -> ModelSource:
-        """A packaged model's directory when its package is installed, else the name as given."""
-        if requested in PACKAGED_MODELS and not revision and not Path(requested).is_dir():
+        """A local directory by its absolute path (however it was written: ``.``, ``dir/``, relative),
+        a packaged model's directory when its package is installed, else the Hugging Face id as given."""
+        if Path(requested).is_dir():  # a revision is the Hub's: a directory has one set of files
+            return cls(os.path.abspath(requested))
+        if requested in PACKAGED_MODELS and not revision:
             module_name, attribute = PACKAGED_MODELS[requested]
             try:
                 module = importlib.import_module(module_name)

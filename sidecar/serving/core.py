@@ -29,7 +29,7 @@ from sidecar.serving.info import EmbeddingInfo, ModelInfo, RankingInfo, Selectio
 from sidecar.serving.metrics import Metrics
 from sidecar.serving.reranking import Reranker
 from sidecar.serving.scoring import Scorer
-from sidecar.settings import Settings
+from sidecar.settings import Settings, model_entries
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class ServingCore:
     @property
     def serves_embeddings(self) -> bool:
         """Whether the Embedder is offered (an embedding model is set), loaded or not yet."""
-        return bool(self.settings.embed_model)
+        return bool(model_entries("--embed-model", self.settings.embed_model))
 
     def require_reranker(self, model: str = "") -> Reranker:
         """The Reranker of the model a request names (its ``model`` field), or the default's."""

@@ -81,6 +81,15 @@ async def test_embedder_is_unimplemented_when_disabled(sidecar: RunningSidecar):
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+async def test_an_embedding_model_setting_without_a_model_offers_no_embedder(tiny_bert: Path):
+    async with running_sidecar(tiny_bert, embed_model=" , ") as running:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await rerank_pb2_grpc.EmbedderStub(running.channel).Embed(
+                rerank_pb2.EmbedRequest(texts=["x"]), timeout=10
+            )
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 async def test_an_embedding_model_reranks_by_cosine(reference_encoder):
     async with running_sidecar(Path(MINILM), embed_model=MINILM) as running:
         info = await running.stub.Info(rerank_pb2.InfoRequest(), timeout=10)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -144,3 +146,57 @@ async def test_a_single_model_sidecar_takes_its_own_name_and_refuses_another(
         await rerank(sidecar, "rerank-v3.5")
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"the reranking models served are: {tiny_bert.name!r}" in raised.value.details()
+
+
+async def test_a_name_given_to_a_reranker_and_to_another_embedder_stops_the_start(tiny_bert: Path):
+    # Metrics and logs tell models apart by name: two models of one name would share their series.
+    with pytest.raises(ModelLoadError, match="--model and --embed-model name two models 'm'"):
+        async with running_sidecar(f"m={tiny_bert}", embed_model=f"m={MINILM}"):
+            pass
+
+
+async def test_one_directory_written_several_ways_is_one_model_named_by_its_directory(
+    tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tiny_bert)
+    spellings = f"a={tiny_bert},b={tiny_bert}/,c=../{tiny_bert.name},."
+    async with running_sidecar(spellings, revision="main") as running:
+        info = await running.stub.Info(rerank_pb2.InfoRequest(), timeout=30)
+        assert len(running.server.core.served) == 1
+        listed = [(model.name, model.model_id) for model in info.models]
+        assert listed == [(name, tiny_bert.name) for name in ("a", "b", "c", tiny_bert.name)]
+        assert info.model_revision != "main"  # a directory has no Hub revision
+        scores = await rerank(running, tiny_bert.name)
+        np.testing.assert_array_equal(scores, await rerank(running, "a"))
+
+
+def small_embedding_model(directory: Path, tiny_bert: Path) -> Path:
+    """The tiny BERT as a sentence-transformers model: mean pooling over its narrow hidden states."""
+    shutil.copytree(tiny_bert, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir()
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return directory
+
+
+async def test_the_openapi_document_allows_every_embedder_s_dimensions(tiny_bert: Path, tmp_path: Path):
+    small = small_embedding_model(tmp_path / "small", tiny_bert)
+    embedders = f"{MINILM},small={small}"
+    async with running_sidecar(tiny_bert, embed_model=embedders, http_port=free_port()) as running:
+        small_dims = running.server.core.models.embedders["small"].model.dims
+        async with httpx.AsyncClient(base_url=running.http_url, timeout=30) as client:
+            schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+            embedded = await client.post(
+                "/v1/embeddings", json={"model": "small", "input": "a", "dimensions": small_dims}
+            )
+    assert embedded.status_code == 200, embedded.text
+    assert len(embedded.json()["data"][0]["embedding"]) == small_dims
+    openai_dims = schemas["OpenAIEmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["enum"]
+    assert openai_dims == sorted({small_dims, 384})
+    assert schemas["TeiEmbedRequest"]["properties"]["dimensions"]["anyOf"][0]["enum"] == [384]  # the default

@@ -80,10 +80,11 @@ def openapi_document(app: FastAPI, core: ServingCore, settings: Settings) -> dic
         limits["CohereRerankV1Request"]["model"] = {"enum": ["", *core.models.rerankers]}
         if core.models.embedders:
             limits["OpenAIEmbeddingsRequest"]["model"] = {"enum": ["", *core.models.embedders]}
-    if core.embedder is not None:
-        dims = {"dimensions": {"enum": [core.embedder.model.dims]}}
-        limits["TeiEmbedRequest"] |= dims
-        limits["OpenAIEmbeddingsRequest"] |= dims
+    if core.models is not None and core.embedder is not None:
+        # TEI's /embed serves the default embedder; OpenAI's route, whichever `model` names.
+        limits["TeiEmbedRequest"]["dimensions"] = {"enum": [core.embedder.model.dims]}
+        every_dims = sorted({embedder.model.dims for embedder in core.models.embedders.values()})
+        limits["OpenAIEmbeddingsRequest"]["dimensions"] = {"enum": every_dims}
         if core.embedder.model.pooling.normalize:  # its own Normalize module: only normalized vectors
             limits["TeiEmbedRequest"]["normalize"] = {"enum": [True]}
     for name, fields in limits.items():
