@@ -129,6 +129,13 @@ class BiEncoderModel(TextModel):
 def load_failure(source: ModelSource, what: str, exc: Exception) -> ModelLoadError:
     if source.is_local:
         return ModelLoadError(f"Could not load the {what} of the model in directory {source.name}: {exc}")
+    if Path(source.name).exists():
+        return ModelLoadError(f"Model {source.name!r} is a file; give the directory the model was saved to")
+    if not _could_be_hub_id(source.name):
+        return ModelLoadError(
+            f"Model {source.name!r}: no such directory (and no Hugging Face id, which is NAME or ORG/NAME); "
+            "check the path, and that the volume holding the models is mounted"
+        )
     return ModelLoadError(
         f"Could not load the {what} of model {source.name!r}: it is not a local directory, and it could "
         f"not be fetched from the Hugging Face Hub ({type(exc).__name__}: {exc}). Where the Hub is "
@@ -136,6 +143,11 @@ def load_failure(source: ModelSource, what: str, exc: Exception) -> ModelLoadErr
         f"(`hf download {source.name} --local-dir DIR`) and start with `--model DIR` "
         "(`--embed-model DIR` for the embedding model)."
     )
+
+
+def _could_be_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a Hugging Face repository id: NAME or ORG/NAME, no path."""
+    return name.count("/") <= 1 and not name.startswith(("/", ".", "~")) and "\\" not in name
 
 
 def detect_kind(source: ModelSource) -> ModelKind:

@@ -41,6 +41,24 @@ def test_trust_remote_code_is_a_flag_and_an_environment_variable():
     assert parse_settings([], {"RERANK_TRUST_REMOTE_CODE": "1"}).trust_remote_code
 
 
+@pytest.mark.parametrize("missing", ["/models/absent", "./absent", "../models/absent", "models/v2/absent"])
+def test_a_path_that_does_not_exist_is_named_as_a_path_not_a_hub_id(
+    missing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="no such directory") as raised:
+        load_model(ModelSource.resolve(missing))
+    assert repr(missing) in str(raised.value)
+    assert "Hugging Face Hub (" not in str(raised.value)
+
+
+def test_a_file_given_as_the_model_is_refused_asking_for_its_directory(tmp_path: Path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="is a file; give the directory"):
+        load_model(ModelSource.resolve(str(weights)))
+
+
 def test_a_decoder_without_a_known_prompt_is_refused(tmp_path: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
