@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import start_http_server
 
 from sidecar.composition import Composition, RuntimeFactory
+from sidecar.errors import ModelLoadError
 from sidecar.settings import Settings
 from sidecar.transport.grpc_api.server import GrpcTransport, security_of
 
@@ -109,10 +110,11 @@ class SidecarServer:
                 asyncio.gather(*(transport.idle() for transport in transports)), timeout=grace
             )
         except TimeoutError:
-            logger.warning(
-                "%d call(s) still in flight after the grace period; cancelling them",
-                sum(transport.calls.in_flight for transport in transports),
-            )
+            in_flight = sum(transport.calls.in_flight for transport in transports)
+            if in_flight:  # a stop with no grace (a failed start) times out with nothing to cancel
+                logger.warning(
+                    "%d call(s) still in flight after the grace period; cancelling them", in_flight
+                )
         remaining = max(0.0, grace - (time.monotonic() - started))
         await asyncio.gather(*(transport.stop(remaining) for transport in transports))
         await self.core.close()
@@ -128,7 +130,11 @@ class SidecarServer:
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
-    server = SidecarServer(settings)
+    try:
+        server = SidecarServer(settings)
+    except (OSError, ModelLoadError) as error:  # the process's set-up: its cache, its threads
+        logger.error("%s", error)
+        return 1
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     try:

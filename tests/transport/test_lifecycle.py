@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -91,15 +93,33 @@ async def test_a_port_in_use_fails_start_up_in_one_line_and_stops_what_started(
             again.bind(("127.0.0.1", ports["http_port"]))
 
 
-async def test_a_model_that_cannot_load_fails_start_up_with_a_clear_error(tmp_path: Path):
-    settings = Settings(model=str(tmp_path / "no-such-model"), host="127.0.0.1", port=0, metrics_port=0)
-    server = SidecarServer(settings)
-    await server.start()
-    try:
-        with pytest.raises(Exception, match="--model DIR"):
-            await server.load()
-    finally:
-        await server.stop(grace=0)
+async def test_a_model_that_cannot_load_fails_start_up_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    missing = tmp_path / "no-such-model"
+    settings = Settings(model=str(missing), host="127.0.0.1", port=0, metrics_port=0, cache_dir=str(tmp_path))
+    assert await serve(settings) == 1
+    logged = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [record.levelname for record in logged] == ["ERROR"], [r.getMessage() for r in logged]
+    assert f"Model {str(missing)!r}: no such directory" in logged[0].getMessage()
+
+
+async def test_a_cache_that_cannot_be_written_anywhere_fails_start_up_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    def no_temporary_directory(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", "/tmp")
+
+    blocking_file = tmp_path / "a-file"
+    blocking_file.write_text("")
+    monkeypatch.setattr(tempfile, "mkdtemp", no_temporary_directory)
+    settings = Settings(
+        model=str(tmp_path), host="127.0.0.1", port=0, metrics_port=0, cache_dir=str(blocking_file / "cache")
+    )
+    assert await serve(settings) == 1
+    (error,) = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert "--cache-dir" in error.getMessage()
+    assert "TMPDIR" in error.getMessage()
 
 
 @pytest.mark.slow
