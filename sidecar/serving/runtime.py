@@ -36,7 +36,15 @@ from sidecar.model.loading import BiEncoderModel, CrossEncoderModel, ModelSource
 from sidecar.model.memory import release_unused_memory
 from sidecar.model.parity import Probe
 from sidecar.model.phases import PhaseTimer
-from sidecar.model.warm import NEEDS_NETWORK, WarmStore, model_files, rebuild_model, record_of, warm_key
+from sidecar.model.warm import (
+    NEEDS_NETWORK,
+    WarmStore,
+    differing_files,
+    model_files,
+    rebuild_model,
+    record_of,
+    warm_key,
+)
 from sidecar.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -483,6 +491,8 @@ def _cold_runtime(
     # kernels, so it is set before anything compiles in the background).
     torch.set_num_threads(threads)
     with phases.timed("load"):
+        # The files as read, to be remembered with the engine built from them (not as they are after).
+        files_read = model_files(Path(source.name)) if source.is_local else {}
         model = load_model(source, settings.max_length, settings.instruction)
         network = load_model_network(model)
     input_names = ("input_ids", "attention_mask", "token_type_ids")
@@ -496,7 +506,9 @@ def _cold_runtime(
     del network  # the fp32 reference: the engine that serves holds what it needs
     if source.is_local:
         model_dir = Path(source.name)
-        _remember_for_warm_starts(settings, model_dir, cache_dir, model, selection, vocab_size, input_names)
+        _remember_for_warm_starts(
+            settings, model_dir, files_read, cache_dir, model, selection, vocab_size, input_names
+        )
     release_unused_memory()
     return _serving_runtime(settings, source, model, selection, request, workers, phases, outputs)
 
@@ -504,21 +516,31 @@ def _cold_runtime(
 def _remember_for_warm_starts(
     settings: Settings,
     model_dir: Path,
+    files: dict[str, str],
     cache_dir: Path,
     model: CrossEncoderModel | BiEncoderModel,
     selection: Selection,
     vocab_size: int,
     input_names: tuple[str, ...],
 ) -> None:
-    """What the next start needs to serve this engine without torch; when torch won the selection, that
-    it did (the next start then loads in full at once); nothing (and no stale record) for torch asked
-    for by name, or an engine built from no export."""
+    """What the next start needs to serve this engine without torch, with the model ``files`` it was
+    built from; when torch won the selection, that it did (the next start then loads in full at once);
+    nothing (and no stale record) for torch asked for by name, an engine built from no export, or files
+    that changed while this start read them."""
     store = WarmStore(cache_dir)
     network = selection.engine.name in NETWORK_ENGINES
     if (network and settings.engine != "auto") or (not network and selection.exported is None):
         store.forget(model_dir)
         return
-    files = model_files(model_dir)
+    files_now = model_files(model_dir)
+    if files_now != files:
+        store.forget(model_dir)
+        logger.warning(
+            "%s changed while it loaded, so nothing is remembered and the next start loads it in full: %s",
+            model_dir,
+            differing_files(model_dir, files, files_now),
+        )
+        return
     key = _warm_key(settings, files)
     if network:
         engine = f"{selection.engine.name}/{selection.engine.precision}"

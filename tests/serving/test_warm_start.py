@@ -339,6 +339,33 @@ def test_model_files_names_what_changed(tmp_path: Path) -> None:
     assert f"added: {tmp_path / 'vocab.txt'}" in described
 
 
+def test_model_files_changed_while_a_start_loads_them_are_not_remembered(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The engine was built from the files as read; a record with the files as they are after would
+    # serve that engine for other files on every later start.
+    changing = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    original_load = runtime_module.load_model
+
+    def load_then_replace_the_config(*args: Any, **kwargs: Any) -> Any:
+        loaded = original_load(*args, **kwargs)
+        (changing / "config.json").write_text((changing / "config.json").read_text() + "\n")
+        return loaded
+
+    monkeypatch.setattr(runtime_module, "load_model", load_then_replace_the_config)
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING):
+        start(changing, cache, "onnxruntime").engine.close()
+    assert not list((cache / "warm").glob("*.json"))
+    assert f"changed: {changing / 'config.json'}" in caplog.text
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO):
+        again = start(changing, cache, "onnxruntime")  # loads in full, and remembers this time
+    assert "nothing is remembered for the model" in caplog.text
+    again.engine.close()
+    assert list((cache / "warm").glob("*.json"))
+
+
 def test_a_torch_verdict_leaves_no_record_for_warm_starts(
     model_dir: Path, cache_copy: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
