@@ -46,6 +46,10 @@ from sidecar.errors import ModelLoadError
 logger = logging.getLogger(__name__)
 
 _MANIFEST = "manifest.json"
+# What tempfile's private modes (0700, 0600) become once swapped in: readable by the other users of a
+# cache volume that several pods share (their writes go to entries of their own).
+_SHARED_DIRECTORY_MODE = 0o755
+_SHARED_FILE_MODE = 0o644
 _CHUNK_BYTES = 1 << 20
 
 
@@ -96,9 +100,14 @@ def write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
     the directory cannot be written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(data, stream, indent=2, sort_keys=True)
-    os.replace(staging, path)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(data, stream, indent=2, sort_keys=True)
+        os.chmod(staging, _SHARED_FILE_MODE)
+        os.replace(staging, path)
+    except BaseException:  # a full disk: no half-written staging file left behind
+        Path(staging).unlink(missing_ok=True)
+        raise
 
 
 def file_sha256(path: Path) -> str:
@@ -248,6 +257,7 @@ class ArtifactCache:
             build(staging / filename)
             manifest = {"key": dict(key), "file": filename, "sha256": file_sha256(staging / filename)}
             (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            os.chmod(staging, _SHARED_DIRECTORY_MODE)
             shutil.rmtree(entry, ignore_errors=True)
             try:
                 os.replace(staging, entry)
@@ -263,19 +273,22 @@ class ArtifactCache:
 
     @staticmethod
     def _verify(entry: Path, key: Mapping[str, str], filename: str) -> str | None:
-        """None when the entry is valid; otherwise why not."""
+        """None when the entry is valid; otherwise why not (one this process may not read included)."""
         manifest_path = entry / _MANIFEST
-        if not manifest_path.is_file():
-            return "absent"
         try:
+            if not manifest_path.is_file():
+                return "absent"
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
             return f"unreadable manifest ({exc})"
         if not isinstance(manifest, dict) or manifest.get("key") != dict(key):
             return "its key differs (stale entry)"
         artifact = entry / filename
-        if manifest.get("file") != filename or not artifact.is_file():
-            return "the artifact file is missing"
-        if file_sha256(artifact) != manifest.get("sha256"):
-            return "the artifact's checksum does not match its manifest (corrupt file)"
+        try:
+            if manifest.get("file") != filename or not artifact.is_file():
+                return "the artifact file is missing"
+            if file_sha256(artifact) != manifest.get("sha256"):
+                return "the artifact's checksum does not match its manifest (corrupt file)"
+        except OSError as exc:
+            return f"unreadable artifact ({exc})"
         return None

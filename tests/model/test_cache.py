@@ -17,6 +17,7 @@ from sidecar.model.cache import (
     remove_entries,
     remove_unused_entries,
     usable_cache_dir,
+    write_json_atomically,
     write_problem,
 )
 from sidecar.model.engines import onnxruntime_engine
@@ -83,6 +84,45 @@ def test_a_damaged_or_stale_entry_is_rebuilt_not_trusted(tmp_path: Path, damage)
     rebuilt = cache.get_or_build("thing", KEY, "file.bin", build)
     assert rebuilt.read_bytes() == b"artifact"
     assert len(built) == 2
+
+
+def test_an_entry_this_process_may_not_read_is_rebuilt_not_a_failed_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Another user's entry on a shared volume: reading it raises EACCES (root here reads everything).
+    cache = ArtifactCache(tmp_path)
+    built, build = build_counter()
+    path = cache.get_or_build("thing", KEY, "file.bin", build)
+    readable = Path.is_file
+
+    def denied(self: Path) -> bool:
+        if self.parent == path.parent and len(built) == 1:
+            raise PermissionError(13, "Permission denied", str(self))
+        return readable(self)
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    assert not cache.holds("thing", KEY, "file.bin")
+    assert cache.get_or_build("thing", KEY, "file.bin", build).read_bytes() == b"artifact"
+    assert len(built) == 2
+
+
+def test_entries_and_records_are_readable_by_the_other_users_of_the_volume(tmp_path: Path):
+    path = ArtifactCache(tmp_path).get_or_build("thing", KEY, "file.bin", build_counter()[1])
+    assert path.parent.stat().st_mode & 0o777 == 0o755
+    write_json_atomically(tmp_path / "warm" / "record.json", {"a": 1})
+    assert (tmp_path / "warm" / "record.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_record_that_cannot_be_written_leaves_no_staging_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_json_atomically(tmp_path / "warm" / "record.json", {"a": 1})
+    assert list((tmp_path / "warm").iterdir()) == []
 
 
 def test_a_failed_build_leaves_no_entry_behind(tmp_path: Path):
