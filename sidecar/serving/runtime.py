@@ -189,9 +189,8 @@ def load_runtime(
             chosen = selection_process.select(settings, source, cache_dir, phases)
         if chosen is not None:
             with recording_cache_use() as use:
-                warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases)
+                warm = _warm_runtime(settings, source, cache_dir, calibration_set, phases, chosen)
             if isinstance(warm, Runtime):
-                warm.selection.from_cache = chosen.from_cache  # the child's selection, not this recall
                 _remove_unserved_artifacts(source, chosen.built - use.handed_out)
                 return warm
     return _cold_runtime(settings, source, cache_dir, calibration_set, phases)
@@ -415,8 +414,10 @@ def _warm_runtime(
     cache_dir: Path,
     calibration_set: CalibrationSet,
     phases: PhaseTimer,
+    chosen_by_child: ChildSelection | None = None,
 ) -> Runtime | _NotWarm:
-    """The runtime rebuilt from what a cold start remembered, or why not (the reason logged)."""
+    """The runtime rebuilt from what a cold start remembered, or why not (the reason logged); after the
+    selection child, from what it chose (remembered by it, or selected afresh)."""
     obstacle = _warm_obstacle(settings, source)
     if obstacle is not None:
         logger.info("loading %s in full: %s", source.model_id, obstacle)
@@ -466,6 +467,8 @@ def _warm_runtime(
     if selection is None:
         logger.warning("loading %s in full, as on a first start: %s", source.model_id, why_not)
         return _NotWarm.NOT_REMEMBERED
+    if chosen_by_child is not None:
+        selection.from_cache = chosen_by_child.from_cache
     release_unused_memory()
     return _serving_runtime(settings, source, model, selection, request, workers, phases, outputs)
 

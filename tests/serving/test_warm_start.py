@@ -159,6 +159,8 @@ def test_a_first_start_selects_in_a_child_process_and_serves_without_torch(
 ) -> None:
     served = serve_in_a_fresh_process(model_dir, tmp_path / "empty-cache", "openvino")
     assert not served["from_cache"]  # this start chose it, in its child
+    assert "remembered choice" not in served["log"]  # the log says what this start did
+    assert "(remembered" not in served["log"]
 
 
 @needs_openvino_int8  # OpenVINO builds more than one candidate, so some are left unread

@@ -334,7 +334,7 @@ def select_remembered(
     builder = _Builder(request, inputs, None, probe)
     selection, why_not = _remembered(remembered, builder, np.asarray(remembered.reference_scores), phases)
     if selection is not None:
-        logger.info("serving with %s (remembered, rebuilt from cached artifacts)", remembered.candidate)
+        logger.info("serving with %s (its cached verdict and artifacts)", remembered.candidate)
         selection.model_hash = model_hash
         selection.exported = inputs.made_export
     return selection, why_not
@@ -407,7 +407,7 @@ def _remembered(
     if not report.passed:
         engine.close()
         return None, f"the remembered {candidate} failed the parity gate: {report.describe()}"
-    logger.info("%s (remembered) passed the parity gate: %s", candidate, report.describe())
+    logger.info("%s (the cached verdict's) passed the parity gate: %s", candidate, report.describe())
     selection = Selection(
         engine,
         report,
