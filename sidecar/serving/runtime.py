@@ -436,8 +436,10 @@ def _warm_runtime(
             except ModelLoadError as exc:
                 record, why_not = None, str(exc)
     if record is None and why_not.startswith(NEEDS_NETWORK):
-        logger.info("loading %s in full: %s", source.model_id, why_not)
-        return _NotWarm.NEEDS_NETWORK
+        if settings.engine == "auto":  # the choice torch won applies only where the engine is chosen
+            logger.info("loading %s in full: %s", source.model_id, why_not)
+            return _NotWarm.NEEDS_NETWORK
+        why_not = f"{why_not}, and --engine {settings.engine} asks for another"
     if record is None:
         # A first start is no surprise; a record that no longer holds is.
         level = logging.WARNING if store.remembers(model_dir) else logging.INFO

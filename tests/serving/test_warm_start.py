@@ -418,6 +418,27 @@ def test_a_model_torch_serves_loads_in_full_at_once_on_the_next_start(
     again.engine.close()
 
 
+def test_a_model_torch_served_selects_in_the_child_when_another_engine_is_asked_for(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with monkeypatch.context() as patched:
+        fail_to_load(patched)  # so torch wins the selection
+        load_runtime(settings_for(model_dir, tmp_path, "auto"), ModelSource(str(model_dir))).engine.close()
+    children: list[str] = []
+
+    def child_selects(self: object, settings: Settings, *args: object) -> None:
+        children.append(settings.engine)  # and chooses nothing: this process then selects in full
+
+    monkeypatch.setattr(runtime_module.SelectionProcess, "select", child_selects)
+    asked = dataclasses.replace(settings_for(model_dir, tmp_path, "onnxruntime"), select_in_subprocess=True)
+    with caplog.at_level(logging.INFO):
+        runtime = load_runtime(asked, ModelSource(str(model_dir)))
+    assert runtime.engine.name == "onnxruntime"
+    runtime.engine.close()
+    assert children == ["onnxruntime"]
+    assert "--engine onnxruntime asks for another" in caplog.text
+
+
 async def test_a_start_removes_the_artifacts_no_start_used_within_the_retention_once_serving(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
