@@ -69,6 +69,25 @@ def test_a_restart_loads_and_gates_only_the_remembered_engine(
     assert "timing" not in phases.seconds  # nothing was timed again
 
 
+def test_a_choice_made_while_a_candidate_failed_for_the_machine_is_not_remembered(
+    tmp_path, tiny_network, tiny_probe, monkeypatch, caplog
+):
+    # A full cache disk fails the exports: torch wins then, but only for as long as the disk is full.
+    def disk_full(self: object, *args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(OnnxRuntimeEngine, "__init__", disk_full)
+        with caplog.at_level(logging.WARNING):
+            first = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert first.engine.name != "onnxruntime"
+    assert "so the next start selects again:" in caplog.text
+    assert "onnxruntime/fp32 (OSError: [Errno 28] No space left on device)" in caplog.text
+    second = select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
+    assert not second.from_cache  # selected again, onnxruntime among the candidates, and now remembered
+    assert select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe).from_cache
+
+
 def test_changed_settings_select_again_and_say_which(tmp_path, tiny_network, tiny_probe, caplog):
     select_engine(request(tmp_path), tiny_network, CROSS_ENCODER_INPUTS, tiny_probe)
     with caplog.at_level(logging.INFO, logger="sidecar.model.engines.selection"):

@@ -181,6 +181,9 @@ class _Builder:
         # The scores every candidate is gated against: the reference's, or those remembered with the
         # verdict; set before the first candidate is built.
         self.reference_scores: np.ndarray | None = None
+        # Candidates that failed for this machine's state (a full disk), not for what they are: a
+        # verdict without them is not remembered, so the next start tries them again.
+        self.failed_for_the_machine: list[str] = []
         self._probe_scores: weakref.WeakKeyDictionary[Engine, np.ndarray] = weakref.WeakKeyDictionary()
         inputs.gate = self.gate
         self.shape = EngineShape(
@@ -286,19 +289,27 @@ def select_engine(
         with phases.timed("gate"):
             reference_scores = builder.reference_scores = builder.scores(reference)
         selection = _select(candidates, notes, builder, phases)
-        store.remember(
-            model_hash,
-            request.device,
-            key,
-            Verdict(
-                engine=selection.engine.name,
-                precision=selection.engine.precision,
-                timings=selection.timings,
-                speedup_over_lossless=selection.speedup_over_lossless,
-                notes=tuple(selection.notes),
-                reference_scores=tuple(float(score) for score in reference_scores),
-            ),
-        )
+        if builder.failed_for_the_machine:
+            logger.warning(
+                "not remembering %s/%s, so the next start selects again: %s failed to load",
+                selection.engine.name,
+                selection.engine.precision,
+                ", ".join(builder.failed_for_the_machine),
+            )
+        else:
+            store.remember(
+                model_hash,
+                request.device,
+                key,
+                Verdict(
+                    engine=selection.engine.name,
+                    precision=selection.engine.precision,
+                    timings=selection.timings,
+                    speedup_over_lossless=selection.speedup_over_lossless,
+                    notes=tuple(selection.notes),
+                    reference_scores=tuple(float(score) for score in reference_scores),
+                ),
+            )
     candidate = EngineCandidate(selection.engine.name, selection.engine.precision)
     if candidate.engine in NETWORK_ENGINES and compile_wanted(request.torch_compile, request.device):
         compile_step = _compile_step(builder, candidate, selection)
@@ -568,6 +579,8 @@ def _built(
         if explicit:
             raise ModelLoadError(f"the requested engine {candidate} could not load: {exc}") from exc
         _skip(notes, f"{candidate}: failed to load: {type(exc).__name__}: {exc}", exc)
+        if isinstance(exc, OSError):
+            builder.failed_for_the_machine.append(f"{candidate} ({type(exc).__name__}: {exc})")
         return None
     note = f"{candidate}: {engine.note}"
     if engine.note and note not in notes:  # a candidate rebuilt after release is noted once
