@@ -258,14 +258,17 @@ class ArtifactCache:
             manifest = {"key": dict(key), "file": filename, "sha256": file_sha256(staging / filename)}
             (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
             os.chmod(staging, _SHARED_DIRECTORY_MODE)
-            shutil.rmtree(entry, ignore_errors=True)
-            try:
-                os.replace(staging, entry)
-                built_here = True
-            except OSError:
-                if self._verify(entry, key, filename) is not None:  # no concurrent builder won the race
-                    raise
+            if self._verify(entry, key, filename) is None:  # another start built it meanwhile: keep theirs
                 built_here = False
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+                try:
+                    os.replace(staging, entry)
+                    built_here = True
+                except OSError:
+                    if self._verify(entry, key, filename) is not None:  # no concurrent builder won the race
+                        raise
+                    built_here = False
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         _note_use(entry, built=built_here)

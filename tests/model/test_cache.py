@@ -125,6 +125,25 @@ def test_a_record_that_cannot_be_written_leaves_no_staging_file(
     assert list((tmp_path / "warm").iterdir()) == []
 
 
+def test_an_entry_another_start_built_meanwhile_is_kept_not_replaced(tmp_path: Path):
+    # Two replicas on one cache volume: the one that finishes second must not remove what the first,
+    # which may be reading it already, swapped in.
+    cache = ArtifactCache(tmp_path)
+    theirs: list[int] = []
+
+    def build_while_another_start_finishes(target: Path) -> None:
+        entry = cache.get_or_build("thing", KEY, "file.bin", build_counter(b"theirs")[1]).parent
+        theirs.append(entry.stat().st_ino)
+        target.write_bytes(b"ours")
+
+    with recording_cache_use() as use:
+        path = cache.get_or_build("thing", KEY, "file.bin", build_while_another_start_finishes)
+    assert path.read_bytes() == b"theirs"
+    assert path.parent.stat().st_ino == theirs[0]
+    assert [entry.name for entry in tmp_path.iterdir()] == [path.parent.name]  # no staging left
+    assert use.built == {path.parent}  # the inner (their) build; this one counts as a reuse
+
+
 def test_a_failed_build_leaves_no_entry_behind(tmp_path: Path):
     cache = ArtifactCache(tmp_path)
 
