@@ -289,6 +289,7 @@ def _model_info(
     name: str, service: str, served: ServedModel, of_service: Mapping[str, ServedModel]
 ) -> ModelInfo:
     model, engine, limits = served.model, served.engine, served.batcher.limits
+    embedding = kind_of(model).embedding_model(model) if service == "embed" else None
     return ModelInfo(
         name=name,
         service=service,
@@ -305,4 +306,7 @@ def _model_info(
         max_batch_pairs=limits.max_batch_pairs,
         batch_workers=served.batcher.workers,
         score_cache=served.scorer.score_cache.info(engine) if service == "rerank" else None,
+        dims=embedding.dims if embedding is not None else 0,
+        pooling=embedding.pooling.mode if embedding is not None else "",
+        normalized=embedding.pooling.normalize if embedding is not None else False,
     )

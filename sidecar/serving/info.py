@@ -86,6 +86,10 @@ class ModelInfo:
     max_batch_pairs: int
     batch_workers: int
     score_cache: ScoreCacheInfo | None  # a reranker's; None for an embedder
+    # An embedder's vectors: width, pooling and whether normalized (0, "" and False for a reranker).
+    dims: int
+    pooling: str
+    normalized: bool
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,8 @@ async def test_info_lists_every_model_and_marks_the_defaults(two_models: Running
     ]
     assert info.model_id == tiny_bert.name  # the single-model fields describe the default
     assert all(model.engine == "torch" for model in info.models)
+    vectors = [(model.dims, model.pooling, model.normalized) for model in info.models]
+    assert vectors == [(0, "", False), (0, "", False), (384, "mean", True)]
 
 
 async def test_two_models_of_one_name_stop_the_start(tiny_bert: Path, tmp_path: Path):
@@ -195,8 +197,13 @@ async def test_the_openapi_document_allows_every_embedder_s_dimensions(tiny_bert
             embedded = await client.post(
                 "/v1/embeddings", json={"model": "small", "input": "a", "dimensions": small_dims}
             )
+        info = await running.stub.Info(rerank_pb2.InfoRequest(), timeout=30)
     assert embedded.status_code == 200, embedded.text
     assert len(embedded.json()["data"][0]["embedding"]) == small_dims
+    assert {model.name: model.dims for model in info.models if model.service == "embed"} == {
+        MINILM: 384,
+        "small": small_dims,
+    }
     openai_dims = schemas["OpenAIEmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["enum"]
     assert openai_dims == sorted({small_dims, 384})
     assert schemas["TeiEmbedRequest"]["properties"]["dimensions"]["anyOf"][0]["enum"] == [384]  # the default

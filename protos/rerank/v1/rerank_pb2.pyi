@@ -250,7 +250,7 @@ class InfoResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., model_kind: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., num_labels: _Optional[int] = ..., limits: _Optional[_Union[BatchingLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., engine_notes: _Optional[_Iterable[str]] = ..., embedding_model: _Optional[_Union[EmbeddingModelInfo, _Mapping]] = ..., compiled: _Optional[bool] = ..., selection: _Optional[_Union[EngineSelection, _Mapping]] = ..., model_family: _Optional[str] = ..., instruction: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., score_cache: _Optional[_Union[ScoreCacheInfo, _Mapping]] = ..., tokenize_in: _Optional[str] = ..., tokenizer_workers: _Optional[int] = ...) -> None: ...
 
 class ServedModel(_message.Message):
-    __slots__ = ("name", "service", "is_default", "model_id", "model_kind", "model_family", "engine", "precision", "device", "compiled", "max_length", "max_batch_tokens", "max_batch_pairs", "batch_workers", "score_cache")
+    __slots__ = ("name", "service", "is_default", "model_id", "model_kind", "model_family", "engine", "precision", "device", "compiled", "max_length", "max_batch_tokens", "max_batch_pairs", "batch_workers", "score_cache", "dims", "pooling", "normalized")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,9 @@ class ServedModel(_message.Message):
     MAX_BATCH_PAIRS_FIELD_NUMBER: _ClassVar[int]
     BATCH_WORKERS_FIELD_NUMBER: _ClassVar[int]
     SCORE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
     name: str
     service: str
     is_default: bool
@@ -281,7 +284,10 @@ class ServedModel(_message.Message):
     max_batch_pairs: int
     batch_workers: int
     score_cache: ScoreCacheInfo
-    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., is_default: _Optional[bool] = ..., model_id: _Optional[str] = ..., model_kind: _Optional[str] = ..., model_family: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_length: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., batch_workers: _Optional[int] = ..., score_cache: _Optional[_Union[ScoreCacheInfo, _Mapping]] = ...) -> None: ...
+    dims: int
+    pooling: str
+    normalized: bool
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., is_default: _Optional[bool] = ..., model_id: _Optional[str] = ..., model_kind: _Optional[str] = ..., model_family: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_length: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., batch_workers: _Optional[int] = ..., score_cache: _Optional[_Union[ScoreCacheInfo, _Mapping]] = ..., dims: _Optional[int] = ..., pooling: _Optional[str] = ..., normalized: _Optional[bool] = ...) -> None: ...
 
 class ScoreCacheInfo(_message.Message):
     __slots__ = ("serves", "max_pairs", "pairs", "why_not_serving")

@@ -184,6 +184,9 @@ def info_to_proto(info: ServingInfo) -> rerank_pb2.InfoResponse:
             max_batch_pairs=model.max_batch_pairs,
             batch_workers=model.batch_workers,
             score_cache=None if model.score_cache is None else score_cache_to_proto(model.score_cache),
+            dims=model.dims,
+            pooling=model.pooling,
+            normalized=model.normalized,
         )
         for model in info.models
     )
