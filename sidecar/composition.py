@@ -224,7 +224,7 @@ class ModelAssembly:
         if runtime.max_batch_tokens < model.max_length:
             raise ModelLoadError(
                 f"--max-batch-tokens {runtime.max_batch_tokens} is below the max length "
-                f"{model.max_length} of {source.model_id}: a single long input would not fit a batch"
+                f"{model.max_length} of {name}: a single long input would not fit a batch"
             )
         batcher = Batcher(
             engine,

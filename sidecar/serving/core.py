@@ -181,12 +181,12 @@ class ServingCore:
 
         def compile_and_swap() -> None:
             for served, upgrade in pending:
-                model_id = served.model.source.model_id
+                name = served.name  # as the metrics and the other log lines call it
                 started = time.perf_counter()
                 try:
                     upgraded = upgrade()
                 except Exception:  # a failed upgrade must never take down the engine already serving
-                    logger.exception("compiling %s in the background failed", model_id)
+                    logger.exception("compiling %s in the background failed", name)
                     continue
                 if self.state is not ServingState.SERVING:
                     return
@@ -195,7 +195,7 @@ class ServingCore:
                 served.batcher.replace_engine(upgraded[0])  # batches already running finish uncompiled
                 logger.info(
                     "%s now serves compiled (%s/%s), after %.1f s of compiling in the background",
-                    model_id,
+                    name,
                     upgraded[0].name,
                     upgraded[0].precision,
                     time.perf_counter() - started,
