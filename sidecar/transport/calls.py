@@ -54,12 +54,20 @@ class BearerToken:
             raise Unauthenticated(f"missing bearer token: send {self._send_as}")
         scheme, _, token = supplied_bytes.partition(b" ")
         if scheme.lower() != b"bearer":
-            raise Unauthenticated(
-                f"the {self._carrier} uses the scheme {scheme[:20].decode(errors='replace')!r}, not Bearer: "
-                f"send {self._send_as}"
-            )
+            # Only a known scheme is named: a bare token sent without "Bearer " must not come back in an
+            # error that clients and proxies print.
+            known = scheme.decode(errors="replace").lower() in _KNOWN_SCHEMES
+            named = f"the scheme {scheme.decode()!r}" if known else "no known scheme"
+            raise Unauthenticated(f"the {self._carrier} uses {named}, not Bearer: send {self._send_as}")
         if not hmac.compare_digest(token.strip(b" "), self._expected):
             raise Unauthenticated(f"the bearer token in the {self._carrier} is not valid")
+
+
+# The IANA HTTP authentication schemes, and those API-key clients commonly send.
+_KNOWN_SCHEMES = frozenset(
+    {"basic", "digest", "hoba", "mutual", "negotiate", "ntlm", "oauth", "scram-sha-1", "scram-sha-256"}
+    | {"vapid", "token", "apikey", "api-key", "key"}
+)
 
 
 class CallLedger:

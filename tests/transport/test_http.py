@@ -370,10 +370,14 @@ async def test_bearer_token_is_required_but_health_stays_open(tiny_bert: Path):
                 "/v2/rerank", json=body, headers={"Authorization": "Bearer S3CRET"}
             )
             basic = await client.post("/v2/rerank", json=body, headers={"Authorization": "Basic s3cret"})
+            bare = await client.post("/v2/rerank", json=body, headers={"Authorization": "s3cret"})
             health = await client.get("/health")
         assert [response.status_code for response in cases] == [200, 200, 200]
         assert wrong_case.status_code == 401
         assert "uses the scheme 'Basic', not Bearer" in basic.json()["message"]
+        assert bare.status_code == 401
+        assert "uses no known scheme, not Bearer" in bare.json()["message"]
+        assert "s3cret" not in bare.text  # a token sent bare never comes back
         assert missing.status_code == 401
         assert missing.headers["www-authenticate"] == "Bearer"
         assert "missing bearer token" in missing.json()["message"]
