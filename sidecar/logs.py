@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from sidecar.settings import Settings
@@ -29,9 +30,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(settings: Settings) -> None:
+    """Every line on stderr a log line: Python warnings (an ONNX export's) become log records, gRPC
+    core prints its errors only, and in JSON the Hugging Face libraries draw no progress bars (the
+    libraries read these variables when imported, after this; a caller's setting wins)."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    logging.captureWarnings(True)

@@ -84,16 +84,18 @@ _WARM_START = textwrap.dedent(
     """
     import asyncio, json, sys
 
+    from sidecar.logs import configure_logging
+    from sidecar.settings import Settings
+
+    settings = Settings(**json.loads(sys.argv[1]))
+    configure_logging(settings)  # before grpc and the model libraries load, as rerank-sidecar does
+
     import grpc
 
     from rerank.v1 import rerank_pb2, rerank_pb2_grpc
-    from sidecar.logs import configure_logging
     from sidecar.server import SidecarServer
-    from sidecar.settings import Settings
 
     async def main() -> None:
-        settings = Settings(**json.loads(sys.argv[1]))
-        configure_logging(settings)
         server = SidecarServer(settings)
         await server.start()
         await server.load()
@@ -160,6 +162,8 @@ def test_a_first_start_selects_in_a_child_process_and_serves_without_torch(
     served = serve_in_a_fresh_process(model_dir, tmp_path / "empty-cache", "openvino")
     assert not served["from_cache"]  # this start chose it, in its child
     assert "remembered choice" not in served["log"]  # the log says what this start did
+    for line in served["log"].splitlines():  # the export's warnings and loading bars included
+        assert isinstance(json.loads(line), dict), line
     assert "(remembered" not in served["log"]
 
 
