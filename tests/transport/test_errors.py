@@ -228,6 +228,31 @@ async def test_a_passed_deadline_frees_the_queue_at_once_and_is_recorded_as_dead
     assert sample(small_queue, "rerank_requests_total", method=method, model=model, code="CANCELLED") == 0
 
 
+async def test_a_deadline_of_seconds_is_recorded_as_deadline_exceeded_not_cancelled(
+    small_queue: RunningSidecar,
+):
+    # gRPC ends a long call a few milliseconds before the server's clock reaches its deadline.
+    engine = small_queue.engine
+    method = "/rerank.v1.Reranker/Rerank"
+    model = small_queue.server.core.ranking.name  # type: ignore[union-attr]
+
+    def counted(code: str) -> float:
+        return sample(small_queue, "rerank_requests_total", method=method, model=model, code=code)
+
+    before = {code: counted(code) for code in ("DEADLINE_EXCEEDED", "CANCELLED")}
+    engine.open.clear()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await small_queue.stub.Rerank(
+                rerank_pb2.RerankRequest(query="q", documents=docs("a")), timeout=1.5
+            )
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_until(lambda: counted("DEADLINE_EXCEEDED") > before["DEADLINE_EXCEEDED"])
+    finally:
+        engine.open.set()
+    assert counted("CANCELLED") == before["CANCELLED"]
+
+
 async def test_a_cancelled_call_frees_the_queue_while_the_model_is_busy(small_queue: RunningSidecar):
     engine = small_queue.engine
     batcher = small_queue.server.core.reranker.batcher  # type: ignore[union-attr]

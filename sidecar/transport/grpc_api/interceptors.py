@@ -209,14 +209,18 @@ def _refusing(
     )
 
 
+_DEADLINE_TIMER_SLACK_S = 0.1
+
+
 def _status_for(
     exc: BaseException, record: CallRecord, context: grpc.aio.ServicerContext
 ) -> tuple[grpc.StatusCode, str | None]:
     """The status an error ends the call with, and the message to abort with (None: do not abort)."""
     if isinstance(exc, asyncio.CancelledError):
-        # The caller left, or gRPC ended the call at its deadline: nobody to answer either way.
+        # The caller left, or gRPC ended the call at its deadline: nobody to answer either way. gRPC's
+        # timer ends a call some milliseconds before the deadline as this process's clock reads it.
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= _DEADLINE_TIMER_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED, None
         return grpc.StatusCode.CANCELLED, None
     if isinstance(exc, ServingError):
