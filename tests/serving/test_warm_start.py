@@ -271,7 +271,7 @@ def test_a_damaged_artifact_sends_the_start_through_the_full_load(
     caplog.clear()
     with caplog.at_level(logging.INFO):
         start(model_dir, cache, "openvino").engine.close()
-    assert "rebuilt from cached artifacts" in caplog.text
+    assert "(its cached verdict and artifacts)" in caplog.text
 
 
 def test_a_verdict_of_another_library_version_selects_afresh(
