@@ -3,6 +3,7 @@ scores (Bruch, Gai and Ingber, "An Analysis of Fusion Functions for Hybrid Retri
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -65,9 +66,11 @@ def convex_fusion(
     [0, 1], or z-scores), and a document scores the weighted sum. A leg that did not return a document gives
     it that leg's lowest normalized score, as if it ranked last, or one less where the leg's hits all scored
     the same (one hit, say): a document the leg missed never scores as high as the leg's best hit. Ties break
-    as in RRF."""
+    as in RRF. A hit whose score is not finite counts as not returned: one NaN would make the leg's spread NaN
+    and give every hit of the leg the same score."""
     if any(weight < 0 for weight in weights.values()):
         raise ValueError(f"leg weights must be zero or more, got {dict(weights)}")
+    legs = {leg: [hit for hit in hits if math.isfinite(hit.score)] for leg, hits in legs.items()}
     ranks, raw_scores = _leg_ranks(legs)
     scores = dict.fromkeys(ranks, 0.0)
     for leg in legs:

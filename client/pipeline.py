@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
+import grpc
 import numpy as np
 
 from client.errors import ClientError, SidecarError
@@ -27,10 +28,17 @@ from rerank.v1 import rerank_pb2
 
 logger = logging.getLogger(__name__)
 
+# The failures a search falls back to stage 1's order on: the sidecar is down, busy or slow, which passes.
+# Any other (a request it refuses, a failure inside it) would fail every search the same way, unseen.
+FALLBACK_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
 
 class RerankFailed(ClientError):
-    """Strict mode only: the sidecar could not embed the query or rerank the candidates. It carries the exit
-    code of the sidecar's error."""
+    """The sidecar could not embed the query or rerank the candidates: in strict mode, or in a way that a
+    fallback would hide (a request it refused, a failure inside it). It carries the exit code of the sidecar's
+    error."""
 
     exit_code = SidecarError.exit_code
 
@@ -58,10 +66,12 @@ class PipelineOptions:
     # The final score: rerank_blend * rerank + (1 - rerank_blend) * stage 1's fused score, both min-max
     # normalized over the candidates. 1: the reranker's order alone.
     rerank_blend: float = 1.0
-    # Deadlines: query embedding, and the whole rerank stream.
-    embed_timeout: float = 5.0
-    rerank_timeout: float = 10.0
-    # False: when the sidecar fails, return stage 1's order marked not reranked. True: raise RerankFailed.
+    # Deadlines in seconds: query embedding, and the whole rerank stream. None: the client's ``timeout``.
+    embed_timeout: float | None = None
+    rerank_timeout: float | None = None
+    # False: when reranking fails because the sidecar is unreachable, overloaded or past its deadline, return
+    # stage 1's order marked not reranked (any other rerank failure raises RerankFailed), and when the query
+    # embedding fails, search with BM25 alone. True: raise RerankFailed for either.
     strict: bool = False
     rerank_options: RerankOptions = field(default_factory=RerankOptions)
 
@@ -174,6 +184,10 @@ class TwoStagePipeline:
                 rerank_started = time.perf_counter()
                 ranking, failure = await self._rerank(query, retrieval, options)
                 rerank_ms = _ms_since(rerank_started)
+        except asyncio.CancelledError:
+            # The caller gave up: ask for no more pages (a page being fetched finishes on its thread).
+            producer.cancel()
+            raise
         finally:
             if not producer.done():
                 await asyncio.wait([producer])  # collect every candidate, also when reranking failed
@@ -251,11 +265,28 @@ class TwoStagePipeline:
         except SidecarError as exc:
             if retrieval.error is not None:
                 raise retrieval.error from exc  # the stream broke because retrieval did
-            reason = f"reranking failed ({_describe(exc)})"
-            if options.strict:
-                raise RerankFailed(f"reranking failed: {exc}", exc) from exc
-            return None, reason
+            if options.strict or exc.code() not in FALLBACK_CODES:
+                raise await self._rerank_failed(exc, len(retrieval.candidates)) from exc
+            return None, f"reranking failed ({_describe(exc)})"
         raise RerankFailed("the sidecar closed the stream without a final ranking")
+
+    async def _rerank_failed(self, exc: SidecarError, candidates: int) -> RerankFailed:
+        """The error for a failed rerank stream. The sidecar refuses more candidates than it takes per stream
+        with INVALID_ARGUMENT, which grpc.aio may report as a bare INTERNAL (grpc/grpc#36066), so after such a
+        failure (never before a search) Info is asked for the limit, to name the setting to change."""
+        if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL):
+            try:
+                limit = (await self.reranker.info()).limits.max_documents_per_request
+            except SidecarError:
+                limit = 0
+            if 0 < limit < candidates:
+                return RerankFailed(
+                    f"reranking failed: the sidecar at {self.reranker.target} takes at most {limit} "
+                    "documents per request (its --max-documents-per-request), and stage 1 found more: set "
+                    f"--candidates to {limit} or fewer ({exc})",
+                    exc,
+                )
+        return RerankFailed(f"reranking failed: {exc}", exc)
 
 
 class _Retrieval:

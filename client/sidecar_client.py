@@ -335,6 +335,41 @@ def embeddings_from(message: rerank_pb2.EmbedResponse) -> Embeddings:
     return Embeddings(vectors, message.model_id, _usage(message.usage))
 
 
+class _CallerBatches:
+    """The caller's batches as the stream's requests. An exception they raise (or a batch that is not
+    documents) ends the stream and is kept here, for the client to raise in place of any answer: raised into
+    gRPC, it would come back as the sidecar's failure (UNKNOWN, "Exception iterating requests!") from the
+    blocking client, or as a bare CancelledError from the asyncio one."""
+
+    def __init__(self, query: str, options: RerankOptions) -> None:
+        self._query = query
+        self._options = options
+        self._error: Exception | None = None
+
+    def requests(self, batches: Iterable[Sequence[DocumentLike]]) -> Iterator[rerank_pb2.RerankStreamRequest]:
+        try:
+            for number, batch in enumerate(batches):
+                yield stream_request(self._query, batch, self._options, first=number == 0)
+        except Exception as exc:
+            self._error = exc
+
+    async def async_requests(
+        self, batches: Iterable[Sequence[DocumentLike]] | AsyncIterable[Sequence[DocumentLike]]
+    ) -> AsyncIterator[rerank_pb2.RerankStreamRequest]:
+        number = 0
+        try:
+            async for batch in _aiter(batches):
+                yield stream_request(self._query, batch, self._options, first=number == 0)
+                number += 1
+        except Exception as exc:
+            self._error = exc
+
+    def raise_error(self) -> None:
+        """Raises the exception the batches raised, if any: no answer to a stream cut short counts."""
+        if self._error is not None:
+            raise self._error from None  # the call's own failure followed from it
+
+
 # ---- errors -----------------------------------------------------------------------------------------
 
 
@@ -446,14 +481,24 @@ class RerankClient(_ClientBase):
         timeout: float | None = None,
     ) -> Iterator[BatchScores | Ranking]:
         """Streams ``batches`` (consumed lazily, on gRPC's sending thread) and yields each batch's scores as
-        they come back, then the final ``Ranking`` last."""
-        requests = (
-            stream_request(query, batch, options, first=number == 0) for number, batch in enumerate(batches)
-        )
+        they come back, then the final ``Ranking`` last. An exception ``batches`` raise is raised here.
+        Leaving the loop early cancels the call."""
+        caller = _CallerBatches(query, options)
         deadline = self._deadline(timeout)
-        with self._errors("RerankStream", deadline):
-            for message in self._reranker.RerankStream(requests, timeout=deadline, metadata=self._metadata):
-                yield stream_item(message)
+        call = self._reranker.RerankStream(
+            caller.requests(batches), timeout=deadline, metadata=self._metadata
+        )
+        try:
+            with self._errors("RerankStream", deadline):
+                for message in call:
+                    caller.raise_error()
+                    yield stream_item(message)
+            caller.raise_error()
+        except SidecarError:
+            caller.raise_error()
+            raise
+        finally:
+            call.cancel()  # a no-op once the call has finished
 
     def embed(
         self,
@@ -514,20 +559,22 @@ class AsyncRerankClient(_ClientBase):
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> AsyncIterator[BatchScores | Ranking]:
         """Streams ``batches`` as they are produced and yields each batch's scores as they come back, then the
-        final ``Ranking`` last. Leaving the loop early cancels the call."""
-
-        async def requests() -> AsyncIterator[rerank_pb2.RerankStreamRequest]:
-            number = 0
-            async for batch in _aiter(batches):
-                yield stream_request(query, batch, options, first=number == 0)
-                number += 1
-
+        final ``Ranking`` last. An exception ``batches`` raise is raised here. Leaving the loop early cancels
+        the call."""
+        caller = _CallerBatches(query, options)
         deadline = self._deadline(timeout)
-        call = self._reranker.RerankStream(requests(), timeout=deadline, metadata=self._metadata)
+        call = self._reranker.RerankStream(
+            caller.async_requests(batches), timeout=deadline, metadata=self._metadata
+        )
         try:
             with self._errors("RerankStream", deadline):
                 async for message in call:
+                    caller.raise_error()
                     yield stream_item(message)
+            caller.raise_error()
+        except SidecarError:
+            caller.raise_error()
+            raise
         finally:
             call.cancel()  # a no-op once the call has finished
 

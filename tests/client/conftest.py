@@ -3,6 +3,7 @@ synthetic corpus, and a fake Embedder whose vectors are bags of hashed words."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import random
@@ -71,6 +72,7 @@ class FakeEmbedder(rerank_pb2_grpc.EmbedderServicer):
     def __init__(self) -> None:
         self.calls = 0
         self.fail_next = 0  # answer this many calls with UNAVAILABLE first
+        self.delay_s = 0.0  # wait this long before answering
 
     async def Embed(
         self, request: rerank_pb2.EmbedRequest, context: grpc.aio.ServicerContext
@@ -79,6 +81,7 @@ class FakeEmbedder(rerank_pb2_grpc.EmbedderServicer):
         if self.fail_next:
             self.fail_next -= 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        await asyncio.sleep(self.delay_s)
         return rerank_pb2.EmbedResponse(
             embeddings=[rerank_pb2.Embedding(values=fake_vector(text).tolist()) for text in request.texts],
             dims=FAKE_DIMS,

@@ -84,13 +84,15 @@ def assert_fails(run: Run, exit_code: int, *named: str) -> str:
 
 class ScriptedSidecar(rerank_pb2_grpc.EmbedderServicer, rerank_pb2_grpc.RerankerServicer):
     """Embed answers vectors of ``dims`` dimensions from ``model_id``, can wait before answering and can
-    require a token; Info reports that model (or none). RerankStream fails: a search is not reranked."""
+    require a token; Info reports that model (or none). RerankStream fails with ``rerank_status``: by default
+    a full queue, on which a search falls back to stage 1's order."""
 
     def __init__(self) -> None:
         self.dims = FAKE_DIMS
         self.model_id = "scripted-embedder"
         self.delay_s = 0.0
         self.token = ""
+        self.rerank_status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     async def RerankStream(
         self, requests: AsyncIterator[rerank_pb2.RerankStreamRequest], context: grpc.aio.ServicerContext
@@ -98,7 +100,7 @@ class ScriptedSidecar(rerank_pb2_grpc.EmbedderServicer, rerank_pb2_grpc.Reranker
         # Read to the half-close first: an abort while the client still sends can reach it as INTERNAL.
         async for _ in requests:
             pass
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this sidecar does not rerank")
+        await context.abort(self.rerank_status, "a scripted RerankStream failure")
 
     async def Info(
         self, request: rerank_pb2.InfoRequest, context: grpc.aio.ServicerContext
@@ -405,6 +407,16 @@ async def test_a_strict_search_fails_as_its_sidecar_does(
     assert_fails(run, SidecarError.exit_code, "reranking failed", scripted.target, "RerankStream")
 
 
+async def test_a_search_fails_without_strict_where_falling_back_would_hide_a_refused_request(
+    tmp_path: Path, scripted: Scripted, embedded_index: Path
+):
+    scripted.servicer.rerank_status = grpc.StatusCode.INVALID_ARGUMENT
+    run = await rerank_client(
+        "search", "neuron", "--index-dir", str(embedded_index), "--target", scripted.target, cwd=tmp_path
+    )
+    assert_fails(run, SidecarError.exit_code, "reranking failed", "RerankStream", "INVALID_ARGUMENT")
+
+
 @pytest.mark.parametrize("how", [["--filters", "lang"], []])
 async def test_filters_that_do_not_parse(tmp_path: Path, how: Sequence[str]):
     env = {} if how else {"RERANK_CLIENT_FILTERS": "lang"}
@@ -490,7 +502,7 @@ async def test_piped_search_prints_json_that_says_why_it_was_not_reranked(
         "results",
     }
     assert response["reranked"] is False
-    assert "UNIMPLEMENTED" in response["not_reranked_reason"]
+    assert "RESOURCE_EXHAUSTED" in response["not_reranked_reason"]
     timings = {"embed_ms", "first_page_ms", "retrieval_ms", "rerank_ms", "total_ms"}
     assert set(response["timings_ms"]) == timings
     assert [result["rank"] for result in response["results"]] == [1, 2, 3]

@@ -79,3 +79,22 @@ def test_normalized_handles_equal_scores():
     assert normalized(np.array([2.0, 2.0]), "zscore").tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="minmax or zscore"):
         normalized(np.array([1.0]), "rank")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("normalization", ["minmax", "zscore"])
+@pytest.mark.parametrize("broken", [float("nan"), float("inf"), float("-inf")])
+def test_convex_fusion_drops_a_score_that_is_not_finite_instead_of_flattening_the_leg(
+    broken: float, normalization: Normalization
+):
+    vector = [LegHit("c", 0.9), LegHit("d", 0.7), LegHit("a", 0.5)]
+    legs = {
+        "bm25": [LegHit("a", 10.0), LegHit("x", broken), LegHit("b", 6.0), LegHit("c", 2.0)],
+        "vector": vector,
+    }
+    without = {"bm25": [hit for hit in legs["bm25"] if hit.id != "x"], "vector": vector}
+    weights = {"bm25": 0.3, "vector": 0.7}
+
+    fused = convex_fusion(legs, weights=weights, normalization=normalization)
+    expected = convex_fusion(without, weights=weights, normalization=normalization)
+    assert [(hit.id, hit.score) for hit in fused] == [(hit.id, hit.score) for hit in expected]
+    assert all(np.isfinite(hit.score) for hit in fused)

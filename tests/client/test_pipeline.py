@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from client.documents import Document
 from client.pipeline import PipelineOptions, RerankFailed, TwoStagePipeline, blended
 from client.retrieval.base import Candidate, SearchRequest
 from client.retrieval.elasticsearch import ElasticsearchRetriever
-from client.sidecar_client import AsyncRerankClient
+from client.retrieval.embedded import EmbeddedRetriever
+from client.sidecar_client import AsyncRerankClient, Ranking, RerankOptions, ScoredDocument, Usage
+from rerank.v1 import rerank_pb2
 from tests.client.conftest import RunningEmbedder, fake_vector
 from tests.conftest import RunningSidecar, running_sidecar
 
@@ -222,3 +225,103 @@ def test_num_candidates_is_at_least_the_depth_searched_and_its_default_at_most_e
     assert PipelineOptions(candidates=20).search_request("q", "bm25", size=100).num_candidates == 0
     default = {size: SearchRequest("q", mode="bm25", size=size).knn_num_candidates for size in (100, 6000)}
     assert default == {100: 200, 6000: 10_000}
+
+
+@pytest.mark.parametrize(
+    ("limits", "rerank_options", "named"),
+    [
+        # Refused with INVALID_ARGUMENT, which grpc.aio may report as INTERNAL ("Internal error from Core").
+        ({"max_documents_per_request": 20}, RerankOptions(), ["at most 20", "--candidates to 20"]),
+        ({}, RerankOptions(max_length=100_000), ["RerankStream"]),
+    ],
+)
+async def test_a_request_the_sidecar_refuses_fails_the_search_instead_of_falling_back(
+    tiny_bert: Path,
+    embedded_corpus_index: EmbeddedRetriever,
+    limits: dict[str, int],
+    rerank_options: RerankOptions,
+    named: list[str],
+):
+    options = PipelineOptions(candidates=30, batch_size=8, mode="bm25", rerank_options=rerank_options)
+    async with (
+        running_sidecar(tiny_bert, **limits) as limited,
+        AsyncRerankClient(address(limited)) as reranker,
+    ):
+        with pytest.raises(RerankFailed, match="reranking failed") as caught:
+            await TwoStagePipeline(embedded_corpus_index, reranker, options=options).search(QUERY)
+    assert caught.value.exit_code == 13
+    for name in named:
+        assert name in str(caught.value)
+
+
+async def test_the_clients_timeout_is_the_deadline_unless_the_options_set_one(
+    sidecar: RunningSidecar, fake_embedder: RunningEmbedder, embedded_corpus_index: EmbeddedRetriever
+):
+    strict = PipelineOptions(candidates=20, strict=True)
+    async with (
+        AsyncRerankClient(address(sidecar), timeout=0.3) as reranker,
+        AsyncRerankClient(fake_embedder.target, timeout=0.3) as embedder,
+    ):
+        pipeline = TwoStagePipeline(embedded_corpus_index, reranker, embedder, strict)
+        fake_embedder.servicer.delay_s = 30.0
+        try:
+            with pytest.raises(RerankFailed, match=r"Embed within the 0\.3 s deadline"):
+                await pipeline.search(QUERY)
+        finally:
+            fake_embedder.servicer.delay_s = 0.0
+        sidecar.engine.open.clear()  # hold the model: the stream cannot finish in time
+        try:
+            with pytest.raises(RerankFailed, match=r"RerankStream within the 0\.3 s deadline"):
+                await pipeline.search(QUERY)
+            explicit = replace(strict, rerank_timeout=0.2)
+            with pytest.raises(RerankFailed, match=r"RerankStream within the 0\.2 s deadline"):
+                await TwoStagePipeline(embedded_corpus_index, reranker, embedder, explicit).search(QUERY)
+        finally:
+            sidecar.engine.open.set()
+
+
+class SlowPages:
+    """Five pages of two candidates; from the second on, each waits for ``gate``. Counts pages asked for."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+        self.second_asked = threading.Event()
+        self.gate = threading.Event()
+
+    def candidate_pages(self, request: SearchRequest) -> Iterator[list[Candidate]]:
+        for number in range(5):
+            self.asked += 1
+            if number:
+                self.second_asked.set()
+                self.gate.wait()
+            yield [_candidate(f"doc-{number}-{row}", 2 * number + row + 1, 1.0) for row in range(2)]
+
+
+class RanksAtTheEnd:
+    """A reranker that reads every batch and answers once the stream ends."""
+
+    async def rerank_stream(
+        self,
+        query: str,
+        batches: AsyncIterable[Sequence[rerank_pb2.Document]],
+        options: RerankOptions,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncIterator[Ranking]:
+        documents = [document async for batch in batches for document in batch]
+        results = [ScoredDocument(index, document.id, 0.0) for index, document in enumerate(documents)]
+        yield Ranking(results, Usage(len(documents), 0, 0, 0, 0.0, 0.0, 0.0, 0.0), "ranks-at-the-end")
+
+
+async def test_a_cancelled_search_stops_asking_for_pages():
+    retriever = SlowPages()
+    options = PipelineOptions(candidates=10, batch_size=2, mode="bm25")
+    pipeline = TwoStagePipeline(retriever, RanksAtTheEnd(), options=options)  # type: ignore[arg-type]
+    search = asyncio.create_task(pipeline.search(QUERY))
+    await asyncio.to_thread(retriever.second_asked.wait)  # page 1 is being reranked, page 2 is on its way
+
+    search.cancel()
+    retriever.gate.set()  # the page being fetched may finish; no later one may be asked for
+    with pytest.raises(asyncio.CancelledError):
+        await search
+    assert retriever.asked == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -126,3 +126,34 @@ async def test_round_robin_spreads_calls_over_every_sidecar(sidecar: RunningSide
         after = (len(sidecar.engine.batches), len(second.engine.batches))
     assert after[0] > before[0]
     assert after[1] > before[1]
+
+
+class BatchesBroke(Exception):
+    """What the caller's batches raise."""
+
+
+def batches_that_break() -> Iterator[Sequence[str]]:
+    yield DOCUMENTS[:2]
+    raise BatchesBroke("the third page could not be read")
+
+
+async def test_an_exception_from_the_callers_batches_is_raised_by_the_blocking_client(
+    sidecar: RunningSidecar,
+):
+    def stream() -> None:
+        with RerankClient(target(sidecar), timeout=30) as client:
+            list(client.rerank_stream("cats", batches_that_break()))
+
+    with pytest.raises(BatchesBroke, match="third page"):  # not the sidecar's UNKNOWN
+        await asyncio.to_thread(stream)
+
+
+async def test_an_exception_from_the_callers_batches_is_raised_by_the_asyncio_client(sidecar: RunningSidecar):
+    async def async_batches() -> AsyncIterator[Sequence[str]]:
+        for batch in batches_that_break():
+            yield batch
+
+    async with AsyncRerankClient(target(sidecar), timeout=30) as client:
+        for batches in (batches_that_break(), async_batches()):
+            with pytest.raises(BatchesBroke, match="third page"):  # not a bare CancelledError
+                [item async for item in client.rerank_stream("cats", batches)]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client.documents import Document
-from client.errors import IndexMismatch, IndexNotFound
+from client.errors import IndexMismatch, IndexNotFound, InputInvalid
 from client.ingest import ingest
 from client.retrieval.base import Candidate, SearchRequest
 from client.retrieval.elasticsearch import ElasticsearchRetriever
@@ -113,3 +117,109 @@ def test_a_missing_index_and_a_query_vector_of_another_dimension_are_refused(
     (tmp_path / "empty").mkdir()
     with pytest.raises(IndexNotFound, match="holds no embedded index"):
         EmbeddedRetriever(tmp_path / "empty").candidate_pages(request)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_vector_that_is_not_finite_is_refused_by_id(tmp_path: Path, value: float):
+    retriever = EmbeddedRetriever(tmp_path / "index")
+    retriever.create_index(FAKE_DIMS)
+    broken = fake_vector("neuron")
+    broken[3] = value
+    pairs = [(Document("good", "neuron"), fake_vector("neuron")), (Document("bad", "neuron"), broken)]
+    outcomes = list(retriever.index_documents(pairs))
+
+    assert [(o.id, o.error is None) for o in outcomes] == [("good", True), ("bad", False)]
+    assert "NaN or infinite" in (outcomes[1].error or "")
+    request = SearchRequest(query="neuron", query_vector=fake_vector("neuron"), mode="vector")
+    assert [c.id for c in top(retriever, request)] == ["good"]
+
+
+def with_vectors(documents: list[Document]) -> list[tuple[Document, np.ndarray]]:
+    return [(document, fake_vector(document.passage)) for document in documents]
+
+
+def test_a_search_while_another_thread_ingests_sees_all_of_the_ingest_or_none(
+    tmp_path: Path, corpus: list[Document]
+):
+    retriever = EmbeddedRetriever(tmp_path / "index")
+    ingest(corpus[:20], retriever, embed_fake)
+    request = SearchRequest(query=QUERIES[0], query_vector=fake_vector(QUERIES[0]), size=100)
+    seen: list[int] = []
+
+    def searched_between_documents() -> Iterator[tuple[Document, np.ndarray]]:
+        with ThreadPoolExecutor(1) as searcher:
+            for pair in with_vectors(corpus[20:30]):
+                yield pair
+                # While the ingest is under way, a search on another thread (its error is raised here).
+                seen.append(len(searcher.submit(top, retriever, request, 100).result()))
+
+    assert all(o.error is None for o in retriever.index_documents(searched_between_documents()))
+    assert seen == [20] * 10
+    assert len(top(retriever, request, 100)) == 30
+
+
+def test_two_ingests_at_once_lose_nothing_and_reload_consistent(tmp_path: Path, corpus: list[Document]):
+    retriever = EmbeddedRetriever(tmp_path / "index")
+    ingest(corpus[:20], retriever, embed_fake)
+
+    def other_ingest_between_documents() -> Iterator[tuple[Document, np.ndarray]]:
+        pairs = with_vectors(corpus[20:30])
+        yield pairs[0]
+        with ThreadPoolExecutor(1) as other:  # a whole ingest on another thread, in the middle of this one
+            assert other.submit(ingest, corpus[30:40], retriever, embed_fake).result().indexed == 10
+        yield from pairs[1:]
+
+    list(retriever.index_documents(other_ingest_between_documents()))
+
+    reopened = EmbeddedRetriever(tmp_path / "index")
+    assert retriever.count() == reopened.count() == 40
+    for document in corpus[:40]:  # every document's own vector finds it: rows and documents still line up
+        request = SearchRequest(query="", query_vector=fake_vector(document.passage), mode="vector", size=40)
+        best = [hit for hit in reopened.leg_hits(request)["vector"] if hit.score > 1.0 - 1e-6]
+        assert document.id in {hit.id for hit in best}
+
+
+@pytest.mark.parametrize("damage", ["a document line lost", "a vector lost", "a repeated id"])
+def test_an_index_whose_counts_disagree_is_refused_as_damaged(
+    tmp_path: Path, corpus: list[Document], damage: str
+):
+    directory = tmp_path / "index"
+    ingest(corpus[:30], EmbeddedRetriever(directory), embed_fake)
+    lines = (directory / "documents.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    if damage == "a document line lost":
+        (directory / "documents.jsonl").write_text("".join(lines[:-1]), encoding="utf-8")
+    elif damage == "a vector lost":
+        np.save(directory / "vectors.npy", np.load(directory / "vectors.npy")[:-1])
+    else:
+        (directory / "documents.jsonl").write_text("".join([*lines[:-1], lines[0]]), encoding="utf-8")
+
+    with pytest.raises(InputInvalid, match=r"damaged embedded index.*30 documents.*--index-dir") as caught:
+        EmbeddedRetriever(directory)
+    assert caught.value.exit_code == 4
+
+
+def test_a_save_that_overlaps_another_stages_its_own_files(
+    tmp_path: Path, corpus: list[Document], monkeypatch: pytest.MonkeyPatch
+):
+    directory = tmp_path / "index"
+    ingest(corpus[:10], EmbeddedRetriever(directory), embed_fake)
+    first, second = EmbeddedRetriever(directory), EmbeddedRetriever(directory)  # two processes, say
+    rename = os.replace
+
+    def rename_after_the_other_save(source: Path, destination: Path) -> None:
+        monkeypatch.setattr(os, "replace", rename)
+        # The other save runs whole between this save's write of a staged file and its rename.
+        ingest(corpus[10:20], second, embed_fake)
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "replace", rename_after_the_other_save)
+    ingest(corpus[20:30], first, embed_fake)
+
+    # The later save wins whole: its own staged files, not the other's, in place; nothing staged is left.
+    assert EmbeddedRetriever(directory).count() == 20
+    assert json.loads((directory / "manifest.json").read_text())["documents"] == 20
+    assert sorted(path.name for path in directory.iterdir()) == [
+        "documents.jsonl",
+        "manifest.json",
+        "vectors.npy",
+    ]
