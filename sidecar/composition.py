@@ -198,8 +198,12 @@ class ModelAssembly:
                 max_texts=settings.max_documents_per_request,
                 max_request_tokens=settings.max_request_tokens,
                 name=name,
+                label=served.name,
             )
-        rerankers = {name: Reranker(served.scorer, limits, name=name) for name, served in ranking.items()}
+        rerankers = {
+            name: Reranker(served.scorer, limits, name=name, label=served.name)
+            for name, served in ranking.items()
+        }
         return ServedModels(
             ranking, rerankers, embedding, embedders, self._tokenizer_pool, self._heap_trimmer
         )

@@ -34,8 +34,11 @@ class Embedder:
         max_texts: int,
         max_request_tokens: int,
         name: str,
+        label: str = "",
     ) -> None:
         self.name = name  # what requests choose it by
+        # What metrics and logs call its model: the first name the model is served under.
+        self.label = label or name
         self.model = model
         self.batcher = batcher
         self.max_texts = max_texts

@@ -76,8 +76,10 @@ def rank(scored: Sequence[ScoredDocument], top_n: int) -> list[ScoredDocument]:
 
 
 class Reranker:
-    def __init__(self, scorer: Scorer, limits: Limits, *, name: str) -> None:
+    def __init__(self, scorer: Scorer, limits: Limits, *, name: str, label: str = "") -> None:
         self.name = name  # what requests choose it by
+        # What metrics and logs call its model: the first name the model is served under.
+        self.label = label or name
         self.scorer = scorer
         self.model = scorer.model
         self.batcher = scorer.batcher

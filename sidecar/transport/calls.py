@@ -127,12 +127,12 @@ def reranker_for(core: ServingCore, model: str = "") -> Reranker:
     """The Reranker a call's ``model`` names (the default's for none), noted on the call for its access
     log line and metrics."""
     reranker = core.require_reranker(model)
-    current_call.get().model = reranker.name
+    current_call.get().model = reranker.label
     return reranker
 
 
 def embedder_for(core: ServingCore, model: str = "") -> Embedder:
     """The Embedder a call's ``model`` names, as ``reranker_for``."""
     embedder = core.require_embedder(model)
-    current_call.get().model = embedder.name
+    current_call.get().model = embedder.label
     return embedder

@@ -207,3 +207,26 @@ async def test_the_openapi_document_allows_every_embedder_s_dimensions(tiny_bert
     openai_dims = schemas["OpenAIEmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["enum"]
     assert openai_dims == sorted({small_dims, 384})
     assert schemas["TeiEmbedRequest"]["properties"]["dimensions"]["anyOf"][0]["enum"] == [384]  # the default
+
+
+async def test_a_model_served_under_two_names_is_labelled_by_its_first_in_every_metric(tiny_bert: Path):
+    # One model, one queue and one engine: a dashboard joining the call counts to the engine and queue
+    # series by model finds them under one name, whichever name the requests chose.
+    async with running_sidecar(f"reranker={tiny_bert},rerank-english-v3.0={tiny_bert}") as running:
+        await rerank(running, "rerank-english-v3.0")
+        registry = running.server.core.metrics.registry
+        method = "/rerank.v1.Reranker/Rerank"
+        calls = {"method": method, "code": "OK"}
+        assert registry.get_sample_value("rerank_requests_total", {**calls, "model": "reranker"}) == 1
+        assert (
+            registry.get_sample_value("rerank_requests_total", {**calls, "model": "rerank-english-v3.0"})
+            is None
+        )
+        assert registry.get_sample_value("rerank_queued_pairs", {"model": "reranker"}) == 0
+        engines = [
+            sample.labels["model"]
+            for metric in registry.collect()
+            for sample in metric.samples
+            if sample.name == "rerank_engine_info"
+        ]
+        assert engines == ["reranker"]
