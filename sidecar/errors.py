@@ -30,7 +30,8 @@ class ModelNotServed(InvalidArgument):
 
 
 class RequestTooLarge(InvalidArgument):
-    """The request is larger than the server accepts (--max-message-bytes)."""
+    """The request, or the answer it asks for, is larger than the server sends or accepts
+    (--max-message-bytes)."""
 
 
 class Unauthenticated(ServingError):

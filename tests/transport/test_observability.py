@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import urllib.request
 from pathlib import Path
 
@@ -80,11 +81,34 @@ async def test_token_limit_is_invalid_argument(tiny_bert: Path):
     assert "--max-request-tokens" in raised.value.details()
 
 
-async def test_message_size_limit_is_resource_exhausted(tiny_bert: Path):
+async def test_message_size_limit_is_resource_exhausted_logged_and_counted(
+    tiny_bert: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="sidecar.access")
     async with running_sidecar(tiny_bert, max_message_bytes=10_000) as running:
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
+        with pytest.raises(grpc.aio.AioRpcError) as asked:
             await running.stub.Rerank(
-                rerank_pb2.RerankRequest(query="q", documents=docs("x" * 20_000)), timeout=10
+                rerank_pb2.RerankRequest(query="q", documents=docs("x" * 15_000)), timeout=10
             )
-    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "larger than max" in raised.value.details()
+        # Under the limit asking, over it answering: each result adds its index and score to its text.
+        unnamed = [rerank_pb2.Document(text="cat")] * 900
+        echoed = rerank_pb2.RerankRequest(query="q", documents=unnamed, return_text=True)
+        assert echoed.ByteSize() < 10_000
+        with pytest.raises(grpc.aio.AioRpcError) as answered:
+            await running.stub.Rerank(echoed, timeout=10)
+        registry = running.server.core.metrics.registry
+        labels = {"method": "/rerank.v1.Reranker/Rerank", "code": "RESOURCE_EXHAUSTED"}
+        await wait_until(
+            lambda: (registry.get_sample_value("rerank_requests_total", {**labels, "model": ""}) or 0) == 1
+        )
+        counted_answers = registry.get_sample_value(
+            "rerank_requests_total", {**labels, "model": tiny_bert.name}
+        )
+    assert asked.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over the limit of 10000 (--max-message-bytes)" in asked.value.details()
+    assert answered.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the answer has" in answered.value.details()
+    assert counted_answers == 1  # not counted OK, as it was when gRPC refused to send it
+    statuses = [record.fields["status"] for record in caplog.records if record.name == "sidecar.access"]  # type: ignore[attr-defined]
+    assert statuses.count("RESOURCE_EXHAUSTED") == 2
+    assert "OK" not in statuses

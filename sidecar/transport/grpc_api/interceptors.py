@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from sidecar.errors import InvalidArgument, ServingError, Unauthenticated
+from sidecar.errors import InvalidArgument, RequestTooLarge, ServingError, Unauthenticated
 from sidecar.transport.calls import REQUEST_ID_KEY, BearerToken, CallLedger, CallRecord
 from sidecar.transport.grpc_api.status import status_of
 
@@ -36,8 +36,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     Only this server's own services are wrapped; health and reflection pass through untouched.
     """
 
-    def __init__(self, ledger: CallLedger) -> None:
+    def __init__(self, ledger: CallLedger, max_message_bytes: int) -> None:
         self.ledger = ledger
+        # Checked here rather than left to gRPC core, which refuses a message before any handler runs:
+        # no log line, no metric.
+        self._max_message_bytes = max_message_bytes
 
     async def intercept_service(
         self,
@@ -49,7 +52,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(_OWN_SERVICES_PREFIX):
             return handler
         request_id = _request_id(handler_call_details)
-        deserializer = _tolerant(handler.request_deserializer)
+        deserializer = _tolerant(handler.request_deserializer, self._max_message_bytes)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, request_id),
@@ -73,6 +76,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             status = grpc.StatusCode.OK
             try:
                 response = await behavior(_decoded(request), context)
+                self._check_size(response)
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
                 return response
             except BaseException as exc:
@@ -94,6 +98,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             status = grpc.StatusCode.OK
             try:
                 async for response in behavior(_decoded_stream(request_iterator), context):
+                    self._check_size(response)
                     yield response
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
             except BaseException as exc:
@@ -106,6 +111,24 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         return stream
 
+    def _check_size(self, response: Any) -> None:
+        """Refuse an answer gRPC would fail to send, as the caller's RESOURCE_EXHAUSTED: left to gRPC, it
+        is logged and counted OK."""
+        size = response.ByteSize()
+        if size > self._max_message_bytes:
+            raise RequestTooLarge(
+                f"the answer has {size} bytes, over the limit of {self._max_message_bytes} "
+                "(--max-message-bytes); ask for fewer documents or texts per call, or leave return_text off"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class _Oversized:
+    """A message over --max-message-bytes, refused once the call is logged and measured."""
+
+    size: int
+    limit: int
+
 
 @dataclass(frozen=True, slots=True)
 class _Undecodable:
@@ -114,13 +137,16 @@ class _Undecodable:
     error: DecodeError
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """The deserializer, returning an _Undecodable for bytes that do not parse: grpc would answer
-    UNKNOWN, where a malformed message is the caller's INVALID_ARGUMENT."""
+def _tolerant(deserializer: Callable[[bytes], Any] | None, max_bytes: int) -> Callable[[bytes], Any] | None:
+    """The deserializer, returning an _Undecodable for bytes that do not parse (grpc would answer
+    UNKNOWN, where a malformed message is the caller's INVALID_ARGUMENT), and an _Oversized for a
+    message over ``max_bytes``."""
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return _Oversized(len(data), max_bytes)
         try:
             return deserializer(data)
         except DecodeError as error:
@@ -130,6 +156,11 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 def _decoded(request: Any) -> Any:
+    if isinstance(request, _Oversized):
+        raise RequestTooLarge(
+            f"the message has {request.size} bytes, over the limit of {request.limit} "
+            "(--max-message-bytes); send fewer or shorter documents per message"
+        )
     if isinstance(request, _Undecodable):
         raise InvalidArgument(
             f"the request does not parse ({request.error}); every text field (query, documents[].text, "

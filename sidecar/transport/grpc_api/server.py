@@ -53,13 +53,16 @@ class GrpcTransport:
             (RERANKER_SERVICE, EMBEDDER_SERVICE) if core.serves_embeddings else (RERANKER_SERVICE,)
         )
         self.calls = CallLedger(core.metrics)
-        interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(self.calls)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            CallInterceptor(self.calls, settings.max_message_bytes)
+        ]
         if settings.auth_token:  # inside: a refused call is logged and measured like any other
             interceptors.append(BearerTokenInterceptor(settings.auth_token))
         self._server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                # Twice the limit: the interceptor refuses what lies between, with a log line and metrics.
+                ("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ],
         )
