@@ -4,8 +4,9 @@ queue as gRPC, and every error status."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -429,6 +430,50 @@ async def test_a_stop_lets_http_calls_in_flight_finish(tiny_bert: Path):
             await stopping
         assert response.status_code == 200
         assert len(response.json()) == 2
+
+
+class _OnMessage(logging.Handler):
+    """Calls ``then`` when a record's message contains ``text``."""
+
+    def __init__(self, text: str, then: Callable[[], None]) -> None:
+        super().__init__()
+        self._text, self._then = text, then
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._text in record.getMessage():
+            self._then()
+
+
+async def test_a_call_still_running_when_the_grace_passes_is_a_503_and_its_work_is_dropped(
+    tiny_bert: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    async with running_sidecar(tiny_bert, http_port=free_port()) as running:
+        engine = running.engine
+        engine.open.clear()
+        engine.entered.clear()
+        try:
+            async with httpx.AsyncClient(base_url=running.http_url) as client:
+                texts = [f"passage {index}" for index in range(40)]  # more than one batch: some stay queued
+                in_flight = asyncio.create_task(client.post("/rerank", json={"query": "q", "texts": texts}))
+                await wait_until(engine.entered.is_set)
+                # uvicorn cancels the calls still running once the grace has passed, and says so; the
+                # engine lets its batch go then, or closing the batchers would wait for it.
+                release = _OnMessage("graceful shutdown exceeded", engine.open.set)
+                logging.getLogger("uvicorn.error").addHandler(release)
+                try:
+                    await running.server.stop(grace=0.5)
+                finally:
+                    logging.getLogger("uvicorn.error").removeHandler(release)
+                response = await in_flight
+        finally:
+            engine.open.set()
+    assert response.status_code == 503
+    assert "the server is stopping" in response.json()["error"]
+    statuses = [record.fields["status"] for record in caplog.records if record.name == "sidecar.access"]  # type: ignore[attr-defined]
+    assert statuses == ["503"]
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert not [error for error in errors if "Exception in ASGI application" in error], errors
 
 
 async def test_an_engine_failure_is_500_and_the_server_recovers(small_http_sidecar: RunningSidecar):

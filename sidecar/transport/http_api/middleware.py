@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from sidecar.errors import DeadlineExpired, InvalidArgument, RequestTooLarge, ServingError
+from sidecar.errors import DeadlineExpired, InvalidArgument, NotReady, RequestTooLarge, ServingError
 from sidecar.transport.calls import REQUEST_ID_KEY, BearerToken, CallLedger, CallRecord
 from sidecar.transport.http_api.status import error_response
 
@@ -85,6 +85,14 @@ class CallMiddleware:
             await self._run(scope, receive, send_with_request_id, record)
         except ServingError as error:
             await error_response(scope["path"], error)(scope, receive, send_with_request_id)
+        except asyncio.CancelledError:
+            # The server stops with the call still running (the drain's grace passed): a 503 the caller
+            # retries on another replica, where uvicorn would answer 500; answered, the call ends here,
+            # not as an error in uvicorn's log.
+            if status != CLIENT_CLOSED_STATUS:  # an answer had begun: nothing more to say
+                raise
+            stopping = NotReady("the server is stopping; retry on another replica")
+            await error_response(scope["path"], stopping)(scope, receive, send_with_request_id)
         except Exception:  # the route already answered 500 (internal_error_response); keep the details here
             logger.exception("unexpected error in %s (request %s)", record.method, request_id)
         finally:
@@ -168,3 +176,7 @@ class CallMiddleware:
                 raise DeadlineExpired("the deadline (X-Request-Timeout) passed before the request finished")
         finally:
             watcher.cancel()
+            if not route.done():  # this call was cancelled (the server stops): so is its work
+                route.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await route
