@@ -6,6 +6,7 @@ channel retries UNAVAILABLE with backoff and spreads calls over every address th
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
@@ -418,6 +419,7 @@ def sidecar_error(
 class _ClientBase:
     # ``grpc`` for the blocking client, ``grpc.aio`` for the asyncio one: the same channel factories.
     _grpc: ClassVar[Any]
+    _opens_on_first_use: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -435,11 +437,15 @@ class _ClientBase:
         self.timeout = timeout
         self._tls = tls
         self._options = channel_options(max_attempts)
-        credentials, self._metadata = channel_credentials(self.target, tls, token, allow_insecure_token)
-        if credentials is None:
+        self._credentials, self._metadata = channel_credentials(self.target, tls, token, allow_insecure_token)
+        if not self._opens_on_first_use:
+            self._open_channel()
+
+    def _open_channel(self) -> None:
+        if self._credentials is None:
             self._channel = self._grpc.insecure_channel(self.target, options=self._options)
         else:
-            self._channel = self._grpc.secure_channel(self.target, credentials, options=self._options)
+            self._channel = self._grpc.secure_channel(self.target, self._credentials, options=self._options)
         self._reranker = rerank_pb2_grpc.RerankerStub(self._channel)
         self._embedder = rerank_pb2_grpc.EmbedderStub(self._channel)
 
@@ -536,6 +542,25 @@ class AsyncRerankClient(_ClientBase):
     """
 
     _grpc = grpc.aio
+    _opens_on_first_use = True
+    _loop: asyncio.AbstractEventLoop | None = None
+    _closed = False
+
+    def _stubs(self) -> tuple[rerank_pb2_grpc.RerankerStub, rerank_pb2_grpc.EmbedderStub]:
+        """The stubs, on a channel made on first use: a grpc.aio channel works only in the event loop it
+        was made in, so a client made at import time, before any loop runs, still works in the app's."""
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise RuntimeError(f"this AsyncRerankClient ({self.target}) is closed; make a new one")
+        if self._loop is None:
+            self._open_channel()
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError(
+                f"this AsyncRerankClient ({self.target}) was first used in another event loop, and a gRPC "
+                "channel serves one; make one client per event loop"
+            )
+        return self._reranker, self._embedder
 
     async def rerank(
         self,
@@ -547,7 +572,7 @@ class AsyncRerankClient(_ClientBase):
     ) -> Ranking:
         request, deadline = rerank_request(query, documents, options), self._deadline(timeout)
         with self._errors("Rerank", deadline):
-            call = self._reranker.Rerank(request, timeout=deadline, metadata=self._metadata)
+            call = self._stubs()[0].Rerank(request, timeout=deadline, metadata=self._metadata)
             return ranking_from(await call)
 
     async def rerank_stream(
@@ -563,7 +588,7 @@ class AsyncRerankClient(_ClientBase):
         the call."""
         caller = _CallerBatches(query, options)
         deadline = self._deadline(timeout)
-        call = self._reranker.RerankStream(
+        call = self._stubs()[0].RerankStream(
             caller.async_requests(batches), timeout=deadline, metadata=self._metadata
         )
         try:
@@ -588,17 +613,19 @@ class AsyncRerankClient(_ClientBase):
     ) -> Embeddings:
         request, deadline = embed_request(texts, max_length, truncation), self._deadline(timeout)
         with self._errors("Embed", deadline):
-            call = self._embedder.Embed(request, timeout=deadline, metadata=self._metadata)
+            call = self._stubs()[1].Embed(request, timeout=deadline, metadata=self._metadata)
             return embeddings_from(await call)
 
     async def info(self, *, timeout: float | None = None) -> rerank_pb2.InfoResponse:  # noqa: ASYNC109
         deadline = self._deadline(timeout)
         with self._errors("Info", deadline):
-            call = self._reranker.Info(rerank_pb2.InfoRequest(), timeout=deadline, metadata=self._metadata)
+            call = self._stubs()[0].Info(rerank_pb2.InfoRequest(), timeout=deadline, metadata=self._metadata)
             return await call
 
     async def close(self) -> None:
-        await self._channel.close()
+        self._closed = True
+        if self._loop is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> Self:
         return self

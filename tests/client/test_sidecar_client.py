@@ -116,6 +116,17 @@ async def test_unavailable_is_retried_by_the_service_config(fake_embedder: Runni
     assert fake_embedder.servicer.calls - calls_before == 3
 
 
+async def test_an_asyncio_client_made_before_its_event_loop_runs_works_in_it(fake_embedder: RunningEmbedder):
+    # As a web app makes it at import time; a grpc.aio channel serves the loop it was made in.
+    client = await asyncio.to_thread(AsyncRerankClient, fake_embedder.target, timeout=10)
+    async with client:
+        assert (await client.embed(["cell membrane"])).dims == FAKE_DIMS
+        with pytest.raises(RuntimeError, match="first used in another event loop"):
+            await asyncio.to_thread(asyncio.run, client.embed(["cell membrane"]))
+    with pytest.raises(RuntimeError, match="is closed; make a new one"):
+        await client.embed(["cell membrane"])
+
+
 async def test_round_robin_spreads_calls_over_every_sidecar(sidecar: RunningSidecar, tiny_bert: Path):
     async with running_sidecar(tiny_bert, embed_model="") as second:
         before = (len(sidecar.engine.batches), len(second.engine.batches))
