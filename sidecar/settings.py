@@ -240,7 +240,9 @@ class Settings:
         "check. Prefer the environment variable, which other users cannot read from the process list.",
     )
     otel_endpoint: str = _setting(
-        "", "OTLP gRPC endpoint (e.g. http://collector:4317) for tracing every call; empty disables tracing."
+        "",
+        "OTLP gRPC endpoint (e.g. http://collector:4317) for tracing every gRPC call (HTTP calls are not "
+        "traced); empty disables tracing.",
     )
     log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting("json", "Log line format.", choices=("json", "text"))
