@@ -53,30 +53,34 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return handler
         request_id = _request_id(handler_call_details)
         deserializer = _tolerant(handler.request_deserializer, self._max_message_bytes)
+        # The wrappers serialize each answer themselves, once, to refuse one over the limit while the
+        # call can still say so; gRPC sends the bytes as they are.
+        serialize = handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, request_id),
+                self._wrap_unary(handler.unary_unary, method, request_id, serialize),
                 request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(handler.stream_stream, method, request_id),
+                self._wrap_stream(handler.stream_stream, method, request_id, serialize),
                 request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
             )
         raise TypeError(f"{method}: only unary and bidirectional-stream methods are wrapped")
 
     def _wrap_unary(
-        self, behavior: Callable[..., Awaitable[Any]], method: str, request_id: str
+        self,
+        behavior: Callable[..., Awaitable[Any]],
+        method: str,
+        request_id: str,
+        serialize: Callable[[Any], bytes] | None,
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             record = self.ledger.begin(method, request_id)
             started = time.monotonic_ns()
             status = grpc.StatusCode.OK
             try:
-                response = await behavior(_decoded(request), context)
-                self._check_size(response)
+                response = self._serialized(await behavior(_decoded(request), context), serialize)
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
                 return response
             except BaseException as exc:
@@ -90,7 +94,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return unary
 
     def _wrap_stream(
-        self, behavior: Callable[..., AsyncIterator[Any]], method: str, request_id: str
+        self,
+        behavior: Callable[..., AsyncIterator[Any]],
+        method: str,
+        request_id: str,
+        serialize: Callable[[Any], bytes] | None,
     ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
         async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             record = self.ledger.begin(method, request_id)
@@ -98,8 +106,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             status = grpc.StatusCode.OK
             try:
                 async for response in behavior(_decoded_stream(request_iterator), context):
-                    self._check_size(response)
-                    yield response
+                    yield self._serialized(response, serialize)
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
             except BaseException as exc:
                 status, message = _status_for(exc, record, context)
@@ -111,15 +118,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         return stream
 
-    def _check_size(self, response: Any) -> None:
-        """Refuse an answer gRPC would fail to send, as the caller's RESOURCE_EXHAUSTED: left to gRPC, it
-        is logged and counted OK."""
-        size = response.ByteSize()
-        if size > self._max_message_bytes:
+    def _serialized(self, response: Any, serialize: Callable[[Any], bytes] | None) -> Any:
+        """The answer's bytes; one gRPC would fail to send is the caller's RESOURCE_EXHAUSTED (left to
+        gRPC, it is logged and counted OK)."""
+        payload = serialize(response) if serialize is not None else response
+        if len(payload) > self._max_message_bytes:
             raise RequestTooLarge(
-                f"the answer has {size} bytes, over the limit of {self._max_message_bytes} "
+                f"the answer has {len(payload)} bytes, over the limit of {self._max_message_bytes} "
                 "(--max-message-bytes); ask for fewer documents or texts per call, or leave return_text off"
             )
+        return payload
 
 
 @dataclass(frozen=True, slots=True)
