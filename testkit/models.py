@@ -6,6 +6,7 @@ Their scores are meaningless as relevance; they check plumbing, arithmetic and s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -205,3 +206,16 @@ def save_tiny_qwen3_reranker(directory: Path, *, seed: int = 0, **sizes: int) ->
 
     tokenizer = qwen_tokenizer()
     return save_model(directory, Qwen3ForCausalLM, qwen3_config(tokenizer, **sizes), tokenizer, seed)
+
+
+def add_mean_pooling(directory: Path) -> Path:
+    """Make the transformer saved in ``directory`` a sentence-transformers model: its modules, a
+    Transformer then mean Pooling."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir()
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return directory

@@ -14,7 +14,7 @@ from sidecar.model.kinds import load_model
 from sidecar.model.loading import ModelSource
 from sidecar.model.tokenization import PairSpec, SpecialTokenLayout, Truncation
 from sidecar.settings import parse_settings
-from testkit.models import qwen_tokenizer
+from testkit.models import add_mean_pooling, qwen_tokenizer
 from tests.families.conftest import FamilyModels
 
 
@@ -96,14 +96,7 @@ def test_a_decoder_embedding_model_reads_no_reranking_prompt(tmp_path: Path):
     )
     Qwen3Model(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    (tmp_path / "modules.json").write_text(json.dumps(modules))
-    (tmp_path / "1_Pooling").mkdir()
-    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    model = load_model(ModelSource(str(tmp_path)))
+    model = load_model(ModelSource(str(add_mean_pooling(tmp_path))))
     assert isinstance(model, BiEncoderModel)
     assert not isinstance(model.tokenizer, PromptPairTokenizer)
     assert model.family == "qwen3"

@@ -15,6 +15,7 @@ import pytest
 from client.local_sidecar import free_port
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from sidecar.errors import ModelLoadError
+from testkit.models import add_mean_pooling
 from tests.conftest import ReferenceScorer, RunningSidecar, docs, running_sidecar
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -177,14 +178,7 @@ def small_embedding_model(directory: Path, tiny_bert: Path) -> Path:
     shutil.copytree(tiny_bert, directory)
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    (directory / "modules.json").write_text(json.dumps(modules))
-    (directory / "1_Pooling").mkdir()
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    return directory
+    return add_mean_pooling(directory)
 
 
 async def test_the_openapi_document_allows_every_embedder_s_dimensions(tiny_bert: Path, tmp_path: Path):
